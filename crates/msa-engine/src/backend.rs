@@ -1,0 +1,114 @@
+//! The op-level interface every engine backend implements.
+//!
+//! Ops are functional: they take tensors and return new ones, so a GPU backend can record each op into a
+//! command encoder and submit later ("record, then submit"). Only [`Backend::read`] and
+//! [`Backend::top_k`] return futures: they are the host decisions that force a readback. Tensors are f32
+//! activations; weights stay in their stored dtype and are widened inside the ops.
+
+use std::future::Future;
+use std::ops::Range;
+
+use msa_core::{ChunkReduce, HeadReduce, QueryReduce, ScoreMode, TensorView};
+
+use crate::error::Result;
+
+/// Which keys a query may attend to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionMask {
+    /// Bottom-right aligned causal mask: with `nq` queries and `nk` keys, query `i` sees keys
+    /// `0..=nk - nq + i`, i.e. the whole prefix plus the query block up to itself (flash-attn semantics).
+    Causal,
+    /// Every query sees every key.
+    Full,
+}
+
+/// How router queries are scored against pooled routing keys (MSA-SPEC §3.3 a, §3.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoutingSpec {
+    pub score_mode: ScoreMode,
+    pub head_reduce: HeadReduce,
+    pub query_reduce: QueryReduce,
+    pub chunk_reduce: ChunkReduce,
+}
+
+/// A document picked by [`Backend::top_k`]: its index in the scored list and its score.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scored {
+    pub index: u32,
+    pub score: f32,
+}
+
+/// An engine backend: the CPU reference, wgpu, CUDA.
+///
+/// Shapes are row-major; "rows" are the leading dimension. `[n, heads, d]` tensors hold one row per token.
+pub trait Backend {
+    /// An f32 tensor living wherever the backend computes.
+    type Tensor: Clone;
+    /// A weight in its stored dtype (bf16, f16 or f32).
+    type Weight;
+
+    /// Names the backend and its device, for logs and benchmark reports.
+    fn describe(&self) -> String;
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+    fn upload_weight(&self, view: TensorView<'_>) -> Result<Self::Weight>;
+    /// Copies a tensor back to the host.
+    fn read(&self, tensor: &Self::Tensor) -> impl Future<Output = Result<Vec<f32>>>;
+
+    fn shape(&self, tensor: &Self::Tensor) -> Vec<usize>;
+    /// Reinterprets the same elements with another shape.
+    fn reshape(&self, tensor: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+
+    /// Rows `ids` of an embedding table `[vocab, hidden]`, widened: `[ids.len(), hidden]`.
+    fn embedding(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
+    /// `x · Wᵀ` for `x [n, in]` and a PyTorch-layout weight `[out, in]`: `[n, out]`.
+    fn matmul(&self, x: &Self::Tensor, weight: &Self::Weight) -> Result<Self::Tensor>;
+    /// RMSNorm over the last dimension, `w * x / sqrt(mean(x²) + eps)`; `weight` has the last dim's length.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+    /// NeoX rotate-half RoPE on `x [n, heads, d]` with one position per row.
+    fn rope(&self, x: &Self::Tensor, positions: &[u32], theta: f64) -> Result<Self::Tensor>;
+    /// Softmax attention with GQA (query head `h` reads KV head `h / (heads / kv_heads)`), scale `1/√d`:
+    /// `q [nq, heads, d]`, `k, v [nk, kv_heads, d]` → `[nq, heads, d]`.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        mask: AttentionMask,
+    ) -> Result<Self::Tensor>;
+    /// `silu(gate) * up`, elementwise.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `a + b`, elementwise.
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Concatenation along the leading dimension; the other dimensions must agree.
+    fn concat_rows(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;
+    /// Rows `range` of a tensor.
+    fn rows(&self, tensor: &Self::Tensor, range: Range<usize>) -> Result<Self::Tensor>;
+    /// Rows `indices` of a tensor, in that order.
+    fn gather_rows(&self, tensor: &Self::Tensor, indices: &[u32]) -> Result<Self::Tensor>;
+
+    /// Mean of every `chunk` consecutive rows (the last group may be shorter): `[ceil(n / chunk), ...]`.
+    fn chunk_mean_pool(&self, x: &Self::Tensor, chunk: usize) -> Result<Self::Tensor>;
+    /// `x / max(‖x‖₂, 1e-12)` over the last dimension.
+    fn l2_normalize(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Document scores of one routing query (MSA-SPEC §3.3 a): router queries `queries [n, heads, d]`
+    /// (only rows `routing_rows` take part) against pooled routing keys `keys [chunks, kv_heads, d]`,
+    /// reduced over heads, routing tokens and the chunks of each document. Documents own contiguous chunk
+    /// ranges `doc_chunk_offsets[i]..doc_chunk_offsets[i + 1]`. Returns `[documents]`.
+    ///
+    /// In [`ScoreMode::Cosine`] the queries are L2-normalised here and the keys are expected normalised
+    /// already (the memory stores them so); in [`ScoreMode::ScaledDot`] scores are multiplied by `1/√d`.
+    fn routing_scores(
+        &self,
+        queries: &Self::Tensor,
+        routing_rows: &[u32],
+        keys: &Self::Tensor,
+        doc_chunk_offsets: &[u32],
+        spec: RoutingSpec,
+    ) -> Result<Self::Tensor>;
+
+    /// The `min(k, n)` highest scores of a 1-D tensor, highest first; ties go to the lower index.
+    fn top_k(&self, scores: &Self::Tensor, k: usize) -> impl Future<Output = Result<Vec<Scored>>>;
+}

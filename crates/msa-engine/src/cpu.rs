@@ -1,0 +1,573 @@
+//! The CPU reference backend: f32 arithmetic written to be obviously right, threaded with rayon.
+//!
+//! Every other backend is tested against this one, and this one against the original implementation's
+//! golden outputs (`tests/fixtures`). Clarity wins over speed here; loops follow the math of MSA-SPEC §3.
+
+use std::future::{Future, ready};
+use std::ops::Range;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
+use rayon::prelude::*;
+
+use crate::backend::{AttentionMask, Backend, RoutingSpec, Scored};
+use crate::error::{Error, Result};
+
+/// A host f32 tensor; clones share the data.
+#[derive(Clone, Debug)]
+pub struct CpuTensor {
+    data: Arc<Vec<f32>>,
+    shape: Vec<usize>,
+}
+
+impl CpuTensor {
+    fn new(data: Vec<f32>, shape: Vec<usize>) -> Self {
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        CpuTensor {
+            data: Arc::new(data),
+            shape,
+        }
+    }
+
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn rows(&self) -> usize {
+        self.shape.first().copied().unwrap_or(1)
+    }
+
+    /// Elements per leading-dimension row.
+    fn row_width(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+
+    fn last_dim(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+}
+
+/// Weight elements as stored in the checkpoint.
+enum Stored {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+/// A weight kept in its stored dtype; rows are widened to f32 when used.
+pub struct CpuWeight {
+    shape: Vec<usize>,
+    values: Stored,
+}
+
+impl CpuWeight {
+    fn row_width(&self) -> usize {
+        self.shape.iter().skip(1).product::<usize>().max(1)
+    }
+
+    fn rows(&self) -> usize {
+        if self.shape.len() <= 1 {
+            1
+        } else {
+            self.shape[0]
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Widens elements `start..start + out.len()` into `out`.
+    fn widen(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match &self.values {
+            Stored::F32(v) => out.copy_from_slice(&v[start..end]),
+            Stored::BF16(v) => out
+                .iter_mut()
+                .zip(&v[start..end])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            Stored::F16(v) => out
+                .iter_mut()
+                .zip(&v[start..end])
+                .for_each(|(o, x)| *o = x.to_f32()),
+        }
+    }
+
+    fn widened(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        self.widen(0, &mut out);
+        out
+    }
+}
+
+/// The CPU reference backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorise without reassociating one long chain.
+    let mut acc = [0.0f32; 8];
+    let (a8, a_rest) = a.split_at(a.len() - a.len() % 8);
+    let (b8, b_rest) = b.split_at(a8.len());
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+fn same_shape(op: &'static str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
+    if a.shape != b.shape {
+        return Err(Error::shape(
+            op,
+            format!("shapes {:?} and {:?} differ", a.shape, b.shape),
+        ));
+    }
+    Ok(())
+}
+
+fn rank3(op: &'static str, name: &str, t: &CpuTensor) -> Result<(usize, usize, usize)> {
+    match t.shape[..] {
+        [n, heads, d] => Ok((n, heads, d)),
+        _ => Err(Error::shape(
+            op,
+            format!("{name} must be [rows, heads, head_dim], got {:?}", t.shape),
+        )),
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+
+    fn describe(&self) -> String {
+        format!(
+            "cpu reference (f32, {} threads)",
+            rayon::current_num_threads()
+        )
+    }
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(Error::shape(
+                "upload",
+                format!("{} values do not fill shape {shape:?}", data.len()),
+            ));
+        }
+        Ok(CpuTensor::new(data.to_vec(), shape.to_vec()))
+    }
+
+    fn upload_weight(&self, view: TensorView<'_>) -> Result<CpuWeight> {
+        if view.bytes.len() != view.element_count() * view.dtype.size_in_bytes() {
+            return Err(Error::shape(
+                "upload_weight",
+                format!(
+                    "`{}`: {} bytes for shape {:?} of {}",
+                    view.name,
+                    view.bytes.len(),
+                    view.shape,
+                    view.dtype
+                ),
+            ));
+        }
+        // Tensor data inside a safetensors file need not be aligned: collect, never cast in place.
+        let values = match view.dtype {
+            DType::F32 => Stored::F32(bytemuck::pod_collect_to_vec(view.bytes)),
+            DType::BF16 => Stored::BF16(bytemuck::pod_collect_to_vec(view.bytes)),
+            DType::F16 => Stored::F16(bytemuck::pod_collect_to_vec(view.bytes)),
+        };
+        Ok(CpuWeight {
+            shape: view.shape.to_vec(),
+            values,
+        })
+    }
+
+    fn read(&self, tensor: &CpuTensor) -> impl Future<Output = Result<Vec<f32>>> {
+        ready(Ok(tensor.data.to_vec()))
+    }
+
+    fn shape(&self, tensor: &CpuTensor) -> Vec<usize> {
+        tensor.shape.clone()
+    }
+
+    fn reshape(&self, tensor: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
+        if tensor.data.len() != shape.iter().product::<usize>() {
+            return Err(Error::shape(
+                "reshape",
+                format!("cannot view {:?} as {shape:?}", tensor.shape),
+            ));
+        }
+        Ok(CpuTensor {
+            data: tensor.data.clone(),
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
+        let (vocab, hidden) = (table.rows(), table.row_width());
+        let mut out = vec![0.0; ids.len() * hidden];
+        for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+            if id as usize >= vocab {
+                return Err(Error::TokenOutOfRange { id, vocab });
+            }
+            table.widen(id as usize * hidden, row);
+        }
+        Ok(CpuTensor::new(out, vec![ids.len(), hidden]))
+    }
+
+    fn matmul(&self, x: &CpuTensor, weight: &CpuWeight) -> Result<CpuTensor> {
+        let (n, inner) = (x.rows(), x.row_width());
+        if weight.shape.len() != 2 || weight.shape[1] != inner {
+            return Err(Error::shape(
+                "matmul",
+                format!("x {:?} against weight {:?}", x.shape, weight.shape),
+            ));
+        }
+        let out_features = weight.shape[0];
+        // Computed as [out, n] so each thread widens one weight row once and reuses it for every token.
+        let mut transposed = vec![0.0f32; out_features * n];
+        transposed.par_chunks_mut(n).enumerate().for_each_init(
+            || vec![0.0f32; inner],
+            |w_row, (o, column)| {
+                weight.widen(o * inner, w_row);
+                for (i, value) in column.iter_mut().enumerate() {
+                    *value = dot(&x.data[i * inner..(i + 1) * inner], w_row);
+                }
+            },
+        );
+        let mut out = vec![0.0f32; n * out_features];
+        for o in 0..out_features {
+            for i in 0..n {
+                out[i * out_features + o] = transposed[o * n + i];
+            }
+        }
+        Ok(CpuTensor::new(out, vec![n, out_features]))
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        let width = x.last_dim();
+        if weight.len() != width {
+            return Err(Error::shape(
+                "rms_norm",
+                format!("x {:?} with weight {:?}", x.shape, weight.shape),
+            ));
+        }
+        let w = weight.widened();
+        let mut out = x.data.to_vec();
+        out.par_chunks_mut(width).for_each(|row| {
+            let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+            let inv = 1.0 / (mean_square + eps).sqrt();
+            row.iter_mut()
+                .zip(&w)
+                .for_each(|(v, w)| *v = w * (*v * inv));
+        });
+        Ok(CpuTensor::new(out, x.shape.clone()))
+    }
+
+    fn rope(&self, x: &CpuTensor, positions: &[u32], theta: f64) -> Result<CpuTensor> {
+        let (n, heads, d) = rank3("rope", "x", x)?;
+        if positions.len() != n || d % 2 != 0 {
+            return Err(Error::shape(
+                "rope",
+                format!("x {:?} with {} positions", x.shape, positions.len()),
+            ));
+        }
+        let half = d / 2;
+        // Like the reference: inverse frequencies and angles in f32, cos/sin of the f32 angle.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|j| (1.0 / theta.powf(2.0 * j as f64 / d as f64)) as f32)
+            .collect();
+        let mut out = x.data.to_vec();
+        out.par_chunks_mut(heads * d)
+            .zip(positions)
+            .for_each(|(token, &pos)| {
+                for head in token.chunks_exact_mut(d) {
+                    for j in 0..half {
+                        let angle = (pos as f32 * inv_freq[j]) as f64;
+                        let (sin, cos) = (angle.sin() as f32, angle.cos() as f32);
+                        let (a, b) = (head[j], head[j + half]);
+                        head[j] = a * cos - b * sin;
+                        head[j + half] = b * cos + a * sin;
+                    }
+                }
+            });
+        Ok(CpuTensor::new(out, x.shape.clone()))
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        mask: AttentionMask,
+    ) -> Result<CpuTensor> {
+        let (nq, heads, d) = rank3("attention", "q", q)?;
+        let (nk, kv_heads, dk) = rank3("attention", "k", k)?;
+        same_shape("attention", k, v)?;
+        if dk != d || kv_heads == 0 || heads % kv_heads != 0 || nk < nq {
+            return Err(Error::shape(
+                "attention",
+                format!(
+                    "q {:?}, k/v {:?}: head dims must match, heads divide, and keys include the queries",
+                    q.shape, k.shape
+                ),
+            ));
+        }
+        let group = heads / kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0.0f32; nq * heads * d];
+        out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+            let (i, h) = (row / heads, row % heads);
+            let g = h / group;
+            let visible = match mask {
+                AttentionMask::Causal => nk - nq + i + 1,
+                AttentionMask::Full => nk,
+            };
+            let qv = &q.data[(i * heads + h) * d..][..d];
+            let scores: Vec<f32> = (0..visible)
+                .map(|j| dot(qv, &k.data[(j * kv_heads + g) * d..][..d]) * scale)
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f32 = weights.iter().sum();
+            for (j, w) in weights.iter().enumerate() {
+                let vv = &v.data[(j * kv_heads + g) * d..][..d];
+                for (acc, x) in o.iter_mut().zip(vv) {
+                    *acc += w / total * x;
+                }
+            }
+        });
+        Ok(CpuTensor::new(out, vec![nq, heads, d]))
+    }
+
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+        same_shape("silu_mul", gate, up)?;
+        let out = gate
+            .data
+            .iter()
+            .zip(up.data.iter())
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        Ok(CpuTensor::new(out, gate.shape.clone()))
+    }
+
+    fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
+        same_shape("add", a, b)?;
+        let out = a.data.iter().zip(b.data.iter()).map(|(x, y)| x + y).collect();
+        Ok(CpuTensor::new(out, a.shape.clone()))
+    }
+
+    fn concat_rows(&self, parts: &[&CpuTensor]) -> Result<CpuTensor> {
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::shape("concat_rows", "nothing to concatenate"))?;
+        let tail = &first.shape[1..];
+        if let Some(bad) = parts.iter().find(|p| p.shape.get(1..) != Some(tail)) {
+            return Err(Error::shape(
+                "concat_rows",
+                format!("{:?} does not stack onto {:?}", bad.shape, first.shape),
+            ));
+        }
+        let rows = parts.iter().map(|p| p.rows()).sum();
+        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        let mut shape = first.shape.clone();
+        shape[0] = rows;
+        Ok(CpuTensor::new(data, shape))
+    }
+
+    fn rows(&self, tensor: &CpuTensor, range: Range<usize>) -> Result<CpuTensor> {
+        if range.start > range.end || range.end > tensor.rows() || tensor.shape.is_empty() {
+            return Err(Error::shape(
+                "rows",
+                format!("rows {range:?} of {:?}", tensor.shape),
+            ));
+        }
+        let width = tensor.row_width();
+        let data = tensor.data[range.start * width..range.end * width].to_vec();
+        let mut shape = tensor.shape.clone();
+        shape[0] = range.len();
+        Ok(CpuTensor::new(data, shape))
+    }
+
+    fn gather_rows(&self, tensor: &CpuTensor, indices: &[u32]) -> Result<CpuTensor> {
+        let (rows, width) = (tensor.rows(), tensor.row_width());
+        if let Some(&bad) = indices.iter().find(|&&i| i as usize >= rows) {
+            return Err(Error::shape(
+                "gather_rows",
+                format!("row {bad} of {:?}", tensor.shape),
+            ));
+        }
+        let data = indices
+            .iter()
+            .flat_map(|&i| tensor.data[i as usize * width..][..width].iter().copied())
+            .collect();
+        let mut shape = tensor.shape.clone();
+        shape[0] = indices.len();
+        Ok(CpuTensor::new(data, shape))
+    }
+
+    fn chunk_mean_pool(&self, x: &CpuTensor, chunk: usize) -> Result<CpuTensor> {
+        if chunk == 0 || x.shape.is_empty() {
+            return Err(Error::shape(
+                "chunk_mean_pool",
+                format!("chunk {chunk} over {:?}", x.shape),
+            ));
+        }
+        let (n, width) = (x.rows(), x.row_width());
+        let chunks = n.div_ceil(chunk);
+        let mut out = vec![0.0f32; chunks * width];
+        for (c, pooled) in out.chunks_exact_mut(width).enumerate() {
+            let members = c * chunk..((c + 1) * chunk).min(n);
+            let count = members.len() as f32;
+            for row in members {
+                for (acc, v) in pooled.iter_mut().zip(&x.data[row * width..][..width]) {
+                    *acc += v;
+                }
+            }
+            pooled.iter_mut().for_each(|v| *v /= count);
+        }
+        let mut shape = x.shape.clone();
+        shape[0] = chunks;
+        Ok(CpuTensor::new(out, shape))
+    }
+
+    fn l2_normalize(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        let width = x.last_dim();
+        let mut out = x.data.to_vec();
+        out.chunks_exact_mut(width).for_each(|row| {
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            row.iter_mut().for_each(|v| *v /= norm);
+        });
+        Ok(CpuTensor::new(out, x.shape.clone()))
+    }
+
+    fn routing_scores(
+        &self,
+        queries: &CpuTensor,
+        routing_rows: &[u32],
+        keys: &CpuTensor,
+        doc_chunk_offsets: &[u32],
+        spec: RoutingSpec,
+    ) -> Result<CpuTensor> {
+        let (n, heads, d) = rank3("routing_scores", "queries", queries)?;
+        let (chunks, kv_heads, dk) = rank3("routing_scores", "keys", keys)?;
+        if dk != d || kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(Error::shape(
+                "routing_scores",
+                format!("queries {:?} against keys {:?}", queries.shape, keys.shape),
+            ));
+        }
+        if routing_rows.is_empty() || routing_rows.iter().any(|&r| r as usize >= n) {
+            return Err(Error::shape(
+                "routing_scores",
+                format!("routing rows {routing_rows:?} of {n} query rows"),
+            ));
+        }
+        let offsets_ok = doc_chunk_offsets.len() >= 2
+            && doc_chunk_offsets[0] == 0
+            && doc_chunk_offsets.windows(2).all(|w| w[0] < w[1])
+            && *doc_chunk_offsets.last().unwrap() as usize == chunks;
+        if !offsets_ok {
+            return Err(Error::shape(
+                "routing_scores",
+                format!(
+                    "document chunk offsets must rise strictly from 0 to {chunks}, got {doc_chunk_offsets:?}"
+                ),
+            ));
+        }
+        let group = heads / kv_heads;
+        // The routing query: selected rows, normalised per head for cosine, scaled for scaled-dot.
+        let scale = match spec.score_mode {
+            ScoreMode::Cosine => 1.0,
+            ScoreMode::ScaledDot => 1.0 / (d as f32).sqrt(),
+        };
+        let query: Vec<Vec<f32>> = routing_rows
+            .iter()
+            .flat_map(|&r| (0..heads).map(move |h| (r as usize * heads + h) * d))
+            .map(|start| {
+                let v = &queries.data[start..start + d];
+                let norm = match spec.score_mode {
+                    ScoreMode::Cosine => v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12),
+                    ScoreMode::ScaledDot => 1.0,
+                };
+                v.iter().map(|x| x / norm * scale).collect()
+            })
+            .collect();
+        let tokens = routing_rows.len();
+        let chunk_scores: Vec<f32> = (0..chunks)
+            .into_par_iter()
+            .map(|c| {
+                let token_scores = (0..tokens).map(|t| {
+                    let per_head = (0..heads).map(|h| {
+                        let key = &keys.data[(c * kv_heads + h / group) * d..][..d];
+                        dot(&query[t * heads + h], key)
+                    });
+                    match spec.head_reduce {
+                        HeadReduce::Mean => per_head.sum::<f32>() / heads as f32,
+                        HeadReduce::Max => per_head.fold(f32::NEG_INFINITY, f32::max),
+                    }
+                });
+                match spec.query_reduce {
+                    QueryReduce::Max => token_scores.fold(f32::NEG_INFINITY, f32::max),
+                    QueryReduce::Mean => token_scores.sum::<f32>() / tokens as f32,
+                    QueryReduce::Last => token_scores.last().unwrap_or(f32::NEG_INFINITY),
+                }
+            })
+            .collect();
+        let doc_scores = doc_chunk_offsets
+            .windows(2)
+            .map(|w| {
+                let members = &chunk_scores[w[0] as usize..w[1] as usize];
+                match spec.chunk_reduce {
+                    ChunkReduce::Max => members.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                    ChunkReduce::Mean => members.iter().sum::<f32>() / members.len() as f32,
+                }
+            })
+            .collect::<Vec<_>>();
+        let documents = doc_scores.len();
+        Ok(CpuTensor::new(doc_scores, vec![documents]))
+    }
+
+    fn top_k(&self, scores: &CpuTensor, k: usize) -> impl Future<Output = Result<Vec<Scored>>> {
+        let result = if scores.shape.len() != 1 {
+            Err(Error::shape(
+                "top_k",
+                format!("scores must be 1-D, got {:?}", scores.shape),
+            ))
+        } else {
+            Ok(select_top_k(&scores.data, k))
+        };
+        ready(result)
+    }
+}
+
+/// The reference selection rule shared by every backend: highest score first, lower index on ties.
+pub fn select_top_k(scores: &[f32], k: usize) -> Vec<Scored> {
+    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
+    order.sort_by(|&a, &b| {
+        scores[b as usize]
+            .total_cmp(&scores[a as usize])
+            .then(a.cmp(&b))
+    });
+    order
+        .into_iter()
+        .take(k)
+        .map(|index| Scored {
+            index,
+            score: scores[index as usize],
+        })
+        .collect()
+}

@@ -1,0 +1,40 @@
+//! The error type of msa-engine.
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Core(#[from] msa_core::Error),
+
+    /// An op was called with tensors whose shapes do not fit together.
+    #[error("{op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+
+    #[error("document {index} is empty; every memory document needs text")]
+    EmptyDocument { index: usize },
+
+    #[error("the question is empty")]
+    EmptyQuestion,
+
+    #[error("the memory holds no documents; encode at least one before asking")]
+    NoDocuments,
+
+    #[error("{0} needs an MSA model (config.json has no msa_config)")]
+    NotAnMsaModel(&'static str),
+
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+}
+
+impl Error {
+    pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
+        Error::Shape {
+            op,
+            detail: detail.into(),
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! msa-engine: the MSA pipeline written once over a [`Backend`] trait.
+//!
+//! - [`backend`]: the op-level interface (embedding, matmul, RMSNorm, RoPE, attention, pooling, routing…).
+//! - [`cpu`]: the CPU reference backend every other backend is tested against.
+//! - [`model`]: weights uploaded to a backend in their stored dtype.
+//! - [`memory`]: stage 1, memory encoding into pooled per-router-layer K, V and routing keys.
+//! - [`session`]: stage 2 (routing + context assembly + prefill) and stage 3 (decoding).
+
+pub mod backend;
+pub mod cpu;
+pub mod error;
+mod layer;
+pub mod memory;
+pub mod model;
+pub mod session;
+
+pub use backend::{AttentionMask, Backend, RoutingSpec, Scored};
+pub use cpu::{CpuBackend, CpuTensor};
+pub use error::{Error, Result};
+pub use memory::{EncodeProgress, LayerMemory, Memory, MemoryDocument};
+pub use model::Model;
+pub use session::{
+    FinishReason, GenerateOptions, Generation, LayerRouting, RoutedDocument, Session, Trace,
+};

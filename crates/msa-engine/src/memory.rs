@@ -1,0 +1,281 @@
+//! Stage 1, global memory encoding (MSA-SPEC §3.2, §3.5): every document runs through the layers on its
+//! own with document-local positions; router layers keep the chunk-mean pooled K, V and routing keys.
+//! The template head `<|im_start|>user\n` is encoded once and kept for every layer.
+
+use std::ops::Range;
+
+use msa_core::{MsaConfig, MsaTokenizer, ScoreMode};
+
+use crate::backend::{AttentionMask, Backend};
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+/// One encoded document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryDocument {
+    /// Global document id: its index in the corpus, the number inside `[id]`.
+    pub id: usize,
+    /// Tokens of the wrapped document.
+    pub token_count: usize,
+    /// Its chunks in every router layer's pooled tensors.
+    pub chunks: Range<u32>,
+}
+
+/// Pooled memory of one router layer; every tensor is chunk-major `[chunks, kv_heads, head_dim]`.
+pub struct LayerMemory<T> {
+    pub layer: usize,
+    /// Chunk means of the post-norm, post-RoPE keys (document-local positions).
+    pub k: T,
+    /// Chunk means of the values.
+    pub v: T,
+    /// Chunk means of `router_k_proj(x)`; L2-normalised in cosine score mode.
+    pub routing_keys: T,
+}
+
+/// An in-memory bank: what stage 2 needs to route and attend.
+pub struct Memory<B: Backend> {
+    documents: Vec<MemoryDocument>,
+    layers: Vec<LayerMemory<B::Tensor>>,
+    /// Template-head K and V of every layer: `[template_len, kv_heads, head_dim]`.
+    template: Vec<(B::Tensor, B::Tensor)>,
+    score_mode: ScoreMode,
+}
+
+impl<B: Backend> Memory<B> {
+    pub fn documents(&self) -> &[MemoryDocument] {
+        &self.documents
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.documents.is_empty()
+    }
+
+    pub fn layers(&self) -> &[LayerMemory<B::Tensor>] {
+        &self.layers
+    }
+
+    /// The pooled memory of router layer `layer`.
+    pub fn layer(&self, layer: usize) -> Option<&LayerMemory<B::Tensor>> {
+        self.layers.iter().find(|m| m.layer == layer)
+    }
+
+    pub fn template(&self, layer: usize) -> &(B::Tensor, B::Tensor) {
+        &self.template[layer]
+    }
+
+    pub fn score_mode(&self) -> ScoreMode {
+        self.score_mode
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.documents.last().map_or(0, |d| d.chunks.end as usize)
+    }
+
+    /// `[0, end of doc 0, end of doc 1, …]`: the chunk ranges in the form the routing op takes.
+    pub fn doc_chunk_offsets(&self) -> Vec<u32> {
+        std::iter::once(0)
+            .chain(self.documents.iter().map(|d| d.chunks.end))
+            .collect()
+    }
+}
+
+/// Progress of a stage-1 encoding run, reported after every document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncodeProgress {
+    pub documents_done: usize,
+    pub documents_total: usize,
+    pub tokens_done: usize,
+}
+
+impl<B: Backend> Model<B> {
+    pub(crate) fn msa_config(&self, what: &'static str) -> Result<&MsaConfig> {
+        self.config.msa.as_ref().ok_or(Error::NotAnMsaModel(what))
+    }
+
+    /// Tokenizes and wraps documents as `<|im_start|>[id]. {text}[id]<|im_end|>`, with ids continuing
+    /// after `first_id`.
+    pub fn tokenize_documents(
+        &self,
+        texts: &[impl AsRef<str>],
+        first_id: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        let tokenizer = self.require_tokenizer()?;
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                if text.as_ref().trim().is_empty() {
+                    return Err(Error::EmptyDocument { index: first_id + i });
+                }
+                Ok(tokenizer.document_ids(first_id + i, text.as_ref())?)
+            })
+            .collect()
+    }
+
+    /// The tokenizer, or an error saying text input needs one.
+    pub fn require_tokenizer(&self) -> Result<&MsaTokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Core(msa_core::Error::Tokenizer {
+                path: "tokenizer.json".into(),
+                detail: "this model was loaded without a tokenizer; text input needs one".into(),
+            })
+        })
+    }
+
+    /// Encodes text documents into a new memory (stage 1).
+    pub async fn encode_documents(
+        &self,
+        texts: &[impl AsRef<str>],
+        progress: impl FnMut(EncodeProgress),
+    ) -> Result<Memory<B>> {
+        let documents = self.tokenize_documents(texts, 0)?;
+        let template = self.require_tokenizer()?.template_head_ids()?;
+        self.encode_token_documents(&template, &documents, progress)
+            .await
+    }
+
+    /// Encodes already-tokenized, already-wrapped documents (stage 1). `template_ids` is the tokenized
+    /// template head `<|im_start|>user\n`.
+    pub async fn encode_token_documents(
+        &self,
+        template_ids: &[u32],
+        documents: &[Vec<u32>],
+        progress: impl FnMut(EncodeProgress),
+    ) -> Result<Memory<B>> {
+        let score_mode = self.msa_config("memory encoding")?.score_mode;
+        if template_ids.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let template = self.encode_template(template_ids)?;
+        let mut memory = Memory {
+            documents: Vec::new(),
+            layers: Vec::new(),
+            template,
+            score_mode,
+        };
+        self.append_token_documents(&mut memory, documents, progress)
+            .await?;
+        Ok(memory)
+    }
+
+    /// Appends text documents to a memory; their ids continue after the existing ones.
+    pub async fn add_documents(
+        &self,
+        memory: &mut Memory<B>,
+        texts: &[impl AsRef<str>],
+        progress: impl FnMut(EncodeProgress),
+    ) -> Result<()> {
+        let documents = self.tokenize_documents(texts, memory.documents.len())?;
+        self.append_token_documents(memory, &documents, progress)
+            .await
+    }
+
+    async fn append_token_documents(
+        &self,
+        memory: &mut Memory<B>,
+        documents: &[Vec<u32>],
+        mut progress: impl FnMut(EncodeProgress),
+    ) -> Result<()> {
+        let msa = self.msa_config("memory encoding")?;
+        if documents.is_empty() {
+            return Ok(());
+        }
+        if let Some(index) = documents.iter().position(Vec::is_empty) {
+            return Err(Error::EmptyDocument {
+                index: memory.documents.len() + index,
+            });
+        }
+        // Encode everything first so a failure leaves the memory as it was.
+        let mut pooled_per_doc = Vec::with_capacity(documents.len());
+        let mut tokens_done = 0;
+        for (i, ids) in documents.iter().enumerate() {
+            pooled_per_doc.push(self.encode_one_document(ids)?);
+            tokens_done += ids.len();
+            progress(EncodeProgress {
+                documents_done: i + 1,
+                documents_total: documents.len(),
+                tokens_done,
+            });
+        }
+        let b = &self.backend;
+        let mut next_chunk = memory.chunk_count() as u32;
+        for ids in documents {
+            let chunks = ids.len().div_ceil(msa.pooling_kernel_size) as u32;
+            memory.documents.push(MemoryDocument {
+                id: memory.documents.len(),
+                token_count: ids.len(),
+                chunks: next_chunk..next_chunk + chunks,
+            });
+            next_chunk += chunks;
+        }
+        let stack = |existing: Option<&B::Tensor>, pick: &dyn Fn(&LayerMemory<B::Tensor>) -> &B::Tensor, slot: usize| {
+            let parts: Vec<&B::Tensor> = existing
+                .into_iter()
+                .chain(pooled_per_doc.iter().map(|doc| pick(&doc[slot])))
+                .collect();
+            b.concat_rows(&parts)
+        };
+        let mut layers = Vec::with_capacity(msa.router_layers.len());
+        for (slot, &layer) in msa.router_layers.iter().enumerate() {
+            let old = memory.layers.get(slot);
+            layers.push(LayerMemory {
+                layer,
+                k: stack(old.map(|m| &m.k), &|m| &m.k, slot)?,
+                v: stack(old.map(|m| &m.v), &|m| &m.v, slot)?,
+                routing_keys: stack(old.map(|m| &m.routing_keys), &|m| &m.routing_keys, slot)?,
+            });
+        }
+        memory.layers = layers;
+        Ok(())
+    }
+
+    /// K and V of the template head at positions `0..len` for every layer. The template attends only to
+    /// itself in the reference, so encoding it alone is exact.
+    fn encode_template(&self, ids: &[u32]) -> Result<Vec<(B::Tensor, B::Tensor)>> {
+        let b = &self.backend;
+        let positions: Vec<u32> = (0..ids.len() as u32).collect();
+        let mut hidden = b.embedding(&self.weights.embed_tokens, ids)?;
+        let last = self.config.num_hidden_layers - 1;
+        let mut out = Vec::with_capacity(last + 1);
+        for layer in 0..=last {
+            let p = self.project(layer, &hidden, &positions)?;
+            if layer < last {
+                hidden = self.attend_and_mlp(layer, &hidden, &p.q, &p.k, &p.v, AttentionMask::Causal)?;
+            }
+            out.push((p.k, p.v));
+        }
+        Ok(out)
+    }
+
+    /// Runs one document through the layers up to the last router layer and pools its chunks. Layers
+    /// after the last router layer, and that layer's attention output and MLP, cannot affect the memory
+    /// and are skipped.
+    fn encode_one_document(&self, ids: &[u32]) -> Result<Vec<LayerMemory<B::Tensor>>> {
+        let msa = self.msa_config("memory encoding")?;
+        let b = &self.backend;
+        let positions: Vec<u32> = (0..ids.len() as u32).collect();
+        let mut hidden = b.embedding(&self.weights.embed_tokens, ids)?;
+        let last_router = *msa.router_layers.last().expect("config guarantees router layers");
+        let mut pooled = Vec::with_capacity(msa.router_layers.len());
+        for layer in 0..=last_router {
+            let p = self.project(layer, &hidden, &positions)?;
+            if let Some((_, router_k)) = &self.weights.layers[layer].router {
+                let routing = self.project_heads(&p.normed, router_k, self.config.num_key_value_heads)?;
+                let mut routing_keys = b.chunk_mean_pool(&routing, msa.pooling_kernel_size)?;
+                if msa.score_mode == ScoreMode::Cosine {
+                    routing_keys = b.l2_normalize(&routing_keys)?;
+                }
+                pooled.push(LayerMemory {
+                    layer,
+                    k: b.chunk_mean_pool(&p.k, msa.pooling_kernel_size)?,
+                    v: b.chunk_mean_pool(&p.v, msa.pooling_kernel_size)?,
+                    routing_keys,
+                });
+            }
+            if layer < last_router {
+                hidden = self.attend_and_mlp(layer, &hidden, &p.q, &p.k, &p.v, AttentionMask::Causal)?;
+            }
+        }
+        Ok(pooled)
+    }
+}

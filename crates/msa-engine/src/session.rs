@@ -1,0 +1,439 @@
+//! Stage 2 (routing, context assembly, prompt prefill; MSA-SPEC §3.3) and stage 3 (decoding over the
+//! frozen per-layer context; §3.4), plus plain dense prefill for Qwen3 checkpoints.
+
+use msa_core::{QueryPrompt, Sampler, SamplingParams};
+
+use crate::backend::{AttentionMask, Backend, RoutingSpec};
+use crate::error::{Error, Result};
+use crate::memory::Memory;
+use crate::model::Model;
+
+/// A document selected by one router layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RoutedDocument {
+    /// Global document id.
+    pub id: usize,
+    pub score: f32,
+}
+
+/// The routing decision of one router layer for one query.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerRouting {
+    pub layer: usize,
+    /// Selected documents, highest score first (ties: lower id first).
+    pub documents: Vec<RoutedDocument>,
+    /// Memory chunks placed into this layer's context.
+    pub chunks: usize,
+}
+
+/// Intermediate tensors of one prefill, recorded on request for tests and debugging.
+pub struct Trace<T> {
+    /// Token embeddings (layer 0 input).
+    pub embeddings: Option<T>,
+    /// Output of every decoder layer (residual stream, before the final norm).
+    pub hidden: Vec<T>,
+    /// Per layer, the attention context `(K, V)` the prompt attended over.
+    pub context: Vec<(T, T)>,
+    /// Per router layer, `(layer, router queries [n, heads, d])` before any scaling.
+    pub router_queries: Vec<(usize, T)>,
+    /// Per router layer, `(layer, score of every document)`.
+    pub document_scores: Vec<(usize, T)>,
+    /// Final RMSNorm output of every position.
+    pub final_norm: Option<T>,
+    /// Logits of every position.
+    pub logits: Option<T>,
+}
+
+impl<T> Default for Trace<T> {
+    fn default() -> Self {
+        Trace {
+            embeddings: None,
+            hidden: Vec::new(),
+            context: Vec::new(),
+            router_queries: Vec::new(),
+            document_scores: Vec::new(),
+            final_norm: None,
+            logits: None,
+        }
+    }
+}
+
+/// Per-layer attention context of one sequence, and where its next token goes.
+pub struct Session<'m, B: Backend> {
+    model: &'m Model<B>,
+    /// Per layer `(K, V)`: `[context_len, kv_heads, head_dim]`.
+    context: Vec<Option<(B::Tensor, B::Tensor)>>,
+    next_position: u32,
+    routing: Vec<LayerRouting>,
+}
+
+/// Routing inputs of a stage-2 prefill.
+struct RoutingQuery<'a, B: Backend> {
+    memory: &'a Memory<B>,
+    rows: Vec<u32>,
+    top_k: usize,
+    spec: RoutingSpec,
+}
+
+impl<'m, B: Backend> Session<'m, B> {
+    /// Routing decisions of the prefill, in router-layer order (empty for dense prefill).
+    pub fn routing(&self) -> &[LayerRouting] {
+        &self.routing
+    }
+
+    /// RoPE position the next token will take.
+    pub fn next_position(&self) -> u32 {
+        self.next_position
+    }
+
+    /// Tokens in each layer's attention context.
+    pub fn context_len(&self) -> usize {
+        self.context
+            .first()
+            .and_then(|c| c.as_ref())
+            .map_or(0, |(k, _)| self.model.backend.shape(k)[0])
+    }
+
+    /// Feeds one token (stage 3) and returns the logits of the next.
+    pub async fn decode(&mut self, token: u32) -> Result<Vec<f32>> {
+        let position = self.next_position;
+        let hidden = self.forward(&[token], &[position], None, None).await?;
+        let (_, logits) = self.model.logits(&hidden)?;
+        self.model.backend.read(&logits).await
+    }
+
+    /// Runs a block of tokens through every layer, attending over (and extending) the stored context.
+    /// Router layers first route and append the selected documents' chunks, when `routing` is given.
+    async fn forward(
+        &mut self,
+        ids: &[u32],
+        positions: &[u32],
+        routing: Option<&RoutingQuery<'_, B>>,
+        mut trace: Option<&mut Trace<B::Tensor>>,
+    ) -> Result<B::Tensor> {
+        let model = self.model;
+        let b = &model.backend;
+        let mut hidden = b.embedding(&model.weights.embed_tokens, ids)?;
+        if let Some(t) = trace.as_deref_mut() {
+            t.embeddings = Some(hidden.clone());
+        }
+        for layer in 0..model.config.num_hidden_layers {
+            let p = model.project(layer, &hidden, positions)?;
+            let mut parts: Vec<B::Tensor> = Vec::new();
+            let mut parts_v: Vec<B::Tensor> = Vec::new();
+            if let Some((k, v)) = self.context[layer].take() {
+                parts.push(k);
+                parts_v.push(v);
+            }
+            if let (Some(route), Some((router_q, _))) =
+                (routing, &model.weights.layers[layer].router)
+            {
+                let (k, v) = self.route(layer, route, &p.normed, router_q, trace.as_deref_mut()).await?;
+                parts.push(k);
+                parts_v.push(v);
+            }
+            parts.push(p.k.clone());
+            parts_v.push(p.v.clone());
+            let k = b.concat_rows(&parts.iter().collect::<Vec<_>>())?;
+            let v = b.concat_rows(&parts_v.iter().collect::<Vec<_>>())?;
+            hidden = model.attend_and_mlp(layer, &hidden, &p.q, &k, &v, AttentionMask::Causal)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.context.push((k.clone(), v.clone()));
+                t.hidden.push(hidden.clone());
+            }
+            self.context[layer] = Some((k, v));
+        }
+        self.next_position = positions.last().map_or(self.next_position, |p| p + 1);
+        Ok(hidden)
+    }
+
+    /// Scores every document for this layer, selects the top k and gathers their chunks (ascending
+    /// document id, chunks in order), returning the memory `(K, V)` to splice into the context.
+    async fn route(
+        &mut self,
+        layer: usize,
+        route: &RoutingQuery<'_, B>,
+        normed: &B::Tensor,
+        router_q: &B::Weight,
+        trace: Option<&mut Trace<B::Tensor>>,
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        let (model, memory) = (self.model, route.memory);
+        let b = &model.backend;
+        let pooled = memory
+            .layer(layer)
+            .ok_or_else(|| Error::shape("route", format!("the memory has no layer {layer}")))?;
+        let queries = model.project_heads(normed, router_q, model.config.num_attention_heads)?;
+        let scores = b.routing_scores(
+            &queries,
+            &route.rows,
+            &pooled.routing_keys,
+            &memory.doc_chunk_offsets(),
+            route.spec,
+        )?;
+        let top = b.top_k(&scores, route.top_k).await?;
+        if let Some(t) = trace {
+            t.router_queries.push((layer, queries));
+            t.document_scores.push((layer, scores));
+        }
+        let mut selected: Vec<usize> = top.iter().map(|s| s.index as usize).collect();
+        selected.sort_unstable();
+        let chunks: Vec<u32> = selected
+            .iter()
+            .flat_map(|&d| memory.documents()[d].chunks.clone())
+            .collect();
+        self.routing.push(LayerRouting {
+            layer,
+            documents: top
+                .iter()
+                .map(|s| RoutedDocument {
+                    id: memory.documents()[s.index as usize].id,
+                    score: s.score,
+                })
+                .collect(),
+            chunks: chunks.len(),
+        });
+        Ok((
+            b.gather_rows(&pooled.k, &chunks)?,
+            b.gather_rows(&pooled.v, &chunks)?,
+        ))
+    }
+}
+
+impl<B: Backend> Model<B> {
+    fn empty_session(&self, context: Vec<Option<(B::Tensor, B::Tensor)>>) -> Session<'_, B> {
+        Session {
+            model: self,
+            context,
+            next_position: 0,
+            routing: Vec::new(),
+        }
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let vocab = self.config.vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(&id) => Err(Error::TokenOutOfRange { id, vocab }),
+            None => Ok(()),
+        }
+    }
+
+    /// Finishes a prefill: logits of the last position (of every position when tracing).
+    async fn prefill_logits(
+        &self,
+        hidden: &B::Tensor,
+        trace: Option<&mut Trace<B::Tensor>>,
+    ) -> Result<Vec<f32>> {
+        let b = &self.backend;
+        let n = b.shape(hidden)[0];
+        match trace {
+            Some(t) => {
+                let (normed, logits) = self.logits(hidden)?;
+                let last = b.rows(&logits, n - 1..n)?;
+                t.final_norm = Some(normed);
+                t.logits = Some(logits);
+                b.read(&last).await
+            }
+            None => {
+                let (_, logits) = self.logits(&b.rows(hidden, n - 1..n)?)?;
+                b.read(&logits).await
+            }
+        }
+    }
+
+    /// Plain causal prefill of token ids at positions `0..n` with no memory (dense Qwen3).
+    pub async fn prefill_dense(
+        &self,
+        ids: &[u32],
+        mut trace: Option<&mut Trace<B::Tensor>>,
+    ) -> Result<(Session<'_, B>, Vec<f32>)> {
+        self.check_ids(ids)?;
+        let mut session = self.empty_session(vec![None; self.config.num_hidden_layers]);
+        let positions: Vec<u32> = (0..ids.len() as u32).collect();
+        let hidden = session
+            .forward(ids, &positions, None, trace.as_deref_mut())
+            .await?;
+        let logits = self.prefill_logits(&hidden, trace).await?;
+        Ok((session, logits))
+    }
+
+    /// Stage 2 for a prompt against a memory: per router layer, route and splice the selected documents
+    /// between the template head and the prompt; positions start at `template_len + doc_top_k`.
+    pub async fn prefill_query(
+        &self,
+        memory: &Memory<B>,
+        prompt: &QueryPrompt,
+        mut trace: Option<&mut Trace<B::Tensor>>,
+    ) -> Result<(Session<'_, B>, Vec<f32>)> {
+        let msa = self.msa_config("querying a memory")?;
+        self.check_ids(&prompt.ids)?;
+        if memory.is_empty() {
+            return Err(Error::NoDocuments);
+        }
+        let rows = prompt.routing_positions();
+        if rows.is_empty() {
+            return Err(Error::EmptyQuestion);
+        }
+        let b = &self.backend;
+        let template_len = b.shape(&memory.template(0).0)[0] as u32;
+        let route = RoutingQuery {
+            memory,
+            rows,
+            top_k: msa.doc_top_k.min(memory.documents().len()),
+            spec: RoutingSpec {
+                score_mode: memory.score_mode(),
+                head_reduce: msa.head_reduce,
+                query_reduce: msa.query_reduce,
+                chunk_reduce: msa.chunk_reduce,
+            },
+        };
+        let context = (0..self.config.num_hidden_layers)
+            .map(|l| Some(memory.template(l).clone()))
+            .collect();
+        let mut session = self.empty_session(context);
+        // The reference offsets prompt positions by the template plus k, the nominal memory slots.
+        let start = template_len + msa.doc_top_k as u32;
+        let positions: Vec<u32> = (start..start + prompt.ids.len() as u32).collect();
+        let hidden = session
+            .forward(&prompt.ids, &positions, Some(&route), trace.as_deref_mut())
+            .await?;
+        let logits = self.prefill_logits(&hidden, trace).await?;
+        Ok((session, logits))
+    }
+
+    /// Builds the stage-2 prompt of a question and prefills it against a memory.
+    pub async fn prefill_question(
+        &self,
+        memory: &Memory<B>,
+        question: &str,
+    ) -> Result<(Session<'_, B>, Vec<f32>)> {
+        if question.trim().is_empty() {
+            return Err(Error::EmptyQuestion);
+        }
+        let prompt = self.require_tokenizer()?.question_prompt(question)?;
+        self.prefill_query(memory, &prompt, None).await
+    }
+
+    /// Answers a question from a memory: a token stream (see [`Generation`]).
+    pub async fn ask(
+        &self,
+        memory: &Memory<B>,
+        question: &str,
+        options: &GenerateOptions,
+    ) -> Result<Generation<'_, B>> {
+        let (session, logits) = self.prefill_question(memory, question).await?;
+        self.generation(session, logits, options)
+    }
+
+    /// Continues a prefilled session as a token stream.
+    pub fn generation<'m>(
+        &'m self,
+        session: Session<'m, B>,
+        logits: Vec<f32>,
+        options: &GenerateOptions,
+    ) -> Result<Generation<'m, B>> {
+        Ok(Generation {
+            session,
+            sampler: Sampler::new(options.sampling)?,
+            logits: Some(logits),
+            pending: None,
+            produced: 0,
+            max_tokens: options.max_tokens,
+            stop_tokens: options
+                .stop_tokens
+                .clone()
+                .unwrap_or_else(|| self.config.eos_token_ids.clone()),
+            finish: None,
+        })
+    }
+}
+
+/// Settings of a generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Tokens that end the answer; `None` uses the config's `eos_token_id`.
+    pub stop_tokens: Option<Vec<u32>>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 256,
+            sampling: SamplingParams::greedy(),
+            stop_tokens: None,
+        }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was produced (it is the last token yielded).
+    Stop,
+    /// `max_tokens` tokens were produced.
+    Length,
+}
+
+/// A token stream over a prefilled session: each [`Generation::next_token`] samples one token and, on the
+/// following call, feeds it back through the decode path.
+pub struct Generation<'m, B: Backend> {
+    session: Session<'m, B>,
+    sampler: Sampler,
+    logits: Option<Vec<f32>>,
+    pending: Option<u32>,
+    produced: usize,
+    max_tokens: usize,
+    stop_tokens: Vec<u32>,
+    finish: Option<FinishReason>,
+}
+
+impl<'m, B: Backend> Generation<'m, B> {
+    pub fn session(&self) -> &Session<'m, B> {
+        &self.session
+    }
+
+    pub fn routing(&self) -> &[LayerRouting] {
+        self.session.routing()
+    }
+
+    /// Why the stream ended, once it has.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// The next token, or `None` once a stop token or the token limit was reached.
+    pub async fn next_token(&mut self) -> Result<Option<u32>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        if self.produced >= self.max_tokens {
+            self.finish = Some(FinishReason::Length);
+            return Ok(None);
+        }
+        if let Some(token) = self.pending.take() {
+            self.logits = Some(self.session.decode(token).await?);
+        }
+        let logits = self.logits.take().expect("logits follow every prefill and decode");
+        let token = self.sampler.sample(&logits)?;
+        self.produced += 1;
+        if self.stop_tokens.contains(&token) {
+            self.finish = Some(FinishReason::Stop);
+        } else {
+            self.pending = Some(token);
+        }
+        Ok(Some(token))
+    }
+
+    /// Drains the stream into a vector.
+    pub async fn collect_tokens(&mut self) -> Result<Vec<u32>> {
+        let mut tokens = Vec::new();
+        while let Some(t) = self.next_token().await? {
+            tokens.push(t);
+        }
+        Ok(tokens)
+    }
+}

@@ -1,0 +1,124 @@
+//! # msa — a portable runtime for Memory Sparse Attention models
+//!
+//! Load an MSA checkpoint (or a plain Qwen3 one), encode documents into a memory once, then ask questions:
+//! every router layer scores all documents, keeps the top k, and attends over their chunk-pooled K/V.
+//!
+//! ```no_run
+//! use msa::{Msa, GenerateOptions};
+//!
+//! let msa = Msa::load("tests/fixtures/msa-tiny")?;
+//! let memory = msa.encode(&["Erik Watts is the son of Bill Watts.", "Bill Watts was born May 5, 1939."])?;
+//! let answer = msa.ask(&memory, "When was Erik Watts' father born?", &GenerateOptions::default())?;
+//! for layer in &answer.routing {
+//!     println!("layer {}: documents {:?}", layer.layer, layer.documents);
+//! }
+//! println!("{}", answer.text);
+//! # Ok::<(), msa::Error>(())
+//! ```
+//!
+//! [`Msa`] runs on the CPU reference backend and blocks. The async, backend-generic engine underneath is
+//! re-exported as [`engine`] and [`core`] for embedders that bring their own executor or backend.
+
+use std::path::Path;
+
+pub use msa_core as core;
+pub use msa_engine as engine;
+
+pub use msa_core::{ModelConfig, SamplingParams, ScoreMode};
+pub use msa_engine::{
+    CpuBackend, EncodeProgress, Error, FinishReason, GenerateOptions, LayerRouting, Memory,
+    MemoryDocument, Result, RoutedDocument,
+};
+
+/// A model on the CPU reference backend, with blocking calls.
+pub struct Msa {
+    model: msa_engine::Model<CpuBackend>,
+}
+
+/// A finished answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answer {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    /// Documents selected by every router layer.
+    pub routing: Vec<LayerRouting>,
+    pub finish_reason: FinishReason,
+}
+
+impl Msa {
+    /// Loads `config.json`, the safetensors weights and `tokenizer.json` from a model directory.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        Ok(Msa {
+            model: msa_engine::Model::load(dir, CpuBackend::new())?,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    /// The engine model underneath, for token-level and traced calls.
+    pub fn model(&self) -> &msa_engine::Model<CpuBackend> {
+        &self.model
+    }
+
+    /// Encodes documents into a new memory (stage 1). Document `i` gets id `i`.
+    pub fn encode(&self, documents: &[impl AsRef<str>]) -> Result<Memory<CpuBackend>> {
+        self.encode_with_progress(documents, |_| {})
+    }
+
+    /// [`Msa::encode`], reporting progress after every document.
+    pub fn encode_with_progress(
+        &self,
+        documents: &[impl AsRef<str>],
+        progress: impl FnMut(EncodeProgress),
+    ) -> Result<Memory<CpuBackend>> {
+        pollster::block_on(self.model.encode_documents(documents, progress))
+    }
+
+    /// Appends documents to a memory; their ids continue after the existing ones.
+    pub fn add_documents(
+        &self,
+        memory: &mut Memory<CpuBackend>,
+        documents: &[impl AsRef<str>],
+    ) -> Result<()> {
+        pollster::block_on(self.model.add_documents(memory, documents, |_| {}))
+    }
+
+    /// Answers a question from a memory.
+    pub fn ask(
+        &self,
+        memory: &Memory<CpuBackend>,
+        question: &str,
+        options: &GenerateOptions,
+    ) -> Result<Answer> {
+        self.ask_streaming(memory, question, options, |_, _| {})
+    }
+
+    /// Answers a question, calling `on_token(id, text piece)` as each token is produced.
+    pub fn ask_streaming(
+        &self,
+        memory: &Memory<CpuBackend>,
+        question: &str,
+        options: &GenerateOptions,
+        mut on_token: impl FnMut(u32, &str),
+    ) -> Result<Answer> {
+        pollster::block_on(async {
+            let tokenizer = self.model.require_tokenizer()?;
+            let mut generation = self.model.ask(memory, question, options).await?;
+            let mut tokens = Vec::new();
+            while let Some(token) = generation.next_token().await? {
+                on_token(token, &tokenizer.decode(&[token])?);
+                tokens.push(token);
+            }
+            Ok(Answer {
+                text: tokenizer.decode(&tokens)?,
+                routing: generation.routing().to_vec(),
+                finish_reason: generation
+                    .finish_reason()
+                    .expect("a drained generation has finished"),
+                tokens,
+            })
+        })
+    }
+}

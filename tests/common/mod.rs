@@ -1,0 +1,114 @@
+//! Shared helpers for the golden parity tests: fixture loading and tolerance checks that record the
+//! largest deviation of every tensor (printed with `--nocapture`).
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::PathBuf;
+
+use safetensors::{Dtype, SafeTensors};
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A golden safetensors file of a fixture, read whole.
+pub struct Golden {
+    bytes: Vec<u8>,
+    name: String,
+}
+
+impl Golden {
+    pub fn open(fixture: &str, file: &str) -> Self {
+        let path = fixture_dir(fixture).join(file);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Golden {
+            bytes,
+            name: format!("{fixture}/{file}"),
+        }
+    }
+
+    fn view(&self, tensor: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
+        let st = SafeTensors::deserialize(&self.bytes).expect("fixture parses");
+        let t = st
+            .tensor(tensor)
+            .unwrap_or_else(|e| panic!("{}: {tensor}: {e}", self.name));
+        (t.dtype(), t.shape().to_vec(), t.data().to_vec())
+    }
+
+    pub fn f32(&self, tensor: &str) -> (Vec<usize>, Vec<f32>) {
+        let (dtype, shape, data) = self.view(tensor);
+        assert_eq!(dtype, Dtype::F32, "{tensor}");
+        let values = data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        (shape, values)
+    }
+
+    pub fn ids(&self, tensor: &str) -> Vec<u32> {
+        let (dtype, _, data) = self.view(tensor);
+        match dtype {
+            Dtype::I64 => data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+                .collect(),
+            Dtype::U8 => data.iter().map(|&b| b as u32).collect(),
+            other => panic!("{tensor}: unexpected dtype {other:?}"),
+        }
+    }
+}
+
+/// Reorders `[a, b, c]` (row-major) into `[b, a, c]`: golden `[kv_heads, tokens, d]` → engine
+/// `[tokens, kv_heads, d]`.
+pub fn swap_leading(values: &[f32], a: usize, b: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for i in 0..a {
+        for j in 0..b {
+            out[(j * a + i) * c..][..c].copy_from_slice(&values[(i * b + j) * c..][..c]);
+        }
+    }
+    out
+}
+
+/// Records the largest absolute deviation of every compared tensor.
+#[derive(Default)]
+pub struct Deviations {
+    rows: Vec<(String, f32, f32, usize)>,
+}
+
+impl Deviations {
+    /// Asserts `|actual - expected| <= atol` elementwise and records the maximum deviation.
+    pub fn check(&mut self, name: &str, actual: &[f32], expected: &[f32], atol: f32) {
+        assert_eq!(
+            actual.len(),
+            expected.len(),
+            "{name}: {} values, golden has {}",
+            actual.len(),
+            expected.len()
+        );
+        let (mut worst, mut at) = (0.0f32, 0);
+        for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+            let d = (a - e).abs();
+            assert!(!d.is_nan(), "{name}[{i}]: {a} vs golden {e}");
+            if d > worst {
+                (worst, at) = (d, i);
+            }
+        }
+        assert!(
+            worst <= atol,
+            "{name}: max |diff| {worst:.3e} at index {at} ({} vs golden {}) exceeds atol {atol:.0e}",
+            actual[at],
+            expected[at]
+        );
+        self.rows.push((name.to_string(), worst, atol, actual.len()));
+    }
+
+    pub fn print(&self, title: &str) {
+        println!("{title}: largest deviation per tensor");
+        for (name, worst, atol, n) in &self.rows {
+            println!("  {name:<40} {worst:>10.3e}  (atol {atol:.0e}, {n} values)");
+        }
+    }
+}
