@@ -6,7 +6,7 @@
 //! ```no_run
 //! use msa::{Msa, GenerateOptions};
 //!
-//! let msa = Msa::load("tests/fixtures/msa-tiny")?;
+//! let msa = Msa::load("path/to/MSA-4B")?;
 //! let memory = msa.encode(&["Erik Watts is the son of Bill Watts.", "Bill Watts was born May 5, 1939."])?;
 //! let answer = msa.ask(&memory, "When was Erik Watts' father born?", &GenerateOptions::default())?;
 //! for layer in &answer.routing {

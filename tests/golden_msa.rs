@@ -57,7 +57,11 @@ fn prompt_construction_matches_reference_token_ids() {
     let golden = Golden::open(FIXTURE, "golden.safetensors");
     for (q, question) in queries().iter().enumerate() {
         let prompt = tokenizer.question_prompt(question).unwrap();
-        assert_eq!(prompt.ids, inputs.ids(&format!("q{q}_input_ids")), "query {q}");
+        assert_eq!(
+            prompt.ids,
+            inputs.ids(&format!("q{q}_input_ids")),
+            "query {q}"
+        );
         let mask: Vec<u32> = golden.ids(&format!("q{q}_router_query_mask_layer2"));
         let ours: Vec<u32> = (0..prompt.ids.len() as u32)
             .map(|i| prompt.routing_positions().contains(&i) as u32)
@@ -83,16 +87,29 @@ fn stage1_memory_matches_reference() {
         .collect();
     assert_eq!(ours, chunk_doc, "chunk → document table");
     let inputs = Golden::open(FIXTURE, "inputs.safetensors");
-    let chunks_per_doc: Vec<u32> = memory.documents().iter().map(|d| d.chunks.len() as u32).collect();
+    let chunks_per_doc: Vec<u32> = memory
+        .documents()
+        .iter()
+        .map(|d| d.chunks.len() as u32)
+        .collect();
     assert_eq!(chunks_per_doc, inputs.ids("doc_num_chunks"));
 
     for layer in [2, 3] {
         let pooled = memory.layer(layer).expect("router layer");
-        for (name, tensor) in [("k", &pooled.k), ("v", &pooled.v), ("rk", &pooled.routing_keys)] {
+        for (name, tensor) in [
+            ("k", &pooled.k),
+            ("v", &pooled.v),
+            ("rk", &pooled.routing_keys),
+        ] {
             let (shape, values) = golden.f32(&format!("mem_{name}_layer{layer}"));
             let expected = swap_leading(&values, shape[0], shape[1], shape[2]);
             assert_eq!(b.shape(tensor), [shape[1], shape[0], shape[2]]);
-            dev.check(&format!("mem_{name}_layer{layer}"), &read(b, tensor), &expected, POOLED_ATOL);
+            dev.check(
+                &format!("mem_{name}_layer{layer}"),
+                &read(b, tensor),
+                &expected,
+                POOLED_ATOL,
+            );
         }
     }
     for layer in 0..4 {
@@ -100,7 +117,12 @@ fn stage1_memory_matches_reference() {
         for (name, tensor) in [("k", k), ("v", v)] {
             let (shape, values) = golden.f32(&format!("template_{name}_layer{layer}"));
             let expected = swap_leading(&values, shape[0], shape[1], shape[2]);
-            dev.check(&format!("template_{name}_layer{layer}"), &read(b, tensor), &expected, POOLED_ATOL);
+            dev.check(
+                &format!("template_{name}_layer{layer}"),
+                &read(b, tensor),
+                &expected,
+                POOLED_ATOL,
+            );
         }
     }
     dev.print("msa-tiny stage 1");
@@ -134,21 +156,39 @@ fn stage2_routing_context_and_logits_match_reference() {
             want.sort_unstable();
             assert_eq!(ours, want, "query {q} layer {layer}: selected set");
             let chunks = golden.ids(&format!("q{q}_router_num_selected_chunks_layer{layer}"));
-            assert_eq!(routed.chunks as u32, chunks[0], "query {q} layer {layer}: chunks");
+            assert_eq!(
+                routed.chunks as u32, chunks[0],
+                "query {q} layer {layer}: chunks"
+            );
 
             let (_, scores) = golden.f32(&format!("q{q}_router_topk_scores_layer{layer}"));
             let ours: Vec<f32> = routed.documents.iter().map(|d| d.score).collect();
-            dev.check(&format!("q{q}_router_topk_scores_layer{layer}"), &ours, &scores, HIDDEN_ATOL);
+            dev.check(
+                &format!("q{q}_router_topk_scores_layer{layer}"),
+                &ours,
+                &scores,
+                HIDDEN_ATOL,
+            );
 
             let (l, doc_scores) = &trace.document_scores[slot];
             assert_eq!(*l, layer);
             let (_, want) = golden.f32(&format!("q{q}_router_doc_scores_layer{layer}"));
-            dev.check(&format!("q{q}_router_doc_scores_layer{layer}"), &read(b, doc_scores), &want, HIDDEN_ATOL);
+            dev.check(
+                &format!("q{q}_router_doc_scores_layer{layer}"),
+                &read(b, doc_scores),
+                &want,
+                HIDDEN_ATOL,
+            );
 
             let (_, queries) = &trace.router_queries[slot];
             let (_, want) = golden.f32(&format!("q{q}_router_query_layer{layer}"));
             let want = swap_leading(&want, heads, n, d);
-            dev.check(&format!("q{q}_router_query_layer{layer}"), &read(b, queries), &want, HIDDEN_ATOL);
+            dev.check(
+                &format!("q{q}_router_query_layer{layer}"),
+                &read(b, queries),
+                &want,
+                HIDDEN_ATOL,
+            );
         }
 
         // The assembled context [template | selected chunks | prompt] of every layer.
@@ -157,20 +197,45 @@ fn stage2_routing_context_and_logits_match_reference() {
             for (name, tensor) in [("k", k), ("v", v)] {
                 let (shape, values) = golden.f32(&format!("q{q}_context_{name}_layer{layer}"));
                 let expected = swap_leading(&values, shape[1], shape[2], shape[3]);
-                dev.check(&format!("q{q}_context_{name}_layer{layer}"), &read(b, tensor), &expected, HIDDEN_ATOL);
+                dev.check(
+                    &format!("q{q}_context_{name}_layer{layer}"),
+                    &read(b, tensor),
+                    &expected,
+                    HIDDEN_ATOL,
+                );
             }
         }
 
         let embed = trace.embeddings.as_ref().unwrap();
-        dev.check(&format!("q{q}_hidden_embed"), &read(b, embed), &golden.f32(&format!("q{q}_hidden_embed")).1, 0.0);
+        dev.check(
+            &format!("q{q}_hidden_embed"),
+            &read(b, embed),
+            &golden.f32(&format!("q{q}_hidden_embed")).1,
+            0.0,
+        );
         for layer in 0..4 {
             let name = format!("q{q}_hidden_layer{layer}");
-            dev.check(&name, &read(b, &trace.hidden[layer]), &golden.f32(&name).1, HIDDEN_ATOL);
+            dev.check(
+                &name,
+                &read(b, &trace.hidden[layer]),
+                &golden.f32(&name).1,
+                HIDDEN_ATOL,
+            );
         }
         let name = format!("q{q}_hidden_final_norm");
-        dev.check(&name, &read(b, trace.final_norm.as_ref().unwrap()), &golden.f32(&name).1, HIDDEN_ATOL);
+        dev.check(
+            &name,
+            &read(b, trace.final_norm.as_ref().unwrap()),
+            &golden.f32(&name).1,
+            HIDDEN_ATOL,
+        );
         let name = format!("q{q}_logits_prefill");
-        dev.check(&name, &read(b, trace.logits.as_ref().unwrap()), &golden.f32(&name).1, LOGITS_ATOL);
+        dev.check(
+            &name,
+            &read(b, trace.logits.as_ref().unwrap()),
+            &golden.f32(&name).1,
+            LOGITS_ATOL,
+        );
         let name = format!("q{q}_logits_last");
         dev.check(&name, &last_logits, &golden.f32(&name).1, LOGITS_ATOL);
     }
@@ -193,7 +258,11 @@ fn stage3_decode_logits_positions_and_greedy_tokens_match_reference() {
         let (shape, logits) = golden.f32(&format!("q{q}_logits_decode"));
         let vocab = shape[2];
         for (step, (&token, &position)) in inputs.iter().zip(&positions).enumerate() {
-            assert_eq!(session.next_position(), position, "query {q} decode step {step}: position");
+            assert_eq!(
+                session.next_position(),
+                position,
+                "query {q} decode step {step}: position"
+            );
             let ours = pollster::block_on(session.decode(token)).unwrap();
             dev.check(
                 &format!("q{q}_logits_decode[{step}]"),
@@ -214,7 +283,11 @@ fn stage3_decode_logits_positions_and_greedy_tokens_match_reference() {
             generation.collect_tokens().await
         })
         .unwrap();
-        assert_eq!(tokens, golden.ids(&format!("q{q}_generated_ids")), "query {q}: greedy tokens");
+        assert_eq!(
+            tokens,
+            golden.ids(&format!("q{q}_generated_ids")),
+            "query {q}: greedy tokens"
+        );
     }
     dev.print("msa-tiny stage 3");
 }

@@ -27,14 +27,35 @@ fn dense_qwen3_matches_transformers() {
     let mut dev = Deviations::default();
 
     let mut trace = Trace::default();
-    let (session, last) = pollster::block_on(model.prefill_dense(&prompt, Some(&mut trace))).unwrap();
-    dev.check("hidden_embed", &read(b, trace.embeddings.as_ref().unwrap()), &golden.f32("hidden_embed").1, 0.0);
+    let (session, last) =
+        pollster::block_on(model.prefill_dense(&prompt, Some(&mut trace))).unwrap();
+    dev.check(
+        "hidden_embed",
+        &read(b, trace.embeddings.as_ref().unwrap()),
+        &golden.f32("hidden_embed").1,
+        0.0,
+    );
     for layer in 0..4 {
         let name = format!("hidden_layer{layer}");
-        dev.check(&name, &read(b, &trace.hidden[layer]), &golden.f32(&name).1, HIDDEN_ATOL);
+        dev.check(
+            &name,
+            &read(b, &trace.hidden[layer]),
+            &golden.f32(&name).1,
+            HIDDEN_ATOL,
+        );
     }
-    dev.check("hidden_final_norm", &read(b, trace.final_norm.as_ref().unwrap()), &golden.f32("hidden_final_norm").1, HIDDEN_ATOL);
-    dev.check("logits", &read(b, trace.logits.as_ref().unwrap()), &golden.f32("logits").1, LOGITS_ATOL);
+    dev.check(
+        "hidden_final_norm",
+        &read(b, trace.final_norm.as_ref().unwrap()),
+        &golden.f32("hidden_final_norm").1,
+        HIDDEN_ATOL,
+    );
+    dev.check(
+        "logits",
+        &read(b, trace.logits.as_ref().unwrap()),
+        &golden.f32("logits").1,
+        LOGITS_ATOL,
+    );
 
     // KV-cached decoding: logits row s picks generated token s.
     let generated = golden.ids("generated_ids");
@@ -45,7 +66,12 @@ fn dense_qwen3_matches_transformers() {
         sampling: SamplingParams::greedy(),
         stop_tokens: None,
     };
-    dev.check("logits_decode[0]", &last, &decode_logits[..vocab], LOGITS_ATOL);
+    dev.check(
+        "logits_decode[0]",
+        &last,
+        &decode_logits[..vocab],
+        LOGITS_ATOL,
+    );
     let mut generation = model.generation(session, last, &options).unwrap();
     let tokens = pollster::block_on(generation.collect_tokens()).unwrap();
     assert_eq!(tokens, generated, "greedy tokens");
@@ -54,13 +80,23 @@ fn dense_qwen3_matches_transformers() {
     for (step, &token) in generated.iter().enumerate().take(generated.len() - 1) {
         let logits = pollster::block_on(session.decode(token)).unwrap();
         let s = step + 1;
-        dev.check(&format!("logits_decode[{s}]"), &logits, &decode_logits[s * vocab..(s + 1) * vocab], LOGITS_ATOL);
+        dev.check(
+            &format!("logits_decode[{s}]"),
+            &logits,
+            &decode_logits[s * vocab..(s + 1) * vocab],
+            LOGITS_ATOL,
+        );
     }
 
     // One uncached forward over the whole sequence agrees too.
     let full: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
     let mut trace = Trace::default();
     pollster::block_on(model.prefill_dense(&full, Some(&mut trace))).unwrap();
-    dev.check("logits_full_sequence", &read(b, trace.logits.as_ref().unwrap()), &golden.f32("logits_full_sequence").1, LOGITS_ATOL);
+    dev.check(
+        "logits_full_sequence",
+        &read(b, trace.logits.as_ref().unwrap()),
+        &golden.f32("logits_full_sequence").1,
+        LOGITS_ATOL,
+    );
     dev.print("qwen3-tiny");
 }

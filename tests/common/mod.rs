@@ -102,7 +102,8 @@ impl Deviations {
             actual[at],
             expected[at]
         );
-        self.rows.push((name.to_string(), worst, atol, actual.len()));
+        self.rows
+            .push((name.to_string(), worst, atol, actual.len()));
     }
 
     pub fn print(&self, title: &str) {

@@ -148,10 +148,11 @@ impl Checkpoint {
 
     #[cfg(not(target_arch = "wasm32"))]
     fn check_index(&self, text: &str, index: &Path) -> Result<()> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|source| Error::Json {
-            path: index.to_path_buf(),
-            source,
-        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|source| Error::Json {
+                path: index.to_path_buf(),
+                source,
+            })?;
         if let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) {
             for (name, file) in map {
                 let expected = file.as_str().unwrap_or_default();
@@ -246,7 +247,10 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         c.intermediate_size,
     );
     let mut out = vec![
-        ("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h]),
+        (
+            "model.embed_tokens.weight".to_string(),
+            vec![c.vocab_size, h],
+        ),
         ("model.norm.weight".to_string(), vec![h]),
     ];
     for layer in 0..c.num_hidden_layers {

@@ -181,19 +181,24 @@ impl ModelConfig {
                 return problem(format!("{name} must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return problem(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return problem(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim
             ));
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        // Written to reject NaN as well as non-positive values.
+        let positive = |x: f64| x > 0.0 && x.is_finite();
+        if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
             return problem("rms_norm_eps and rope_theta must be positive".into());
         }
         if let Some(&bad) = self
@@ -367,10 +372,9 @@ impl Fields<'_> {
 
     fn required(&self, key: &str) -> Result<&Value> {
         match self.map.get(key) {
-            Some(Value::Null) | None => Err(self.problem(format!(
-                "required field `{}{key}` is missing",
-                self.prefix
-            ))),
+            Some(Value::Null) | None => {
+                Err(self.problem(format!("required field `{}{key}` is missing", self.prefix)))
+            }
             Some(v) => Ok(v),
         }
     }
@@ -506,15 +510,20 @@ mod tests {
         assert!(c.is_router_layer(3) && !c.is_router_layer(1));
 
         let all = ModelConfig::from_json_str(
-            &msa(serde_json::json!({"router_layer_idx":"all","pooling_kernel_size":4,
-                "decouple_router":true,"aux_loss_method":"INFONCE"})),
+            &msa(
+                serde_json::json!({"router_layer_idx":"all","pooling_kernel_size":4,
+                "decouple_router":true,"aux_loss_method":"INFONCE"}),
+            ),
             "config.json",
         )
         .unwrap();
         let m = all.msa.unwrap();
         assert_eq!(m.router_layers, vec![0, 1, 2, 3]);
         assert_eq!(m.score_mode, ScoreMode::Cosine);
-        assert_eq!(m.doc_top_k, 16, "the reference default when doc_top_k is absent");
+        assert_eq!(
+            m.doc_top_k, 16,
+            "the reference default when doc_top_k is absent"
+        );
 
         let list = ModelConfig::from_json_str(
             &msa(serde_json::json!({"router_layer_idx":[1],"pooling_kernel_size":4,"decouple_router":true})),
@@ -559,10 +568,16 @@ mod tests {
         let pooling = err(&msa(
             serde_json::json!({"router_layer_idx":"2","pooling_kernel_size":0,"decouple_router":true}),
         ));
-        assert!(pooling.contains("pooling_kernel_size must be positive"), "{pooling}");
+        assert!(
+            pooling.contains("pooling_kernel_size must be positive"),
+            "{pooling}"
+        );
 
         let nopool = err(&msa(serde_json::json!({"router_layer_idx":"2"})));
-        assert!(nopool.contains("msa_config.pooling_kernel_size"), "{nopool}");
+        assert!(
+            nopool.contains("msa_config.pooling_kernel_size"),
+            "{nopool}"
+        );
 
         let coupled = err(&msa(
             serde_json::json!({"pooling_kernel_size":2,"decouple_router":false}),

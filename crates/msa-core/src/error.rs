@@ -23,7 +23,9 @@ pub enum Error {
     #[error("config {path}: {problem}")]
     Config { path: PathBuf, problem: String },
 
-    #[error("checkpoint {path}: not a valid safetensors file ({detail}); the file may be truncated or corrupt")]
+    #[error(
+        "checkpoint {path}: not a valid safetensors file ({detail}); the file may be truncated or corrupt"
+    )]
     Safetensors { path: PathBuf, detail: String },
 
     #[error("checkpoint in {dir}: no model.safetensors or model.safetensors.index.json")]
@@ -32,7 +34,9 @@ pub enum Error {
     #[error("checkpoint: tensor `{name}` is missing (looked in {files})")]
     MissingTensor { name: String, files: String },
 
-    #[error("checkpoint {path}: tensor `{name}` has shape {actual:?}, the config implies {expected:?}")]
+    #[error(
+        "checkpoint {path}: tensor `{name}` has shape {actual:?}, the config implies {expected:?}"
+    )]
     ShapeMismatch {
         path: PathBuf,
         name: String,

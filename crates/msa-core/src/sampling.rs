@@ -139,7 +139,13 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(draws(params), draws(params));
-        assert!(draws(params).iter().collect::<std::collections::HashSet<_>>().len() > 2);
+        assert!(
+            draws(params)
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                > 2
+        );
         // top_p small enough keeps only the most likely token.
         let narrow = draws(SamplingParams {
             top_p: 0.05,

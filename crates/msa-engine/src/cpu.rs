@@ -366,7 +366,12 @@ impl Backend for CpuBackend {
 
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
         same_shape("add", a, b)?;
-        let out = a.data.iter().zip(b.data.iter()).map(|(x, y)| x + y).collect();
+        let out = a
+            .data
+            .iter()
+            .zip(b.data.iter())
+            .map(|(x, y)| x + y)
+            .collect();
         Ok(CpuTensor::new(out, a.shape.clone()))
     }
 
@@ -510,7 +515,7 @@ impl Backend for CpuBackend {
         let chunk_scores: Vec<f32> = (0..chunks)
             .into_par_iter()
             .map(|c| {
-                let token_scores = (0..tokens).map(|t| {
+                let mut token_scores = (0..tokens).map(|t| {
                     let per_head = (0..heads).map(|h| {
                         let key = &keys.data[(c * kv_heads + h / group) * d..][..d];
                         dot(&query[t * heads + h], key)
@@ -523,7 +528,7 @@ impl Backend for CpuBackend {
                 match spec.query_reduce {
                     QueryReduce::Max => token_scores.fold(f32::NEG_INFINITY, f32::max),
                     QueryReduce::Mean => token_scores.sum::<f32>() / tokens as f32,
-                    QueryReduce::Last => token_scores.last().unwrap_or(f32::NEG_INFINITY),
+                    QueryReduce::Last => token_scores.next_back().unwrap_or(f32::NEG_INFINITY),
                 }
             })
             .collect();

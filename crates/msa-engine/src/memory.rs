@@ -105,7 +105,9 @@ impl<B: Backend> Model<B> {
             .enumerate()
             .map(|(i, text)| {
                 if text.as_ref().trim().is_empty() {
-                    return Err(Error::EmptyDocument { index: first_id + i });
+                    return Err(Error::EmptyDocument {
+                        index: first_id + i,
+                    });
                 }
                 Ok(tokenizer.document_ids(first_id + i, text.as_ref())?)
             })
@@ -208,7 +210,9 @@ impl<B: Backend> Model<B> {
             });
             next_chunk += chunks;
         }
-        let stack = |existing: Option<&B::Tensor>, pick: &dyn Fn(&LayerMemory<B::Tensor>) -> &B::Tensor, slot: usize| {
+        let stack = |existing: Option<&B::Tensor>,
+                     pick: &dyn Fn(&LayerMemory<B::Tensor>) -> &B::Tensor,
+                     slot: usize| {
             let parts: Vec<&B::Tensor> = existing
                 .into_iter()
                 .chain(pooled_per_doc.iter().map(|doc| pick(&doc[slot])))
@@ -240,7 +244,8 @@ impl<B: Backend> Model<B> {
         for layer in 0..=last {
             let p = self.project(layer, &hidden, &positions)?;
             if layer < last {
-                hidden = self.attend_and_mlp(layer, &hidden, &p.q, &p.k, &p.v, AttentionMask::Causal)?;
+                hidden =
+                    self.attend_and_mlp(layer, &hidden, &p.q, &p.k, &p.v, AttentionMask::Causal)?;
             }
             out.push((p.k, p.v));
         }
@@ -255,12 +260,16 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let positions: Vec<u32> = (0..ids.len() as u32).collect();
         let mut hidden = b.embedding(&self.weights.embed_tokens, ids)?;
-        let last_router = *msa.router_layers.last().expect("config guarantees router layers");
+        let last_router = *msa
+            .router_layers
+            .last()
+            .expect("config guarantees router layers");
         let mut pooled = Vec::with_capacity(msa.router_layers.len());
         for layer in 0..=last_router {
             let p = self.project(layer, &hidden, &positions)?;
             if let Some((_, router_k)) = &self.weights.layers[layer].router {
-                let routing = self.project_heads(&p.normed, router_k, self.config.num_key_value_heads)?;
+                let routing =
+                    self.project_heads(&p.normed, router_k, self.config.num_key_value_heads)?;
                 let mut routing_keys = b.chunk_mean_pool(&routing, msa.pooling_kernel_size)?;
                 if msa.score_mode == ScoreMode::Cosine {
                     routing_keys = b.l2_normalize(&routing_keys)?;
@@ -273,7 +282,8 @@ impl<B: Backend> Model<B> {
                 });
             }
             if layer < last_router {
-                hidden = self.attend_and_mlp(layer, &hidden, &p.q, &p.k, &p.v, AttentionMask::Causal)?;
+                hidden =
+                    self.attend_and_mlp(layer, &hidden, &p.q, &p.k, &p.v, AttentionMask::Causal)?;
             }
         }
         Ok(pooled)

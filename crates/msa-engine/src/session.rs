@@ -128,7 +128,9 @@ impl<'m, B: Backend> Session<'m, B> {
             if let (Some(route), Some((router_q, _))) =
                 (routing, &model.weights.layers[layer].router)
             {
-                let (k, v) = self.route(layer, route, &p.normed, router_q, trace.as_deref_mut()).await?;
+                let (k, v) = self
+                    .route(layer, route, &p.normed, router_q, trace.as_deref_mut())
+                    .await?;
                 parts.push(k);
                 parts_v.push(v);
             }
@@ -417,7 +419,10 @@ impl<'m, B: Backend> Generation<'m, B> {
         if let Some(token) = self.pending.take() {
             self.logits = Some(self.session.decode(token).await?);
         }
-        let logits = self.logits.take().expect("logits follow every prefill and decode");
+        let logits = self
+            .logits
+            .take()
+            .expect("logits follow every prefill and decode");
         let token = self.sampler.sample(&logits)?;
         self.produced += 1;
         if self.stop_tokens.contains(&token) {
