@@ -129,6 +129,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Tensors have at least one dimension, and every dimension after the first is non-zero (a tensor may
+/// have zero rows, never zero-width rows), so ops can split data into rows without special cases.
+fn check_dims(op: &'static str, shape: &[usize]) -> Result<()> {
+    if shape.is_empty() || shape[1..].contains(&0) {
+        return Err(Error::shape(
+            op,
+            format!("shape {shape:?}: tensors need a leading dimension and non-empty rows"),
+        ));
+    }
+    Ok(())
+}
+
 fn same_shape(op: &'static str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
     if a.shape != b.shape {
         return Err(Error::shape(
@@ -161,6 +173,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {
+        check_dims("upload", shape)?;
         if data.len() != shape.iter().product::<usize>() {
             return Err(Error::shape(
                 "upload",
@@ -204,6 +217,7 @@ impl Backend for CpuBackend {
     }
 
     fn reshape(&self, tensor: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
+        check_dims("reshape", shape)?;
         if tensor.data.len() != shape.iter().product::<usize>() {
             return Err(Error::shape(
                 "reshape",
@@ -560,11 +574,17 @@ impl Backend for CpuBackend {
 }
 
 /// The reference selection rule shared by every backend: highest score first, lower index on ties.
+/// NaN ranks below every number and `-0.0` equals `0.0`, so the order is the same on any backend.
 pub fn select_top_k(scores: &[f32], k: usize) -> Vec<Scored> {
+    let key = |i: u32| {
+        let s = scores[i as usize];
+        if s.is_nan() { f32::NEG_INFINITY } else { s }
+    };
     let mut order: Vec<u32> = (0..scores.len() as u32).collect();
     order.sort_by(|&a, &b| {
-        scores[b as usize]
-            .total_cmp(&scores[a as usize])
+        key(b)
+            .partial_cmp(&key(a))
+            .expect("NaN was mapped away")
             .then(a.cmp(&b))
     });
     order
