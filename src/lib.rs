@@ -27,7 +27,7 @@ pub use msa_engine as engine;
 pub use msa_core::{ModelConfig, SamplingParams, ScoreMode};
 pub use msa_engine::{
     CpuBackend, EncodeProgress, Error, FinishReason, GenerateOptions, LayerRouting, Memory,
-    MemoryDocument, Result, RoutedDocument,
+    MemoryDocument, MemoryFingerprint, Result, RoutedDocument,
 };
 
 /// A model on the CPU reference backend, with blocking calls.

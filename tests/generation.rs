@@ -157,3 +157,31 @@ fn cosine_mode_normalises_routing_keys_and_bounds_scores() {
         }
     }
 }
+
+#[test]
+fn a_memory_from_another_model_is_refused() {
+    let msa = Msa::load(fixture_dir("msa-tiny")).unwrap();
+    let memory = msa.encode(&strings("memory.json")).unwrap();
+
+    // The same weights with a different pooling size make a model whose memories are incompatible.
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixture_dir("msa-tiny");
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture.join(file), dir.path().join(file)).unwrap();
+    }
+    let config = std::fs::read_to_string(fixture.join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        config.replace("\"pooling_kernel_size\": 16", "\"pooling_kernel_size\": 8"),
+    )
+    .unwrap();
+    let other = Msa::load(dir.path()).unwrap();
+    let question = &strings("queries.json")[0];
+    let err = other.ask(&memory, question, &greedy(4)).unwrap_err();
+    assert!(matches!(err, msa::Error::MemoryMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("pooling_kernel_size: 16"), "{err}");
+    let mut memory = memory;
+    let err = other.add_documents(&mut memory, &["更多"]).unwrap_err();
+    assert!(matches!(err, msa::Error::MemoryMismatch { .. }), "{err}");
+    assert_eq!(memory.documents().len(), 8);
+}

@@ -26,6 +26,9 @@ pub enum Error {
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
 
+    #[error("this memory was encoded by a different model ({memory}); this model needs {model}")]
+    MemoryMismatch { memory: String, model: String },
+
     #[error("the prompt is empty")]
     EmptyPrompt,
 }

@@ -17,7 +17,7 @@ pub mod session;
 pub use backend::{AttentionMask, Backend, RoutingSpec, Scored};
 pub use cpu::{CpuBackend, CpuTensor};
 pub use error::{Error, Result};
-pub use memory::{EncodeProgress, LayerMemory, Memory, MemoryDocument};
+pub use memory::{EncodeProgress, LayerMemory, Memory, MemoryDocument, MemoryFingerprint};
 pub use model::Model;
 pub use session::{
     FinishReason, GenerateOptions, Generation, LayerRouting, RoutedDocument, Session, Trace,

@@ -32,13 +32,24 @@ pub struct LayerMemory<T> {
     pub routing_keys: T,
 }
 
+/// The model properties a memory depends on; a memory only serves a model with the same ones.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryFingerprint {
+    pub num_hidden_layers: usize,
+    pub router_layers: Vec<usize>,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub pooling_kernel_size: usize,
+    pub score_mode: ScoreMode,
+}
+
 /// An in-memory bank: what stage 2 needs to route and attend.
 pub struct Memory<B: Backend> {
+    fingerprint: MemoryFingerprint,
     documents: Vec<MemoryDocument>,
     layers: Vec<LayerMemory<B::Tensor>>,
     /// Template-head K and V of every layer: `[template_len, kv_heads, head_dim]`.
     template: Vec<(B::Tensor, B::Tensor)>,
-    score_mode: ScoreMode,
 }
 
 impl<B: Backend> Memory<B> {
@@ -64,7 +75,11 @@ impl<B: Backend> Memory<B> {
     }
 
     pub fn score_mode(&self) -> ScoreMode {
-        self.score_mode
+        self.fingerprint.score_mode
+    }
+
+    pub fn fingerprint(&self) -> &MemoryFingerprint {
+        &self.fingerprint
     }
 
     pub fn chunk_count(&self) -> usize {
@@ -90,6 +105,31 @@ pub struct EncodeProgress {
 impl<B: Backend> Model<B> {
     pub(crate) fn msa_config(&self, what: &'static str) -> Result<&MsaConfig> {
         self.config.msa.as_ref().ok_or(Error::NotAnMsaModel(what))
+    }
+
+    /// What a memory encoded by this model records about it.
+    pub fn memory_fingerprint(&self) -> Result<MemoryFingerprint> {
+        let msa = self.msa_config("memory encoding")?;
+        Ok(MemoryFingerprint {
+            num_hidden_layers: self.config.num_hidden_layers,
+            router_layers: msa.router_layers.clone(),
+            num_key_value_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+            pooling_kernel_size: msa.pooling_kernel_size,
+            score_mode: msa.score_mode,
+        })
+    }
+
+    /// Refuses a memory encoded by a model of another shape.
+    pub(crate) fn check_memory(&self, memory: &Memory<B>) -> Result<()> {
+        let ours = self.memory_fingerprint()?;
+        if memory.fingerprint != ours {
+            return Err(Error::MemoryMismatch {
+                memory: format!("{:?}", memory.fingerprint),
+                model: format!("{ours:?}"),
+            });
+        }
+        Ok(())
     }
 
     /// Tokenizes and wraps documents as `<|im_start|>[id]. {text}[id]<|im_end|>`, with ids continuing
@@ -144,16 +184,16 @@ impl<B: Backend> Model<B> {
         documents: &[Vec<u32>],
         progress: impl FnMut(EncodeProgress),
     ) -> Result<Memory<B>> {
-        let score_mode = self.msa_config("memory encoding")?.score_mode;
+        let fingerprint = self.memory_fingerprint()?;
         if template_ids.is_empty() {
             return Err(Error::EmptyPrompt);
         }
         let template = self.encode_template(template_ids)?;
         let mut memory = Memory {
+            fingerprint,
             documents: Vec::new(),
             layers: Vec::new(),
             template,
-            score_mode,
         };
         self.append_token_documents(&mut memory, documents, progress)
             .await?;
@@ -167,6 +207,7 @@ impl<B: Backend> Model<B> {
         texts: &[impl AsRef<str>],
         progress: impl FnMut(EncodeProgress),
     ) -> Result<()> {
+        self.check_memory(memory)?;
         let documents = self.tokenize_documents(texts, memory.documents.len())?;
         self.append_token_documents(memory, &documents, progress)
             .await

@@ -270,6 +270,7 @@ impl<B: Backend> Model<B> {
         mut trace: Option<&mut Trace<B::Tensor>>,
     ) -> Result<(Session<'_, B>, Vec<f32>)> {
         let msa = self.msa_config("querying a memory")?;
+        self.check_memory(memory)?;
         self.check_ids(&prompt.ids)?;
         if memory.is_empty() {
             return Err(Error::NoDocuments);
@@ -378,6 +379,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` tokens were produced.
     Length,
+    /// A decoding step failed; [`Generation::next_token`] returned its error.
+    Error,
 }
 
 /// A token stream over a prefilled session: each [`Generation::next_token`] samples one token and, on the
@@ -407,8 +410,17 @@ impl<'m, B: Backend> Generation<'m, B> {
         self.finish
     }
 
-    /// The next token, or `None` once a stop token or the token limit was reached.
+    /// The next token, or `None` once a stop token or the token limit was reached. After an error the
+    /// stream is over: the session's context may be partly updated.
     pub async fn next_token(&mut self) -> Result<Option<u32>> {
+        let step = self.step().await;
+        if step.is_err() {
+            self.finish = Some(FinishReason::Error);
+        }
+        step
+    }
+
+    async fn step(&mut self) -> Result<Option<u32>> {
         if self.finish.is_some() {
             return Ok(None);
         }

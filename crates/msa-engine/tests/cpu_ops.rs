@@ -1512,7 +1512,10 @@ fn degenerate_shapes_are_errors_not_panics() {
     expect_shape_error(b.reshape(&t, &[2, 0, 1]), "reshape");
     // Zero rows are fine.
     let empty = b.upload(&[], &[0, 3]).unwrap();
-    assert_eq!(pollster::block_on(b.read(&empty)).unwrap(), Vec::<f32>::new());
+    assert_eq!(
+        pollster::block_on(b.read(&empty)).unwrap(),
+        Vec::<f32>::new()
+    );
 }
 
 #[test]
