@@ -3,13 +3,23 @@
 
 mod common;
 
-use common::fixture_dir;
+use common::{copy_fixture, fixture_dir};
 use msa::engine::{Backend, CpuBackend, Model};
 use msa::{FinishReason, GenerateOptions, Msa, SamplingParams, ScoreMode};
 
 fn strings(file: &str) -> Vec<String> {
     let text = std::fs::read_to_string(fixture_dir("msa-tiny").join(file)).unwrap();
     serde_json::from_str(&text).unwrap()
+}
+
+/// A copy of msa-tiny whose config.json has `from` replaced by `to`.
+fn tiny_with_config_edit(from: &str, to: &str) -> tempfile::TempDir {
+    let dir = copy_fixture("msa-tiny");
+    let path = dir.path().join("config.json");
+    let config = std::fs::read_to_string(&path).unwrap();
+    assert!(config.contains(from), "config.json has no {from}");
+    std::fs::write(&path, config.replace(from, to)).unwrap();
+    dir
 }
 
 fn greedy(max_tokens: usize) -> GenerateOptions {
@@ -116,17 +126,7 @@ fn appended_documents_equal_encoding_them_together() {
 /// document score is a mean of cosines, so it lies in [-1, 1].
 #[test]
 fn cosine_mode_normalises_routing_keys_and_bounds_scores() {
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = fixture_dir("msa-tiny");
-    for file in ["model.safetensors", "tokenizer.json"] {
-        std::fs::copy(fixture.join(file), dir.path().join(file)).unwrap();
-    }
-    let config = std::fs::read_to_string(fixture.join("config.json")).unwrap();
-    std::fs::write(
-        dir.path().join("config.json"),
-        config.replace("\"INFONCE_DECOUPLE\"", "\"INFONCE\""),
-    )
-    .unwrap();
+    let dir = tiny_with_config_edit("\"INFONCE_DECOUPLE\"", "\"INFONCE\"");
     let model = Model::load(dir.path(), CpuBackend::new()).unwrap();
     assert_eq!(
         model.config.msa.as_ref().unwrap().score_mode,
@@ -164,17 +164,7 @@ fn a_memory_from_another_model_is_refused() {
     let memory = msa.encode(&strings("memory.json")).unwrap();
 
     // The same weights with a different pooling size make a model whose memories are incompatible.
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = fixture_dir("msa-tiny");
-    for file in ["model.safetensors", "tokenizer.json"] {
-        std::fs::copy(fixture.join(file), dir.path().join(file)).unwrap();
-    }
-    let config = std::fs::read_to_string(fixture.join("config.json")).unwrap();
-    std::fs::write(
-        dir.path().join("config.json"),
-        config.replace("\"pooling_kernel_size\": 16", "\"pooling_kernel_size\": 8"),
-    )
-    .unwrap();
+    let dir = tiny_with_config_edit("\"pooling_kernel_size\": 16", "\"pooling_kernel_size\": 8");
     let other = Msa::load(dir.path()).unwrap();
     let question = &strings("queries.json")[0];
     let err = other.ask(&memory, question, &greedy(4)).unwrap_err();

@@ -3,7 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
@@ -112,4 +113,59 @@ impl Deviations {
             println!("  {name:<40} {worst:>10.3e}  (atol {atol:.0e}, {n} values)");
         }
     }
+}
+
+/// One stored tensor, owned.
+#[derive(Clone)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Every tensor of a safetensors file, sorted by name.
+pub fn read_tensors(path: &Path) -> Vec<Tensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).expect("fixture parses");
+    let mut out: Vec<Tensor> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| Tensor {
+            name,
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+            data: view.data().to_vec(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+pub fn write_tensors(path: &Path, tensors: &[Tensor]) {
+    let views = tensors.iter().map(|t| {
+        let view = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)
+            .unwrap_or_else(|e| panic!("{}: {e}", t.name));
+        (t.name.clone(), view)
+    });
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(views, Some(metadata)).expect("serializes");
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The weights of a fixture's `model.safetensors`.
+pub fn fixture_tensors(fixture: &str) -> Vec<Tensor> {
+    read_tensors(&fixture_dir(fixture).join("model.safetensors"))
+}
+
+/// A temporary copy of a fixture's model directory (config, tokenizer when present, weights).
+pub fn copy_fixture(fixture: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+        let from = fixture_dir(fixture).join(file);
+        if from.is_file() {
+            std::fs::copy(&from, dir.path().join(file)).unwrap();
+        }
+    }
+    dir
 }

@@ -40,7 +40,8 @@ struct ShardFile {
 
 struct TensorEntry {
     file: usize,
-    dtype: DType,
+    /// The stored dtype, or its name when this runtime cannot use it (an error only if the tensor is used).
+    dtype: std::result::Result<DType, String>,
     shape: Vec<usize>,
     bytes: Range<usize>,
 }
@@ -120,27 +121,17 @@ impl Checkpoint {
                 })?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
-                let dtype =
-                    DType::from_safetensors(info.dtype).ok_or_else(|| Error::UnsupportedDType {
-                        path: file.path.clone(),
-                        name: name.clone(),
-                        dtype: format!("{:?}", info.dtype),
-                    });
                 let (start, end) = info.data_offsets;
-                let entry = dtype.map(|dtype| TensorEntry {
-                    file: file_index,
-                    dtype,
-                    shape: info.shape.clone(),
-                    bytes: data_start + start..data_start + end,
-                });
-                match entry {
-                    Ok(entry) => {
-                        tensors.insert(name, entry);
-                    }
-                    // Training-only scalars such as an integer step counter are not an error until used.
-                    Err(e) if info.shape.is_empty() => drop(e),
-                    Err(e) => return Err(e),
-                }
+                tensors.insert(
+                    name,
+                    TensorEntry {
+                        file: file_index,
+                        dtype: DType::from_safetensors(info.dtype)
+                            .ok_or_else(|| format!("{:?}", info.dtype)),
+                        shape: info.shape.clone(),
+                        bytes: data_start + start..data_start + end,
+                    },
+                );
             }
         }
         Ok(Checkpoint { files, tensors })
@@ -195,9 +186,17 @@ impl Checkpoint {
                     name: name.to_string(),
                     files: self.file_list(),
                 })?;
+        let dtype = entry
+            .dtype
+            .clone()
+            .map_err(|dtype| Error::UnsupportedDType {
+                path: self.files[entry.file].path.clone(),
+                name: name.to_string(),
+                dtype,
+            })?;
         Ok(TensorView {
             name: key,
-            dtype: entry.dtype,
+            dtype,
             shape: &entry.shape,
             bytes: &self.files[entry.file].bytes[entry.bytes.clone()],
         })
@@ -304,10 +303,24 @@ fn shard_names(text: &str, index: &Path) -> Result<Vec<String>> {
             path: index.to_path_buf(),
             detail: "the index has no `weight_map` object".into(),
         })?;
-    let mut names: Vec<String> = map
-        .values()
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect();
+    let mut names = Vec::with_capacity(map.len());
+    for (tensor, file) in map {
+        let bad = |why: &str| Error::Safetensors {
+            path: index.to_path_buf(),
+            detail: format!("`weight_map` entry for `{tensor}` {why}"),
+        };
+        let file = file.as_str().ok_or_else(|| bad("is not a file name"))?;
+        // Shards live beside the index: refuse paths that would leave the model directory.
+        let plain = Path::new(file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if file.is_empty() || !plain {
+            return Err(bad(&format!(
+                "names `{file}`, not a file in the model directory"
+            )));
+        }
+        names.push(file.to_string());
+    }
     names.sort();
     names.dedup();
     if names.is_empty() {

@@ -9,6 +9,11 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+/// Largest accepted dimension or k: ids and RoPE positions are u32 with room to spare.
+const MAX_DIMENSION: usize = i32::MAX as usize;
+/// Largest accepted element count of one weight tensor (2^40, ~2 TB in bf16).
+const MAX_ELEMENTS: u64 = 1 << 40;
+
 /// How routing scores compare router queries with pooled routing keys (MSA-SPEC §3.6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ScoreMode {
@@ -180,6 +185,34 @@ impl ModelConfig {
             if value == 0 {
                 return problem(format!("{name} must be positive"));
             }
+            // Token ids and positions are u32; bounding every dimension also keeps shape products
+            // (heads × head_dim, vocab × hidden) from overflowing.
+            if value > MAX_DIMENSION {
+                return problem(format!(
+                    "{name} {value} is too large (at most {MAX_DIMENSION})"
+                ));
+            }
+        }
+        for (what, a, b) in [
+            (
+                "num_attention_heads × head_dim",
+                self.num_attention_heads,
+                self.head_dim,
+            ),
+            (
+                "vocab_size × hidden_size",
+                self.vocab_size,
+                self.hidden_size,
+            ),
+            (
+                "intermediate_size × hidden_size",
+                self.intermediate_size,
+                self.hidden_size,
+            ),
+        ] {
+            if a.checked_mul(b).is_none_or(|n| n as u64 > MAX_ELEMENTS) {
+                return problem(format!("{what} = {a} × {b} is too large for one tensor"));
+            }
         }
         if !self
             .num_attention_heads
@@ -196,10 +229,18 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
-        // Written to reject NaN as well as non-positive values.
-        let positive = |x: f64| x > 0.0 && x.is_finite();
-        if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
-            return problem("rms_norm_eps and rope_theta must be positive".into());
+        // Written to reject NaN as well as out-of-range values.
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return problem(format!(
+                "rms_norm_eps must be in (0, 1), got {}",
+                self.rms_norm_eps
+            ));
+        }
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return problem(format!(
+                "rope_theta must be a positive number, got {}",
+                self.rope_theta
+            ));
         }
         if let Some(&bad) = self
             .eos_token_ids
@@ -304,8 +345,10 @@ impl MsaConfig {
             Some(_) => f.usize("doc_top_k")?,
             None => 16,
         };
-        if doc_top_k == 0 {
-            return Err(f.problem("doc_top_k must be positive"));
+        if doc_top_k == 0 || doc_top_k > MAX_DIMENSION {
+            return Err(f.problem(format!(
+                "msa_config.doc_top_k must be in 1..={MAX_DIMENSION} (prompt positions start at 3 + k), got {doc_top_k}"
+            )));
         }
         let aux_loss_method = f.opt_str("aux_loss_method")?.unwrap_or_default();
         // The reference inference path tests the exact string (MSA-SPEC §3.6).

@@ -65,19 +65,24 @@ impl Sampler {
         if logits.is_empty() {
             return Err(Error::Sampling("empty logits".into()));
         }
-        if logits.iter().any(|l| l.is_nan()) {
-            return Err(Error::Sampling("logits contain NaN".into()));
+        // -inf marks a masked token; NaN or +inf means the forward pass went wrong.
+        if let Some(bad) = logits.iter().find(|l| l.is_nan() || **l == f32::INFINITY) {
+            return Err(Error::Sampling(format!("logits contain {bad}")));
         }
         if self.params.temperature == 0.0 {
             return Ok(argmax(logits));
         }
         // Softmax at temperature, then the smallest set of most likely tokens whose mass reaches top_p.
-        let inv_t = 1.0 / self.params.temperature;
+        // Divide rather than multiply by 1/t: a tiny t then gives 0/t = 0 for the top token, not 0·inf.
+        let t = self.params.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return Err(Error::Sampling("every token is masked (-inf)".into()));
+        }
         let mut probs: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
+            .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
             .collect();
         let total: f32 = probs.iter().map(|p| p.1).sum();
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -173,5 +178,28 @@ mod tests {
         let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
         assert!(s.sample(&[]).is_err());
         assert!(s.sample(&[f32::NAN]).is_err());
+        assert!(s.sample(&[0.0, f32::INFINITY]).is_err());
+    }
+
+    #[test]
+    fn tiny_temperature_is_greedy_and_masked_tokens_are_never_drawn() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1e-40,
+            top_p: 1.0,
+            seed: 3,
+        })
+        .unwrap();
+        for _ in 0..50 {
+            assert_eq!(s.sample(&[0.5, 2.0, 1.9, -7.0]).unwrap(), 1);
+        }
+        let mut hot = Sampler::new(SamplingParams {
+            temperature: 5.0,
+            top_p: 1.0,
+            seed: 3,
+        })
+        .unwrap();
+        for _ in 0..200 {
+            assert_ne!(hot.sample(&[0.0, f32::NEG_INFINITY, 0.0]).unwrap(), 1);
+        }
     }
 }
