@@ -128,6 +128,53 @@ fn stage1_memory_matches_reference() {
     dev.print("msa-tiny stage 1");
 }
 
+/// In the packed stage-1 block every document (and the template head) attends only to itself at positions
+/// 0..n, so each segment's hidden states equal a plain causal forward over that segment alone.
+#[test]
+fn stage1_hidden_states_match_reference() {
+    let model = load();
+    let b = &model.backend;
+    let inputs = Golden::open(FIXTURE, "inputs.safetensors");
+    let golden = Golden::open(FIXTURE, "golden.safetensors");
+    let ids = inputs.ids("stage1_block0_input_ids");
+    let doc_ids = inputs.ids("stage1_block0_doc_ids");
+    let positions = inputs.ids("stage1_block0_position_ids");
+    let hidden = model.config.hidden_size;
+    let mut dev = Deviations::default();
+
+    // Segments of the packed block: runs of equal doc id, each starting at position 0.
+    let mut segments = Vec::new();
+    let mut start = 0;
+    for i in 1..=ids.len() {
+        if i == ids.len() || doc_ids[i] != doc_ids[start] {
+            assert_eq!(positions[start], 0, "segment at {start} restarts positions");
+            segments.push(start..i);
+            start = i;
+        }
+    }
+    assert_eq!(
+        segments.len(),
+        1 + documents().len(),
+        "template + documents"
+    );
+
+    let mut per_layer = vec![Vec::new(); model.config.num_hidden_layers];
+    for segment in &segments {
+        let mut trace = Trace::default();
+        pollster::block_on(model.prefill_dense(&ids[segment.clone()], Some(&mut trace))).unwrap();
+        for (layer, out) in per_layer.iter_mut().enumerate() {
+            out.extend(read(b, &trace.hidden[layer]));
+        }
+    }
+    for (layer, ours) in per_layer.iter().enumerate() {
+        let name = format!("stage1_hidden_layer{layer}");
+        let (shape, want) = golden.f32(&name);
+        assert_eq!(shape, [ids.len(), hidden]);
+        dev.check(&name, ours, &want, HIDDEN_ATOL);
+    }
+    dev.print("msa-tiny stage 1 hidden states");
+}
+
 #[test]
 fn stage2_routing_context_and_logits_match_reference() {
     let model = load();
@@ -189,6 +236,24 @@ fn stage2_routing_context_and_logits_match_reference() {
                 &want,
                 HIDDEN_ATOL,
             );
+        }
+
+        // The selected chunks inside the router layers' context: [template(3) | chunks | prompt].
+        for (slot, layer) in [2usize, 3].into_iter().enumerate() {
+            let chunks = session.routing()[slot].chunks;
+            let (k, v) = &trace.context[layer];
+            for (name, tensor) in [("k", k), ("v", v)] {
+                let (shape, values) = golden.f32(&format!("q{q}_selected_{name}_layer{layer}"));
+                assert_eq!(shape[1], chunks);
+                let expected = swap_leading(&values, shape[0], shape[1], shape[2]);
+                let ours = read(b, &b.rows(tensor, 3..3 + chunks).unwrap());
+                dev.check(
+                    &format!("q{q}_selected_{name}_layer{layer}"),
+                    &ours,
+                    &expected,
+                    POOLED_ATOL,
+                );
+            }
         }
 
         // The assembled context [template | selected chunks | prompt] of every layer.
@@ -287,6 +352,18 @@ fn stage3_decode_logits_positions_and_greedy_tokens_match_reference() {
             tokens,
             golden.ids(&format!("q{q}_generated_ids")),
             "query {q}: greedy tokens"
+        );
+        let prompt = model
+            .tokenizer
+            .as_ref()
+            .unwrap()
+            .question_prompt(question)
+            .unwrap();
+        let sequence: Vec<u32> = prompt.ids.iter().chain(&tokens).copied().collect();
+        assert_eq!(
+            sequence,
+            golden.ids(&format!("q{q}_returned_sequence")),
+            "query {q}: prompt + generation"
         );
     }
     dev.print("msa-tiny stage 3");
