@@ -119,11 +119,12 @@ impl<'m, B: Backend> Session<'m, B> {
         }
         for layer in 0..model.config.num_hidden_layers {
             let p = model.project(layer, &hidden, positions)?;
-            let mut parts: Vec<B::Tensor> = Vec::new();
-            let mut parts_v: Vec<B::Tensor> = Vec::new();
+            // This layer's context: [what it already held | routed memory chunks | this block].
+            let mut keys: Vec<B::Tensor> = Vec::with_capacity(3);
+            let mut values: Vec<B::Tensor> = Vec::with_capacity(3);
             if let Some((k, v)) = self.context[layer].take() {
-                parts.push(k);
-                parts_v.push(v);
+                keys.push(k);
+                values.push(v);
             }
             if let (Some(route), Some((router_q, _))) =
                 (routing, &model.weights.layers[layer].router)
@@ -131,13 +132,13 @@ impl<'m, B: Backend> Session<'m, B> {
                 let (k, v) = self
                     .route(layer, route, &p.normed, router_q, trace.as_deref_mut())
                     .await?;
-                parts.push(k);
-                parts_v.push(v);
+                keys.push(k);
+                values.push(v);
             }
-            parts.push(p.k.clone());
-            parts_v.push(p.v.clone());
-            let k = b.concat_rows(&parts.iter().collect::<Vec<_>>())?;
-            let v = b.concat_rows(&parts_v.iter().collect::<Vec<_>>())?;
+            keys.push(p.k);
+            values.push(p.v);
+            let k = b.concat_rows(&keys.iter().collect::<Vec<_>>())?;
+            let v = b.concat_rows(&values.iter().collect::<Vec<_>>())?;
             hidden = model.attend_and_mlp(layer, &hidden, &p.q, &k, &v, AttentionMask::Causal)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.context.push((k.clone(), v.clone()));
