@@ -95,7 +95,8 @@ impl Msa {
         self.ask_streaming(memory, question, options, |_, _| {})
     }
 
-    /// Answers a question, calling `on_token(id, text piece)` as each token is produced.
+    /// Answers a question, calling `on_token(id, text piece)` as each token is produced. A piece is empty
+    /// while the token ends inside a multi-byte character; the pieces always add up to `Answer::text`.
     pub fn ask_streaming(
         &self,
         memory: &Memory<CpuBackend>,
@@ -106,10 +107,16 @@ impl Msa {
         pollster::block_on(async {
             let tokenizer = self.model.require_tokenizer()?;
             let mut generation = self.model.ask(memory, question, options).await?;
+            let mut text = msa_core::TextStream::new(tokenizer);
             let mut tokens = Vec::new();
             while let Some(token) = generation.next_token().await? {
-                on_token(token, &tokenizer.decode(&[token])?);
+                on_token(token, &text.push(token)?);
                 tokens.push(token);
+            }
+            let rest = text.finish()?;
+            if !rest.is_empty() {
+                // A character cut off by the end of generation: release it with the last token.
+                on_token(*tokens.last().expect("text implies a token"), &rest);
             }
             Ok(Answer {
                 text: tokenizer.decode(&tokens)?,

@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
-use msa::core::MsaTokenizer;
 use msa::core::tokenizer::TokenRole;
+use msa::core::{MsaTokenizer, TextStream};
 
 fn tokenizer() -> Option<MsaTokenizer> {
     let path = std::env::var_os("MSA_QWEN3_TOKENIZER")
@@ -80,4 +80,38 @@ fn prompts_are_concatenations_of_separately_tokenized_pieces() {
         text,
         "<|im_start|>[4]. Erik Watts is the son of Bill Watts.[4]<|im_end|>"
     );
+}
+
+#[test]
+fn streamed_text_never_splits_characters() {
+    let Some(tok) = tokenizer() else { return };
+    let text = "記憶稀疏注意力 🧠 scales to 100M tokens: ÄÖÜ, naïve café, 数据库。";
+    let ids = tok.encode(text).unwrap();
+    let mut stream = TextStream::new(&tok);
+    let mut pieces = Vec::new();
+    for &id in &ids {
+        pieces.push(stream.push(id).unwrap());
+    }
+    pieces.push(stream.finish().unwrap());
+    assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+    assert_eq!(pieces.concat(), text);
+    // Byte-level BPE does split some of these characters across tokens.
+    assert!(
+        ids.iter()
+            .any(|&id| tok.decode(&[id]).unwrap().contains('\u{FFFD}'))
+    );
+    assert!(pieces.iter().any(String::is_empty));
+
+    // A stream cut inside a character releases the remainder on finish.
+    let cut_at = (1..=ids.len())
+        .find(|&n| tok.decode(&ids[..n]).unwrap().ends_with('\u{FFFD}'))
+        .expect("some prefix ends inside a character");
+    let mut cut = TextStream::new(&tok);
+    let released: String = ids[..cut_at]
+        .iter()
+        .map(|&id| cut.push(id).unwrap())
+        .collect();
+    let rest = cut.finish().unwrap();
+    assert!(rest.ends_with('\u{FFFD}'), "{rest:?}");
+    assert_eq!(released + &rest, tok.decode(&ids[..cut_at]).unwrap());
 }

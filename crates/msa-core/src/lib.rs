@@ -19,4 +19,4 @@ pub use config::{ChunkReduce, HeadReduce, ModelConfig, MsaConfig, QueryReduce, S
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use sampling::{Sampler, SamplingParams};
-pub use tokenizer::{MsaTokenizer, QueryPrompt, TokenRole};
+pub use tokenizer::{MsaTokenizer, QueryPrompt, TextStream, TokenRole};

@@ -142,3 +142,50 @@ impl MsaTokenizer {
         Ok(QueryPrompt { ids, roles })
     }
 }
+
+/// Turns a stream of token ids into text pieces. With byte-level BPE one character may span several
+/// tokens, so a piece is released only once the text decoded so far no longer ends in an incomplete
+/// character (U+FFFD); concatenating every piece plus [`TextStream::finish`] gives the full decode.
+pub struct TextStream<'t> {
+    tokenizer: &'t MsaTokenizer,
+    ids: Vec<u32>,
+    /// Bytes of the decoded text already released.
+    released: usize,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tokenizer: &'t MsaTokenizer) -> Self {
+        TextStream {
+            tokenizer,
+            ids: Vec::new(),
+            released: 0,
+        }
+    }
+
+    /// Adds a token; returns the text that became complete (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        Ok(self.release(&text))
+    }
+
+    /// Whatever is still held back, e.g. a character cut off by the end of generation.
+    pub fn finish(&mut self) -> Result<String> {
+        let text = self.tokenizer.decode(&self.ids)?;
+        Ok(self.release(&text))
+    }
+
+    fn release(&mut self, text: &str) -> String {
+        match text.get(self.released..) {
+            Some(piece) => {
+                self.released = text.len();
+                piece.to_string()
+            }
+            // A decoder rewrote earlier text (not the case for Qwen's byte-level BPE); wait for more.
+            None => String::new(),
+        }
+    }
+}
