@@ -102,30 +102,59 @@ impl Msa {
         memory: &Memory<CpuBackend>,
         question: &str,
         options: &GenerateOptions,
-        mut on_token: impl FnMut(u32, &str),
+        on_token: impl FnMut(u32, &str),
     ) -> Result<Answer> {
         pollster::block_on(async {
-            let tokenizer = self.model.require_tokenizer()?;
-            let mut generation = self.model.ask(memory, question, options).await?;
-            let mut text = msa_core::TextStream::new(tokenizer);
-            let mut tokens = Vec::new();
-            while let Some(token) = generation.next_token().await? {
-                on_token(token, &text.push(token)?);
-                tokens.push(token);
-            }
-            let rest = text.finish()?;
-            if !rest.is_empty() {
-                // A character cut off by the end of generation: release it with the last token.
-                on_token(*tokens.last().expect("text implies a token"), &rest);
-            }
-            Ok(Answer {
-                text: tokenizer.decode(&tokens)?,
-                routing: generation.routing().to_vec(),
-                finish_reason: generation
-                    .finish_reason()
-                    .expect("a drained generation has finished"),
-                tokens,
-            })
+            let generation = self.model.ask(memory, question, options).await?;
+            self.stream(generation, on_token).await
+        })
+    }
+
+    /// Continues `prompt` without any memory: plain causal generation, as for a dense Qwen3 checkpoint.
+    /// The prompt is used as is (no chat template is applied).
+    pub fn generate(&self, prompt: &str, options: &GenerateOptions) -> Result<Answer> {
+        self.generate_streaming(prompt, options, |_, _| {})
+    }
+
+    /// [`Msa::generate`], calling `on_token(id, text piece)` as each token is produced.
+    pub fn generate_streaming(
+        &self,
+        prompt: &str,
+        options: &GenerateOptions,
+        on_token: impl FnMut(u32, &str),
+    ) -> Result<Answer> {
+        let ids = self.model.require_tokenizer()?.encode(prompt)?;
+        pollster::block_on(async {
+            let (session, logits) = self.model.prefill_dense(&ids, None).await?;
+            let generation = self.model.generation(session, logits, options)?;
+            self.stream(generation, on_token).await
+        })
+    }
+
+    async fn stream(
+        &self,
+        mut generation: msa_engine::Generation<'_, CpuBackend>,
+        mut on_token: impl FnMut(u32, &str),
+    ) -> Result<Answer> {
+        let tokenizer = self.model.require_tokenizer()?;
+        let mut text = msa_core::TextStream::new(tokenizer);
+        let mut tokens = Vec::new();
+        while let Some(token) = generation.next_token().await? {
+            on_token(token, &text.push(token)?);
+            tokens.push(token);
+        }
+        let rest = text.finish()?;
+        if !rest.is_empty() {
+            // A character cut off by the end of generation: release it with the last token.
+            on_token(*tokens.last().expect("text implies a token"), &rest);
+        }
+        Ok(Answer {
+            text: tokenizer.decode(&tokens)?,
+            routing: generation.routing().to_vec(),
+            finish_reason: generation
+                .finish_reason()
+                .expect("a drained generation has finished"),
+            tokens,
         })
     }
 }

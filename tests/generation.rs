@@ -175,3 +175,37 @@ fn a_memory_from_another_model_is_refused() {
     assert!(matches!(err, msa::Error::MemoryMismatch { .. }), "{err}");
     assert_eq!(memory.documents().len(), 8);
 }
+
+/// Dense generation through the facade equals the engine's dense prefill + greedy decode, and matches the
+/// transformers greedy tokens when the prompt text tokenizes to the qwen3-tiny fixture's prompt ids.
+#[test]
+fn dense_generation_from_text_matches_transformers() {
+    // qwen3-tiny ships no tokenizer; msa-tiny's toy tokenizer has the same 512-token vocabulary.
+    let dir = copy_fixture("qwen3-tiny");
+    std::fs::copy(
+        fixture_dir("msa-tiny").join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let msa = Msa::load(dir.path()).unwrap();
+    let golden = common::Golden::open("qwen3-tiny", "golden.safetensors");
+    let inputs = common::Golden::open("qwen3-tiny", "inputs.safetensors");
+    let tokenizer = msa.model().tokenizer.as_ref().unwrap();
+    let prompt = tokenizer.decode(&inputs.ids("input_ids")).unwrap();
+    assert_eq!(tokenizer.encode(&prompt).unwrap(), inputs.ids("input_ids"));
+
+    let mut streamed = String::new();
+    let answer = msa
+        .generate_streaming(&prompt, &greedy(8), |_, piece| streamed.push_str(piece))
+        .unwrap();
+    assert_eq!(answer.tokens, golden.ids("generated_ids"));
+    assert_eq!(streamed, answer.text);
+    assert!(answer.routing.is_empty());
+
+    // A dense model cannot build a memory, and says so.
+    let memory_err = msa.encode(&["丽"]).unwrap_err();
+    assert!(
+        matches!(memory_err, msa::Error::NotAnMsaModel(_)),
+        "{memory_err}"
+    );
+}

@@ -149,6 +149,7 @@ impl ModelConfig {
             )?),
             Some(_) => return Err(f.problem("msa_config is not a JSON object")),
         };
+        Self::refuse_unsupported(f)?;
         Ok(ModelConfig {
             model_type: f.opt_str("model_type")?.unwrap_or_default(),
             hidden_size,
@@ -169,6 +170,31 @@ impl ModelConfig {
             torch_dtype: f.opt_str("torch_dtype")?,
             msa,
         })
+    }
+
+    /// Backbone features this runtime does not implement are errors, not silently wrong numbers.
+    fn refuse_unsupported(f: &Fields) -> Result<()> {
+        if let Some(act) = f.opt_str("hidden_act")?
+            && act != "silu"
+        {
+            return Err(f.problem(format!(
+                "hidden_act `{act}` is not supported (Qwen3 and MSA use silu)"
+            )));
+        }
+        if f.opt_bool("attention_bias")? == Some(true) {
+            return Err(f.problem(
+                "attention_bias = true is not supported (Qwen3 projections have no bias)",
+            ));
+        }
+        if !matches!(f.opt("rope_scaling"), None | Some(Value::Null)) {
+            return Err(f.problem(
+                "rope_scaling is not supported; this runtime implements plain RoPE (rope_scaling: null)",
+            ));
+        }
+        if f.opt_bool("use_sliding_window")? == Some(true) {
+            return Err(f.problem("use_sliding_window = true is not supported"));
+        }
+        Ok(())
     }
 
     fn validate(&self, origin: &Path) -> Result<()> {
@@ -636,6 +662,38 @@ mod tests {
             m.insert("vocab_size".into(), "big".into());
         }));
         assert!(typed.contains("non-negative integer"), "{typed}");
+
+        for (field, value, says) in [
+            ("hidden_act", serde_json::json!("gelu"), "hidden_act `gelu`"),
+            ("attention_bias", serde_json::json!(true), "attention_bias"),
+            (
+                "rope_scaling",
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+                "rope_scaling",
+            ),
+            (
+                "use_sliding_window",
+                serde_json::json!(true),
+                "use_sliding_window",
+            ),
+        ] {
+            let e = err(&with(QWEN3, |m| {
+                m.insert(field.into(), value);
+            }));
+            assert!(e.contains(says) && e.contains("not supported"), "{e}");
+        }
+        // The values Qwen3 configs actually carry are accepted.
+        ModelConfig::from_json_str(
+            &with(QWEN3, |m| {
+                m.insert("hidden_act".into(), "silu".into());
+                m.insert("attention_bias".into(), false.into());
+                m.insert("rope_scaling".into(), Value::Null);
+                m.insert("use_sliding_window".into(), false.into());
+                m.insert("sliding_window".into(), 4096.into());
+            }),
+            "c",
+        )
+        .unwrap();
 
         assert!(err("[1]").contains("not a JSON object"));
         assert!(err("{").contains("invalid JSON"));

@@ -94,6 +94,21 @@ impl<B: Backend> Memory<B> {
     }
 }
 
+/// A summary: the tensors themselves live on the backend.
+impl<B: Backend> std::fmt::Debug for Memory<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Memory")
+            .field("documents", &self.documents.len())
+            .field(
+                "tokens",
+                &self.documents.iter().map(|d| d.token_count).sum::<usize>(),
+            )
+            .field("chunks", &self.chunk_count())
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
 /// Progress of a stage-1 encoding run, reported after every document.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncodeProgress {
