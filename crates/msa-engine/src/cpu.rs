@@ -526,18 +526,34 @@ impl Backend for CpuBackend {
             })
             .collect();
         let tokens = routing_rows.len();
+        // The head mean is linear: (1/H) Σ_h <q_h, k_{h/group}> = (1/H) Σ_g <Σ_{h in g} q_h, k_g>, so the
+        // query heads sharing a KV head are summed once and each key is read with one dot per group.
+        let group_queries: Vec<Vec<f32>> = (0..tokens * kv_heads)
+            .map(|tg| {
+                let (t, g) = (tg / kv_heads, tg % kv_heads);
+                (0..d)
+                    .map(|i| {
+                        (0..group)
+                            .map(|j| query[t * heads + g * group + j][i])
+                            .sum()
+                    })
+                    .collect()
+            })
+            .collect();
         let chunk_scores: Vec<f32> = (0..chunks)
             .into_par_iter()
             .map(|c| {
-                let mut token_scores = (0..tokens).map(|t| {
-                    let per_head = (0..heads).map(|h| {
-                        let key = &keys.data[(c * kv_heads + h / group) * d..][..d];
-                        dot(&query[t * heads + h], key)
-                    });
-                    match spec.head_reduce {
-                        HeadReduce::Mean => per_head.sum::<f32>() / heads as f32,
-                        HeadReduce::Max => per_head.fold(f32::NEG_INFINITY, f32::max),
+                let key = |g: usize| &keys.data[(c * kv_heads + g) * d..][..d];
+                let mut token_scores = (0..tokens).map(|t| match spec.head_reduce {
+                    HeadReduce::Mean => {
+                        (0..kv_heads)
+                            .map(|g| dot(&group_queries[t * kv_heads + g], key(g)))
+                            .sum::<f32>()
+                            / heads as f32
                     }
+                    HeadReduce::Max => (0..heads)
+                        .map(|h| dot(&query[t * heads + h], key(h / group)))
+                        .fold(f32::NEG_INFINITY, f32::max),
                 });
                 match spec.query_reduce {
                     QueryReduce::Max => token_scores.fold(f32::NEG_INFINITY, f32::max),
