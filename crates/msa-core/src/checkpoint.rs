@@ -81,13 +81,16 @@ impl Checkpoint {
         let single = dir.join(SINGLE_FILE);
         if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let shards = shard_names(&text, &index)?;
+            let weight_map = read_weight_map(&text, &index)?;
+            let mut shards: Vec<&str> = weight_map.iter().map(|(_, file)| file.as_str()).collect();
+            shards.sort_unstable();
+            shards.dedup();
             let files = shards
                 .iter()
                 .map(|name| map_file(&dir.join(name)))
                 .collect::<Result<Vec<_>>>()?;
             let checkpoint = Self::from_files(files)?;
-            checkpoint.check_index(&text, &index)?;
+            checkpoint.check_index(&weight_map, &index)?;
             Ok(checkpoint)
         } else if single.is_file() {
             Self::from_files(vec![map_file(&single)?])
@@ -137,24 +140,17 @@ impl Checkpoint {
         Ok(Checkpoint { files, tensors })
     }
 
+    /// Every tensor the index lists must be in the shard it names.
     #[cfg(not(target_arch = "wasm32"))]
-    fn check_index(&self, text: &str, index: &Path) -> Result<()> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|source| Error::Json {
-                path: index.to_path_buf(),
-                source,
-            })?;
-        if let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) {
-            for (name, file) in map {
-                let expected = file.as_str().unwrap_or_default();
-                match self.tensors.get(name) {
-                    Some(e) if self.files[e.file].path.ends_with(expected) => {}
-                    _ => {
-                        return Err(Error::MissingTensor {
-                            name: name.clone(),
-                            files: format!("{expected} (as listed in {})", index.display()),
-                        });
-                    }
+    fn check_index(&self, weight_map: &[(String, String)], index: &Path) -> Result<()> {
+        for (name, file) in weight_map {
+            match self.tensors.get(name) {
+                Some(e) if self.files[e.file].path.ends_with(file) => {}
+                _ => {
+                    return Err(Error::MissingTensor {
+                        name: name.clone(),
+                        files: format!("{file} (as listed in {})", index.display()),
+                    });
                 }
             }
         }
@@ -290,8 +286,10 @@ fn map_file(path: &Path) -> Result<ShardFile> {
     })
 }
 
+/// The `(tensor, shard file)` pairs of a sharded checkpoint's index, each file checked to be a plain name
+/// beside the index.
 #[cfg(not(target_arch = "wasm32"))]
-fn shard_names(text: &str, index: &Path) -> Result<Vec<String>> {
+fn read_weight_map(text: &str, index: &Path) -> Result<Vec<(String, String)>> {
     let value: serde_json::Value = serde_json::from_str(text).map_err(|source| Error::Json {
         path: index.to_path_buf(),
         source,
@@ -303,31 +301,29 @@ fn shard_names(text: &str, index: &Path) -> Result<Vec<String>> {
             path: index.to_path_buf(),
             detail: "the index has no `weight_map` object".into(),
         })?;
-    let mut names = Vec::with_capacity(map.len());
-    for (tensor, file) in map {
-        let bad = |why: &str| Error::Safetensors {
-            path: index.to_path_buf(),
-            detail: format!("`weight_map` entry for `{tensor}` {why}"),
-        };
-        let file = file.as_str().ok_or_else(|| bad("is not a file name"))?;
-        // Shards live beside the index: refuse paths that would leave the model directory.
-        let plain = Path::new(file)
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-        if file.is_empty() || !plain {
-            return Err(bad(&format!(
-                "names `{file}`, not a file in the model directory"
-            )));
-        }
-        names.push(file.to_string());
-    }
-    names.sort();
-    names.dedup();
-    if names.is_empty() {
+    if map.is_empty() {
         return Err(Error::Safetensors {
             path: index.to_path_buf(),
             detail: "the index's `weight_map` names no file".into(),
         });
     }
-    Ok(names)
+    map.iter()
+        .map(|(tensor, file)| {
+            let bad = |why: &str| Error::Safetensors {
+                path: index.to_path_buf(),
+                detail: format!("`weight_map` entry for `{tensor}` {why}"),
+            };
+            let file = file.as_str().ok_or_else(|| bad("is not a file name"))?;
+            // Shards live beside the index: refuse paths that would leave the model directory.
+            let plain = Path::new(file)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if file.is_empty() || !plain {
+                return Err(bad(&format!(
+                    "names `{file}`, not a file in the model directory"
+                )));
+            }
+            Ok((tensor.clone(), file.to_string()))
+        })
+        .collect()
 }

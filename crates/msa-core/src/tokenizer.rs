@@ -143,13 +143,25 @@ impl MsaTokenizer {
     }
 }
 
+/// The `tokenizers` incremental decoder for a `tokenizer.json` tokenizer.
+type DecodeStream<'t> = tokenizers::DecodeStream<
+    't,
+    tokenizers::ModelWrapper,
+    tokenizers::NormalizerWrapper,
+    tokenizers::PreTokenizerWrapper,
+    tokenizers::PostProcessorWrapper,
+    tokenizers::DecoderWrapper,
+>;
+
 /// Turns a stream of token ids into text pieces. With byte-level BPE one character may span several
-/// tokens, so a piece is released only once the text decoded so far no longer ends in an incomplete
-/// character (U+FFFD); concatenating every piece plus [`TextStream::finish`] gives the full decode.
+/// tokens, so a piece is released only once it is complete (the `tokenizers` decode stream, which decodes a
+/// short window, not the whole answer); concatenating every piece plus [`TextStream::finish`] gives the
+/// full decode.
 pub struct TextStream<'t> {
     tokenizer: &'t MsaTokenizer,
+    stream: DecodeStream<'t>,
     ids: Vec<u32>,
-    /// Bytes of the decoded text already released.
+    /// Bytes of text released so far.
     released: usize,
 }
 
@@ -157,6 +169,7 @@ impl<'t> TextStream<'t> {
     pub fn new(tokenizer: &'t MsaTokenizer) -> Self {
         TextStream {
             tokenizer,
+            stream: tokenizer.inner.decode_stream(false),
             ids: Vec::new(),
             released: 0,
         }
@@ -165,27 +178,23 @@ impl<'t> TextStream<'t> {
     /// Adds a token; returns the text that became complete (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') {
-            return Ok(String::new());
-        }
-        Ok(self.release(&text))
+        let piece = self
+            .stream
+            .step(id)
+            .map_err(|e| {
+                self.tokenizer
+                    .error(format!("cannot decode token {id}: {e}"))
+            })?
+            .unwrap_or_default();
+        self.released += piece.len();
+        Ok(piece)
     }
 
     /// Whatever is still held back, e.g. a character cut off by the end of generation.
     pub fn finish(&mut self) -> Result<String> {
         let text = self.tokenizer.decode(&self.ids)?;
-        Ok(self.release(&text))
-    }
-
-    fn release(&mut self, text: &str) -> String {
-        match text.get(self.released..) {
-            Some(piece) => {
-                self.released = text.len();
-                piece.to_string()
-            }
-            // A decoder rewrote earlier text (not the case for Qwen's byte-level BPE); wait for more.
-            None => String::new(),
-        }
+        let rest = text.get(self.released..).unwrap_or_default().to_string();
+        self.released = text.len();
+        Ok(rest)
     }
 }

@@ -528,18 +528,20 @@ impl Backend for CpuBackend {
         let tokens = routing_rows.len();
         // The head mean is linear: (1/H) Σ_h <q_h, k_{h/group}> = (1/H) Σ_g <Σ_{h in g} q_h, k_g>, so the
         // query heads sharing a KV head are summed once and each key is read with one dot per group.
-        let group_queries: Vec<Vec<f32>> = (0..tokens * kv_heads)
-            .map(|tg| {
-                let (t, g) = (tg / kv_heads, tg % kv_heads);
-                (0..d)
-                    .map(|i| {
-                        (0..group)
-                            .map(|j| query[t * heads + g * group + j][i])
-                            .sum()
-                    })
-                    .collect()
-            })
-            .collect();
+        let sum_group = |tg: usize| -> Vec<f32> {
+            let (t, g) = (tg / kv_heads, tg % kv_heads);
+            (0..d)
+                .map(|i| {
+                    (0..group)
+                        .map(|j| query[t * heads + g * group + j][i])
+                        .sum()
+                })
+                .collect()
+        };
+        let group_queries: Vec<Vec<f32>> = match spec.head_reduce {
+            HeadReduce::Mean => (0..tokens * kv_heads).map(sum_group).collect(),
+            HeadReduce::Max => Vec::new(),
+        };
         let chunk_scores: Vec<f32> = (0..chunks)
             .into_par_iter()
             .map(|c| {

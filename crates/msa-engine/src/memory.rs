@@ -47,6 +47,8 @@ pub struct MemoryFingerprint {
 pub struct Memory<B: Backend> {
     fingerprint: MemoryFingerprint,
     documents: Vec<MemoryDocument>,
+    /// `[0, end of doc 0, end of doc 1, …]`, kept with `documents` so routing never rebuilds it.
+    doc_chunk_offsets: Vec<u32>,
     layers: Vec<LayerMemory<B::Tensor>>,
     /// Template-head K and V of every layer: `[template_len, kv_heads, head_dim]`.
     template: Vec<(B::Tensor, B::Tensor)>,
@@ -83,14 +85,12 @@ impl<B: Backend> Memory<B> {
     }
 
     pub fn chunk_count(&self) -> usize {
-        self.documents.last().map_or(0, |d| d.chunks.end as usize)
+        *self.doc_chunk_offsets.last().expect("starts with 0") as usize
     }
 
     /// `[0, end of doc 0, end of doc 1, …]`: the chunk ranges in the form the routing op takes.
-    pub fn doc_chunk_offsets(&self) -> Vec<u32> {
-        std::iter::once(0)
-            .chain(self.documents.iter().map(|d| d.chunks.end))
-            .collect()
+    pub fn doc_chunk_offsets(&self) -> &[u32] {
+        &self.doc_chunk_offsets
     }
 }
 
@@ -207,6 +207,7 @@ impl<B: Backend> Model<B> {
         let mut memory = Memory {
             fingerprint,
             documents: Vec::new(),
+            doc_chunk_offsets: vec![0],
             layers: Vec::new(),
             template,
         };
@@ -256,16 +257,6 @@ impl<B: Backend> Model<B> {
             });
         }
         let b = &self.backend;
-        let mut next_chunk = memory.chunk_count() as u32;
-        for ids in documents {
-            let chunks = ids.len().div_ceil(msa.pooling_kernel_size) as u32;
-            memory.documents.push(MemoryDocument {
-                id: memory.documents.len(),
-                token_count: ids.len(),
-                chunks: next_chunk..next_chunk + chunks,
-            });
-            next_chunk += chunks;
-        }
         let stack = |existing: Option<&B::Tensor>,
                      pick: &dyn Fn(&LayerMemory<B::Tensor>) -> &B::Tensor,
                      slot: usize| {
@@ -285,7 +276,18 @@ impl<B: Backend> Model<B> {
                 routing_keys: stack(old.map(|m| &m.routing_keys), &|m| &m.routing_keys, slot)?,
             });
         }
+        // Only now, with every tensor built, does the memory change.
         memory.layers = layers;
+        for ids in documents {
+            let start = memory.chunk_count() as u32;
+            let end = start + ids.len().div_ceil(msa.pooling_kernel_size) as u32;
+            memory.documents.push(MemoryDocument {
+                id: memory.documents.len(),
+                token_count: ids.len(),
+                chunks: start..end,
+            });
+            memory.doc_chunk_offsets.push(end);
+        }
         Ok(())
     }
 

@@ -170,7 +170,7 @@ impl<'m, B: Backend> Session<'m, B> {
             &queries,
             &route.rows,
             &pooled.routing_keys,
-            &memory.doc_chunk_offsets(),
+            memory.doc_chunk_offsets(),
             route.spec,
         )?;
         let top = b.top_k(&scores, route.top_k).await?;
