@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use crate::backend::{AttentionMask, Backend, RoutingSpec, Scored};
 use crate::error::{Error, Result};
+use crate::shapes;
 
 /// A host f32 tensor; clones share the data.
 #[derive(Clone, Debug)]
@@ -129,38 +130,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Tensors have at least one dimension, and every dimension after the first is non-zero (a tensor may
-/// have zero rows, never zero-width rows), so ops can split data into rows without special cases.
-fn check_dims(op: &'static str, shape: &[usize]) -> Result<()> {
-    if shape.is_empty() || shape[1..].contains(&0) {
-        return Err(Error::shape(
-            op,
-            format!("shape {shape:?}: tensors need a leading dimension and non-empty rows"),
-        ));
-    }
-    Ok(())
-}
-
-fn same_shape(op: &'static str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
-    if a.shape != b.shape {
-        return Err(Error::shape(
-            op,
-            format!("shapes {:?} and {:?} differ", a.shape, b.shape),
-        ));
-    }
-    Ok(())
-}
-
-fn rank3(op: &'static str, name: &str, t: &CpuTensor) -> Result<(usize, usize, usize)> {
-    match t.shape[..] {
-        [n, heads, d] => Ok((n, heads, d)),
-        _ => Err(Error::shape(
-            op,
-            format!("{name} must be [rows, heads, head_dim], got {:?}", t.shape),
-        )),
-    }
-}
-
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
@@ -173,13 +142,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {
-        check_dims("upload", shape)?;
-        if data.len() != shape.iter().product::<usize>() {
-            return Err(Error::shape(
-                "upload",
-                format!("{} values do not fill shape {shape:?}", data.len()),
-            ));
-        }
+        shapes::check_fill("upload", data.len(), &[data.len()], shape)?;
         Ok(CpuTensor::new(data.to_vec(), shape.to_vec()))
     }
 
@@ -217,13 +180,7 @@ impl Backend for CpuBackend {
     }
 
     fn reshape(&self, tensor: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
-        check_dims("reshape", shape)?;
-        if tensor.data.len() != shape.iter().product::<usize>() {
-            return Err(Error::shape(
-                "reshape",
-                format!("cannot view {:?} as {shape:?}", tensor.shape),
-            ));
-        }
+        shapes::check_fill("reshape", tensor.data.len(), &tensor.shape, shape)?;
         Ok(CpuTensor {
             data: tensor.data.clone(),
             shape: shape.to_vec(),
@@ -232,25 +189,19 @@ impl Backend for CpuBackend {
 
     fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
         let (vocab, hidden) = (table.rows(), table.row_width());
+        shapes::check_ids(ids, vocab)?;
         let mut out = vec![0.0; ids.len() * hidden];
         for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
-            if id as usize >= vocab {
-                return Err(Error::TokenOutOfRange { id, vocab });
-            }
             table.widen(id as usize * hidden, row);
         }
         Ok(CpuTensor::new(out, vec![ids.len(), hidden]))
     }
 
     fn matmul(&self, x: &CpuTensor, weight: &CpuWeight) -> Result<CpuTensor> {
-        let (n, inner) = (x.rows(), x.row_width());
-        if weight.shape.len() != 2 || weight.shape[1] != inner {
-            return Err(Error::shape(
-                "matmul",
-                format!("x {:?} against weight {:?}", x.shape, weight.shape),
-            ));
+        let (n, inner, out_features) = shapes::matmul_dims(&x.shape, &weight.shape)?;
+        if n == 0 {
+            return Ok(CpuTensor::new(Vec::new(), vec![0, out_features]));
         }
-        let out_features = weight.shape[0];
         // Computed as [out, n] so each thread widens one weight row once and reuses it for every token.
         let mut transposed = vec![0.0f32; out_features * n];
         transposed.par_chunks_mut(n).enumerate().for_each_init(
@@ -272,13 +223,8 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&self, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        shapes::check_rms_norm(&x.shape, &weight.shape)?;
         let width = x.last_dim();
-        if weight.len() != width {
-            return Err(Error::shape(
-                "rms_norm",
-                format!("x {:?} with weight {:?}", x.shape, weight.shape),
-            ));
-        }
         let w = weight.widened();
         let mut out = x.data.to_vec();
         out.par_chunks_mut(width).for_each(|row| {
@@ -292,26 +238,15 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, x: &CpuTensor, positions: &[u32], theta: f64) -> Result<CpuTensor> {
-        let (n, heads, d) = rank3("rope", "x", x)?;
-        if positions.len() != n || d % 2 != 0 {
-            return Err(Error::shape(
-                "rope",
-                format!("x {:?} with {} positions", x.shape, positions.len()),
-            ));
-        }
+        let (_, heads, d) = shapes::rope_dims(&x.shape, positions.len())?;
         let half = d / 2;
-        // Like the reference: inverse frequencies and angles in f32, cos/sin of the f32 angle.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|j| (1.0 / theta.powf(2.0 * j as f64 / d as f64)) as f32)
-            .collect();
+        let table = rope_table(positions, theta, d);
         let mut out = x.data.to_vec();
         out.par_chunks_mut(heads * d)
-            .zip(positions)
-            .for_each(|(token, &pos)| {
+            .zip(table.par_chunks(half))
+            .for_each(|(token, cos_sin)| {
                 for head in token.chunks_exact_mut(d) {
-                    for j in 0..half {
-                        let angle = (pos as f32 * inv_freq[j]) as f64;
-                        let (sin, cos) = (angle.sin() as f32, angle.cos() as f32);
+                    for (j, &[cos, sin]) in cos_sin.iter().enumerate() {
                         let (a, b) = (head[j], head[j + half]);
                         head[j] = a * cos - b * sin;
                         head[j + half] = b * cos + a * sin;
@@ -328,18 +263,13 @@ impl Backend for CpuBackend {
         v: &CpuTensor,
         mask: AttentionMask,
     ) -> Result<CpuTensor> {
-        let (nq, heads, d) = rank3("attention", "q", q)?;
-        let (nk, kv_heads, dk) = rank3("attention", "k", k)?;
-        same_shape("attention", k, v)?;
-        if dk != d || kv_heads == 0 || heads % kv_heads != 0 || nk < nq {
-            return Err(Error::shape(
-                "attention",
-                format!(
-                    "q {:?}, k/v {:?}: head dims must match, heads divide, and keys include the queries",
-                    q.shape, k.shape
-                ),
-            ));
-        }
+        let shapes::AttentionDims {
+            nq,
+            heads,
+            d,
+            nk,
+            kv_heads,
+        } = shapes::attention_dims(&q.shape, &k.shape, &v.shape)?;
         let group = heads / kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0.0f32; nq * heads * d];
@@ -368,7 +298,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
-        same_shape("silu_mul", gate, up)?;
+        shapes::same_shape("silu_mul", &gate.shape, &up.shape)?;
         let out = gate
             .data
             .iter()
@@ -379,7 +309,7 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
-        same_shape("add", a, b)?;
+        shapes::same_shape("add", &a.shape, &b.shape)?;
         let out = a
             .data
             .iter()
@@ -390,63 +320,33 @@ impl Backend for CpuBackend {
     }
 
     fn concat_rows(&self, parts: &[&CpuTensor]) -> Result<CpuTensor> {
-        let first = parts
-            .first()
-            .ok_or_else(|| Error::shape("concat_rows", "nothing to concatenate"))?;
-        let tail = &first.shape[1..];
-        if let Some(bad) = parts.iter().find(|p| p.shape.get(1..) != Some(tail)) {
-            return Err(Error::shape(
-                "concat_rows",
-                format!("{:?} does not stack onto {:?}", bad.shape, first.shape),
-            ));
-        }
-        let rows = parts.iter().map(|p| p.rows()).sum();
+        let part_shapes: Vec<&[usize]> = parts.iter().map(|p| &p.shape[..]).collect();
+        let shape = shapes::concat_shape(&part_shapes)?;
         let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
-        let mut shape = first.shape.clone();
-        shape[0] = rows;
         Ok(CpuTensor::new(data, shape))
     }
 
     fn rows(&self, tensor: &CpuTensor, range: Range<usize>) -> Result<CpuTensor> {
-        if range.start > range.end || range.end > tensor.rows() || tensor.shape.is_empty() {
-            return Err(Error::shape(
-                "rows",
-                format!("rows {range:?} of {:?}", tensor.shape),
-            ));
-        }
+        let shape = shapes::rows_shape(&tensor.shape, &range)?;
         let width = tensor.row_width();
         let data = tensor.data[range.start * width..range.end * width].to_vec();
-        let mut shape = tensor.shape.clone();
-        shape[0] = range.len();
         Ok(CpuTensor::new(data, shape))
     }
 
     fn gather_rows(&self, tensor: &CpuTensor, indices: &[u32]) -> Result<CpuTensor> {
-        let (rows, width) = (tensor.rows(), tensor.row_width());
-        if let Some(&bad) = indices.iter().find(|&&i| i as usize >= rows) {
-            return Err(Error::shape(
-                "gather_rows",
-                format!("row {bad} of {:?}", tensor.shape),
-            ));
-        }
+        let shape = shapes::gather_shape(&tensor.shape, indices)?;
+        let width = tensor.row_width();
         let data = indices
             .iter()
             .flat_map(|&i| tensor.data[i as usize * width..][..width].iter().copied())
             .collect();
-        let mut shape = tensor.shape.clone();
-        shape[0] = indices.len();
         Ok(CpuTensor::new(data, shape))
     }
 
     fn chunk_mean_pool(&self, x: &CpuTensor, chunk: usize) -> Result<CpuTensor> {
-        if chunk == 0 || x.shape.is_empty() {
-            return Err(Error::shape(
-                "chunk_mean_pool",
-                format!("chunk {chunk} over {:?}", x.shape),
-            ));
-        }
+        let shape = shapes::pool_shape(&x.shape, chunk)?;
         let (n, width) = (x.rows(), x.row_width());
-        let chunks = n.div_ceil(chunk);
+        let chunks = shape[0];
         let mut out = vec![0.0f32; chunks * width];
         for (c, pooled) in out.chunks_exact_mut(width).enumerate() {
             let members = c * chunk..((c + 1) * chunk).min(n);
@@ -458,8 +358,6 @@ impl Backend for CpuBackend {
             }
             pooled.iter_mut().for_each(|v| *v /= count);
         }
-        let mut shape = x.shape.clone();
-        shape[0] = chunks;
         Ok(CpuTensor::new(out, shape))
     }
 
@@ -481,32 +379,13 @@ impl Backend for CpuBackend {
         doc_chunk_offsets: &[u32],
         spec: RoutingSpec,
     ) -> Result<CpuTensor> {
-        let (n, heads, d) = rank3("routing_scores", "queries", queries)?;
-        let (chunks, kv_heads, dk) = rank3("routing_scores", "keys", keys)?;
-        if dk != d || kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(Error::shape(
-                "routing_scores",
-                format!("queries {:?} against keys {:?}", queries.shape, keys.shape),
-            ));
-        }
-        if routing_rows.is_empty() || routing_rows.iter().any(|&r| r as usize >= n) {
-            return Err(Error::shape(
-                "routing_scores",
-                format!("routing rows {routing_rows:?} of {n} query rows"),
-            ));
-        }
-        let offsets_ok = doc_chunk_offsets.len() >= 2
-            && doc_chunk_offsets[0] == 0
-            && doc_chunk_offsets.windows(2).all(|w| w[0] < w[1])
-            && *doc_chunk_offsets.last().unwrap() as usize == chunks;
-        if !offsets_ok {
-            return Err(Error::shape(
-                "routing_scores",
-                format!(
-                    "document chunk offsets must rise strictly from 0 to {chunks}, got {doc_chunk_offsets:?}"
-                ),
-            ));
-        }
+        let shapes::RoutingDims {
+            heads,
+            d,
+            chunks,
+            kv_heads,
+            ..
+        } = shapes::routing_dims(&queries.shape, routing_rows, &keys.shape, doc_chunk_offsets)?;
         let group = heads / kv_heads;
         // The routing query: selected rows, normalised per head for cosine, scaled for scaled-dot.
         let scale = match spec.score_mode {
@@ -579,15 +458,7 @@ impl Backend for CpuBackend {
     }
 
     fn top_k(&self, scores: &CpuTensor, k: usize) -> impl Future<Output = Result<Vec<Scored>>> {
-        let result = if scores.shape.len() != 1 {
-            Err(Error::shape(
-                "top_k",
-                format!("scores must be 1-D, got {:?}", scores.shape),
-            ))
-        } else {
-            Ok(select_top_k(&scores.data, k))
-        };
-        ready(result)
+        ready(shapes::check_scores(&scores.shape).map(|()| select_top_k(&scores.data, k)))
     }
 }
 
@@ -611,6 +482,25 @@ pub fn select_top_k(scores: &[f32], k: usize) -> Vec<Scored> {
         .map(|index| Scored {
             index,
             score: scores[index as usize],
+        })
+        .collect()
+}
+
+/// `[cos, sin]` of every (position, frequency) pair of NeoX RoPE, `[positions, d / 2]`. Like the reference,
+/// inverse frequencies and angles are f32; cos/sin of the f32 angle are taken in f64 so every backend
+/// rotates by the same values whatever its own sin/cos precision at large angles.
+pub fn rope_table(positions: &[u32], theta: f64, d: usize) -> Vec<[f32; 2]> {
+    let half = d / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|j| (1.0 / theta.powf(2.0 * j as f64 / d as f64)) as f32)
+        .collect();
+    positions
+        .iter()
+        .flat_map(|&pos| {
+            inv_freq.iter().map(move |&f| {
+                let angle = (pos as f32 * f) as f64;
+                [angle.cos() as f32, angle.sin() as f32]
+            })
         })
         .collect()
 }

@@ -31,10 +31,22 @@ pub enum Error {
 
     #[error("the prompt is empty")]
     EmptyPrompt,
+
+    /// The GPU device was lost (driver reset, removal, or a previous fatal error); recreate the backend.
+    #[error("{backend}: device lost: {reason}")]
+    DeviceLost { backend: String, reason: String },
+
+    /// The device ran out of memory.
+    #[error("{backend}: out of device memory: {detail}")]
+    OutOfDeviceMemory { backend: String, detail: String },
+
+    /// Any other device-side failure (a validation or internal error of the GPU API, a limit exceeded).
+    #[error("{backend}: {message}")]
+    Device { backend: String, message: String },
 }
 
 impl Error {
-    pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
+    pub fn shape(op: &'static str, detail: impl Into<String>) -> Self {
         Error::Shape {
             op,
             detail: detail.into(),

@@ -13,9 +13,10 @@ mod layer;
 pub mod memory;
 pub mod model;
 pub mod session;
+pub mod shapes;
 
 pub use backend::{AttentionMask, Backend, RoutingSpec, Scored};
-pub use cpu::{CpuBackend, CpuTensor};
+pub use cpu::{CpuBackend, CpuTensor, rope_table, select_top_k};
 pub use error::{Error, Result};
 pub use memory::{EncodeProgress, LayerMemory, Memory, MemoryDocument, MemoryFingerprint};
 pub use model::Model;

@@ -1,0 +1,246 @@
+//! Shape rules of the [`Backend`](crate::Backend) ops, shared by every backend so they accept and refuse
+//! exactly the same inputs with the same errors.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+
+/// Tensors have at least one dimension, and every dimension after the first is non-zero (a tensor may
+/// have zero rows, never zero-width rows), so ops can split data into rows without special cases.
+pub fn check_dims(op: &'static str, shape: &[usize]) -> Result<()> {
+    if shape.is_empty() || shape[1..].contains(&0) {
+        return Err(Error::shape(
+            op,
+            format!("shape {shape:?}: tensors need a leading dimension and non-empty rows"),
+        ));
+    }
+    Ok(())
+}
+
+/// `values` elements fill `shape` exactly (upload, reshape).
+pub fn check_fill(op: &'static str, values: usize, from: &[usize], shape: &[usize]) -> Result<()> {
+    check_dims(op, shape)?;
+    if values != shape.iter().product::<usize>() {
+        return Err(Error::shape(
+            op,
+            format!("{values} values ({from:?}) do not fill shape {shape:?}"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn same_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<()> {
+    if a != b {
+        return Err(Error::shape(op, format!("shapes {a:?} and {b:?} differ")));
+    }
+    Ok(())
+}
+
+/// `[rows, heads, head_dim]`.
+pub fn rank3(op: &'static str, name: &str, shape: &[usize]) -> Result<(usize, usize, usize)> {
+    match shape[..] {
+        [n, heads, d] => Ok((n, heads, d)),
+        _ => Err(Error::shape(
+            op,
+            format!("{name} must be [rows, heads, head_dim], got {shape:?}"),
+        )),
+    }
+}
+
+/// Rows (leading dimension) and elements per row.
+pub fn rows_and_width(shape: &[usize]) -> (usize, usize) {
+    (
+        shape.first().copied().unwrap_or(1),
+        shape.iter().skip(1).product(),
+    )
+}
+
+/// Checks every id of an embedding lookup against the vocabulary.
+pub fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(&id) => Err(Error::TokenOutOfRange { id, vocab }),
+        None => Ok(()),
+    }
+}
+
+/// `(n, inner, out_features)` of `x [n, inner] · Wᵀ` with `W [out, inner]`.
+pub fn matmul_dims(x: &[usize], weight: &[usize]) -> Result<(usize, usize, usize)> {
+    let (n, inner) = rows_and_width(x);
+    if weight.len() != 2 || weight[1] != inner {
+        return Err(Error::shape(
+            "matmul",
+            format!("x {x:?} against weight {weight:?}"),
+        ));
+    }
+    Ok((n, inner, weight[0]))
+}
+
+pub fn check_rms_norm(x: &[usize], weight: &[usize]) -> Result<()> {
+    let width = x.last().copied().unwrap_or(1);
+    if weight.iter().product::<usize>() != width {
+        return Err(Error::shape(
+            "rms_norm",
+            format!("x {x:?} with weight {weight:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `(n, heads, d)` of a RoPE input with one position per row and an even head dim.
+pub fn rope_dims(x: &[usize], positions: usize) -> Result<(usize, usize, usize)> {
+    let (n, heads, d) = rank3("rope", "x", x)?;
+    if positions != n || d % 2 != 0 {
+        return Err(Error::shape(
+            "rope",
+            format!("x {x:?} with {positions} positions"),
+        ));
+    }
+    Ok((n, heads, d))
+}
+
+/// Dimensions of an attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionDims {
+    pub nq: usize,
+    pub heads: usize,
+    pub d: usize,
+    pub nk: usize,
+    pub kv_heads: usize,
+}
+
+pub fn attention_dims(q: &[usize], k: &[usize], v: &[usize]) -> Result<AttentionDims> {
+    let (nq, heads, d) = rank3("attention", "q", q)?;
+    let (nk, kv_heads, dk) = rank3("attention", "k", k)?;
+    same_shape("attention", k, v)?;
+    if dk != d || kv_heads == 0 || heads % kv_heads != 0 || nk < nq {
+        return Err(Error::shape(
+            "attention",
+            format!(
+                "q {q:?}, k/v {k:?}: head dims must match, heads divide, and keys include the queries"
+            ),
+        ));
+    }
+    Ok(AttentionDims {
+        nq,
+        heads,
+        d,
+        nk,
+        kv_heads,
+    })
+}
+
+/// The shape of `parts` stacked along the leading dimension.
+pub fn concat_shape(parts: &[&[usize]]) -> Result<Vec<usize>> {
+    let first = parts
+        .first()
+        .ok_or_else(|| Error::shape("concat_rows", "nothing to concatenate"))?;
+    let tail = &first[1..];
+    if let Some(bad) = parts.iter().find(|p| p.get(1..) != Some(tail)) {
+        return Err(Error::shape(
+            "concat_rows",
+            format!("{bad:?} does not stack onto {first:?}"),
+        ));
+    }
+    let mut shape = first.to_vec();
+    shape[0] = parts.iter().map(|p| p[0]).sum();
+    Ok(shape)
+}
+
+/// The shape of rows `range` of a tensor.
+pub fn rows_shape(shape: &[usize], range: &Range<usize>) -> Result<Vec<usize>> {
+    if shape.is_empty() || range.start > range.end || range.end > shape[0] {
+        return Err(Error::shape("rows", format!("rows {range:?} of {shape:?}")));
+    }
+    let mut out = shape.to_vec();
+    out[0] = range.len();
+    Ok(out)
+}
+
+/// The shape of rows `indices` of a tensor.
+pub fn gather_shape(shape: &[usize], indices: &[u32]) -> Result<Vec<usize>> {
+    let (rows, _) = rows_and_width(shape);
+    if let Some(&bad) = indices.iter().find(|&&i| i as usize >= rows) {
+        return Err(Error::shape(
+            "gather_rows",
+            format!("row {bad} of {shape:?}"),
+        ));
+    }
+    let mut out = shape.to_vec();
+    out[0] = indices.len();
+    Ok(out)
+}
+
+/// The shape of a chunk-mean pooling.
+pub fn pool_shape(shape: &[usize], chunk: usize) -> Result<Vec<usize>> {
+    if chunk == 0 || shape.is_empty() {
+        return Err(Error::shape(
+            "chunk_mean_pool",
+            format!("chunk {chunk} over {shape:?}"),
+        ));
+    }
+    let mut out = shape.to_vec();
+    out[0] = shape[0].div_ceil(chunk);
+    Ok(out)
+}
+
+/// Dimensions of a routing-score call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoutingDims {
+    pub heads: usize,
+    pub d: usize,
+    pub chunks: usize,
+    pub kv_heads: usize,
+    pub documents: usize,
+}
+
+pub fn routing_dims(
+    queries: &[usize],
+    routing_rows: &[u32],
+    keys: &[usize],
+    doc_chunk_offsets: &[u32],
+) -> Result<RoutingDims> {
+    let (n, heads, d) = rank3("routing_scores", "queries", queries)?;
+    let (chunks, kv_heads, dk) = rank3("routing_scores", "keys", keys)?;
+    if dk != d || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(Error::shape(
+            "routing_scores",
+            format!("queries {queries:?} against keys {keys:?}"),
+        ));
+    }
+    if routing_rows.is_empty() || routing_rows.iter().any(|&r| r as usize >= n) {
+        return Err(Error::shape(
+            "routing_scores",
+            format!("routing rows {routing_rows:?} of {n} query rows"),
+        ));
+    }
+    let offsets_ok = doc_chunk_offsets.len() >= 2
+        && doc_chunk_offsets[0] == 0
+        && doc_chunk_offsets.windows(2).all(|w| w[0] < w[1])
+        && doc_chunk_offsets.last().map(|&c| c as usize) == Some(chunks);
+    if !offsets_ok {
+        return Err(Error::shape(
+            "routing_scores",
+            format!(
+                "document chunk offsets must rise strictly from 0 to {chunks}, got {doc_chunk_offsets:?}"
+            ),
+        ));
+    }
+    Ok(RoutingDims {
+        heads,
+        d,
+        chunks,
+        kv_heads,
+        documents: doc_chunk_offsets.len() - 1,
+    })
+}
+
+/// Scores must be 1-D for top-k.
+pub fn check_scores(shape: &[usize]) -> Result<()> {
+    if shape.len() != 1 {
+        return Err(Error::shape(
+            "top_k",
+            format!("scores must be 1-D, got {shape:?}"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,721 @@
+//! [`WgpuBackend`]: the engine's [`Backend`] trait on wgpu compute shaders.
+
+use std::future::Future;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
+use msa_engine::backend::{AttentionMask, Backend, RoutingSpec, Scored};
+use msa_engine::shapes::{self, AttentionDims, RoutingDims};
+use msa_engine::{Error, Result, rope_table, select_top_k};
+
+use crate::context::{ExecutionStats, GpuContext, bind};
+use crate::device::{self, Capabilities, DeviceOptions};
+use crate::error::WgpuError;
+use crate::kernels::{Family, Kernel};
+
+/// Invocations per workgroup of the one-invocation-per-element kernels.
+const LANES: usize = 64;
+/// Candidates one top-k workgroup reduces (WG × ITEMS in topk.wgsl).
+const TOP_K_BLOCK: usize = 1024;
+/// Largest k selected on the device; larger selections sort on the host.
+const MAX_DEVICE_K: usize = 256;
+/// Largest head dim of the attention kernel (WG × DIMS in attention.wgsl).
+const MAX_HEAD_DIM: usize = 256;
+/// Keys per split of split-KV attention; splits are used when rows × heads alone are few.
+const KEYS_PER_SPLIT: usize = 256;
+const MAX_SPLITS: usize = 32;
+const INVALID_INDEX: u32 = u32::MAX;
+
+/// An f32 tensor in a device buffer; clones share the buffer.
+#[derive(Clone, Debug)]
+pub struct WgpuTensor {
+    buffer: wgpu::Buffer,
+    shape: Vec<usize>,
+}
+
+impl WgpuTensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn bytes(&self) -> u64 {
+        self.len() as u64 * 4
+    }
+}
+
+/// A weight in its stored dtype, packed into a device buffer.
+#[derive(Debug)]
+pub struct WgpuWeight {
+    buffer: wgpu::Buffer,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+fn dtype_code(dtype: DType) -> u32 {
+    match dtype {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+    }
+}
+
+/// The cos/sin table of the last position list (shared by q and k of every layer of a forward).
+struct RopeTable {
+    positions: Vec<u32>,
+    theta: u64,
+    d: usize,
+    buffer: wgpu::Buffer,
+}
+
+/// The wgpu backend. Cheap to clone; clones share the device.
+#[derive(Clone)]
+pub struct WgpuBackend {
+    ctx: Arc<GpuContext>,
+    rope: Arc<Mutex<Option<RopeTable>>>,
+}
+
+impl WgpuBackend {
+    /// Opens the adapter chosen by `options` (see [`DeviceOptions`]).
+    pub async fn new(options: DeviceOptions) -> std::result::Result<Self, WgpuError> {
+        let adapter = device::select_adapter(&options).await?;
+        let (device, queue, caps) = device::open_device(&adapter, &options).await?;
+        tracing::info!(adapter = %adapter.get_info().name, %caps, "wgpu device opened");
+        Ok(WgpuBackend {
+            ctx: Arc::new(GpuContext::new(device, queue, adapter.get_info(), caps)),
+            rope: Arc::default(),
+        })
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.ctx.info
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.ctx.caps
+    }
+
+    /// Dispatches, submits and readbacks so far.
+    pub fn stats(&self) -> ExecutionStats {
+        self.ctx.stats()
+    }
+
+    /// Submits recorded work and waits for the device to finish it (for benchmarks).
+    pub fn synchronize(&self) -> Result<()> {
+        self.ctx.submit();
+        #[cfg(not(target_arch = "wasm32"))]
+        self.ctx
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| self.ctx.limit_error(format!("waiting for the device: {e}")))?;
+        self.ctx.check()
+    }
+
+    fn tensor(&self, elements: usize, shape: Vec<usize>, label: &str) -> Result<WgpuTensor> {
+        debug_assert_eq!(elements, shape.iter().product::<usize>());
+        Ok(WgpuTensor {
+            buffer: self.ctx.storage(elements as u64 * 4, label)?,
+            shape,
+        })
+    }
+
+    fn upload_u32(&self, values: &[u32], label: &str) -> Result<wgpu::Buffer> {
+        self.ctx.storage_with(bytemuck::cast_slice(values), label)
+    }
+
+    /// Activations are bound whole; they must fit one binding.
+    fn fits(&self, tensors: &[&WgpuTensor], op: &str) -> Result<()> {
+        tensors
+            .iter()
+            .try_for_each(|t| self.ctx.fits(&t.buffer, &format!("{op} on {:?}", t.shape)))
+    }
+
+    /// Gathers rows `ids` of `src` (`rows × width` elements of `dtype`) into a new `[ids, width]` tensor,
+    /// binding the source in windows when it is larger than one binding.
+    fn gather(
+        &self,
+        src: &wgpu::Buffer,
+        dtype: DType,
+        rows: usize,
+        width: usize,
+        ids: &[u32],
+        shape: Vec<usize>,
+    ) -> Result<WgpuTensor> {
+        let out = self.tensor(ids.len() * width, shape, "gather")?;
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let ids_buffer = self.upload_u32(ids, "ids")?;
+        let kernel = Kernel::new(Family::Gather, "gather").with("DTYPE", dtype_code(dtype));
+        let elements = ids.len() * width;
+        for window in self
+            .ctx
+            .windows("gather", src.size(), rows, width, dtype.size_in_bytes())?
+        {
+            let params = [
+                elements as u32,
+                width as u32,
+                window.rows.start as u32,
+                window.rows.end as u32,
+                window.base,
+            ];
+            self.ctx.dispatch(
+                &kernel,
+                &params,
+                &[
+                    bind(1, &ids_buffer),
+                    bind(2, src).window(window.offset, window.size),
+                    bind(3, &out.buffer),
+                ],
+                elements.div_ceil(LANES),
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn norm(&self, x: &WgpuTensor, weight: Option<&WgpuWeight>, eps: f32) -> Result<WgpuTensor> {
+        self.fits(&[x], "norm")?;
+        let width = x.shape.last().copied().unwrap_or(1);
+        let rows = x.len() / width;
+        let out = self.tensor(x.len(), x.shape.clone(), "norm")?;
+        let (mode, dtype, w) = match weight {
+            Some(w) => (0, w.dtype, &w.buffer),
+            None => (1, DType::F32, &x.buffer),
+        };
+        let kernel = Kernel::new(Family::Norm, "norm")
+            .with("MODE", mode)
+            .with("DTYPE", dtype_code(dtype));
+        self.ctx.dispatch(
+            &kernel,
+            &[rows as u32, width as u32, eps.to_bits()],
+            &[bind(1, &x.buffer), bind(2, w), bind(3, &out.buffer)],
+            rows,
+        )?;
+        Ok(out)
+    }
+
+    fn elementwise(
+        &self,
+        op: u32,
+        a: &WgpuTensor,
+        b: &WgpuTensor,
+        name: &'static str,
+    ) -> Result<WgpuTensor> {
+        shapes::same_shape(name, &a.shape, &b.shape)?;
+        self.fits(&[a, b], name)?;
+        let out = self.tensor(a.len(), a.shape.clone(), name)?;
+        self.ctx.dispatch(
+            &Kernel::new(Family::Elementwise, "elementwise").with("OP", op),
+            &[a.len() as u32],
+            &[bind(1, &a.buffer), bind(2, &b.buffer), bind(3, &out.buffer)],
+            a.len().div_ceil(LANES),
+        )?;
+        Ok(out)
+    }
+
+    fn rope_buffer(&self, positions: &[u32], theta: f64, d: usize) -> Result<wgpu::Buffer> {
+        let mut cached = self.rope.lock().expect("rope lock");
+        if let Some(table) = cached.as_ref()
+            && table.positions == positions
+            && table.theta == theta.to_bits()
+            && table.d == d
+        {
+            return Ok(table.buffer.clone());
+        }
+        let table = rope_table(positions, theta, d);
+        let buffer = self
+            .ctx
+            .storage_with(bytemuck::cast_slice(&table), "rope cos/sin")?;
+        *cached = Some(RopeTable {
+            positions: positions.to_vec(),
+            theta: theta.to_bits(),
+            d,
+            buffer: buffer.clone(),
+        });
+        Ok(buffer)
+    }
+
+    /// Scores chunks then documents, as `routing_scores` describes; `q` is the prepared routing query
+    /// `[tokens, heads, d]`.
+    fn score(
+        &self,
+        q: &WgpuTensor,
+        keys: &WgpuTensor,
+        doc_chunk_offsets: &[u32],
+        dims: RoutingDims,
+        spec: RoutingSpec,
+        scale: f32,
+    ) -> Result<WgpuTensor> {
+        let tokens = q.shape[0];
+        let row = dims.kv_heads * dims.d;
+        let chunk_scores = self.tensor(dims.chunks, vec![dims.chunks], "chunk scores")?;
+        let doc_scores = self.tensor(dims.documents, vec![dims.documents], "document scores")?;
+        self.fits(&[&chunk_scores, &doc_scores], "routing_scores")?;
+        let flag = |b: bool| u32::from(b);
+        let params = |chunks: usize, chunk_start: usize, key_base: u32| {
+            [
+                chunks as u32,
+                chunk_start as u32,
+                key_base,
+                tokens as u32,
+                dims.heads as u32,
+                dims.kv_heads as u32,
+                dims.d as u32,
+                flag(spec.head_reduce == HeadReduce::Mean),
+                flag(spec.query_reduce == QueryReduce::Mean),
+                flag(spec.chunk_reduce == ChunkReduce::Mean),
+                dims.documents as u32,
+                scale.to_bits(),
+            ]
+        };
+        let score_chunks = Kernel::new(Family::Routing, "score_chunks");
+        for window in self
+            .ctx
+            .windows("routing keys", keys.buffer.size(), dims.chunks, row, 4)?
+        {
+            let chunks = window.rows.len();
+            self.ctx.dispatch(
+                &score_chunks,
+                &params(chunks, window.rows.start, window.base),
+                &[
+                    bind(1, &q.buffer),
+                    bind(2, &keys.buffer).window(window.offset, window.size),
+                    bind(3, &chunk_scores.buffer),
+                ],
+                chunks.div_ceil(LANES),
+            )?;
+        }
+        let offsets = self.upload_u32(doc_chunk_offsets, "document chunk offsets")?;
+        self.ctx.dispatch(
+            &Kernel::new(Family::Routing, "score_documents"),
+            &params(dims.chunks, 0, 0),
+            &[
+                bind(4, &chunk_scores.buffer),
+                bind(5, &offsets),
+                bind(6, &doc_scores.buffer),
+            ],
+            dims.documents.div_ceil(LANES),
+        )?;
+        Ok(doc_scores)
+    }
+}
+
+impl<'a> crate::context::Binding<'a> {
+    /// Binds `size` bytes from `offset` instead of the whole buffer.
+    fn window(self, offset: u64, size: u64) -> Self {
+        crate::context::Binding {
+            range: Some((offset, size)),
+            ..self
+        }
+    }
+}
+
+impl Backend for WgpuBackend {
+    type Tensor = WgpuTensor;
+    type Weight = WgpuWeight;
+
+    fn describe(&self) -> String {
+        let info = &self.ctx.info;
+        format!(
+            "wgpu: {} ({:?}, {:?}, {} {})",
+            info.name, info.backend, info.device_type, info.driver, info.driver_info
+        )
+    }
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<WgpuTensor> {
+        shapes::check_fill("upload", data.len(), &[data.len()], shape)?;
+        Ok(WgpuTensor {
+            buffer: self
+                .ctx
+                .storage_with(bytemuck::cast_slice(data), "tensor")?,
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn upload_weight(&self, view: TensorView<'_>) -> Result<WgpuWeight> {
+        if view.bytes.len() != view.element_count() * view.dtype.size_in_bytes() {
+            return Err(Error::shape(
+                "upload_weight",
+                format!(
+                    "`{}`: {} bytes for shape {:?} of {}",
+                    view.name,
+                    view.bytes.len(),
+                    view.shape,
+                    view.dtype
+                ),
+            ));
+        }
+        Ok(WgpuWeight {
+            buffer: self.ctx.storage_with(view.bytes, view.name)?,
+            shape: view.shape.to_vec(),
+            dtype: view.dtype,
+        })
+    }
+
+    fn read(&self, tensor: &WgpuTensor) -> impl Future<Output = Result<Vec<f32>>> {
+        let bytes = self.ctx.read_bytes(&tensor.buffer, tensor.bytes());
+        async move { Ok(bytemuck::pod_collect_to_vec(&bytes.await?)) }
+    }
+
+    fn shape(&self, tensor: &WgpuTensor) -> Vec<usize> {
+        tensor.shape.clone()
+    }
+
+    fn reshape(&self, tensor: &WgpuTensor, shape: &[usize]) -> Result<WgpuTensor> {
+        shapes::check_fill("reshape", tensor.len(), &tensor.shape, shape)?;
+        Ok(WgpuTensor {
+            buffer: tensor.buffer.clone(),
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn embedding(&self, table: &WgpuWeight, ids: &[u32]) -> Result<WgpuTensor> {
+        let (vocab, hidden) = shapes::rows_and_width(&table.shape);
+        let (vocab, hidden) = if table.shape.len() <= 1 {
+            (1, vocab.max(hidden))
+        } else {
+            (vocab, hidden)
+        };
+        shapes::check_ids(ids, vocab)?;
+        self.gather(
+            &table.buffer,
+            table.dtype,
+            vocab,
+            hidden,
+            ids,
+            vec![ids.len(), hidden],
+        )
+    }
+
+    fn matmul(&self, x: &WgpuTensor, weight: &WgpuWeight) -> Result<WgpuTensor> {
+        let (n, inner, out_features) = shapes::matmul_dims(&x.shape, &weight.shape)?;
+        self.fits(&[x], "matmul")?;
+        let out = self.tensor(n * out_features, vec![n, out_features], "matmul")?;
+        self.fits(&[&out], "matmul")?;
+        if n == 0 {
+            return Ok(out);
+        }
+        const ROWS: usize = 4; // ROWS in matmul.wgsl
+        let row_blocks = n.div_ceil(ROWS);
+        let kernel = Kernel::new(Family::Matmul, "matmul").with("DTYPE", dtype_code(weight.dtype));
+        let windows = self.ctx.windows(
+            "matmul weight",
+            weight.buffer.size(),
+            out_features,
+            inner,
+            weight.dtype.size_in_bytes(),
+        )?;
+        for window in windows {
+            let cols = window.rows.len();
+            let params = [
+                n as u32,
+                inner as u32,
+                cols as u32,
+                window.rows.start as u32,
+                out_features as u32,
+                window.base,
+                row_blocks as u32,
+            ];
+            self.ctx.dispatch(
+                &kernel,
+                &params,
+                &[
+                    bind(1, &x.buffer),
+                    bind(2, &weight.buffer).window(window.offset, window.size),
+                    bind(3, &out.buffer),
+                ],
+                cols * row_blocks,
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &WgpuTensor, weight: &WgpuWeight, eps: f32) -> Result<WgpuTensor> {
+        shapes::check_rms_norm(&x.shape, &weight.shape)?;
+        self.norm(x, Some(weight), eps)
+    }
+
+    fn rope(&self, x: &WgpuTensor, positions: &[u32], theta: f64) -> Result<WgpuTensor> {
+        let (n, heads, d) = shapes::rope_dims(&x.shape, positions.len())?;
+        self.fits(&[x], "rope")?;
+        let table = self.rope_buffer(positions, theta, d)?;
+        let out = self.tensor(x.len(), x.shape.clone(), "rope")?;
+        let pairs = n * heads * d / 2;
+        self.ctx.dispatch(
+            &Kernel::new(Family::Rope, "rope"),
+            &[pairs as u32, heads as u32, (d / 2) as u32],
+            &[bind(1, &x.buffer), bind(2, &table), bind(3, &out.buffer)],
+            pairs.div_ceil(LANES),
+        )?;
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        q: &WgpuTensor,
+        k: &WgpuTensor,
+        v: &WgpuTensor,
+        mask: AttentionMask,
+    ) -> Result<WgpuTensor> {
+        let AttentionDims {
+            nq,
+            heads,
+            d,
+            nk,
+            kv_heads,
+        } = shapes::attention_dims(&q.shape, &k.shape, &v.shape)?;
+        if d > MAX_HEAD_DIM {
+            return Err(Error::shape(
+                "attention",
+                format!("head dim {d} exceeds the kernel's {MAX_HEAD_DIM}"),
+            ));
+        }
+        self.fits(&[q, k, v], "attention")?;
+        let out = self.tensor(nq * heads * d, vec![nq, heads, d], "attention")?;
+        if nq == 0 {
+            return Ok(out);
+        }
+        // Split the keys when rows × heads alone leave the device idle (decode).
+        let splits = if nq * heads < 256 {
+            nk.div_ceil(KEYS_PER_SPLIT).clamp(1, MAX_SPLITS)
+        } else {
+            1
+        };
+        let split_len = nk.div_ceil(splits).next_multiple_of(LANES);
+        let splits = nk.div_ceil(split_len);
+        let params = [
+            nq as u32,
+            nk as u32,
+            heads as u32,
+            kv_heads as u32,
+            d as u32,
+            u32::from(mask == AttentionMask::Causal),
+            splits as u32,
+            split_len as u32,
+            (1.0 / (d as f32).sqrt()).to_bits(),
+        ];
+        let attend = Kernel::new(Family::Attention, "attend");
+        let workgroups = nq * heads * splits;
+        if splits == 1 {
+            // `stats` is unused with one split; a small buffer satisfies the binding.
+            let unused = self.ctx.storage(8, "attention stats (unused)")?;
+            self.ctx.dispatch(
+                &attend,
+                &params,
+                &[
+                    bind(1, &q.buffer),
+                    bind(2, &k.buffer),
+                    bind(3, &v.buffer),
+                    bind(4, &out.buffer),
+                    bind(5, &unused),
+                ],
+                workgroups,
+            )?;
+            return Ok(out);
+        }
+        let partial = self
+            .ctx
+            .storage((workgroups * d * 4) as u64, "attention partial")?;
+        let stats = self
+            .ctx
+            .storage((workgroups * 8) as u64, "attention stats")?;
+        self.ctx.dispatch(
+            &attend,
+            &params,
+            &[
+                bind(1, &q.buffer),
+                bind(2, &k.buffer),
+                bind(3, &v.buffer),
+                bind(4, &partial),
+                bind(5, &stats),
+            ],
+            workgroups,
+        )?;
+        self.ctx.dispatch(
+            &Kernel::new(Family::Attention, "combine"),
+            &params,
+            &[bind(6, &partial), bind(7, &stats), bind(8, &out.buffer)],
+            (nq * heads * d).div_ceil(LANES),
+        )?;
+        Ok(out)
+    }
+
+    fn silu_mul(&self, gate: &WgpuTensor, up: &WgpuTensor) -> Result<WgpuTensor> {
+        self.elementwise(1, gate, up, "silu_mul")
+    }
+
+    fn add(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
+        self.elementwise(0, a, b, "add")
+    }
+
+    fn concat_rows(&self, parts: &[&WgpuTensor]) -> Result<WgpuTensor> {
+        let part_shapes: Vec<&[usize]> = parts.iter().map(|p| &p.shape[..]).collect();
+        let shape = shapes::concat_shape(&part_shapes)?;
+        let out = self.tensor(shape.iter().product(), shape, "concat")?;
+        let mut offset = 0;
+        for part in parts {
+            self.ctx
+                .copy(&part.buffer, 0, &out.buffer, offset, part.bytes());
+            offset += part.bytes();
+        }
+        Ok(out)
+    }
+
+    fn rows(&self, tensor: &WgpuTensor, range: Range<usize>) -> Result<WgpuTensor> {
+        let shape = shapes::rows_shape(&tensor.shape, &range)?;
+        let (_, width) = shapes::rows_and_width(&tensor.shape);
+        let out = self.tensor(shape.iter().product(), shape, "rows")?;
+        let row_bytes = (width * 4) as u64;
+        self.ctx.copy(
+            &tensor.buffer,
+            range.start as u64 * row_bytes,
+            &out.buffer,
+            0,
+            out.bytes(),
+        );
+        Ok(out)
+    }
+
+    fn gather_rows(&self, tensor: &WgpuTensor, indices: &[u32]) -> Result<WgpuTensor> {
+        let shape = shapes::gather_shape(&tensor.shape, indices)?;
+        let (rows, width) = shapes::rows_and_width(&tensor.shape);
+        self.gather(&tensor.buffer, DType::F32, rows, width, indices, shape)
+    }
+
+    fn chunk_mean_pool(&self, x: &WgpuTensor, chunk: usize) -> Result<WgpuTensor> {
+        let shape = shapes::pool_shape(&x.shape, chunk)?;
+        self.fits(&[x], "chunk_mean_pool")?;
+        let (rows, width) = shapes::rows_and_width(&x.shape);
+        let elements: usize = shape.iter().product();
+        let out = self.tensor(elements, shape, "pool")?;
+        self.ctx.dispatch(
+            &Kernel::new(Family::Pool, "pool"),
+            &[elements as u32, rows as u32, width as u32, chunk as u32],
+            &[bind(1, &x.buffer), bind(2, &out.buffer)],
+            elements.div_ceil(LANES),
+        )?;
+        Ok(out)
+    }
+
+    fn l2_normalize(&self, x: &WgpuTensor) -> Result<WgpuTensor> {
+        shapes::check_dims("l2_normalize", &x.shape)?;
+        self.norm(x, None, 0.0)
+    }
+
+    fn routing_scores(
+        &self,
+        queries: &WgpuTensor,
+        routing_rows: &[u32],
+        keys: &WgpuTensor,
+        doc_chunk_offsets: &[u32],
+        spec: RoutingSpec,
+    ) -> Result<WgpuTensor> {
+        let dims =
+            shapes::routing_dims(&queries.shape, routing_rows, &keys.shape, doc_chunk_offsets)?;
+        // "Last" is "max" over the last routing row alone.
+        let (rows, spec) = match spec.query_reduce {
+            QueryReduce::Last => (
+                &routing_rows[routing_rows.len() - 1..],
+                RoutingSpec {
+                    query_reduce: QueryReduce::Max,
+                    ..spec
+                },
+            ),
+            _ => (routing_rows, spec),
+        };
+        let q = self.gather_rows(queries, rows)?;
+        let (q, scale) = match spec.score_mode {
+            ScoreMode::Cosine => {
+                let per_head = self.reshape(&q, &[rows.len() * dims.heads, dims.d])?;
+                (self.l2_normalize(&per_head)?, 1.0)
+            }
+            ScoreMode::ScaledDot => (q, 1.0 / (dims.d as f32).sqrt()),
+        };
+        let q = self.reshape(&q, &[rows.len(), dims.heads, dims.d])?;
+        self.score(&q, keys, doc_chunk_offsets, dims, spec, scale)
+    }
+
+    fn top_k(&self, scores: &WgpuTensor, k: usize) -> impl Future<Output = Result<Vec<Scored>>> {
+        let selection = self.record_top_k(scores, k);
+        async move {
+            match selection? {
+                TopK::Device { pairs, k } => {
+                    let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pairs.await?);
+                    Ok(words
+                        .chunks_exact(2)
+                        .take(k)
+                        .filter(|pair| pair[1] != INVALID_INDEX)
+                        .map(|pair| Scored {
+                            index: pair[1],
+                            score: f32::from_bits(pair[0]),
+                        })
+                        .collect())
+                }
+                TopK::Host { scores, k } => Ok(select_top_k(&scores.await?, k)),
+            }
+        }
+    }
+}
+
+/// A top-k in flight: pairs selected on the device, or (for large k) all scores for the host.
+enum TopK<D, H> {
+    Device { pairs: D, k: usize },
+    Host { scores: H, k: usize },
+}
+
+impl WgpuBackend {
+    #[allow(clippy::type_complexity)]
+    fn record_top_k(
+        &self,
+        scores: &WgpuTensor,
+        k: usize,
+    ) -> Result<
+        TopK<
+            impl Future<Output = Result<Vec<u8>>> + use<>,
+            impl Future<Output = Result<Vec<f32>>> + use<>,
+        >,
+    > {
+        shapes::check_scores(&scores.shape)?;
+        let n = scores.len();
+        let k = k.min(n);
+        if k > MAX_DEVICE_K {
+            let bytes = self.ctx.read_bytes(&scores.buffer, scores.bytes());
+            return Ok(TopK::Host {
+                scores: async move { Ok(bytemuck::pod_collect_to_vec(&bytes.await?)) },
+                k,
+            });
+        }
+        self.fits(&[scores], "top_k")?;
+        let kernel = Kernel::new(Family::TopK, "select_top_k");
+        let mut count = n;
+        let mut pairs = false;
+        let mut src = scores.buffer.clone();
+        loop {
+            let blocks = count.div_ceil(TOP_K_BLOCK).max(1);
+            let dst = self
+                .ctx
+                .storage((blocks * k * 8) as u64, "top-k candidates")?;
+            if k > 0 {
+                self.ctx.dispatch(
+                    &kernel,
+                    &[count as u32, k as u32, u32::from(pairs), blocks as u32],
+                    &[bind(1, &src), bind(2, &dst)],
+                    blocks,
+                )?;
+            }
+            if blocks == 1 {
+                return Ok(TopK::Device {
+                    pairs: self.ctx.read_bytes(&dst, (k * 8) as u64),
+                    k,
+                });
+            }
+            src = dst;
+            count = blocks * k;
+            pairs = true;
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Adapter selection and device creation.
+//!
+//! The instance is built from the environment, so `WGPU_BACKEND` works. The adapter is chosen here,
+//! not by wgpu's `WGPU_ADAPTER_NAME` helper (which panics when nothing matches): a case-insensitive
+//! substring of the adapter name when one is asked for, otherwise the most capable kind (discrete GPU,
+//! then integrated, virtual, CPU). The device gets the adapter's own limits and whichever optional
+//! features it has; kernels fall back when a feature is missing.
+
+use std::fmt;
+
+use crate::error::WgpuError;
+
+/// How to open a device.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceOptions {
+    /// Case-insensitive substring of the adapter name; `None` picks the best adapter.
+    pub adapter: Option<String>,
+    /// Caps the storage-buffer binding size below the adapter's limit (browsers default to 128 MiB).
+    /// Larger tensors are bound in windows; tests use a small cap to exercise that path.
+    pub max_binding_bytes: Option<u64>,
+}
+
+impl DeviceOptions {
+    /// Options from the environment: `WGPU_ADAPTER_NAME` selects the adapter.
+    pub fn from_env() -> Self {
+        DeviceOptions {
+            adapter: std::env::var("WGPU_ADAPTER_NAME")
+                .ok()
+                .filter(|name| !name.trim().is_empty()),
+            max_binding_bytes: None,
+        }
+    }
+}
+
+/// What the opened device can do, as detected.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    /// `shader-f16` is available (enabled on the device).
+    pub shader_f16: bool,
+    /// Subgroup operations are available (enabled on the device), with the adapter's subgroup sizes.
+    pub subgroups: bool,
+    pub subgroup_sizes: (u32, u32),
+    /// Timestamp queries are available (enabled on the device).
+    pub timestamps: bool,
+    /// Largest storage-buffer binding the kernels use (the adapter limit, or a smaller cap).
+    pub max_binding_bytes: u64,
+    pub max_buffer_bytes: u64,
+    pub max_workgroups_per_dimension: u32,
+    pub storage_offset_alignment: u32,
+}
+
+impl fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "f16 {}, subgroups {} ({}..={}), timestamps {}, binding {} MiB, buffer {} MiB",
+            yes_no(self.shader_f16),
+            yes_no(self.subgroups),
+            self.subgroup_sizes.0,
+            self.subgroup_sizes.1,
+            yes_no(self.timestamps),
+            self.max_binding_bytes >> 20,
+            self.max_buffer_bytes >> 20,
+        )
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+/// Every adapter the environment exposes (for `msa devices` and error messages).
+pub async fn list_adapters() -> Vec<wgpu::AdapterInfo> {
+    instance()
+        .enumerate_adapters(wgpu::Backends::all())
+        .await
+        .iter()
+        .map(|a| a.get_info())
+        .collect()
+}
+
+/// Lower is better: discrete before integrated before virtual before CPU; native APIs before GL.
+fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let kind = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    let api = u8::from(info.backend == wgpu::Backend::Gl);
+    (kind, api)
+}
+
+/// Picks an adapter per `options`.
+pub(crate) async fn select_adapter(options: &DeviceOptions) -> Result<wgpu::Adapter, WgpuError> {
+    let adapters = instance().enumerate_adapters(wgpu::Backends::all()).await;
+    if adapters.is_empty() {
+        let backends = std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "all compiled-in".into());
+        return Err(WgpuError::NoAdapter {
+            detail: format!("backends tried: {backends}"),
+        });
+    }
+    let chosen = match &options.adapter {
+        Some(wanted) => {
+            let needle = wanted.to_lowercase();
+            adapters
+                .iter()
+                .filter(|a| a.get_info().name.to_lowercase().contains(&needle))
+                .min_by_key(|a| rank(&a.get_info()))
+                .ok_or_else(|| WgpuError::AdapterNotFound {
+                    wanted: wanted.clone(),
+                    available: adapters
+                        .iter()
+                        .map(|a| {
+                            let info = a.get_info();
+                            format!("{} ({:?})", info.name, info.backend)
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?
+        }
+        None => adapters
+            .iter()
+            .min_by_key(|a| rank(&a.get_info()))
+            .expect("non-empty"),
+    };
+    Ok(chosen.clone())
+}
+
+/// Opens a device on `adapter` with the adapter's limits and its optional features.
+pub(crate) async fn open_device(
+    adapter: &wgpu::Adapter,
+    options: &DeviceOptions,
+) -> Result<(wgpu::Device, wgpu::Queue, Capabilities), WgpuError> {
+    let wanted =
+        wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+    let features = adapter.features() & wanted;
+    let limits = adapter.limits();
+    let info = adapter.get_info();
+    let (device, queue) = adapter
+        .request_device(&wgpu::DeviceDescriptor {
+            label: Some("msa"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| WgpuError::RequestDevice {
+            adapter: info.name.clone(),
+            reason: e.to_string(),
+        })?;
+    let alignment = limits.min_storage_buffer_offset_alignment;
+    let adapter_binding = limits.max_storage_buffer_binding_size;
+    let binding = options
+        .max_binding_bytes
+        .map_or(adapter_binding, |cap| cap.min(adapter_binding));
+    let capabilities = Capabilities {
+        shader_f16: features.contains(wgpu::Features::SHADER_F16),
+        subgroups: features.contains(wgpu::Features::SUBGROUP),
+        subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+        timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+        // Windows start at aligned offsets, so the usable size is a multiple of the alignment.
+        max_binding_bytes: binding / u64::from(alignment) * u64::from(alignment),
+        max_buffer_bytes: limits.max_buffer_size,
+        max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+        storage_offset_alignment: alignment,
+    };
+    Ok((device, queue, capabilities))
+}

@@ -1,0 +1,148 @@
+//! The kernel families (one `.wgsl` file each under `shaders/`) and the pipeline cache.
+//!
+//! Each family's source is `shaders/common.wgsl` followed by the family file; a pipeline is specialised by
+//! its entry point and its `override` constants, and cached under exactly those inputs.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+const COMMON: &str = include_str!("../../../shaders/common.wgsl");
+
+/// A kernel family: one WGSL file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    Gather,
+    Matmul,
+    Norm,
+    Rope,
+    Elementwise,
+    Pool,
+    Attention,
+    Routing,
+    TopK,
+}
+
+impl Family {
+    pub const ALL: [Family; 9] = [
+        Family::Gather,
+        Family::Matmul,
+        Family::Norm,
+        Family::Rope,
+        Family::Elementwise,
+        Family::Pool,
+        Family::Attention,
+        Family::Routing,
+        Family::TopK,
+    ];
+
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Family::Gather => "gather.wgsl",
+            Family::Matmul => "matmul.wgsl",
+            Family::Norm => "norm.wgsl",
+            Family::Rope => "rope.wgsl",
+            Family::Elementwise => "elementwise.wgsl",
+            Family::Pool => "pool.wgsl",
+            Family::Attention => "attention.wgsl",
+            Family::Routing => "routing.wgsl",
+            Family::TopK => "topk.wgsl",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Family::Gather => include_str!("../../../shaders/gather.wgsl"),
+            Family::Matmul => include_str!("../../../shaders/matmul.wgsl"),
+            Family::Norm => include_str!("../../../shaders/norm.wgsl"),
+            Family::Rope => include_str!("../../../shaders/rope.wgsl"),
+            Family::Elementwise => include_str!("../../../shaders/elementwise.wgsl"),
+            Family::Pool => include_str!("../../../shaders/pool.wgsl"),
+            Family::Attention => include_str!("../../../shaders/attention.wgsl"),
+            Family::Routing => include_str!("../../../shaders/routing.wgsl"),
+            Family::TopK => include_str!("../../../shaders/topk.wgsl"),
+        }
+    }
+
+    /// The complete WGSL the device compiles: the shared helpers, then the family.
+    pub fn source(self) -> String {
+        format!("{COMMON}\n{}", self.body())
+    }
+}
+
+/// One pipeline: a family's entry point with its `override` constants.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub family: Family,
+    pub entry: &'static str,
+    pub constants: Vec<(&'static str, f64)>,
+}
+
+impl Kernel {
+    pub fn new(family: Family, entry: &'static str) -> Self {
+        Kernel {
+            family,
+            entry,
+            constants: Vec::new(),
+        }
+    }
+
+    pub fn with(mut self, name: &'static str, value: u32) -> Self {
+        self.constants.push((name, f64::from(value)));
+        self
+    }
+
+    fn key(&self) -> (Family, &'static str, Vec<(&'static str, u64)>) {
+        let constants = self
+            .constants
+            .iter()
+            .map(|&(name, value)| (name, value.to_bits()))
+            .collect();
+        (self.family, self.entry, constants)
+    }
+}
+
+type PipelineKey = (Family, &'static str, Vec<(&'static str, u64)>);
+
+/// Shader modules and compute pipelines, created on first use.
+#[derive(Default)]
+pub struct PipelineCache {
+    modules: Mutex<HashMap<Family, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+}
+
+impl PipelineCache {
+    pub fn get(&self, device: &wgpu::Device, kernel: &Kernel) -> wgpu::ComputePipeline {
+        let key = kernel.key();
+        if let Some(pipeline) = self.pipelines.lock().expect("cache lock").get(&key) {
+            return pipeline.clone();
+        }
+        let module = self
+            .modules
+            .lock()
+            .expect("cache lock")
+            .entry(kernel.family)
+            .or_insert_with(|| {
+                device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(kernel.family.file_name()),
+                    source: wgpu::ShaderSource::Wgsl(kernel.family.source().into()),
+                })
+            })
+            .clone();
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(kernel.entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(kernel.entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &kernel.constants,
+                zero_initialize_workgroup_memory: true,
+            },
+            cache: None,
+        });
+        self.pipelines
+            .lock()
+            .expect("cache lock")
+            .insert(key, pipeline.clone());
+        pipeline
+    }
+}

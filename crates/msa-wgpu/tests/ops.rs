@@ -1,0 +1,502 @@
+//! Every wgpu kernel against the CPU reference on odd sizes (1, 7, 63, 65, 1000 rows; head dims 16 and 128;
+//! GQA groups 1, 2, 4), with explicit tolerances. Runs on whatever adapter the environment offers
+//! (lavapipe in CI); with `CI` set, a missing adapter fails the test instead of skipping it.
+
+use half::{bf16, f16};
+use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
+use msa_engine::{AttentionMask, Backend, CpuBackend, RoutingSpec};
+use msa_wgpu::{DeviceOptions, WgpuBackend};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// f32 arithmetic in another order: relative to the magnitude of the values compared.
+const TOL: f32 = 2e-5;
+
+fn gpu_with(options: DeviceOptions) -> Option<WgpuBackend> {
+    match pollster::block_on(WgpuBackend::new(options)) {
+        Ok(gpu) => Some(gpu),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("CI is set and no wgpu adapter opened: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            None
+        }
+    }
+}
+
+fn gpu() -> Option<WgpuBackend> {
+    gpu_with(DeviceOptions::from_env())
+}
+
+fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+/// Largest |a - b| relative to max(1, largest |b|).
+fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], tol: f32) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    let scale = cpu.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let worst = gpu
+        .iter()
+        .zip(cpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= tol * scale,
+        "{what}: max deviation {worst:e} exceeds {tol:e} × {scale}"
+    );
+}
+
+struct Pair {
+    gpu: WgpuBackend,
+    cpu: CpuBackend,
+}
+
+impl Pair {
+    fn new() -> Option<Self> {
+        gpu().map(|gpu| Pair {
+            gpu,
+            cpu: CpuBackend::new(),
+        })
+    }
+
+    fn tensors(
+        &self,
+        data: &[f32],
+        shape: &[usize],
+    ) -> (msa_wgpu::WgpuTensor, msa_engine::CpuTensor) {
+        (
+            self.gpu.upload(data, shape).unwrap(),
+            self.cpu.upload(data, shape).unwrap(),
+        )
+    }
+
+    fn compare(&self, what: &str, g: &msa_wgpu::WgpuTensor, c: &msa_engine::CpuTensor, tol: f32) {
+        assert_eq!(self.gpu.shape(g), self.cpu.shape(c), "{what}: shapes");
+        let gv = pollster::block_on(self.gpu.read(g)).unwrap();
+        let cv = pollster::block_on(self.cpu.read(c)).unwrap();
+        assert_close(what, &gv, &cv, tol);
+    }
+}
+
+/// Weight bytes of `values` stored as `dtype` (values are rounded to the dtype first by the caller's use).
+fn weight_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => bytemuck::cast_slice(values).to_vec(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect(),
+    }
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+#[test]
+fn embedding_and_gather_rows_match() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = StdRng::seed_from_u64(1);
+    for dtype in DTYPES {
+        for (vocab, hidden) in [(1, 1), (7, 7), (65, 63), (300, 130)] {
+            let values = random(&mut rng, vocab * hidden);
+            let bytes = weight_bytes(&values, dtype);
+            let shape = [vocab, hidden];
+            let view = TensorView {
+                name: "table",
+                dtype,
+                shape: &shape,
+                bytes: &bytes,
+            };
+            let (gw, cw) = (
+                p.gpu.upload_weight(view).unwrap(),
+                p.cpu.upload_weight(view).unwrap(),
+            );
+            let ids: Vec<u32> = (0..vocab.min(9) * 3)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect();
+            let what = format!("embedding {dtype} {vocab}x{hidden}");
+            // Widening is exact: no tolerance.
+            p.compare(
+                &what,
+                &p.gpu.embedding(&gw, &ids).unwrap(),
+                &p.cpu.embedding(&cw, &ids).unwrap(),
+                0.0,
+            );
+            let (gt, ct) = p.tensors(&values, &shape);
+            p.compare(
+                &format!("gather_rows {vocab}x{hidden}"),
+                &p.gpu.gather_rows(&gt, &ids).unwrap(),
+                &p.cpu.gather_rows(&ct, &ids).unwrap(),
+                0.0,
+            );
+            let err = p
+                .gpu
+                .embedding(&gw, &[vocab as u32])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("outside the vocabulary"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_for_every_dtype_and_odd_sizes() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = StdRng::seed_from_u64(2);
+    for dtype in DTYPES {
+        for (n, inner, out) in [(1, 16, 7), (7, 63, 65), (65, 130, 9), (63, 1, 3), (0, 8, 4)] {
+            let w = random(&mut rng, out * inner);
+            let bytes = weight_bytes(&w, dtype);
+            let shape = [out, inner];
+            let view = TensorView {
+                name: "w",
+                dtype,
+                shape: &shape,
+                bytes: &bytes,
+            };
+            let x = random(&mut rng, n * inner);
+            let (gx, cx) = p.tensors(&x, &[n, inner]);
+            let g = p
+                .gpu
+                .matmul(&gx, &p.gpu.upload_weight(view).unwrap())
+                .unwrap();
+            let c = p
+                .cpu
+                .matmul(&cx, &p.cpu.upload_weight(view).unwrap())
+                .unwrap();
+            p.compare(&format!("matmul {dtype} {n}x{inner}x{out}"), &g, &c, TOL);
+        }
+    }
+}
+
+#[test]
+fn rms_norm_per_row_and_per_head_and_l2_normalize_match() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = StdRng::seed_from_u64(3);
+    for dtype in DTYPES {
+        for (rows, width) in [(1, 64), (7, 16), (1000, 16), (65, 130), (3, 1)] {
+            let w = random(&mut rng, width);
+            let bytes = weight_bytes(&w, dtype);
+            let shape = [width];
+            let view = TensorView {
+                name: "norm",
+                dtype,
+                shape: &shape,
+                bytes: &bytes,
+            };
+            let x = random(&mut rng, rows * width);
+            // Per head: [rows, heads, head_dim] normalised over head_dim, like q_norm / k_norm.
+            let (gx, cx) = p.tensors(&x, &[rows, 1, width]);
+            let g = p
+                .gpu
+                .rms_norm(&gx, &p.gpu.upload_weight(view).unwrap(), 1e-6)
+                .unwrap();
+            let c = p
+                .cpu
+                .rms_norm(&cx, &p.cpu.upload_weight(view).unwrap(), 1e-6)
+                .unwrap();
+            p.compare(&format!("rms_norm {dtype} {rows}x{width}"), &g, &c, TOL);
+            p.compare(
+                &format!("l2_normalize {rows}x{width}"),
+                &p.gpu.l2_normalize(&gx).unwrap(),
+                &p.cpu.l2_normalize(&cx).unwrap(),
+                TOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn rope_matches_with_document_local_and_global_positions() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = StdRng::seed_from_u64(4);
+    for (n, heads, d) in [(1, 1, 16), (7, 3, 16), (63, 2, 128), (65, 4, 128)] {
+        let x = random(&mut rng, n * heads * d);
+        let (gx, cx) = p.tensors(&x, &[n, heads, d]);
+        let local: Vec<u32> = (0..n as u32).map(|i| i % 17).collect();
+        let global: Vec<u32> = (0..n).map(|_| rng.random_range(0..100_000)).collect();
+        for positions in [local, global] {
+            p.compare(
+                &format!("rope {n}x{heads}x{d}"),
+                &p.gpu.rope(&gx, &positions, 1e6).unwrap(),
+                &p.cpu.rope(&cx, &positions, 1e6).unwrap(),
+                1e-6,
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_prefill_and_split_kv_decode_match() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = StdRng::seed_from_u64(5);
+    // (queries, keys, heads, kv_heads, head_dim): groups 1, 2, 4; one key; a KV prefix; long decode.
+    let cases = [
+        (1, 1, 2, 2, 16),
+        (7, 7, 4, 2, 16),
+        (7, 70, 4, 1, 16),
+        (63, 65, 2, 2, 128),
+        (65, 1000, 4, 1, 16),
+        (1, 1000, 4, 2, 128),
+        (1, 4099, 8, 2, 16),
+    ];
+    for (nq, nk, heads, kv_heads, d) in cases {
+        let q = random(&mut rng, nq * heads * d);
+        let k = random(&mut rng, nk * kv_heads * d);
+        let v = random(&mut rng, nk * kv_heads * d);
+        let (gq, cq) = p.tensors(&q, &[nq, heads, d]);
+        let (gk, ck) = p.tensors(&k, &[nk, kv_heads, d]);
+        let (gv, cv) = p.tensors(&v, &[nk, kv_heads, d]);
+        for mask in [AttentionMask::Causal, AttentionMask::Full] {
+            p.compare(
+                &format!("attention {mask:?} q{nq} k{nk} h{heads}/{kv_heads} d{d}"),
+                &p.gpu.attention(&gq, &gk, &gv, mask).unwrap(),
+                &p.cpu.attention(&cq, &ck, &cv, mask).unwrap(),
+                TOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn elementwise_rows_and_pooling_match() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = StdRng::seed_from_u64(6);
+    for (rows, width) in [(1, 1), (7, 3), (63, 32), (1000, 32)] {
+        let a = random(&mut rng, rows * width);
+        let b = random(&mut rng, rows * width);
+        let (ga, ca) = p.tensors(&a, &[rows, width]);
+        let (gb, cb) = p.tensors(&b, &[rows, width]);
+        p.compare(
+            "add",
+            &p.gpu.add(&ga, &gb).unwrap(),
+            &p.cpu.add(&ca, &cb).unwrap(),
+            TOL,
+        );
+        p.compare(
+            "silu_mul",
+            &p.gpu.silu_mul(&ga, &gb).unwrap(),
+            &p.cpu.silu_mul(&ca, &cb).unwrap(),
+            TOL,
+        );
+        p.compare(
+            "concat_rows",
+            &p.gpu.concat_rows(&[&ga, &gb, &ga]).unwrap(),
+            &p.cpu.concat_rows(&[&ca, &cb, &ca]).unwrap(),
+            0.0,
+        );
+        let range = rows / 3..rows;
+        p.compare(
+            "rows",
+            &p.gpu.rows(&ga, range.clone()).unwrap(),
+            &p.cpu.rows(&ca, range).unwrap(),
+            0.0,
+        );
+        for chunk in [1, 16, 64] {
+            p.compare(
+                &format!("chunk_mean_pool {rows}/{chunk}"),
+                &p.gpu.chunk_mean_pool(&ga, chunk).unwrap(),
+                &p.cpu.chunk_mean_pool(&ca, chunk).unwrap(),
+                TOL,
+            );
+        }
+    }
+}
+
+fn random_offsets(rng: &mut StdRng, documents: usize, max_chunks: u32) -> Vec<u32> {
+    let mut offsets = vec![0u32];
+    for _ in 0..documents {
+        let last = *offsets.last().unwrap();
+        offsets.push(last + rng.random_range(1..=max_chunks));
+    }
+    offsets
+}
+
+#[test]
+fn routing_scores_match_for_every_reduction_and_score_mode() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = StdRng::seed_from_u64(7);
+    for (n, heads, kv_heads, d, documents) in
+        [(1, 2, 2, 16, 1), (9, 4, 2, 16, 37), (5, 8, 2, 128, 300)]
+    {
+        let offsets = random_offsets(&mut rng, documents, 5);
+        let chunks = *offsets.last().unwrap() as usize;
+        let q = random(&mut rng, n * heads * d);
+        let k = random(&mut rng, chunks * kv_heads * d);
+        let (gq, cq) = p.tensors(&q, &[n, heads, d]);
+        let (gk, ck) = p.tensors(&k, &[chunks, kv_heads, d]);
+        let rows: Vec<u32> = (0..n as u32).filter(|r| r % 3 != 1).collect();
+        for score_mode in [ScoreMode::Cosine, ScoreMode::ScaledDot] {
+            for head_reduce in [HeadReduce::Mean, HeadReduce::Max] {
+                for query_reduce in [QueryReduce::Max, QueryReduce::Mean, QueryReduce::Last] {
+                    for chunk_reduce in [ChunkReduce::Max, ChunkReduce::Mean] {
+                        let spec = RoutingSpec {
+                            score_mode,
+                            head_reduce,
+                            query_reduce,
+                            chunk_reduce,
+                        };
+                        p.compare(
+                            &format!(
+                                "routing {spec:?} n{n} h{heads}/{kv_heads} d{d} docs{documents}"
+                            ),
+                            &p.gpu
+                                .routing_scores(&gq, &rows, &gk, &offsets, spec)
+                                .unwrap(),
+                            &p.cpu
+                                .routing_scores(&cq, &rows, &ck, &offsets, spec)
+                                .unwrap(),
+                            TOL,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn top_k_selects_like_the_reference_with_ties_nan_and_signed_zero() {
+    let Some(p) = Pair::new() else { return };
+    let mut rng = StdRng::seed_from_u64(8);
+    for n in [1usize, 7, 1000, 5000, 70_000] {
+        // Few distinct values, so ties are everywhere; plus NaN, infinities and both zeros.
+        let mut scores: Vec<f32> = (0..n)
+            .map(|_| rng.random_range(-4..4) as f32 / 2.0)
+            .collect();
+        for (i, special) in [f32::NAN, -0.0, 0.0, f32::INFINITY, f32::NEG_INFINITY]
+            .into_iter()
+            .enumerate()
+        {
+            if i * 3 < n {
+                scores[i * 3] = special;
+            }
+        }
+        let (gs, cs) = p.tensors(&scores, &[n]);
+        for k in [1, 3, 16, 300, n + 5] {
+            let g = pollster::block_on(p.gpu.top_k(&gs, k)).unwrap();
+            let c = pollster::block_on(p.cpu.top_k(&cs, k)).unwrap();
+            let ids = |v: &[msa_engine::Scored]| v.iter().map(|s| s.index).collect::<Vec<_>>();
+            assert_eq!(ids(&g), ids(&c), "top-{k} of {n}");
+            for (a, b) in g.iter().zip(&c) {
+                assert_eq!(a.score.to_bits(), b.score.to_bits(), "score of {}", a.index);
+            }
+        }
+    }
+}
+
+#[test]
+fn tensors_larger_than_the_binding_limit_are_split() {
+    // A 4 KiB binding cap makes every weight below span several windows.
+    let Some(small) = gpu_with(DeviceOptions {
+        max_binding_bytes: Some(4096),
+        ..DeviceOptions::from_env()
+    }) else {
+        return;
+    };
+    assert_eq!(small.capabilities().max_binding_bytes, 4096);
+    let cpu = CpuBackend::new();
+    let mut rng = StdRng::seed_from_u64(9);
+    for dtype in DTYPES {
+        let (rows, width) = (301, 45);
+        let values = random(&mut rng, rows * width);
+        let bytes = weight_bytes(&values, dtype);
+        let shape = [rows, width];
+        let view = TensorView {
+            name: "big",
+            dtype,
+            shape: &shape,
+            bytes: &bytes,
+        };
+        let (gw, cw) = (
+            small.upload_weight(view).unwrap(),
+            cpu.upload_weight(view).unwrap(),
+        );
+        let ids: Vec<u32> = (0..20).map(|_| rng.random_range(0..rows as u32)).collect();
+        let g = pollster::block_on(small.read(&small.embedding(&gw, &ids).unwrap())).unwrap();
+        let c = pollster::block_on(cpu.read(&cpu.embedding(&cw, &ids).unwrap())).unwrap();
+        assert_close(&format!("windowed embedding {dtype}"), &g, &c, 0.0);
+        let x = random(&mut rng, 3 * width);
+        let g = small
+            .matmul(&small.upload(&x, &[3, width]).unwrap(), &gw)
+            .unwrap();
+        let c = cpu
+            .matmul(&cpu.upload(&x, &[3, width]).unwrap(), &cw)
+            .unwrap();
+        let g = pollster::block_on(small.read(&g)).unwrap();
+        let c = pollster::block_on(cpu.read(&c)).unwrap();
+        assert_close(&format!("windowed matmul {dtype}"), &g, &c, TOL);
+    }
+    // Routing keys of 150 chunks × 2 heads × 16 dims (19 KiB) against a 4 KiB binding.
+    let offsets = random_offsets(&mut rng, 40, 7);
+    let chunks = *offsets.last().unwrap() as usize;
+    let k = random(&mut rng, chunks * 2 * 16);
+    let q = random(&mut rng, 2 * 4 * 16);
+    let spec = RoutingSpec {
+        score_mode: ScoreMode::ScaledDot,
+        head_reduce: HeadReduce::Mean,
+        query_reduce: QueryReduce::Max,
+        chunk_reduce: ChunkReduce::Max,
+    };
+    let g = small
+        .routing_scores(
+            &small.upload(&q, &[2, 4, 16]).unwrap(),
+            &[0, 1],
+            &small.upload(&k, &[chunks, 2, 16]).unwrap(),
+            &offsets,
+            spec,
+        )
+        .unwrap();
+    let c = cpu
+        .routing_scores(
+            &cpu.upload(&q, &[2, 4, 16]).unwrap(),
+            &[0, 1],
+            &cpu.upload(&k, &[chunks, 2, 16]).unwrap(),
+            &offsets,
+            spec,
+        )
+        .unwrap();
+    assert_close(
+        "windowed routing",
+        &pollster::block_on(small.read(&g)).unwrap(),
+        &pollster::block_on(cpu.read(&c)).unwrap(),
+        TOL,
+    );
+    // Activations are bound whole: one larger than the cap is a clear error, not a wrong answer.
+    let big = small.upload(&vec![1.0; 2048], &[2048]).unwrap();
+    let err = small.add(&big, &big).unwrap_err().to_string();
+    assert!(err.contains("storage binding limit"), "{err}");
+}
+
+#[test]
+fn grids_past_65535_workgroups_are_tiled() {
+    let Some(gpu) = gpu() else { return };
+    // 70,000 workgroups of 64 invocations.
+    let n = 70_000 * 64 + 5;
+    let a: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
+    let t = gpu.upload(&a, &[n]).unwrap();
+    let sum = pollster::block_on(gpu.read(&gpu.add(&t, &t).unwrap())).unwrap();
+    assert!(sum.iter().zip(&a).all(|(s, a)| *s == 2.0 * a));
+}
+
+#[test]
+fn ops_record_into_one_submit_until_a_readback() {
+    let Some(gpu) = gpu() else { return };
+    let x = gpu.upload(&[1.0; 64], &[4, 16]).unwrap();
+    let before = gpu.stats();
+    let mut y = x.clone();
+    for _ in 0..10 {
+        y = gpu.add(&y, &x).unwrap();
+    }
+    let after_ops = gpu.stats() - before;
+    assert_eq!((after_ops.dispatches, after_ops.submits), (10, 0));
+    let values = pollster::block_on(gpu.read(&y)).unwrap();
+    assert_eq!(values, vec![11.0; 64]);
+    let after_read = gpu.stats() - before;
+    assert_eq!((after_read.submits, after_read.readbacks), (1, 1));
+}

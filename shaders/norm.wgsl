@@ -1,0 +1,51 @@
+// Row norms over the last dimension, one workgroup per row:
+// MODE 0: RMSNorm, w * x / sqrt(mean(x²) + eps) (per row for the hidden state, per head for q/k norm);
+// MODE 1: L2 normalisation, x / max(‖x‖₂, 1e-12) (cosine routing); the weight binding is then unused.
+
+override MODE: u32 = 0u;
+const WG: u32 = 64u;
+
+struct Params {
+    rows: u32,
+    width: u32,
+    eps: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+var<workgroup> partial: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+        @builtin(local_invocation_index) lane: u32) {
+    let row = flat_workgroup(wg, groups);
+    if row >= p.rows { return; }
+    let base = row * p.width;
+    var sum = 0.0;
+    for (var i = lane; i < p.width; i += WG) {
+        sum += x[base + i] * x[base + i];
+    }
+    partial[lane] = sum;
+    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+        workgroupBarrier();
+        if lane < stride {
+            partial[lane] += partial[lane + stride];
+        }
+    }
+    workgroupBarrier();
+    let total = partial[0];
+    if MODE == 0u {
+        let inv = 1.0 / sqrt(total / f32(p.width) + p.eps);
+        for (var i = lane; i < p.width; i += WG) {
+            y[base + i] = widen(w[word_of(i)], i) * (x[base + i] * inv);
+        }
+    } else {
+        let norm = max(sqrt(total), 1e-12);
+        for (var i = lane; i < p.width; i += WG) {
+            y[base + i] = x[base + i] / norm;
+        }
+    }
+}

@@ -1,0 +1,82 @@
+// Routing scores (MSA-SPEC §3.3 a), fused: no [heads × tokens × chunks] tensor is ever written.
+//
+// `score_chunks`: one invocation per pooled chunk. The routing query q [tokens, heads, d] (already
+// L2-normalised per head in cosine mode) is scored against the chunk's routing keys [kv_heads, d]
+// (query head h reads KV head h / group), reduced over heads (mean or max), then over routing tokens
+// (max or mean). The keys may be a window of a larger buffer: this dispatch scores chunks
+// [chunk_start, chunk_start + chunks), reading them from `key_base` in the window.
+//
+// `score_documents`: one invocation per document, reducing its contiguous chunk range (max or mean).
+
+struct Params {
+    chunks: u32,
+    chunk_start: u32,
+    key_base: u32,
+    tokens: u32,
+    heads: u32,
+    kv_heads: u32,
+    d: u32,
+    head_mean: u32,
+    query_mean: u32,
+    chunk_mean: u32,
+    documents: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> keys: array<f32>;
+@group(0) @binding(3) var<storage, read_write> chunk_scores: array<f32>;
+
+@compute @workgroup_size(64)
+fn score_chunks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+                @builtin(local_invocation_index) lane: u32) {
+    let c = flat_workgroup(wg, groups) * 64u + lane;
+    if c >= p.chunks { return; }
+    let group = p.heads / p.kv_heads;
+    let key = p.key_base + c * p.kv_heads * p.d;
+    var token_acc = select(LOWEST, 0.0, p.query_mean == 1u);
+    for (var t = 0u; t < p.tokens; t++) {
+        var head_acc = select(LOWEST, 0.0, p.head_mean == 1u);
+        for (var h = 0u; h < p.heads; h++) {
+            let kh = key + (h / group) * p.d;
+            let qh = (t * p.heads + h) * p.d;
+            var s = 0.0;
+            for (var i = 0u; i < p.d; i++) {
+                s += q[qh + i] * keys[kh + i];
+            }
+            s *= p.scale;
+            head_acc = select(max(head_acc, s), head_acc + s, p.head_mean == 1u);
+        }
+        if p.head_mean == 1u {
+            head_acc /= f32(p.heads);
+        }
+        token_acc = select(max(token_acc, head_acc), token_acc + head_acc, p.query_mean == 1u);
+    }
+    if p.query_mean == 1u {
+        token_acc /= f32(p.tokens);
+    }
+    chunk_scores[p.chunk_start + c] = token_acc;
+}
+
+@group(0) @binding(4) var<storage, read> all_chunk_scores: array<f32>;
+@group(0) @binding(5) var<storage, read> doc_chunk_offsets: array<u32>;   // [documents + 1]
+@group(0) @binding(6) var<storage, read_write> doc_scores: array<f32>;
+
+@compute @workgroup_size(64)
+fn score_documents(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+                   @builtin(local_invocation_index) lane: u32) {
+    let doc = flat_workgroup(wg, groups) * 64u + lane;
+    if doc >= p.documents { return; }
+    let first = doc_chunk_offsets[doc];
+    let end = doc_chunk_offsets[doc + 1u];
+    var acc = select(LOWEST, 0.0, p.chunk_mean == 1u);
+    for (var c = first; c < end; c++) {
+        let s = all_chunk_scores[c];
+        acc = select(max(acc, s), acc + s, p.chunk_mean == 1u);
+    }
+    if p.chunk_mean == 1u {
+        acc /= f32(end - first);
+    }
+    doc_scores[doc] = acc;
+}
