@@ -16,23 +16,26 @@
 //! # Ok::<(), msa::Error>(())
 //! ```
 //!
-//! [`Msa`] runs on the CPU reference backend and blocks. The async, backend-generic engine underneath is
-//! re-exported as [`engine`] and [`core`] for embedders that bring their own executor or backend.
+//! [`Msa::load`] runs on the CPU reference backend; [`Msa::load_wgpu`] runs every op as a WGSL compute
+//! shader on the best GPU adapter (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME` choose another). Calls block. The
+//! async, backend-generic engine underneath is re-exported as [`engine`], [`wgpu`] and [`core`] for
+//! embedders that bring their own executor or backend.
 
 use std::path::Path;
 
 pub use msa_core as core;
 pub use msa_engine as engine;
+pub use msa_wgpu as wgpu;
 
 pub use msa_core::{ModelConfig, SamplingParams, ScoreMode};
 pub use msa_engine::{
-    CpuBackend, EncodeProgress, Error, FinishReason, GenerateOptions, LayerRouting, Memory,
-    MemoryDocument, MemoryFingerprint, Result, RoutedDocument,
+    Backend, CpuBackend, EncodeProgress, Error, FinishReason, GenerateOptions, LayerRouting,
+    Memory, MemoryDocument, MemoryFingerprint, Result, RoutedDocument,
 };
 
-/// A model on the CPU reference backend, with blocking calls.
-pub struct Msa {
-    model: msa_engine::Model<CpuBackend>,
+/// A model on a backend (the CPU reference unless chosen otherwise), with blocking calls.
+pub struct Msa<B: Backend = CpuBackend> {
+    model: msa_engine::Model<B>,
 }
 
 /// A finished answer.
@@ -46,10 +49,29 @@ pub struct Answer {
 }
 
 impl Msa {
-    /// Loads `config.json`, the safetensors weights and `tokenizer.json` from a model directory.
+    /// Loads `config.json`, the safetensors weights and `tokenizer.json` from a model directory onto the
+    /// CPU reference backend.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        Msa::load_on(dir, CpuBackend::new())
+    }
+}
+
+impl Msa<msa_wgpu::WgpuBackend> {
+    /// Loads a model onto the GPU through wgpu (adapter chosen as [`msa_wgpu::DeviceOptions::from_env`]
+    /// says). Fails with a clear error when no adapter exists.
+    pub fn load_wgpu(dir: impl AsRef<Path>) -> Result<Self> {
+        let gpu = pollster::block_on(msa_wgpu::WgpuBackend::new(
+            msa_wgpu::DeviceOptions::from_env(),
+        ))?;
+        Msa::load_on(dir, gpu)
+    }
+}
+
+impl<B: Backend> Msa<B> {
+    /// Loads a model directory onto `backend`.
+    pub fn load_on(dir: impl AsRef<Path>, backend: B) -> Result<Self> {
         Ok(Msa {
-            model: msa_engine::Model::load(dir, CpuBackend::new())?,
+            model: msa_engine::Model::load(dir, backend)?,
         })
     }
 
@@ -58,12 +80,12 @@ impl Msa {
     }
 
     /// The engine model underneath, for token-level and traced calls.
-    pub fn model(&self) -> &msa_engine::Model<CpuBackend> {
+    pub fn model(&self) -> &msa_engine::Model<B> {
         &self.model
     }
 
     /// Encodes documents into a new memory (stage 1). Document `i` gets id `i`.
-    pub fn encode(&self, documents: &[impl AsRef<str>]) -> Result<Memory<CpuBackend>> {
+    pub fn encode(&self, documents: &[impl AsRef<str>]) -> Result<Memory<B>> {
         self.encode_with_progress(documents, |_| {})
     }
 
@@ -72,14 +94,14 @@ impl Msa {
         &self,
         documents: &[impl AsRef<str>],
         progress: impl FnMut(EncodeProgress),
-    ) -> Result<Memory<CpuBackend>> {
+    ) -> Result<Memory<B>> {
         pollster::block_on(self.model.encode_documents(documents, progress))
     }
 
     /// Appends documents to a memory; their ids continue after the existing ones.
     pub fn add_documents(
         &self,
-        memory: &mut Memory<CpuBackend>,
+        memory: &mut Memory<B>,
         documents: &[impl AsRef<str>],
     ) -> Result<()> {
         pollster::block_on(self.model.add_documents(memory, documents, |_| {}))
@@ -88,7 +110,7 @@ impl Msa {
     /// Answers a question from a memory.
     pub fn ask(
         &self,
-        memory: &Memory<CpuBackend>,
+        memory: &Memory<B>,
         question: &str,
         options: &GenerateOptions,
     ) -> Result<Answer> {
@@ -99,7 +121,7 @@ impl Msa {
     /// while the token ends inside a multi-byte character; the pieces always add up to `Answer::text`.
     pub fn ask_streaming(
         &self,
-        memory: &Memory<CpuBackend>,
+        memory: &Memory<B>,
         question: &str,
         options: &GenerateOptions,
         on_token: impl FnMut(u32, &str),
@@ -133,7 +155,7 @@ impl Msa {
 
     async fn stream(
         &self,
-        mut generation: msa_engine::Generation<'_, CpuBackend>,
+        mut generation: msa_engine::Generation<'_, B>,
         mut on_token: impl FnMut(u32, &str),
     ) -> Result<Answer> {
         let tokenizer = self.model.require_tokenizer()?;

@@ -16,12 +16,12 @@ const HIDDEN_ATOL: f32 = 1e-4;
 // The fixture notes allow ~1e-3; measured deviations are ~5e-6, so hold the engine 10x tighter.
 const LOGITS_ATOL: f32 = 1e-4;
 
-fn read(b: &CpuBackend, t: &<CpuBackend as Backend>::Tensor) -> Vec<f32> {
+fn read<B: Backend>(b: &B, t: &B::Tensor) -> Vec<f32> {
     pollster::block_on(b.read(t)).unwrap()
 }
 
-fn load() -> Model<CpuBackend> {
-    Model::load(fixture_dir(FIXTURE), CpuBackend::new()).expect("msa-tiny loads")
+fn load<B: Backend>(backend: B) -> Model<B> {
+    Model::load(fixture_dir(FIXTURE), backend).expect("msa-tiny loads")
 }
 
 fn documents() -> Vec<String> {
@@ -34,13 +34,13 @@ fn queries() -> Vec<String> {
     serde_json::from_str(&text).unwrap()
 }
 
-fn encode(model: &Model<CpuBackend>) -> Memory<CpuBackend> {
+fn encode<B: Backend>(model: &Model<B>) -> Memory<B> {
     pollster::block_on(model.encode_documents(&documents(), |_| {})).expect("memory encodes")
 }
 
 #[test]
 fn prompt_construction_matches_reference_token_ids() {
-    let model = load();
+    let model = load(CpuBackend::new());
     let tokenizer = model.tokenizer.as_ref().unwrap();
     let inputs = Golden::open(FIXTURE, "inputs.safetensors");
 
@@ -70,9 +70,8 @@ fn prompt_construction_matches_reference_token_ids() {
     }
 }
 
-#[test]
-fn stage1_memory_matches_reference() {
-    let model = load();
+fn stage1_memory_matches_reference<B: Backend>(backend: B) {
+    let model = load(backend);
     let memory = encode(&model);
     let b = &model.backend;
     let golden = Golden::open(FIXTURE, "golden.safetensors");
@@ -125,14 +124,13 @@ fn stage1_memory_matches_reference() {
             );
         }
     }
-    dev.print("msa-tiny stage 1");
+    dev.print(&format!("msa-tiny stage 1 on {}", model.backend.describe()));
 }
 
 /// In the packed stage-1 block every document (and the template head) attends only to itself at positions
 /// 0..n, so each segment's hidden states equal a plain causal forward over that segment alone.
-#[test]
-fn stage1_hidden_states_match_reference() {
-    let model = load();
+fn stage1_hidden_states_match_reference<B: Backend>(backend: B) {
+    let model = load(backend);
     let b = &model.backend;
     let inputs = Golden::open(FIXTURE, "inputs.safetensors");
     let golden = Golden::open(FIXTURE, "golden.safetensors");
@@ -172,12 +170,14 @@ fn stage1_hidden_states_match_reference() {
         assert_eq!(shape, [ids.len(), hidden]);
         dev.check(&name, ours, &want, HIDDEN_ATOL);
     }
-    dev.print("msa-tiny stage 1 hidden states");
+    dev.print(&format!(
+        "msa-tiny stage 1 hidden states on {}",
+        model.backend.describe()
+    ));
 }
 
-#[test]
-fn stage2_routing_context_and_logits_match_reference() {
-    let model = load();
+fn stage2_routing_context_and_logits_match_reference<B: Backend>(backend: B) {
+    let model = load(backend);
     let memory = encode(&model);
     let b = &model.backend;
     let tokenizer = model.tokenizer.as_ref().unwrap();
@@ -304,12 +304,11 @@ fn stage2_routing_context_and_logits_match_reference() {
         let name = format!("q{q}_logits_last");
         dev.check(&name, &last_logits, &golden.f32(&name).1, LOGITS_ATOL);
     }
-    dev.print("msa-tiny stage 2");
+    dev.print(&format!("msa-tiny stage 2 on {}", model.backend.describe()));
 }
 
-#[test]
-fn stage3_decode_logits_positions_and_greedy_tokens_match_reference() {
-    let model = load();
+fn stage3_decode_logits_positions_and_greedy_tokens_match_reference<B: Backend>(backend: B) {
+    let model = load(backend);
     let memory = encode(&model);
     let golden = Golden::open(FIXTURE, "golden.safetensors");
     let mut dev = Deviations::default();
@@ -366,5 +365,12 @@ fn stage3_decode_logits_positions_and_greedy_tokens_match_reference() {
             "query {q}: prompt + generation"
         );
     }
-    dev.print("msa-tiny stage 3");
+    dev.print(&format!("msa-tiny stage 3 on {}", model.backend.describe()));
 }
+
+on_every_backend!(
+    stage1_memory_matches_reference,
+    stage1_hidden_states_match_reference,
+    stage2_routing_context_and_logits_match_reference,
+    stage3_decode_logits_positions_and_greedy_tokens_match_reference,
+);

@@ -5,20 +5,19 @@
 mod common;
 
 use common::{Deviations, Golden, fixture_dir};
-use msa::engine::{Backend, CpuBackend, Model, Trace};
+use msa::engine::{Backend, Model, Trace};
 use msa::{GenerateOptions, SamplingParams};
 
 const FIXTURE: &str = "qwen3-tiny";
 const HIDDEN_ATOL: f32 = 1e-4;
 const LOGITS_ATOL: f32 = 1e-4;
 
-fn read(b: &CpuBackend, t: &<CpuBackend as Backend>::Tensor) -> Vec<f32> {
+fn read<B: Backend>(b: &B, t: &B::Tensor) -> Vec<f32> {
     pollster::block_on(b.read(t)).unwrap()
 }
 
-#[test]
-fn dense_qwen3_matches_transformers() {
-    let model = Model::load(fixture_dir(FIXTURE), CpuBackend::new()).expect("qwen3-tiny loads");
+fn dense_qwen3_matches_transformers<B: Backend>(backend: B) {
+    let model = Model::load(fixture_dir(FIXTURE), backend).expect("qwen3-tiny loads");
     assert!(model.config.msa.is_none() && !model.config.tie_word_embeddings);
     let b = &model.backend;
     let inputs = Golden::open(FIXTURE, "inputs.safetensors");
@@ -98,5 +97,7 @@ fn dense_qwen3_matches_transformers() {
         &golden.f32("logits_full_sequence").1,
         LOGITS_ATOL,
     );
-    dev.print("qwen3-tiny");
+    dev.print(&format!("qwen3-tiny on {}", model.backend.describe()));
 }
+
+on_every_backend!(dense_qwen3_matches_transformers);

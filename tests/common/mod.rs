@@ -8,6 +8,44 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
+/// Every golden check runs on each backend: `on_every_backend!(test_fn, ...)` makes a `cpu` and a `wgpu`
+/// module with one `#[test]` per function, calling `test_fn(backend)`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod cpu {
+            $(#[test]
+            fn $name() {
+                super::$name(msa::engine::CpuBackend::new());
+            })*
+        }
+        mod wgpu {
+            $(#[test]
+            fn $name() {
+                if let Some(gpu) = super::common::wgpu_backend() {
+                    super::$name(gpu);
+                }
+            })*
+        }
+    };
+}
+
+/// The wgpu backend on the environment's adapter. With `CI` set, no adapter is a failure, not a skip.
+pub fn wgpu_backend() -> Option<msa::wgpu::WgpuBackend> {
+    match pollster::block_on(msa::wgpu::WgpuBackend::new(
+        msa::wgpu::DeviceOptions::from_env(),
+    )) {
+        Ok(gpu) => Some(gpu),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("CI is set and no wgpu adapter opened: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping the wgpu run: {e}");
+            None
+        }
+    }
+}
+
 pub fn fixture_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
