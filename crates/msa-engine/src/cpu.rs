@@ -469,16 +469,21 @@ pub fn select_top_k(scores: &[f32], k: usize) -> Vec<Scored> {
         let s = scores[i as usize];
         if s.is_nan() { f32::NEG_INFINITY } else { s }
     };
-    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
-    order.sort_by(|&a, &b| {
-        key(b)
-            .partial_cmp(&key(a))
+    let order_of = |a: &u32, b: &u32| {
+        key(*b)
+            .partial_cmp(&key(*a))
             .expect("NaN was mapped away")
-            .then(a.cmp(&b))
-    });
+            .then(a.cmp(b))
+    };
+    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
+    // A selection, then a sort of the k survivors: O(n) for the small k of routing and greedy decoding.
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, order_of);
+    }
+    order.truncate(k);
+    order.sort_by(order_of);
     order
         .into_iter()
-        .take(k)
         .map(|index| Scored {
             index,
             score: scores[index as usize],

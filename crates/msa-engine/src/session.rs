@@ -96,10 +96,31 @@ impl<'m, B: Backend> Session<'m, B> {
 
     /// Feeds one token (stage 3) and returns the logits of the next.
     pub async fn decode(&mut self, token: u32) -> Result<Vec<f32>> {
+        let logits = self.decode_on_device(token).await?;
+        self.model.backend.read(&logits).await
+    }
+
+    /// Feeds one token and picks the next greedily on the backend: only the chosen id and its logit come
+    /// back to the host, not the vocabulary's logits. Ties go to the lower id, as in greedy sampling.
+    pub async fn decode_greedy(&mut self, token: u32) -> Result<u32> {
+        let logits = self.decode_on_device(token).await?;
+        let b = &self.model.backend;
+        let vocab = b.shape(&logits)[1];
+        let best = b.top_k(&b.reshape(&logits, &[vocab])?, 1).await?;
+        match best.first() {
+            Some(best) if !best.score.is_nan() && best.score != f32::INFINITY => Ok(best.index),
+            Some(best) => {
+                Err(msa_core::Error::Sampling(format!("logits contain {}", best.score)).into())
+            }
+            None => Err(msa_core::Error::Sampling("empty logits".into()).into()),
+        }
+    }
+
+    async fn decode_on_device(&mut self, token: u32) -> Result<B::Tensor> {
         let position = self.next_position;
         let hidden = self.forward(&[token], &[position], None, None).await?;
         let (_, logits) = self.model.logits(&hidden)?;
-        self.model.backend.read(&logits).await
+        Ok(logits)
     }
 
     /// Runs a block of tokens through every layer, attending over (and extending) the stored context.
@@ -429,14 +450,20 @@ impl<'m, B: Backend> Generation<'m, B> {
             self.finish = Some(FinishReason::Length);
             return Ok(None);
         }
-        if let Some(token) = self.pending.take() {
-            self.logits = Some(self.session.decode(token).await?);
-        }
-        let logits = self
-            .logits
-            .take()
-            .expect("logits follow every prefill and decode");
-        let token = self.sampler.sample(&logits)?;
+        let token = match self.pending.take() {
+            // Greedy decoding reads back one id per token instead of the vocabulary's logits.
+            Some(previous) if self.sampler.is_greedy() => {
+                self.session.decode_greedy(previous).await?
+            }
+            Some(previous) => {
+                let logits = self.session.decode(previous).await?;
+                self.sampler.sample(&logits)?
+            }
+            None => {
+                let logits = self.logits.take().expect("logits follow every prefill");
+                self.sampler.sample(&logits)?
+            }
+        };
         self.produced += 1;
         if self.stop_tokens.contains(&token) {
             self.finish = Some(FinishReason::Stop);

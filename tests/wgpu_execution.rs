@@ -1,0 +1,66 @@
+//! The wgpu execution model on the msa-tiny fixture: ops record into one command encoder and are submitted
+//! only when the host needs a value, so a question's prefill submits once per router layer (the top-k ids)
+//! plus once for the first token's logits, and each greedy decode step submits once and reads back one id.
+
+mod common;
+
+use common::{fixture_dir, wgpu_backend};
+use msa::engine::{Backend, Model};
+use msa::{GenerateOptions, SamplingParams};
+
+#[test]
+fn prefill_submits_once_per_router_layer_and_decode_once_per_token() {
+    let Some(gpu) = wgpu_backend() else { return };
+    let model = Model::load(fixture_dir("msa-tiny"), gpu.clone()).unwrap();
+    let read_json = |file: &str| -> Vec<String> {
+        let text = std::fs::read_to_string(fixture_dir("msa-tiny").join(file)).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let (documents, questions) = (read_json("memory.json"), read_json("queries.json"));
+    let memory = pollster::block_on(model.encode_documents(&documents, |_| {})).unwrap();
+    let router_layers = model.config.msa.as_ref().unwrap().router_layers.len() as u64;
+
+    let before = gpu.stats();
+    let (session, logits) =
+        pollster::block_on(model.prefill_question(&memory, &questions[0])).unwrap();
+    let prefill = gpu.stats() - before;
+    assert_eq!(prefill.submits, router_layers + 1, "{prefill:?}");
+    assert_eq!(prefill.readbacks, router_layers + 1, "{prefill:?}");
+
+    let options = GenerateOptions {
+        max_tokens: 6,
+        sampling: SamplingParams::greedy(),
+        stop_tokens: Some(Vec::new()),
+    };
+    let mut generation = model.generation(session, logits, &options).unwrap();
+    let before = gpu.stats();
+    let tokens = pollster::block_on(generation.collect_tokens()).unwrap();
+    let decode = gpu.stats() - before;
+    let steps = tokens.len() as u64 - 1; // the first token comes from the prefill's logits
+    assert_eq!(tokens.len(), 6);
+    assert_eq!(
+        (decode.submits, decode.readbacks),
+        (steps, steps),
+        "{decode:?}"
+    );
+    assert_eq!(
+        decode.readback_bytes,
+        steps * 8,
+        "one (logit, id) pair per token"
+    );
+    let per_token = decode.dispatches / steps;
+    eprintln!(
+        "{}: {per_token} dispatches, 1 submit, 8 bytes read back per decoded token",
+        gpu.describe()
+    );
+
+    // The same tokens as the CPU reference.
+    let cpu = Model::load(fixture_dir("msa-tiny"), msa::CpuBackend::new()).unwrap();
+    let cpu_memory = pollster::block_on(cpu.encode_documents(&documents, |_| {})).unwrap();
+    let cpu_tokens = pollster::block_on(async {
+        let mut g = cpu.ask(&cpu_memory, &questions[0], &options).await?;
+        g.collect_tokens().await
+    })
+    .unwrap();
+    assert_eq!(tokens, cpu_tokens);
+}
