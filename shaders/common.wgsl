@@ -10,9 +10,25 @@ fn widen(word: u32, i: u32) -> f32 {
     let half_bits = select(word & 0xffffu, word >> 16u, (i & 1u) == 1u);
     switch DTYPE {
         case 1u: { return bitcast<f32>(half_bits << 16u); }
-        case 2u: { return unpack2x16float(half_bits).x; }
+        case 2u: { return f16_bits_to_f32(half_bits); }
         default: { return bitcast<f32>(word); }
     }
+}
+
+// IEEE binary16 → f32, exact, in integer arithmetic (needs neither `shader-f16` nor unpack2x16float,
+// which some downlevel backends lack).
+fn f16_bits_to_f32(h: u32) -> f32 {
+    let sign = (h & 0x8000u) << 16u;
+    let exponent = (h >> 10u) & 0x1fu;
+    let mantissa = h & 0x3ffu;
+    if exponent == 0u {
+        // Zero or subnormal: mantissa × 2^-24.
+        return bitcast<f32>(sign | bitcast<u32>(f32(mantissa) * 5.9604645e-8));
+    }
+    if exponent == 31u {
+        return bitcast<f32>(sign | 0x7f800000u | (mantissa << 13u));
+    }
+    return bitcast<f32>(sign | ((exponent + 112u) << 23u) | (mantissa << 13u));
 }
 
 // Index of the u32 word holding element `i`.

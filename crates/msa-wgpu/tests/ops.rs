@@ -33,9 +33,18 @@ fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 
-/// Largest |a - b| relative to max(1, largest |b|).
+/// Largest |a - b| relative to max(1, largest |b|); a tolerance of 0 means bit-identical.
 fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], tol: f32) {
     assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    if tol == 0.0 {
+        if let Some(i) = (0..gpu.len()).find(|&i| gpu[i].to_bits() != cpu[i].to_bits()) {
+            panic!(
+                "{what}: element {i} is {:e}, the reference {:e}",
+                gpu[i], cpu[i]
+            );
+        }
+        return;
+    }
     let scale = cpu.iter().fold(1.0f32, |m, v| m.max(v.abs()));
     let worst = gpu
         .iter()
@@ -103,7 +112,19 @@ fn embedding_and_gather_rows_match() {
     let mut rng = StdRng::seed_from_u64(1);
     for dtype in DTYPES {
         for (vocab, hidden) in [(1, 1), (7, 7), (65, 63), (300, 130)] {
-            let values = random(&mut rng, vocab * hidden);
+            let mut values = random(&mut rng, vocab * hidden);
+            // Subnormals, extremes, signed zero and infinities of every dtype widen exactly too.
+            let specials = [
+                1e-6,
+                -3e-7,
+                6e-8,
+                65504.0,
+                -0.0,
+                1e30,
+                f32::INFINITY,
+                -1e-40,
+            ];
+            values.iter_mut().zip(specials).for_each(|(v, s)| *v = s);
             let bytes = weight_bytes(&values, dtype);
             let shape = [vocab, hidden];
             let view = TensorView {
@@ -117,7 +138,13 @@ fn embedding_and_gather_rows_match() {
                 p.cpu.upload_weight(view).unwrap(),
             );
             let ids: Vec<u32> = (0..vocab.min(9) * 3)
-                .map(|_| rng.random_range(0..vocab as u32))
+                .map(|i| {
+                    if i == 0 {
+                        0
+                    } else {
+                        rng.random_range(0..vocab as u32)
+                    }
+                })
                 .collect();
             let what = format!("embedding {dtype} {vocab}x{hidden}");
             // Widening is exact: no tolerance.
