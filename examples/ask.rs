@@ -3,7 +3,11 @@
 //!
 //! ```text
 //! cargo run --release --example ask -- [MODEL_DIR] [--memory FILE.json] [--queries FILE.json] [--max-tokens N]
+//!                                        [--backend cpu|wgpu]
 //! ```
+//!
+//! `--backend wgpu` runs every op as a WGSL compute shader on the best GPU adapter (`WGPU_ADAPTER_NAME`
+//! and `WGPU_BACKEND` choose another); the default is the CPU reference.
 //!
 //! `MODEL_DIR` defaults to the bundled tiny model `tests/fixtures/msa-tiny`; `--memory` and `--queries`
 //! default to `MODEL_DIR/memory.json` and `MODEL_DIR/queries.json` (JSON lists of strings).
@@ -12,13 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use msa::{GenerateOptions, Msa};
+use msa::{Backend, GenerateOptions, Msa};
 
 struct Args {
     model: PathBuf,
     memory: Option<PathBuf>,
     queries: Option<PathBuf>,
     max_tokens: usize,
+    wgpu: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -27,6 +32,7 @@ fn parse_args() -> Result<Args, String> {
         memory: None,
         queries: None,
         max_tokens: 8,
+        wgpu: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -39,9 +45,16 @@ fn parse_args() -> Result<Args, String> {
                     .parse()
                     .map_err(|_| "--max-tokens needs a number".to_string())?
             }
+            "--backend" => {
+                args.wgpu = match value("--backend")?.as_str() {
+                    "cpu" => false,
+                    "wgpu" => true,
+                    other => return Err(format!("--backend is cpu or wgpu, not {other}")),
+                }
+            }
             "-h" | "--help" => {
                 return Err(
-                    "usage: ask [MODEL_DIR] [--memory FILE.json] [--queries FILE.json] [--max-tokens N]"
+                    "usage: ask [MODEL_DIR] [--memory FILE.json] [--queries FILE.json] [--max-tokens N] [--backend cpu|wgpu]"
                         .into(),
                 );
             }
@@ -60,7 +73,18 @@ fn read_strings(path: &Path) -> Result<Vec<String>, String> {
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
-    let msa = Msa::load(&args.model)?;
+    if args.wgpu {
+        answer(Msa::load_wgpu(&args.model)?, args, started)
+    } else {
+        answer(Msa::load(&args.model)?, args, started)
+    }
+}
+
+fn answer<B: Backend>(
+    msa: Msa<B>,
+    args: Args,
+    started: Instant,
+) -> Result<(), Box<dyn std::error::Error>> {
     let config = msa.config();
     let routing = config
         .msa
@@ -99,7 +123,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         memory.documents().len(),
         memory.chunk_count(),
         tokens as f64 / seconds,
-        msa::engine::Backend::describe(&msa.model().backend),
+        msa.model().backend.describe(),
     );
 
     let options = GenerateOptions {

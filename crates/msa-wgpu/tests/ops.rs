@@ -527,3 +527,44 @@ fn ops_record_into_one_submit_until_a_readback() {
     let after_read = gpu.stats() - before;
     assert_eq!((after_read.submits, after_read.readbacks), (1, 1));
 }
+
+#[test]
+fn an_unknown_adapter_name_lists_the_adapters_found() {
+    let Some(gpu) = gpu() else { return };
+    let options = DeviceOptions {
+        adapter: Some("no-such-gpu-anywhere".into()),
+        ..DeviceOptions::default()
+    };
+    let error = match pollster::block_on(WgpuBackend::new(options)) {
+        Ok(_) => panic!("matched a made-up adapter name"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("no-such-gpu-anywhere"), "{error}");
+    assert!(error.contains(&gpu.adapter_info().name), "{error}");
+    // Picking by part of the real name, in any case, opens that adapter.
+    let part: String = gpu.adapter_info().name.chars().take(4).collect();
+    let named = gpu_with(DeviceOptions {
+        adapter: Some(part.to_uppercase()),
+        ..DeviceOptions::default()
+    })
+    .expect("the named adapter opens");
+    assert_eq!(named.adapter_info().name, gpu.adapter_info().name);
+}
+
+#[test]
+fn a_tensor_past_the_largest_buffer_is_refused_before_allocation() {
+    let Some(gpu) = gpu() else { return };
+    // Concatenating one 1 MiB tensor with itself until the result passes the adapter's buffer limit.
+    let part = gpu.upload(&vec![0.5; 1 << 18], &[1 << 18]).unwrap();
+    let copies = (gpu.capabilities().max_buffer_bytes >> 20) as usize + 1;
+    let err = gpu
+        .concat_rows(&vec![&part; copies])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("exceed the largest buffer"), "{err}");
+    // The device is still usable afterwards.
+    assert_eq!(
+        pollster::block_on(gpu.read(&gpu.add(&part, &part).unwrap())).unwrap()[0],
+        1.0
+    );
+}
