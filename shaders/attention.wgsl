@@ -31,37 +31,11 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> stats: array<vec2<f32>>;   // (m, l) per (row, head, split)
 
 var<workgroup> q_tile: array<f32, MAX_HEAD_DIM>;
-var<workgroup> probs: array<f32, WG>;
-var<workgroup> scratch: array<f32, WG>;
+var<workgroup> scores: array<f32, WG>;
 
-fn workgroup_max(lane: u32, value: f32) -> f32 {
-    scratch[lane] = value;
-    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-        workgroupBarrier();
-        if lane < stride {
-            scratch[lane] = max(scratch[lane], scratch[lane + stride]);
-        }
-    }
-    workgroupBarrier();
-    let result = scratch[0];
-    workgroupBarrier();
-    return result;
-}
-
-fn workgroup_sum(lane: u32, value: f32) -> f32 {
-    scratch[lane] = value;
-    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-        workgroupBarrier();
-        if lane < stride {
-            scratch[lane] += scratch[lane + stride];
-        }
-    }
-    workgroupBarrier();
-    let result = scratch[0];
-    workgroupBarrier();
-    return result;
-}
-
+// Per tile of WG keys: each invocation scores one key, then every invocation reads all the tile's scores
+// from workgroup memory and updates the output dims it owns. Two barriers per tile and no reduction
+// trees: software adapters pay dearly for every barrier.
 @compute @workgroup_size(WG)
 fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
           @builtin(local_invocation_index) lane: u32) {
@@ -95,22 +69,30 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
             }
             score = s;
         }
-        let m_new = max(m, workgroup_max(lane, score));
-        let prob = select(0.0, exp(score - m_new), j < end);
-        probs[lane] = prob;
-        let correction = exp(m - m_new);
-        l = l * correction + workgroup_sum(lane, prob);
+        scores[lane] = score;
+        workgroupBarrier();
         let count = min(WG, end - t0);
+        var m_new = m;
+        for (var jj = 0u; jj < count; jj++) {
+            m_new = max(m_new, scores[jj]);
+        }
+        let correction = exp(m - m_new);
         for (var c = 0u; c < DIMS; c++) {
-            let dim = lane + c * WG;
-            if dim < p.d {
-                var a = acc[c] * correction;
-                for (var jj = 0u; jj < count; jj++) {
-                    a += probs[jj] * v[((t0 + jj) * p.kv_heads + g) * p.d + dim];
+            acc[c] *= correction;
+        }
+        var tile_sum = 0.0;
+        for (var jj = 0u; jj < count; jj++) {
+            let prob = exp(scores[jj] - m_new);
+            tile_sum += prob;
+            let value = ((t0 + jj) * p.kv_heads + g) * p.d;
+            for (var c = 0u; c < DIMS; c++) {
+                let dim = lane + c * WG;
+                if dim < p.d {
+                    acc[c] += prob * v[value + dim];
                 }
-                acc[c] = a;
             }
         }
+        l = l * correction + tile_sum;
         m = m_new;
         workgroupBarrier();
     }

@@ -1,11 +1,11 @@
 // y = x · Wᵀ for x [n, inner] f32 and a packed weight W [out, inner] (f32 / bf16 / f16, widened exactly),
-// f32 accumulation. One workgroup per (output column, block of ROWS rows): its invocations stride over
-// `inner` so weight reads are contiguous across the workgroup, then reduce in workgroup memory. For a
-// single token this is the decode GEMV; for prefill every weight row is read once per ROWS tokens.
+// f32 accumulation. One invocation per (output column, block of ROWS rows): it streams its weight row
+// once and applies it to ROWS rows of x, which every invocation of the workgroup reads alike. No
+// workgroup barriers, which software adapters (lavapipe, SwiftShader) execute very slowly.
+// ROWS is 1 for a single token (decode GEMV) and 4 for a block (prefill GEMM).
 // The weight may be a window of a larger buffer: this dispatch covers columns [col_start, col_start + cols).
 
-const WG: u32 = 64u;
-const ROWS: u32 = 4u;
+override ROWS: u32 = 4u;   // 1..=4
 
 struct Params {
     n: u32,
@@ -22,37 +22,42 @@ struct Params {
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
-var<workgroup> partial: array<array<f32, WG>, ROWS>;
-
-@compute @workgroup_size(WG)
+@compute @workgroup_size(64)
 fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
           @builtin(local_invocation_index) lane: u32) {
-    let id = flat_workgroup(wg, groups);
-    if id >= p.cols * p.row_blocks { return; }
-    let col = id % p.cols;
-    let row0 = (id / p.cols) * ROWS;
-    let rows = min(ROWS, p.n - row0);
-    let w_row = p.w_base + col * p.inner;
-    var acc: array<f32, ROWS>;
-    for (var k = lane; k < p.inner; k += WG) {
-        let i = w_row + k;
-        let wk = widen(w[word_of(i)], i);
-        for (var r = 0u; r < rows; r++) {
-            acc[r] += x[(row0 + r) * p.inner + k] * wk;
-        }
-    }
+    let t = flat_workgroup(wg, groups) * 64u + lane;
+    if t >= p.cols * p.row_blocks { return; }
+    let col = t % p.cols;
+    let row0 = (t / p.cols) * ROWS;
+    // Rows past n repeat the last row; their results are not stored.
+    var x_row: array<u32, 4>;
     for (var r = 0u; r < ROWS; r++) {
-        partial[r][lane] = acc[r];
+        x_row[r] = min(row0 + r, p.n - 1u) * p.inner;
     }
-    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-        workgroupBarrier();
-        if lane < stride {
+    let w_row = p.w_base + col * p.inner;
+    var acc: array<f32, 4>;
+    var k = 0u;
+    if DTYPE != 0u && (w_row & 1u) == 0u {
+        // Packed pairs: one load for two weights.
+        for (; k + 1u < p.inner; k += 2u) {
+            let word = w[(w_row + k) >> 1u];
+            let w0 = widen(word, 0u);
+            let w1 = widen(word, 1u);
             for (var r = 0u; r < ROWS; r++) {
-                partial[r][lane] += partial[r][lane + stride];
+                acc[r] += x[x_row[r] + k] * w0 + x[x_row[r] + k + 1u] * w1;
             }
         }
     }
-    if lane < rows {
-        y[(row0 + lane) * p.out_features + p.col_start + col] = partial[lane][0];
+    for (; k < p.inner; k++) {
+        let i = w_row + k;
+        let wk = widen(w[word_of(i)], i);
+        for (var r = 0u; r < ROWS; r++) {
+            acc[r] += x[x_row[r] + k] * wk;
+        }
+    }
+    for (var r = 0u; r < ROWS; r++) {
+        if row0 + r < p.n {
+            y[(row0 + r) * p.out_features + p.col_start + col] = acc[r];
+        }
     }
 }

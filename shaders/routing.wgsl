@@ -7,13 +7,16 @@
 // [chunk_start, chunk_start + chunks), reading them from `key_base` in the window.
 //
 // `score_documents`: one invocation per document, reducing its contiguous chunk range (max or mean).
+//
+// `sum_groups` prepares the head mean: (1/H) Σ_h <q_h, k_{h/group}> = (1/H) Σ_g <Σ_{h in g} q_h, k_g>, so
+// the query heads sharing a KV head are summed once and each key is read with one dot per KV head.
 
 struct Params {
     chunks: u32,
     chunk_start: u32,
     key_base: u32,
     tokens: u32,
-    heads: u32,
+    q_heads: u32,     // query heads in q (the KV heads after sum_groups)
     kv_heads: u32,
     d: u32,
     head_mean: u32,
@@ -21,6 +24,7 @@ struct Params {
     chunk_mean: u32,
     documents: u32,
     scale: f32,
+    inv_heads: f32,   // 1 / the model's query heads, for the head mean
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -33,14 +37,14 @@ fn score_chunks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) g
                 @builtin(local_invocation_index) lane: u32) {
     let c = flat_workgroup(wg, groups) * 64u + lane;
     if c >= p.chunks { return; }
-    let group = p.heads / p.kv_heads;
+    let group = p.q_heads / p.kv_heads;
     let key = p.key_base + c * p.kv_heads * p.d;
     var token_acc = select(LOWEST, 0.0, p.query_mean == 1u);
     for (var t = 0u; t < p.tokens; t++) {
         var head_acc = select(LOWEST, 0.0, p.head_mean == 1u);
-        for (var h = 0u; h < p.heads; h++) {
+        for (var h = 0u; h < p.q_heads; h++) {
             let kh = key + (h / group) * p.d;
-            let qh = (t * p.heads + h) * p.d;
+            let qh = (t * p.q_heads + h) * p.d;
             var s = 0.0;
             for (var i = 0u; i < p.d; i++) {
                 s += q[qh + i] * keys[kh + i];
@@ -49,7 +53,7 @@ fn score_chunks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) g
             head_acc = select(max(head_acc, s), head_acc + s, p.head_mean == 1u);
         }
         if p.head_mean == 1u {
-            head_acc /= f32(p.heads);
+            head_acc *= p.inv_heads;
         }
         token_acc = select(max(token_acc, head_acc), token_acc + head_acc, p.query_mean == 1u);
     }
@@ -79,4 +83,23 @@ fn score_documents(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
         acc /= f32(end - first);
     }
     doc_scores[doc] = acc;
+}
+
+@group(0) @binding(7) var<storage, read_write> summed: array<f32>;   // [tokens, kv_heads, d]
+
+// One invocation per element of the summed query; `q_heads` is the model's query heads here.
+@compute @workgroup_size(64)
+fn sum_groups(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+              @builtin(local_invocation_index) lane: u32) {
+    let e = flat_workgroup(wg, groups) * 64u + lane;
+    if e >= p.tokens * p.kv_heads * p.d { return; }
+    let group = p.q_heads / p.kv_heads;
+    let i = e % p.d;
+    let tg = e / p.d;               // t * kv_heads + g
+    let first = tg * group * p.d;   // q[t, g * group, 0]
+    var sum = 0.0;
+    for (var j = 0u; j < group; j++) {
+        sum += q[first + j * p.d + i];
+    }
+    summed[e] = sum;
 }

@@ -256,13 +256,13 @@ impl WgpuBackend {
         let doc_scores = self.tensor(dims.documents, vec![dims.documents], "document scores")?;
         self.fits(&[&chunk_scores, &doc_scores], "routing_scores")?;
         let flag = |b: bool| u32::from(b);
-        let params = |chunks: usize, chunk_start: usize, key_base: u32| {
+        let params = |chunks: usize, chunk_start: usize, key_base: u32, q_heads: usize| {
             [
                 chunks as u32,
                 chunk_start as u32,
                 key_base,
                 tokens as u32,
-                dims.heads as u32,
+                q_heads as u32,
                 dims.kv_heads as u32,
                 dims.d as u32,
                 flag(spec.head_reduce == HeadReduce::Mean),
@@ -270,7 +270,25 @@ impl WgpuBackend {
                 flag(spec.chunk_reduce == ChunkReduce::Mean),
                 dims.documents as u32,
                 scale.to_bits(),
+                (1.0 / dims.heads as f32).to_bits(),
             ]
+        };
+        // The head mean reads each key once per KV head: sum every group's query heads first.
+        let (q, q_heads) = if spec.head_reduce == HeadReduce::Mean && dims.heads > dims.kv_heads {
+            let summed = self.tensor(
+                tokens * row,
+                vec![tokens, dims.kv_heads, dims.d],
+                "summed query",
+            )?;
+            self.ctx.dispatch(
+                &Kernel::new(Family::Routing, "sum_groups"),
+                &params(0, 0, 0, dims.heads),
+                &[bind(1, &q.buffer), bind(7, &summed.buffer)],
+                (tokens * row).div_ceil(LANES),
+            )?;
+            (summed, dims.kv_heads)
+        } else {
+            (q.clone(), dims.heads)
         };
         let score_chunks = Kernel::new(Family::Routing, "score_chunks");
         for window in self
@@ -280,7 +298,7 @@ impl WgpuBackend {
             let chunks = window.rows.len();
             self.ctx.dispatch(
                 &score_chunks,
-                &params(chunks, window.rows.start, window.base),
+                &params(chunks, window.rows.start, window.base, q_heads),
                 &[
                     bind(1, &q.buffer),
                     bind(2, &keys.buffer).window(window.offset, window.size),
@@ -292,7 +310,7 @@ impl WgpuBackend {
         let offsets = self.upload_u32(doc_chunk_offsets, "document chunk offsets")?;
         self.ctx.dispatch(
             &Kernel::new(Family::Routing, "score_documents"),
-            &params(dims.chunks, 0, 0),
+            &params(dims.chunks, 0, 0, q_heads),
             &[
                 bind(4, &chunk_scores.buffer),
                 bind(5, &offsets),
@@ -399,9 +417,12 @@ impl Backend for WgpuBackend {
         if n == 0 {
             return Ok(out);
         }
-        const ROWS: usize = 4; // ROWS in matmul.wgsl
-        let row_blocks = n.div_ceil(ROWS);
-        let kernel = Kernel::new(Family::Matmul, "matmul").with("DTYPE", dtype_code(weight.dtype));
+        // One row per invocation for a single token, blocks of 4 (the kernel's maximum) otherwise.
+        let rows_per_invocation = if n == 1 { 1 } else { 4 };
+        let row_blocks = n.div_ceil(rows_per_invocation);
+        let kernel = Kernel::new(Family::Matmul, "matmul")
+            .with("DTYPE", dtype_code(weight.dtype))
+            .with("ROWS", rows_per_invocation as u32);
         let windows = self.ctx.windows(
             "matmul weight",
             weight.buffer.size(),
@@ -428,7 +449,7 @@ impl Backend for WgpuBackend {
                     bind(2, &weight.buffer).window(window.offset, window.size),
                     bind(3, &out.buffer),
                 ],
-                cols * row_blocks,
+                (cols * row_blocks).div_ceil(LANES),
             )?;
         }
         Ok(out)
