@@ -32,10 +32,14 @@ struct Params {
 
 var<workgroup> q_tile: array<f32, MAX_HEAD_DIM>;
 var<workgroup> scores: array<f32, WG>;
+var<workgroup> probs: array<f32, WG>;
 
-// Per tile of WG keys: each invocation scores one key, then every invocation reads all the tile's scores
-// from workgroup memory and updates the output dims it owns. Two barriers per tile and no reduction
-// trees: software adapters pay dearly for every barrier.
+// Per tile of WG keys: each invocation scores one key; after a barrier every invocation takes the tile's
+// max from workgroup memory and turns its own score into a probability; after a second barrier every
+// invocation updates the output dims it owns from all the tile's probabilities. Two barriers per tile
+// and no reduction trees: software adapters pay dearly for every barrier. The next tile writes `scores`
+// only after everyone has read them (before the second barrier) and `probs` only after its own first
+// barrier, so no third barrier is needed.
 @compute @workgroup_size(WG)
 fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
           @builtin(local_invocation_index) lane: u32) {
@@ -76,13 +80,15 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         for (var jj = 0u; jj < count; jj++) {
             m_new = max(m_new, scores[jj]);
         }
+        probs[lane] = select(0.0, exp(score - m_new), j < end);
+        workgroupBarrier();
         let correction = exp(m - m_new);
         for (var c = 0u; c < DIMS; c++) {
             acc[c] *= correction;
         }
         var tile_sum = 0.0;
         for (var jj = 0u; jj < count; jj++) {
-            let prob = exp(scores[jj] - m_new);
+            let prob = probs[jj];
             tile_sum += prob;
             let value = ((t0 + jj) * p.kv_heads + g) * p.d;
             for (var c = 0u; c < DIMS; c++) {
@@ -94,7 +100,6 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         }
         l = l * correction + tile_sum;
         m = m_new;
-        workgroupBarrier();
     }
 
     for (var c = 0u; c < DIMS; c++) {

@@ -12,7 +12,7 @@ use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorVie
 use rayon::prelude::*;
 
 use crate::backend::{AttentionMask, Backend, RoutingSpec, Scored};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::shapes;
 
 /// A host f32 tensor; clones share the data.
@@ -147,18 +147,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_weight(&self, view: TensorView<'_>) -> Result<CpuWeight> {
-        if view.bytes.len() != view.element_count() * view.dtype.size_in_bytes() {
-            return Err(Error::shape(
-                "upload_weight",
-                format!(
-                    "`{}`: {} bytes for shape {:?} of {}",
-                    view.name,
-                    view.bytes.len(),
-                    view.shape,
-                    view.dtype
-                ),
-            ));
-        }
+        shapes::check_weight_bytes(&view)?;
         // Tensor data inside a safetensors file need not be aligned: collect, never cast in place.
         let values = match view.dtype {
             DType::F32 => Stored::F32(bytemuck::pod_collect_to_vec(view.bytes)),

@@ -63,6 +63,23 @@ pub fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
     }
 }
 
+/// The bytes of a weight fill its shape in its dtype.
+pub fn check_weight_bytes(view: &msa_core::TensorView<'_>) -> Result<()> {
+    if view.bytes.len() != view.element_count() * view.dtype.size_in_bytes() {
+        return Err(Error::shape(
+            "upload_weight",
+            format!(
+                "`{}`: {} bytes for shape {:?} of {}",
+                view.name,
+                view.bytes.len(),
+                view.shape,
+                view.dtype
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `(n, inner, out_features)` of `x [n, inner] · Wᵀ` with `W [out, inner]`.
 pub fn matmul_dims(x: &[usize], weight: &[usize]) -> Result<(usize, usize, usize)> {
     let (n, inner) = rows_and_width(x);

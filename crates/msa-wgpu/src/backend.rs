@@ -355,18 +355,7 @@ impl Backend for WgpuBackend {
     }
 
     fn upload_weight(&self, view: TensorView<'_>) -> Result<WgpuWeight> {
-        if view.bytes.len() != view.element_count() * view.dtype.size_in_bytes() {
-            return Err(Error::shape(
-                "upload_weight",
-                format!(
-                    "`{}`: {} bytes for shape {:?} of {}",
-                    view.name,
-                    view.bytes.len(),
-                    view.shape,
-                    view.dtype
-                ),
-            ));
-        }
+        shapes::check_weight_bytes(&view)?;
         Ok(WgpuWeight {
             buffer: self.ctx.storage_with(view.bytes, view.name)?,
             shape: view.shape.to_vec(),
@@ -519,47 +508,41 @@ impl Backend for WgpuBackend {
             split_len as u32,
             (1.0 / (d as f32).sqrt()).to_bits(),
         ];
-        let attend = Kernel::new(Family::Attention, "attend");
         let workgroups = nq * heads * splits;
-        if splits == 1 {
-            // `stats` is unused with one split; a small buffer satisfies the binding.
-            let unused = self.ctx.storage(8, "attention stats (unused)")?;
-            self.ctx.dispatch(
-                &attend,
-                &params,
-                &[
-                    bind(1, &q.buffer),
-                    bind(2, &k.buffer),
-                    bind(3, &v.buffer),
-                    bind(4, &out.buffer),
-                    bind(5, &unused),
-                ],
-                workgroups,
-            )?;
-            return Ok(out);
-        }
-        let partial = self
-            .ctx
-            .storage((workgroups * d * 4) as u64, "attention partial")?;
-        let stats = self
-            .ctx
-            .storage((workgroups * 8) as u64, "attention stats")?;
+        // One split writes the output directly (its `stats` binding unused: any small buffer); several
+        // write partial accumulators and (m, l) for `combine`.
+        let (target, stats) = if splits == 1 {
+            (
+                out.buffer.clone(),
+                self.ctx.storage(8, "attention stats (unused)")?,
+            )
+        } else {
+            (
+                self.ctx
+                    .storage((workgroups * d * 4) as u64, "attention partial")?,
+                self.ctx
+                    .storage((workgroups * 8) as u64, "attention stats")?,
+            )
+        };
         self.ctx.dispatch(
-            &attend,
+            &Kernel::new(Family::Attention, "attend"),
             &params,
             &[
                 bind(1, &q.buffer),
                 bind(2, &k.buffer),
                 bind(3, &v.buffer),
-                bind(4, &partial),
+                bind(4, &target),
                 bind(5, &stats),
             ],
             workgroups,
         )?;
+        if splits == 1 {
+            return Ok(out);
+        }
         self.ctx.dispatch(
             &Kernel::new(Family::Attention, "combine"),
             &params,
-            &[bind(6, &partial), bind(7, &stats), bind(8, &out.buffer)],
+            &[bind(6, &target), bind(7, &stats), bind(8, &out.buffer)],
             (nq * heads * d).div_ceil(LANES),
         )?;
         Ok(out)
