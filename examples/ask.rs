@@ -115,6 +115,8 @@ fn answer<B: Backend>(
             p.documents_done, p.documents_total, p.tokens_done
         );
     })?;
+    // A GPU backend returns before computing; wait for the memory to exist before reading the clock.
+    pollster::block_on(msa.model().backend.synchronize())?;
     eprintln!();
     let tokens: usize = memory.documents().iter().map(|d| d.token_count).sum();
     let seconds = started.elapsed().as_secs_f64();

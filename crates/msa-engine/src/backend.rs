@@ -54,6 +54,9 @@ pub trait Backend {
     fn upload_weight(&self, view: TensorView<'_>) -> Result<Self::Weight>;
     /// Copies a tensor back to the host.
     fn read(&self, tensor: &Self::Tensor) -> impl Future<Output = Result<Vec<f32>>>;
+    /// Resolves once every op recorded so far has run. Results never need it (reads wait for the ops
+    /// they depend on); timings do, since a GPU backend returns from ops before computing them.
+    fn synchronize(&self) -> impl Future<Output = Result<()>>;
 
     fn shape(&self, tensor: &Self::Tensor) -> Vec<usize>;
     /// Reinterprets the same elements with another shape.

@@ -68,7 +68,7 @@ fn device_time(gpu: &WgpuBackend, iters: u64, mut op: impl FnMut()) -> Duration 
     for _ in 0..iters {
         op();
     }
-    gpu.synchronize().unwrap();
+    pollster::block_on(gpu.synchronize()).unwrap();
     start.elapsed()
 }
 

@@ -104,17 +104,6 @@ impl WgpuBackend {
         self.ctx.stats()
     }
 
-    /// Submits recorded work and waits for the device to finish it (for benchmarks).
-    pub fn synchronize(&self) -> Result<()> {
-        self.ctx.submit();
-        #[cfg(not(target_arch = "wasm32"))]
-        self.ctx
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| self.ctx.limit_error(format!("waiting for the device: {e}")))?;
-        self.ctx.check()
-    }
-
     fn tensor(&self, elements: usize, shape: Vec<usize>, label: &str) -> Result<WgpuTensor> {
         debug_assert_eq!(elements, shape.iter().product::<usize>());
         Ok(WgpuTensor {
@@ -366,6 +355,16 @@ impl Backend for WgpuBackend {
     fn read(&self, tensor: &WgpuTensor) -> impl Future<Output = Result<Vec<f32>>> {
         let bytes = self.ctx.read_bytes(&tensor.buffer, tensor.bytes());
         async move { Ok(bytemuck::pod_collect_to_vec(&bytes.await?)) }
+    }
+
+    fn synchronize(&self) -> impl Future<Output = Result<()>> {
+        // Reading back a few bytes submits everything recorded and waits for the device to finish it.
+        let empty = self.ctx.storage(4, "synchronize");
+        let done = empty.map(|buffer| self.ctx.read_bytes(&buffer, 4));
+        async move {
+            done?.await?;
+            Ok(())
+        }
     }
 
     fn shape(&self, tensor: &WgpuTensor) -> Vec<usize> {
