@@ -30,14 +30,19 @@ macro_rules! on_every_backend {
     };
 }
 
-/// The wgpu backend on the environment's adapter. With `CI` set, no adapter is a failure, not a skip.
+/// The wgpu backend on the environment's adapter. With `CI` or `MSA_REQUIRE_GPU` set (`cargo xtask test`
+/// sets the latter), no adapter is a failure, not a skip.
 pub fn wgpu_backend() -> Option<msa::wgpu::WgpuBackend> {
     match pollster::block_on(msa::wgpu::WgpuBackend::new(
         msa::wgpu::DeviceOptions::from_env(),
     )) {
         Ok(gpu) => Some(gpu),
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("CI is set and no wgpu adapter opened: {e}")
+        Err(e)
+            if ["CI", "MSA_REQUIRE_GPU"]
+                .iter()
+                .any(|v| std::env::var_os(v).is_some()) =>
+        {
+            panic!("CI or MSA_REQUIRE_GPU is set and no wgpu adapter opened: {e}")
         }
         Err(e) => {
             eprintln!("skipping the wgpu run: {e}");

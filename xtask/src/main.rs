@@ -255,7 +255,9 @@ fn test(extra: &[String]) -> Result<(), String> {
     command
         .args(["test", "--workspace"])
         .args(extra)
-        .env("MSA_QWEN3_TOKENIZER", tokenizer);
+        .env("MSA_QWEN3_TOKENIZER", tokenizer)
+        // setup installed a Vulkan driver where none was: a missing adapter is now a failure.
+        .env("MSA_REQUIRE_GPU", "1");
     // Mesa prints an error on every device open when XDG_RUNTIME_DIR is unset; give it a private one.
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         let dir = root().join("target/xdg-runtime");

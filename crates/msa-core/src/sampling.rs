@@ -60,12 +60,12 @@ impl Sampler {
         })
     }
 
-    /// Picks the next token id from one row of logits.
     /// Whether this sampler always takes the most likely token.
     pub fn is_greedy(&self) -> bool {
         self.params.temperature == 0.0
     }
 
+    /// Picks the next token id from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if logits.is_empty() {
             return Err(Error::Sampling("empty logits".into()));

@@ -47,10 +47,6 @@ impl CpuTensor {
     fn row_width(&self) -> usize {
         self.shape.iter().skip(1).product()
     }
-
-    fn last_dim(&self) -> usize {
-        self.shape.last().copied().unwrap_or(1)
-    }
 }
 
 /// Weight elements as stored in the checkpoint.
@@ -67,18 +63,6 @@ pub struct CpuWeight {
 }
 
 impl CpuWeight {
-    fn row_width(&self) -> usize {
-        self.shape.iter().skip(1).product::<usize>().max(1)
-    }
-
-    fn rows(&self) -> usize {
-        if self.shape.len() <= 1 {
-            1
-        } else {
-            self.shape[0]
-        }
-    }
-
     fn len(&self) -> usize {
         self.shape.iter().product()
     }
@@ -181,8 +165,7 @@ impl Backend for CpuBackend {
     }
 
     fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
-        let (vocab, hidden) = (table.rows(), table.row_width());
-        shapes::check_ids(ids, vocab)?;
+        let (_, hidden) = shapes::embedding_dims(&table.shape, ids)?;
         let mut out = vec![0.0; ids.len() * hidden];
         for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
             table.widen(id as usize * hidden, row);
@@ -216,8 +199,7 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&self, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> Result<CpuTensor> {
-        shapes::check_rms_norm(&x.shape, &weight.shape)?;
-        let width = x.last_dim();
+        let width = shapes::rms_norm_width(&x.shape, &weight.shape)?;
         let w = weight.widened();
         let mut out = x.data.to_vec();
         out.par_chunks_mut(width).for_each(|row| {
@@ -355,7 +337,7 @@ impl Backend for CpuBackend {
     }
 
     fn l2_normalize(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        let width = x.last_dim();
+        let width = shapes::norm_width("l2_normalize", &x.shape)?;
         let mut out = x.data.to_vec();
         out.chunks_exact_mut(width).for_each(|row| {
             let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);

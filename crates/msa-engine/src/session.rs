@@ -102,6 +102,8 @@ impl<'m, B: Backend> Session<'m, B> {
 
     /// Feeds one token and picks the next greedily on the backend: only the chosen id and its logit come
     /// back to the host, not the vocabulary's logits. Ties go to the lower id, as in greedy sampling.
+    /// A NaN or +inf winner is an error; NaN logits that lose rank below every number and go unreported
+    /// (the host sampler, which sees every logit, refuses any NaN).
     pub async fn decode_greedy(&mut self, token: u32) -> Result<u32> {
         let logits = self.decode_on_device(token).await?;
         let b = &self.model.backend;

@@ -55,11 +55,29 @@ pub fn rows_and_width(shape: &[usize]) -> (usize, usize) {
     )
 }
 
-/// Checks every id of an embedding lookup against the vocabulary.
-pub fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
+/// `(vocab, hidden)` of an embedding table, after checking every id against the vocabulary.
+pub fn embedding_dims(table: &[usize], ids: &[u32]) -> Result<(usize, usize)> {
+    let [vocab, hidden] = table[..] else {
+        return Err(Error::shape(
+            "embedding",
+            format!("the table must be [vocab, hidden], got {table:?}"),
+        ));
+    };
     match ids.iter().find(|&&id| id as usize >= vocab) {
         Some(&id) => Err(Error::TokenOutOfRange { id, vocab }),
-        None => Ok(()),
+        None => Ok((vocab, hidden)),
+    }
+}
+
+/// The width a norm reduces over: the last dimension, which must not be empty.
+pub fn norm_width(op: &'static str, x: &[usize]) -> Result<usize> {
+    check_dims(op, x)?;
+    match x.last() {
+        Some(&width) if width > 0 => Ok(width),
+        _ => Err(Error::shape(
+            op,
+            format!("{x:?}: the last dimension is normalised and must not be empty"),
+        )),
     }
 }
 
@@ -92,15 +110,16 @@ pub fn matmul_dims(x: &[usize], weight: &[usize]) -> Result<(usize, usize, usize
     Ok((n, inner, weight[0]))
 }
 
-pub fn check_rms_norm(x: &[usize], weight: &[usize]) -> Result<()> {
-    let width = x.last().copied().unwrap_or(1);
+/// The width of an RMSNorm, whose weight has one value per element of the last dimension.
+pub fn rms_norm_width(x: &[usize], weight: &[usize]) -> Result<usize> {
+    let width = norm_width("rms_norm", x)?;
     if weight.iter().product::<usize>() != width {
         return Err(Error::shape(
             "rms_norm",
             format!("x {x:?} with weight {weight:?}"),
         ));
     }
-    Ok(())
+    Ok(width)
 }
 
 /// `(n, heads, d)` of a RoPE input with one position per row and an even head dim.

@@ -135,6 +135,7 @@ impl WgpuBackend {
         shape: Vec<usize>,
     ) -> Result<WgpuTensor> {
         let out = self.tensor(ids.len() * width, shape, "gather")?;
+        self.fits(&[&out], "gather")?;
         if ids.is_empty() {
             return Ok(out);
         }
@@ -166,11 +167,17 @@ impl WgpuBackend {
         Ok(out)
     }
 
-    fn norm(&self, x: &WgpuTensor, weight: Option<&WgpuWeight>, eps: f32) -> Result<WgpuTensor> {
-        self.fits(&[x], "norm")?;
-        let width = x.shape.last().copied().unwrap_or(1);
+    /// RMSNorm with `weight`, L2 normalisation without; `width` is the checked last dimension.
+    fn norm(
+        &self,
+        x: &WgpuTensor,
+        width: usize,
+        weight: Option<&WgpuWeight>,
+        eps: f32,
+    ) -> Result<WgpuTensor> {
         let rows = x.len() / width;
         let out = self.tensor(x.len(), x.shape.clone(), "norm")?;
+        self.fits(&[x, &out], "norm")?;
         let (mode, dtype, w) = match weight {
             Some(w) => (0, w.dtype, &w.buffer),
             None => (1, DType::F32, &x.buffer),
@@ -380,13 +387,7 @@ impl Backend for WgpuBackend {
     }
 
     fn embedding(&self, table: &WgpuWeight, ids: &[u32]) -> Result<WgpuTensor> {
-        let (vocab, hidden) = shapes::rows_and_width(&table.shape);
-        let (vocab, hidden) = if table.shape.len() <= 1 {
-            (1, vocab.max(hidden))
-        } else {
-            (vocab, hidden)
-        };
-        shapes::check_ids(ids, vocab)?;
+        let (vocab, hidden) = shapes::embedding_dims(&table.shape, ids)?;
         self.gather(
             &table.buffer,
             table.dtype,
@@ -444,8 +445,8 @@ impl Backend for WgpuBackend {
     }
 
     fn rms_norm(&self, x: &WgpuTensor, weight: &WgpuWeight, eps: f32) -> Result<WgpuTensor> {
-        shapes::check_rms_norm(&x.shape, &weight.shape)?;
-        self.norm(x, Some(weight), eps)
+        let width = shapes::rms_norm_width(&x.shape, &weight.shape)?;
+        self.norm(x, width, Some(weight), eps)
     }
 
     fn rope(&self, x: &WgpuTensor, positions: &[u32], theta: f64) -> Result<WgpuTensor> {
@@ -605,8 +606,8 @@ impl Backend for WgpuBackend {
     }
 
     fn l2_normalize(&self, x: &WgpuTensor) -> Result<WgpuTensor> {
-        shapes::check_dims("l2_normalize", &x.shape)?;
-        self.norm(x, None, 0.0)
+        let width = shapes::norm_width("l2_normalize", &x.shape)?;
+        self.norm(x, width, None, 0.0)
     }
 
     fn routing_scores(

@@ -15,8 +15,12 @@ const TOL: f32 = 2e-5;
 fn gpu_with(options: DeviceOptions) -> Option<WgpuBackend> {
     match pollster::block_on(WgpuBackend::new(options)) {
         Ok(gpu) => Some(gpu),
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("CI is set and no wgpu adapter opened: {e}")
+        Err(e)
+            if ["CI", "MSA_REQUIRE_GPU"]
+                .iter()
+                .any(|v| std::env::var_os(v).is_some()) =>
+        {
+            panic!("CI or MSA_REQUIRE_GPU is set and no wgpu adapter opened: {e}")
         }
         Err(e) => {
             eprintln!("skipping: {e}");
@@ -44,6 +48,12 @@ fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], tol: f32) {
             );
         }
         return;
+    }
+    if let Some(i) = (0..gpu.len()).find(|&i| gpu[i].is_nan() != cpu[i].is_nan()) {
+        panic!(
+            "{what}: element {i} is {}, the reference {}",
+            gpu[i], cpu[i]
+        );
     }
     let scale = cpu.iter().fold(1.0f32, |m, v| m.max(v.abs()));
     let worst = gpu
@@ -271,6 +281,10 @@ fn attention_prefill_and_split_kv_decode_match() {
         (65, 1000, 4, 1, 16),
         (1, 1000, 4, 2, 128),
         (1, 4099, 8, 2, 16),
+        // Several splits with several query rows: early rows' last splits are fully masked.
+        (3, 1000, 4, 2, 16),
+        // The largest head dim: every output slot of an invocation in use.
+        (2, 513, 8, 8, 256),
     ];
     for (nq, nk, heads, kv_heads, d) in cases {
         let q = random(&mut rng, nq * heads * d);
@@ -405,7 +419,8 @@ fn top_k_selects_like_the_reference_with_ties_nan_and_signed_zero() {
             }
         }
         let (gs, cs) = p.tensors(&scores, &[n]);
-        for k in [1, 3, 16, 300, n + 5] {
+        // Up to 256 the selection runs on the device; 300 and n + 5 (past 256) take the host path.
+        for k in [1, 3, 16, 17, 255, 256, 300, n + 5] {
             let g = pollster::block_on(p.gpu.top_k(&gs, k)).unwrap();
             let c = pollster::block_on(p.cpu.top_k(&cs, k)).unwrap();
             let ids = |v: &[msa_engine::Scored]| v.iter().map(|s| s.index).collect::<Vec<_>>();
@@ -494,10 +509,16 @@ fn tensors_larger_than_the_binding_limit_are_split() {
         &pollster::block_on(cpu.read(&c)).unwrap(),
         TOL,
     );
-    // Activations are bound whole: one larger than the cap is a clear error, not a wrong answer.
+    // Activations are bound whole: one larger than the cap is a clear error, not a wrong answer, and
+    // the device stays usable (nothing reached wgpu's validation).
     let big = small.upload(&vec![1.0; 2048], &[2048]).unwrap();
     let err = small.add(&big, &big).unwrap_err().to_string();
     assert!(err.contains("storage binding limit"), "{err}");
+    let rows = small.upload(&vec![1.0; 64], &[4, 16]).unwrap();
+    let err = small.gather_rows(&rows, &[0; 80]).unwrap_err().to_string();
+    assert!(err.contains("storage binding limit"), "{err}");
+    let sum = small.add(&rows, &rows).unwrap();
+    assert_eq!(pollster::block_on(small.read(&sum)).unwrap(), vec![2.0; 64]);
 }
 
 #[test]
@@ -567,4 +588,37 @@ fn a_tensor_past_the_largest_buffer_is_refused_before_allocation() {
         pollster::block_on(gpu.read(&gpu.add(&part, &part).unwrap())).unwrap()[0],
         1.0
     );
+}
+
+#[test]
+fn both_backends_refuse_the_same_malformed_inputs() {
+    let Some(p) = Pair::new() else { return };
+    // A norm over an empty last dimension.
+    let (g, c) = p.tensors(&[], &[0]);
+    let (ge, ce) = (
+        p.gpu.l2_normalize(&g).unwrap_err().to_string(),
+        p.cpu.l2_normalize(&c).unwrap_err().to_string(),
+    );
+    assert_eq!(ge, ce);
+    assert!(ge.contains("must not be empty"), "{ge}");
+    // An embedding table that is not [vocab, hidden].
+    let bytes = [0u8; 16];
+    let view = TensorView {
+        name: "flat",
+        dtype: DType::F32,
+        shape: &[4],
+        bytes: &bytes,
+    };
+    let (ge, ce) = (
+        p.gpu
+            .embedding(&p.gpu.upload_weight(view).unwrap(), &[0])
+            .unwrap_err()
+            .to_string(),
+        p.cpu
+            .embedding(&p.cpu.upload_weight(view).unwrap(), &[0])
+            .unwrap_err()
+            .to_string(),
+    );
+    assert_eq!(ge, ce);
+    assert!(ge.contains("[vocab, hidden]"), "{ge}");
 }
