@@ -75,6 +75,16 @@ pub struct Binding<'a> {
     pub range: Option<(u64, u64)>,
 }
 
+impl Binding<'_> {
+    /// Binds `size` bytes from `offset` instead of the whole buffer.
+    pub fn window(self, offset: u64, size: u64) -> Self {
+        Binding {
+            range: Some((offset, size)),
+            ..self
+        }
+    }
+}
+
 /// Binds the whole of `buffer` at `slot`.
 pub fn bind(slot: u32, buffer: &wgpu::Buffer) -> Binding<'_> {
     Binding {
@@ -167,8 +177,9 @@ impl GpuContext {
         }
     }
 
-    /// A storage buffer of `bytes` (at least 4: WebGPU bindings cannot be empty).
-    pub fn storage(&self, bytes: u64, label: &str) -> Result<wgpu::Buffer> {
+    /// The size of a storage buffer for `bytes` (at least 4: WebGPU bindings cannot be empty), checked
+    /// against the adapter's largest buffer before anything is allocated.
+    fn buffer_size(&self, bytes: u64, label: &str) -> Result<u64> {
         let size = bytes.max(4).next_multiple_of(4);
         if size > self.caps.max_buffer_bytes {
             return Err(self.limit_error(format!(
@@ -177,6 +188,12 @@ impl GpuContext {
             )));
         }
         self.check()?;
+        Ok(size)
+    }
+
+    /// A storage buffer of `bytes`.
+    pub fn storage(&self, bytes: u64, label: &str) -> Result<wgpu::Buffer> {
+        let size = self.buffer_size(bytes, label)?;
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
@@ -189,14 +206,7 @@ impl GpuContext {
 
     /// A storage buffer holding `bytes`, padded to a multiple of 4.
     pub fn storage_with(&self, bytes: &[u8], label: &str) -> Result<wgpu::Buffer> {
-        let size = (bytes.len() as u64).max(4).next_multiple_of(4);
-        if size > self.caps.max_buffer_bytes {
-            return Err(self.limit_error(format!(
-                "{label}: {size} bytes exceed the largest buffer of {} bytes",
-                self.caps.max_buffer_bytes
-            )));
-        }
-        self.check()?;
+        let size = self.buffer_size(bytes.len() as u64, label)?;
         let mut padded;
         let contents = if bytes.len() as u64 == size {
             bytes
@@ -216,11 +226,13 @@ impl GpuContext {
             }))
     }
 
-    /// Checks that a whole buffer fits one binding (activations; weights and keys use windows).
-    pub fn fits(&self, buffer: &wgpu::Buffer, what: &str) -> Result<()> {
+    /// Checks that a whole buffer fits one binding (activations; weights and keys use windows). The
+    /// description is only built for the error: this runs for every operand of every op.
+    pub fn fits(&self, buffer: &wgpu::Buffer, what: impl FnOnce() -> String) -> Result<()> {
         if buffer.size() > self.caps.max_binding_bytes {
             return Err(self.limit_error(format!(
-                "{what}: {} bytes exceed the storage binding limit of {} bytes",
+                "{}: {} bytes exceed the storage binding limit of {} bytes",
+                what(),
                 buffer.size(),
                 self.caps.max_binding_bytes
             )));
