@@ -15,7 +15,8 @@ const MAX_DIMENSION: usize = i32::MAX as usize;
 const MAX_ELEMENTS: u64 = 1 << 40;
 
 /// How routing scores compare router queries with pooled routing keys (MSA-SPEC §3.6).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ScoreMode {
     /// L2-normalised router queries and routing keys, no scale: the paper's cosine similarity.
     Cosine,

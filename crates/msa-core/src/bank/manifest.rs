@@ -1,0 +1,212 @@
+//! `bank.json`: the manifest of a memory bank, and the consistency rules every loaded one must meet.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ScoreMode;
+
+/// The bank format this build writes, and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The `format` field of every manifest.
+pub const FORMAT_NAME: &str = "msa-memory-bank";
+
+/// The model properties a memory depends on: a memory only serves a model with the same ones.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryFingerprint {
+    pub num_hidden_layers: usize,
+    pub hidden_size: usize,
+    pub router_layers: Vec<usize>,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub pooling_kernel_size: usize,
+    pub score_mode: ScoreMode,
+    /// CRC-32 of the first router layer's `router_k_proj` weight as stored: tells apart two checkpoints
+    /// of the same shape (a fine-tune, a random-weight test model).
+    pub weights_digest: u32,
+}
+
+impl MemoryFingerprint {
+    /// The fields on which `self` and `other` differ, as `name: ours vs theirs`.
+    pub fn differences(&self, other: &Self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |name: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{name}: {a} vs {b}"));
+            }
+        };
+        check(
+            "num_hidden_layers",
+            self.num_hidden_layers.to_string(),
+            other.num_hidden_layers.to_string(),
+        );
+        check(
+            "hidden_size",
+            self.hidden_size.to_string(),
+            other.hidden_size.to_string(),
+        );
+        check(
+            "router_layers",
+            format!("{:?}", self.router_layers),
+            format!("{:?}", other.router_layers),
+        );
+        check(
+            "num_key_value_heads",
+            self.num_key_value_heads.to_string(),
+            other.num_key_value_heads.to_string(),
+        );
+        check(
+            "head_dim",
+            self.head_dim.to_string(),
+            other.head_dim.to_string(),
+        );
+        check(
+            "pooling_kernel_size",
+            self.pooling_kernel_size.to_string(),
+            other.pooling_kernel_size.to_string(),
+        );
+        check(
+            "score_mode",
+            format!("{:?}", self.score_mode),
+            format!("{:?}", other.score_mode),
+        );
+        check(
+            "weights_digest",
+            format!("{:08x}", self.weights_digest),
+            format!("{:08x}", other.weights_digest),
+        );
+        out
+    }
+
+    /// Chunks of a document of `tokens` tokens.
+    pub fn chunks_of(&self, tokens: usize) -> u32 {
+        tokens.div_ceil(self.pooling_kernel_size) as u32
+    }
+
+    /// Bytes of one pooled row `[kv_heads, head_dim]` in bf16.
+    pub fn row_bytes(&self) -> usize {
+        self.num_key_value_heads * self.head_dim * super::BANK_ELEMENT_BYTES
+    }
+}
+
+/// One document of a bank.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BankDocument {
+    /// Global id: the number inside `[id]`, equal to the document's position in the table.
+    pub id: usize,
+    /// Where it came from (a file path, a JSONL id): what a resumed encoding matches on.
+    pub source: String,
+    /// Tokens of the wrapped document.
+    pub tokens: usize,
+    /// Its chunk range `[start, end)` in every router layer.
+    pub chunks: [u32; 2],
+    /// CRC-32 of the document's text, so a resumed encoding notices a changed source.
+    pub text_digest: u32,
+}
+
+impl BankDocument {
+    pub fn chunk_range(&self) -> std::ops::Range<u32> {
+        self.chunks[0]..self.chunks[1]
+    }
+}
+
+/// A data file of the bank.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// File name inside the bank directory.
+    pub file: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+/// What one append wrote.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub index: u32,
+    /// Document ids `[start, end)`.
+    pub documents: [usize; 2],
+    /// Chunks `[start, end)`.
+    pub chunks: [u32; 2],
+    /// One file per router layer, in router-layer order.
+    pub layers: Vec<FileEntry>,
+    /// The documents' original text, a JSON array of strings, when known.
+    pub texts: Option<FileEntry>,
+}
+
+/// `bank.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub fingerprint: MemoryFingerprint,
+    /// Tokens of the template head stored in `template`.
+    pub template_tokens: usize,
+    pub template: FileEntry,
+    pub segments: Vec<Segment>,
+    pub documents: Vec<BankDocument>,
+}
+
+impl Manifest {
+    /// Checks the manifest's own consistency: ids are positions, documents tile the chunks in order,
+    /// segments tile the documents. Returns the first problem found.
+    pub fn check(&self) -> Result<(), String> {
+        let fp = &self.fingerprint;
+        if fp.router_layers.is_empty()
+            || fp.pooling_kernel_size == 0
+            || fp.num_key_value_heads == 0
+            || fp.head_dim == 0
+        {
+            return Err(format!("the fingerprint describes no memory: {fp:?}"));
+        }
+        let mut chunk = 0u32;
+        for (i, doc) in self.documents.iter().enumerate() {
+            if doc.id != i {
+                return Err(format!("document {i} has id {}", doc.id));
+            }
+            let expected = chunk..chunk + fp.chunks_of(doc.tokens);
+            if doc.tokens == 0 || doc.chunk_range() != expected {
+                return Err(format!(
+                    "document {i} ({} tokens) has chunks {:?}, expected {expected:?}",
+                    doc.tokens,
+                    doc.chunk_range()
+                ));
+            }
+            chunk = expected.end;
+        }
+        let (mut document, mut chunk) = (0usize, 0u32);
+        for segment in &self.segments {
+            let [first, end] = segment.documents;
+            if first != document || end <= first || end > self.documents.len() {
+                return Err(format!(
+                    "segment {} holds documents {first}..{end}, expected to start at {document}",
+                    segment.index
+                ));
+            }
+            let chunks = self.documents[first].chunks[0]..self.documents[end - 1].chunks[1];
+            if segment.chunks != [chunks.start, chunks.end] || chunks.start != chunk {
+                return Err(format!(
+                    "segment {} holds chunks {:?}, its documents span {chunks:?}",
+                    segment.index, segment.chunks
+                ));
+            }
+            if segment.layers.len() != fp.router_layers.len() {
+                return Err(format!(
+                    "segment {} has {} layer files for {} router layers",
+                    segment.index,
+                    segment.layers.len(),
+                    fp.router_layers.len()
+                ));
+            }
+            (document, chunk) = (end, chunks.end);
+        }
+        if document != self.documents.len() {
+            return Err(format!(
+                "segments hold {document} documents, the table lists {}",
+                self.documents.len()
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn chunk_count(&self) -> u32 {
+        self.documents.last().map_or(0, |d| d.chunks[1])
+    }
+}
