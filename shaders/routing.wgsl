@@ -3,8 +3,9 @@
 // `score_chunks`: one invocation per pooled chunk. The routing query q [tokens, heads, d] (already
 // L2-normalised per head in cosine mode) is scored against the chunk's routing keys [kv_heads, d]
 // (query head h reads KV head h / group), reduced over heads (mean or max), then over routing tokens
-// (max or mean). The keys may be a window of a larger buffer: this dispatch scores chunks
-// [chunk_start, chunk_start + chunks), reading them from `key_base` in the window.
+// (max or mean). The keys are packed in their stored dtype (DTYPE: f32, bf16 or f16) and widened exactly.
+// They may be a window of a larger buffer: this dispatch scores chunks [chunk_start, chunk_start + chunks),
+// reading them from element `key_base` of the window (windows start on a word, so parity is kept).
 //
 // `score_documents`: one invocation per document, reducing its contiguous chunk range (max or mean).
 //
@@ -14,7 +15,7 @@
 struct Params {
     chunks: u32,
     chunk_start: u32,
-    key_base: u32,
+    key_base: u32,    // in elements of the stored dtype
     tokens: u32,
     q_heads: u32,     // query heads in q (the KV heads after sum_groups)
     kv_heads: u32,
@@ -29,7 +30,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> keys: array<f32>;
+@group(0) @binding(2) var<storage, read> keys: array<u32>;   // packed, DTYPE
 @group(0) @binding(3) var<storage, read_write> chunk_scores: array<f32>;
 
 @compute @workgroup_size(64)
@@ -46,8 +47,17 @@ fn score_chunks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) g
             let kh = key + (h / group) * p.d;
             let qh = (t * p.q_heads + h) * p.d;
             var s = 0.0;
-            for (var i = 0u; i < p.d; i++) {
-                s += q[qh + i] * keys[kh + i];
+            var i = 0u;
+            if DTYPE != 0u && (kh & 1u) == 0u {
+                // Packed pairs: one load for two keys.
+                for (; i + 1u < p.d; i += 2u) {
+                    let word = keys[(kh + i) >> 1u];
+                    s += q[qh + i] * widen(word, 0u) + q[qh + i + 1u] * widen(word, 1u);
+                }
+            }
+            for (; i < p.d; i++) {
+                let ki = kh + i;
+                s += q[qh + i] * widen(keys[word_of(ki)], ki);
             }
             s *= p.scale;
             head_acc = select(max(head_acc, s), head_acc + s, p.head_mean == 1u);

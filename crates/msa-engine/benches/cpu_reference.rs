@@ -32,7 +32,9 @@ fn routing_scan(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(1);
     // 1M memory tokens = 15,625 chunks of 64; documents of 2 chunks; a 50-token routing query.
     let (chunks, tokens) = (15_625, 50);
-    let keys = random_tensor(&b, &mut rng, &[chunks, KV_HEADS, HEAD_DIM]);
+    let keys = b
+        .tensor_to_weight(&random_tensor(&b, &mut rng, &[chunks, KV_HEADS, HEAD_DIM]))
+        .unwrap();
     let queries = random_tensor(&b, &mut rng, &[tokens, HEADS, HEAD_DIM]);
     let rows: Vec<u32> = (0..tokens as u32).collect();
     let offsets: Vec<u32> = (0..chunks as u32)

@@ -52,6 +52,10 @@ pub trait Backend {
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
     fn upload_weight(&self, view: TensorView<'_>) -> Result<Self::Weight>;
+    /// An f32 weight holding the same elements, with the same shape, as `tensor` (for ops that take
+    /// weights, such as the routing keys of [`Backend::routing_scores`]). Cheap: a GPU backend shares
+    /// the tensor's buffer without copying; the CPU backend copies.
+    fn tensor_to_weight(&self, tensor: &Self::Tensor) -> Result<Self::Weight>;
     /// Copies a tensor back to the host.
     fn read(&self, tensor: &Self::Tensor) -> impl Future<Output = Result<Vec<f32>>>;
     /// Resolves once every op recorded so far has run. Results never need it (reads wait for the ops
@@ -101,13 +105,16 @@ pub trait Backend {
     /// reduced over heads, routing tokens and the chunks of each document. Documents own contiguous chunk
     /// ranges `doc_chunk_offsets[i]..doc_chunk_offsets[i + 1]`. Returns `[documents]`.
     ///
+    /// The keys are a weight in their stored dtype (f32, bf16 or f16; a bank may keep them in bf16),
+    /// widened exactly inside the op; the arithmetic is f32 either way.
+    ///
     /// In [`ScoreMode::Cosine`] the queries are L2-normalised here and the keys are expected normalised
     /// already (the memory stores them so); in [`ScoreMode::ScaledDot`] scores are multiplied by `1/√d`.
     fn routing_scores(
         &self,
         queries: &Self::Tensor,
         routing_rows: &[u32],
-        keys: &Self::Tensor,
+        keys: &Self::Weight,
         doc_chunk_offsets: &[u32],
         spec: RoutingSpec,
     ) -> Result<Self::Tensor>;

@@ -83,6 +83,18 @@ impl CpuWeight {
         }
     }
 
+    /// Elements `start..start + scratch.len()` as f32: borrowed when stored as f32, else widened into
+    /// `scratch`.
+    fn widened_slice<'a>(&'a self, start: usize, scratch: &'a mut [f32]) -> &'a [f32] {
+        match &self.values {
+            Stored::F32(v) => &v[start..start + scratch.len()],
+            _ => {
+                self.widen(start, scratch);
+                scratch
+            }
+        }
+    }
+
     fn widened(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.len()];
         self.widen(0, &mut out);
@@ -141,6 +153,13 @@ impl Backend for CpuBackend {
         Ok(CpuWeight {
             shape: view.shape.to_vec(),
             values,
+        })
+    }
+
+    fn tensor_to_weight(&self, tensor: &CpuTensor) -> Result<CpuWeight> {
+        Ok(CpuWeight {
+            shape: tensor.shape.clone(),
+            values: Stored::F32(tensor.data.to_vec()),
         })
     }
 
@@ -350,7 +369,7 @@ impl Backend for CpuBackend {
         &self,
         queries: &CpuTensor,
         routing_rows: &[u32],
-        keys: &CpuTensor,
+        keys: &CpuWeight,
         doc_chunk_offsets: &[u32],
         spec: RoutingSpec,
     ) -> Result<CpuTensor> {
@@ -396,27 +415,33 @@ impl Backend for CpuBackend {
             HeadReduce::Mean => (0..tokens * kv_heads).map(sum_group).collect(),
             HeadReduce::Max => Vec::new(),
         };
+        // Keys are widened one chunk row at a time (a bank's keys may be large and stored in bf16).
+        let row = kv_heads * d;
         let chunk_scores: Vec<f32> = (0..chunks)
             .into_par_iter()
-            .map(|c| {
-                let key = |g: usize| &keys.data[(c * kv_heads + g) * d..][..d];
-                let mut token_scores = (0..tokens).map(|t| match spec.head_reduce {
-                    HeadReduce::Mean => {
-                        (0..kv_heads)
-                            .map(|g| dot(&group_queries[t * kv_heads + g], key(g)))
-                            .sum::<f32>()
-                            / heads as f32
+            .map_init(
+                || vec![0.0f32; row],
+                |scratch, c| {
+                    let chunk_keys = keys.widened_slice(c * row, scratch);
+                    let key = |g: usize| &chunk_keys[g * d..][..d];
+                    let mut token_scores = (0..tokens).map(|t| match spec.head_reduce {
+                        HeadReduce::Mean => {
+                            (0..kv_heads)
+                                .map(|g| dot(&group_queries[t * kv_heads + g], key(g)))
+                                .sum::<f32>()
+                                / heads as f32
+                        }
+                        HeadReduce::Max => (0..heads)
+                            .map(|h| dot(&query[t * heads + h], key(h / group)))
+                            .fold(f32::NEG_INFINITY, f32::max),
+                    });
+                    match spec.query_reduce {
+                        QueryReduce::Max => token_scores.fold(f32::NEG_INFINITY, f32::max),
+                        QueryReduce::Mean => token_scores.sum::<f32>() / tokens as f32,
+                        QueryReduce::Last => token_scores.next_back().unwrap_or(f32::NEG_INFINITY),
                     }
-                    HeadReduce::Max => (0..heads)
-                        .map(|h| dot(&query[t * heads + h], key(h / group)))
-                        .fold(f32::NEG_INFINITY, f32::max),
-                });
-                match spec.query_reduce {
-                    QueryReduce::Max => token_scores.fold(f32::NEG_INFINITY, f32::max),
-                    QueryReduce::Mean => token_scores.sum::<f32>() / tokens as f32,
-                    QueryReduce::Last => token_scores.next_back().unwrap_or(f32::NEG_INFINITY),
-                }
-            })
+                },
+            )
             .collect();
         let doc_scores = doc_chunk_offsets
             .windows(2)

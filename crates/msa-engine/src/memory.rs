@@ -28,7 +28,8 @@ pub struct LayerMemory<T> {
     pub k: T,
     /// Chunk means of the values.
     pub v: T,
-    /// Chunk means of `router_k_proj(x)`; L2-normalised in cosine score mode.
+    /// Chunk means of `router_k_proj(x)`; L2-normalised in cosine score mode. Routing reads them as a
+    /// weight, [`Memory::routing_keys`].
     pub routing_keys: T,
 }
 
@@ -50,6 +51,9 @@ pub struct Memory<B: Backend> {
     /// `[0, end of doc 0, end of doc 1, …]`, kept with `documents` so routing never rebuilds it.
     doc_chunk_offsets: Vec<u32>,
     layers: Vec<LayerMemory<B::Tensor>>,
+    /// Each router layer's routing keys as the weight routing reads, in `layers` order (f32 here;
+    /// sharing the tensor's buffer on a GPU backend).
+    routing_keys: Vec<B::Weight>,
     /// Template-head K and V of every layer: `[template_len, kv_heads, head_dim]`.
     template: Vec<(B::Tensor, B::Tensor)>,
 }
@@ -70,6 +74,12 @@ impl<B: Backend> Memory<B> {
     /// The pooled memory of router layer `layer`.
     pub fn layer(&self, layer: usize) -> Option<&LayerMemory<B::Tensor>> {
         self.layers.iter().find(|m| m.layer == layer)
+    }
+
+    /// The routing keys of router layer `layer` as the weight [`Backend::routing_scores`] takes.
+    pub fn routing_keys(&self, layer: usize) -> Option<&B::Weight> {
+        let slot = self.layers.iter().position(|m| m.layer == layer)?;
+        self.routing_keys.get(slot)
     }
 
     pub fn template(&self, layer: usize) -> &(B::Tensor, B::Tensor) {
@@ -209,6 +219,7 @@ impl<B: Backend> Model<B> {
             documents: Vec::new(),
             doc_chunk_offsets: vec![0],
             layers: Vec::new(),
+            routing_keys: Vec::new(),
             template,
         };
         self.append_token_documents(&mut memory, documents, progress)
@@ -276,8 +287,13 @@ impl<B: Backend> Model<B> {
                 routing_keys: stack(old.map(|m| &m.routing_keys), &|m| &m.routing_keys, slot)?,
             });
         }
+        let routing_keys = layers
+            .iter()
+            .map(|m| b.tensor_to_weight(&m.routing_keys))
+            .collect::<Result<Vec<_>>>()?;
         // Only now, with every tensor built, does the memory change.
         memory.layers = layers;
+        memory.routing_keys = routing_keys;
         for ids in documents {
             let start = memory.chunk_count() as u32;
             let end = start + ids.len().div_ceil(msa.pooling_kernel_size) as u32;

@@ -185,14 +185,14 @@ impl<'m, B: Backend> Session<'m, B> {
     ) -> Result<(B::Tensor, B::Tensor)> {
         let (model, memory) = (self.model, route.memory);
         let b = &model.backend;
-        let pooled = memory
-            .layer(layer)
-            .ok_or_else(|| Error::shape("route", format!("the memory has no layer {layer}")))?;
+        let missing = || Error::shape("route", format!("the memory has no layer {layer}"));
+        let pooled = memory.layer(layer).ok_or_else(missing)?;
+        let routing_keys = memory.routing_keys(layer).ok_or_else(missing)?;
         let queries = model.project_heads(normed, router_q, model.config.num_attention_heads)?;
         let scores = b.routing_scores(
             &queries,
             &route.rows,
-            &pooled.routing_keys,
+            routing_keys,
             memory.doc_chunk_offsets(),
             route.spec,
         )?;

@@ -1210,10 +1210,25 @@ fn routing_case(seed: u64, kv_heads: usize, d: usize, mode: ScoreMode) -> Routin
     }
 }
 
+/// f32 routing keys as the weight `routing_scores` takes, through `tensor_to_weight`.
+fn key_weight(be: &CpuBackend, keys: &[f32], shape: &[usize]) -> CpuWeight {
+    be.tensor_to_weight(&upload(be, keys, shape))
+        .expect("tensor_to_weight")
+}
+
 fn run_routing(be: &CpuBackend, case: &RoutingCase, spec: RoutingSpec) -> Result<Vec<f32>, Error> {
+    let k = key_weight(be, &case.keys, &[case.chunks, case.kv_heads, case.d]);
+    run_routing_with(be, case, &k, spec)
+}
+
+fn run_routing_with(
+    be: &CpuBackend,
+    case: &RoutingCase,
+    k: &CpuWeight,
+    spec: RoutingSpec,
+) -> Result<Vec<f32>, Error> {
     let q = upload(be, &case.queries, &[case.n, case.heads, case.d]);
-    let k = upload(be, &case.keys, &[case.chunks, case.kv_heads, case.d]);
-    let scores = be.routing_scores(&q, &case.routing_rows, &k, &case.offsets, spec)?;
+    let scores = be.routing_scores(&q, &case.routing_rows, k, &case.offsets, spec)?;
     assert_eq!(be.shape(&scores), vec![case.offsets.len() - 1]);
     Ok(read(be, &scores))
 }
@@ -1262,6 +1277,33 @@ fn routing_scores_scaled_dot_all_reductions() {
 #[test]
 fn routing_scores_cosine_all_reductions() {
     check_routing_all_specs(ScoreMode::Cosine, 130);
+}
+
+#[test]
+fn routing_scores_widen_bf16_and_f16_keys() {
+    // Keys stored as bf16 / f16 (at an odd byte address too) score exactly like f32 keys holding the
+    // rounded values, and match the f64 reference on those values.
+    let be = CpuBackend::new();
+    for (i, dtype) in [DType::BF16, DType::F16].into_iter().enumerate() {
+        for mode in [ScoreMode::ScaledDot, ScoreMode::Cosine] {
+            for (kv_heads, d, misalign) in [(2, 6, false), (3, 10, true)] {
+                let mut case = routing_case(190 + i as u64, kv_heads, d, mode);
+                let shape = [case.chunks, kv_heads, d];
+                let (stored, rounded) = upload_weight(&be, &case.keys, &shape, dtype, misalign);
+                case.keys = rounded.iter().map(|&v| v as f32).collect();
+                let f32_keys = key_weight(&be, &case.keys, &shape);
+                for spec in all_specs(mode) {
+                    let name =
+                        format!("routing_scores {dtype} keys kv_heads={kv_heads} d={d} {spec:?}");
+                    let actual = run_routing_with(&be, &case, &stored, spec).unwrap();
+                    let widened = run_routing_with(&be, &case, &f32_keys, spec).unwrap();
+                    assert_eq!(actual, widened, "{name}: differs from f32 keys");
+                    let expected = naive_routing_scores(&case, spec);
+                    assert_close(&name, &actual, &expected, tol::REDUCTION);
+                }
+            }
+        }
+    }
 }
 
 #[test]
@@ -1386,7 +1428,7 @@ fn routing_scores_bad_inputs_are_errors() {
         chunk_reduce: ChunkReduce::Max,
     };
     let q = upload(&be, &case.queries, &[7, 6, 6]);
-    let k = upload(&be, &case.keys, &[13, 2, 6]);
+    let k = key_weight(&be, &case.keys, &[13, 2, 6]);
     let bad_offsets: [&[u32]; 7] = [
         &[1, 3, 4, 9, 13], // does not start at 0
         &[0, 3, 4, 9, 12], // does not end at the chunk count
@@ -1413,17 +1455,17 @@ fn routing_scores_bad_inputs_are_errors() {
         "routing_scores",
     );
     // Head dims differ; KV heads do not divide query heads; keys not rank 3.
-    let k10 = upload(&be, &vec![0.1; 13 * 2 * 10], &[13, 2, 10]);
+    let k10 = key_weight(&be, &vec![0.1; 13 * 2 * 10], &[13, 2, 10]);
     expect_shape_error(
         be.routing_scores(&q, &[1], &k10, &offsets, spec),
         "routing_scores",
     );
-    let k4 = upload(&be, &vec![0.1; 13 * 4 * 6], &[13, 4, 6]);
+    let k4 = key_weight(&be, &vec![0.1; 13 * 4 * 6], &[13, 4, 6]);
     expect_shape_error(
         be.routing_scores(&q, &[1], &k4, &offsets, spec),
         "routing_scores",
     );
-    let k2d = upload(&be, &case.keys, &[13, 12]);
+    let k2d = key_weight(&be, &case.keys, &[13, 12]);
     expect_shape_error(
         be.routing_scores(&q, &[1], &k2d, &offsets, spec),
         "routing_scores",

@@ -248,8 +248,11 @@ fn main() {
         },
     );
 
-    // Routing scan over 1M memory tokens (one router layer, f32 keys), 1-token query; then top-16.
-    let keys = b.tensor(&[CHUNKS_1M, KV_HEADS, HEAD_DIM]);
+    // Routing scan over 1M memory tokens (one router layer, f32 then bf16 keys), 1-token query; then
+    // top-16.
+    let keys_tensor = b.tensor(&[CHUNKS_1M, KV_HEADS, HEAD_DIM]);
+    let keys = b.gpu.tensor_to_weight(&keys_tensor).unwrap();
+    let bf16_keys = b.bf16_weight(&[CHUNKS_1M, KV_HEADS, HEAD_DIM]);
     let offsets: Vec<u32> = (0..CHUNKS_1M as u32)
         .step_by(16)
         .chain([CHUNKS_1M as u32])
@@ -266,6 +269,16 @@ fn main() {
             .routing_scores(&q1, &[0], &keys, &offsets, spec)
             .unwrap();
     });
+    run(
+        &mut group,
+        "routing_scan_1M_tokens_bf16",
+        key_bytes / 2,
+        &mut || {
+            b.gpu
+                .routing_scores(&q1, &[0], &bf16_keys, &offsets, spec)
+                .unwrap();
+        },
+    );
     let scores = b
         .gpu
         .routing_scores(&q1, &[0], &keys, &offsets, spec)

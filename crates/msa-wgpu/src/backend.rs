@@ -261,7 +261,7 @@ impl WgpuBackend {
     fn score(
         &self,
         q: &WgpuTensor,
-        keys: &WgpuTensor,
+        keys: &WgpuWeight,
         doc_chunk_offsets: &[u32],
         dims: RoutingDims,
         spec: RoutingSpec,
@@ -307,11 +307,18 @@ impl WgpuBackend {
         } else {
             (q.clone(), dims.heads)
         };
-        let score_chunks = Kernel::new(Family::Routing, "score_chunks");
-        for window in self
-            .ctx
-            .windows("routing keys", keys.buffer.size(), dims.chunks, row, 4)?
-        {
+        // Keys stay in their stored dtype and are widened in the kernel. Window offsets are multiples
+        // of 4 bytes, so element parity (which half of a packed word) is the same in a window as in
+        // the buffer, and `window.base` counts elements of the stored dtype.
+        let score_chunks =
+            Kernel::new(Family::Routing, "score_chunks").with("DTYPE", dtype_code(keys.dtype));
+        for window in self.ctx.windows(
+            "routing keys",
+            keys.buffer.size(),
+            dims.chunks,
+            row,
+            keys.dtype.size_in_bytes(),
+        )? {
             let chunks = window.rows.len();
             self.ctx.dispatch(
                 &score_chunks,
@@ -367,6 +374,15 @@ impl Backend for WgpuBackend {
             buffer: self.ctx.storage_with(view.bytes, view.name)?,
             shape: view.shape.to_vec(),
             dtype: view.dtype,
+        })
+    }
+
+    fn tensor_to_weight(&self, tensor: &WgpuTensor) -> Result<WgpuWeight> {
+        // Buffers are reference counted: the weight shares the tensor's storage.
+        Ok(WgpuWeight {
+            buffer: tensor.buffer.clone(),
+            shape: tensor.shape.clone(),
+            dtype: DType::F32,
         })
     }
 
@@ -625,7 +641,7 @@ impl Backend for WgpuBackend {
         &self,
         queries: &WgpuTensor,
         routing_rows: &[u32],
-        keys: &WgpuTensor,
+        keys: &WgpuWeight,
         doc_chunk_offsets: &[u32],
         spec: RoutingSpec,
     ) -> Result<WgpuTensor> {

@@ -86,6 +86,36 @@ impl Pair {
     }
 }
 
+/// Routing keys `values` of `shape` as a weight on both backends: f32 through `tensor_to_weight` (the path
+/// the memory takes), bf16 and f16 uploaded as stored weights.
+fn key_weights(
+    gpu: &WgpuBackend,
+    cpu: &CpuBackend,
+    values: &[f32],
+    shape: &[usize],
+    dtype: DType,
+) -> (msa_wgpu::WgpuWeight, msa_engine::cpu::CpuWeight) {
+    if dtype == DType::F32 {
+        return (
+            gpu.tensor_to_weight(&gpu.upload(values, shape).unwrap())
+                .unwrap(),
+            cpu.tensor_to_weight(&cpu.upload(values, shape).unwrap())
+                .unwrap(),
+        );
+    }
+    let bytes = weight_bytes(values, dtype);
+    let view = TensorView {
+        name: "routing keys",
+        dtype,
+        shape,
+        bytes: &bytes,
+    };
+    (
+        gpu.upload_weight(view).unwrap(),
+        cpu.upload_weight(view).unwrap(),
+    )
+}
+
 /// Weight bytes of `values` stored as `dtype` (values are rounded to the dtype first by the caller's use).
 fn weight_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
@@ -349,15 +379,27 @@ fn random_offsets(rng: &mut StdRng, documents: usize, max_chunks: u32) -> Vec<u3
 fn routing_scores_match_for_every_reduction_and_score_mode() {
     let Some(p) = Pair::new() else { return };
     let mut rng = StdRng::seed_from_u64(7);
-    for (n, heads, kv_heads, d, documents) in
-        [(1, 2, 2, 16, 1), (9, 4, 2, 16, 37), (5, 8, 2, 128, 300)]
-    {
+    // Keys in every stored dtype; the odd shapes (d 7 and 33 with one KV head) put chunk and head rows
+    // of packed keys at odd elements.
+    for (dtype, (n, heads, kv_heads, d, documents)) in [
+        (DType::F32, (1, 2, 2, 16, 1)),
+        (DType::F32, (9, 4, 2, 16, 37)),
+        (DType::F32, (5, 8, 2, 128, 300)),
+        (DType::F32, (3, 3, 1, 7, 11)),
+        (DType::BF16, (9, 4, 2, 16, 37)),
+        (DType::BF16, (5, 8, 2, 128, 300)),
+        (DType::BF16, (3, 3, 1, 7, 11)),
+        (DType::BF16, (7, 6, 3, 10, 13)),
+        (DType::F16, (9, 4, 2, 16, 37)),
+        (DType::F16, (3, 3, 1, 7, 11)),
+        (DType::F16, (4, 2, 1, 33, 20)),
+    ] {
         let offsets = random_offsets(&mut rng, documents, 5);
         let chunks = *offsets.last().unwrap() as usize;
         let q = random(&mut rng, n * heads * d);
         let k = random(&mut rng, chunks * kv_heads * d);
         let (gq, cq) = p.tensors(&q, &[n, heads, d]);
-        let (gk, ck) = p.tensors(&k, &[chunks, kv_heads, d]);
+        let (gk, ck) = key_weights(&p.gpu, &p.cpu, &k, &[chunks, kv_heads, d], dtype);
         let rows: Vec<u32> = (0..n as u32).filter(|r| r % 3 != 1).collect();
         for score_mode in [ScoreMode::Cosine, ScoreMode::ScaledDot] {
             for head_reduce in [HeadReduce::Mean, HeadReduce::Max] {
@@ -371,7 +413,7 @@ fn routing_scores_match_for_every_reduction_and_score_mode() {
                         };
                         p.compare(
                             &format!(
-                                "routing {spec:?} n{n} h{heads}/{kv_heads} d{d} docs{documents}"
+                                "routing {dtype} keys {spec:?} n{n} h{heads}/{kv_heads} d{d} docs{documents}"
                             ),
                             &p.gpu
                                 .routing_scores(&gq, &rows, &gk, &offsets, spec)
@@ -461,41 +503,47 @@ fn tensors_larger_than_the_binding_limit_are_split() {
         let c = pollster::block_on(cpu.read(&c)).unwrap();
         assert_close(&format!("windowed matmul {dtype}"), &g, &c, TOL);
     }
-    // Routing keys of 150 chunks × 2 heads × 16 dims (19 KiB) against a 4 KiB binding.
-    let offsets = random_offsets(&mut rng, 40, 7);
-    let chunks = *offsets.last().unwrap() as usize;
-    let k = random(&mut rng, chunks * 2 * 16);
-    let q = random(&mut rng, 2 * 4 * 16);
+    // Routing keys of ~150 chunks × 2 heads × 16 dims (19 KiB as f32) against a 4 KiB binding, in every
+    // stored dtype; with one KV head of 33 dims, packed windows start at odd elements.
     let spec = RoutingSpec {
         score_mode: ScoreMode::ScaledDot,
         head_reduce: HeadReduce::Mean,
         query_reduce: QueryReduce::Max,
         chunk_reduce: ChunkReduce::Max,
     };
-    let g = small
-        .routing_scores(
-            &small.upload(&q, &[2, 4, 16]).unwrap(),
-            &[0, 1],
-            &small.upload(&k, &[chunks, 2, 16]).unwrap(),
-            &offsets,
-            spec,
-        )
-        .unwrap();
-    let c = cpu
-        .routing_scores(
-            &cpu.upload(&q, &[2, 4, 16]).unwrap(),
-            &[0, 1],
-            &cpu.upload(&k, &[chunks, 2, 16]).unwrap(),
-            &offsets,
-            spec,
-        )
-        .unwrap();
-    assert_close(
-        "windowed routing",
-        &pollster::block_on(small.read(&g)).unwrap(),
-        &pollster::block_on(cpu.read(&c)).unwrap(),
-        TOL,
-    );
+    for dtype in DTYPES {
+        for (heads, kv_heads, d) in [(4, 2, 16), (2, 1, 33)] {
+            let offsets = random_offsets(&mut rng, 40, 7);
+            let chunks = *offsets.last().unwrap() as usize;
+            let k = random(&mut rng, chunks * kv_heads * d);
+            let q = random(&mut rng, 2 * heads * d);
+            let (gk, ck) = key_weights(&small, &cpu, &k, &[chunks, kv_heads, d], dtype);
+            let g = small
+                .routing_scores(
+                    &small.upload(&q, &[2, heads, d]).unwrap(),
+                    &[0, 1],
+                    &gk,
+                    &offsets,
+                    spec,
+                )
+                .unwrap();
+            let c = cpu
+                .routing_scores(
+                    &cpu.upload(&q, &[2, heads, d]).unwrap(),
+                    &[0, 1],
+                    &ck,
+                    &offsets,
+                    spec,
+                )
+                .unwrap();
+            assert_close(
+                &format!("windowed routing {dtype} keys h{heads}/{kv_heads} d{d}"),
+                &pollster::block_on(small.read(&g)).unwrap(),
+                &pollster::block_on(cpu.read(&c)).unwrap(),
+                TOL,
+            );
+        }
+    }
     // Activations are bound whole: one larger than the cap is a clear error, not a wrong answer, and
     // the device stays usable (nothing reached wgpu's validation).
     let big = small.upload(&vec![1.0; 2048], &[2048]).unwrap();
