@@ -26,8 +26,11 @@ pub enum Error {
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
 
-    #[error("this memory was encoded by a different model ({memory}); this model needs {model}")]
-    MemoryMismatch { memory: String, model: String },
+    /// A memory or bank encoded by another model (or another checkpoint of the same shape).
+    #[error(
+        "{memory} was encoded by a different model; differences (memory vs this model): {differences}"
+    )]
+    MemoryMismatch { memory: String, differences: String },
 
     #[error("the prompt is empty")]
     EmptyPrompt,

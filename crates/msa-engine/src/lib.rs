@@ -4,9 +4,11 @@
 //! - [`cpu`]: the CPU reference backend every other backend is tested against.
 //! - [`model`]: weights uploaded to a backend in their stored dtype.
 //! - [`memory`]: stage 1, memory encoding into pooled per-router-layer K, V and routing keys.
+//! - [`bank`]: memories on disk: create, encode into (resumable), open sharded over devices.
 //! - [`session`]: stage 2 (routing + context assembly + prefill) and stage 3 (decoding).
 
 pub mod backend;
+pub mod bank;
 pub mod cpu;
 pub mod error;
 mod layer;
@@ -16,10 +18,12 @@ pub mod session;
 pub mod shapes;
 
 pub use backend::{AttentionMask, Backend, RoutingSpec, Scored};
+pub use bank::{BankEncodeOptions, BankEncodeReport, SourceDocument};
 pub use cpu::{CpuBackend, CpuTensor, rope_table, select_top_k};
 pub use error::{Error, Result};
 pub use memory::{EncodeProgress, LayerMemory, Memory, MemoryDocument, MemoryFingerprint};
 pub use model::Model;
 pub use session::{
-    FinishReason, GenerateOptions, Generation, LayerRouting, RoutedDocument, Session, Trace,
+    FinishReason, GenerateOptions, Generation, LayerRouting, RouteStats, RoutedDocument, Session,
+    Trace,
 };

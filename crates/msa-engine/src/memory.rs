@@ -3,7 +3,10 @@
 //! The template head `<|im_start|>user\n` is encoded once and kept for every layer.
 
 use std::ops::Range;
+use std::time::Duration;
 
+pub use msa_core::MemoryFingerprint;
+use msa_core::bank::Bank;
 use msa_core::{MsaConfig, MsaTokenizer, ScoreMode};
 
 use crate::backend::{AttentionMask, Backend};
@@ -28,34 +31,43 @@ pub struct LayerMemory<T> {
     pub k: T,
     /// Chunk means of the values.
     pub v: T,
-    /// Chunk means of `router_k_proj(x)`; L2-normalised in cosine score mode. Routing reads them as a
-    /// weight, [`Memory::routing_keys`].
+    /// Chunk means of `router_k_proj(x)`; L2-normalised in cosine score mode.
     pub routing_keys: T,
 }
 
-/// The model properties a memory depends on; a memory only serves a model with the same ones.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MemoryFingerprint {
-    pub num_hidden_layers: usize,
-    pub router_layers: Vec<usize>,
-    pub num_key_value_heads: usize,
-    pub head_dim: usize,
-    pub pooling_kernel_size: usize,
-    pub score_mode: ScoreMode,
+/// The routing keys of a contiguous range of documents on one device: what one Memory Parallel shard
+/// scores.
+pub(crate) struct RoutingShard<B: Backend> {
+    /// The shard's own device; `None` is the model's backend.
+    pub(crate) backend: Option<B>,
+    pub(crate) first_document: usize,
+    /// `[0, end of its doc 0, …]`, local to the shard.
+    pub(crate) doc_chunk_offsets: Vec<u32>,
+    /// Per router layer, `[chunks, kv_heads, head_dim]` in the stored dtype.
+    pub(crate) keys: Vec<B::Weight>,
+    /// Bytes of one router layer's keys.
+    pub(crate) key_bytes: u64,
 }
 
-/// An in-memory bank: what stage 2 needs to route and attend.
+/// Where the content K̄/V̄ of the memory lives.
+pub(crate) enum Content<B: Backend> {
+    /// On the model's backend, f32: a memory encoded in this process.
+    Device(Vec<LayerMemory<B::Tensor>>),
+    /// In the bank's memory-mapped host pages, bf16: fetched per query for the selected documents.
+    Host(Box<Bank>),
+}
+
+/// A memory: what stage 2 needs to route and attend. Built by encoding documents in this process
+/// ([`Model::encode_documents`]) or by opening a bank ([`Model::open_memory`]).
 pub struct Memory<B: Backend> {
-    fingerprint: MemoryFingerprint,
-    documents: Vec<MemoryDocument>,
+    pub(crate) fingerprint: MemoryFingerprint,
+    pub(crate) documents: Vec<MemoryDocument>,
     /// `[0, end of doc 0, end of doc 1, …]`, kept with `documents` so routing never rebuilds it.
-    doc_chunk_offsets: Vec<u32>,
-    layers: Vec<LayerMemory<B::Tensor>>,
-    /// Each router layer's routing keys as the weight routing reads, in `layers` order (f32 here;
-    /// sharing the tensor's buffer on a GPU backend).
-    routing_keys: Vec<B::Weight>,
+    pub(crate) doc_chunk_offsets: Vec<u32>,
     /// Template-head K and V of every layer: `[template_len, kv_heads, head_dim]`.
-    template: Vec<(B::Tensor, B::Tensor)>,
+    pub(crate) template: Vec<(B::Tensor, B::Tensor)>,
+    pub(crate) shards: Vec<RoutingShard<B>>,
+    pub(crate) content: Content<B>,
 }
 
 impl<B: Backend> Memory<B> {
@@ -67,19 +79,47 @@ impl<B: Backend> Memory<B> {
         self.documents.is_empty()
     }
 
+    /// The pooled tensors of a memory encoded in this process, per router layer; empty for a memory
+    /// opened from a bank (its content stays on disk, see [`Memory::bank`]).
     pub fn layers(&self) -> &[LayerMemory<B::Tensor>] {
-        &self.layers
+        match &self.content {
+            Content::Device(layers) => layers,
+            Content::Host(_) => &[],
+        }
     }
 
-    /// The pooled memory of router layer `layer`.
+    /// The pooled memory of router layer `layer`, for a memory encoded in this process.
     pub fn layer(&self, layer: usize) -> Option<&LayerMemory<B::Tensor>> {
-        self.layers.iter().find(|m| m.layer == layer)
+        self.layers().iter().find(|m| m.layer == layer)
     }
 
-    /// The routing keys of router layer `layer` as the weight [`Backend::routing_scores`] takes.
-    pub fn routing_keys(&self, layer: usize) -> Option<&B::Weight> {
-        let slot = self.layers.iter().position(|m| m.layer == layer)?;
-        self.routing_keys.get(slot)
+    /// The bank a memory was opened from.
+    pub fn bank(&self) -> Option<&Bank> {
+        match &self.content {
+            Content::Device(_) => None,
+            Content::Host(bank) => Some(bank),
+        }
+    }
+
+    /// Devices the routing keys are sharded over (Memory Parallel).
+    pub fn devices(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Bytes the routing keys occupy on the device(s), all router layers.
+    pub fn device_bytes(&self) -> u64 {
+        let layers = self.fingerprint.router_layers.len() as u64;
+        self.shards.iter().map(|s| s.key_bytes * layers).sum()
+    }
+
+    /// Bytes of content K̄/V̄ kept in host pages (0 when the content is on the device).
+    pub fn host_bytes(&self) -> u64 {
+        match &self.content {
+            Content::Device(_) => 0,
+            Content::Host(bank) => {
+                2 * bank.tensor_bytes() * self.fingerprint.router_layers.len() as u64
+            }
+        }
     }
 
     pub fn template(&self, layer: usize) -> &(B::Tensor, B::Tensor) {
@@ -114,6 +154,7 @@ impl<B: Backend> std::fmt::Debug for Memory<B> {
                 &self.documents.iter().map(|d| d.token_count).sum::<usize>(),
             )
             .field("chunks", &self.chunk_count())
+            .field("devices", &self.devices())
             .field("fingerprint", &self.fingerprint)
             .finish()
     }
@@ -125,6 +166,42 @@ pub struct EncodeProgress {
     pub documents_done: usize,
     pub documents_total: usize,
     pub tokens_done: usize,
+    pub tokens_total: usize,
+    /// Since the run started (zero where the platform has no clock, as in a browser's wasm).
+    pub elapsed: Duration,
+}
+
+impl EncodeProgress {
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens_done as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Time left at the rate so far; `None` before any rate is known.
+    pub fn eta(&self) -> Option<Duration> {
+        let rate = self.tokens_per_second();
+        (self.tokens_done > 0 && !self.elapsed.is_zero())
+            .then(|| Duration::from_secs_f64((self.tokens_total - self.tokens_done) as f64 / rate))
+    }
+}
+
+/// Wall-clock time since a start, where the platform has a clock (`std::time::Instant` panics on
+/// wasm32-unknown-unknown, so there it reads zero).
+pub(crate) struct Stopwatch(#[cfg(not(target_arch = "wasm32"))] std::time::Instant);
+
+impl Stopwatch {
+    pub(crate) fn start() -> Self {
+        Stopwatch(
+            #[cfg(not(target_arch = "wasm32"))]
+            std::time::Instant::now(),
+        )
+    }
+
+    pub(crate) fn elapsed(&self) -> Duration {
+        #[cfg(not(target_arch = "wasm32"))]
+        return self.0.elapsed();
+        #[cfg(target_arch = "wasm32")]
+        Duration::ZERO
+    }
 }
 
 impl<B: Backend> Model<B> {
@@ -137,21 +214,24 @@ impl<B: Backend> Model<B> {
         let msa = self.msa_config("memory encoding")?;
         Ok(MemoryFingerprint {
             num_hidden_layers: self.config.num_hidden_layers,
+            hidden_size: self.config.hidden_size,
             router_layers: msa.router_layers.clone(),
             num_key_value_heads: self.config.num_key_value_heads,
             head_dim: self.config.head_dim,
             pooling_kernel_size: msa.pooling_kernel_size,
             score_mode: msa.score_mode,
+            weights_digest: self.weights_digest,
         })
     }
 
     /// Refuses a memory encoded by a model of another shape.
     pub(crate) fn check_memory(&self, memory: &Memory<B>) -> Result<()> {
         let ours = self.memory_fingerprint()?;
-        if memory.fingerprint != ours {
+        let differences = memory.fingerprint.differences(&ours);
+        if !differences.is_empty() {
             return Err(Error::MemoryMismatch {
-                memory: format!("{:?}", memory.fingerprint),
-                model: format!("{ours:?}"),
+                memory: "this memory".into(),
+                differences: differences.join(", "),
             });
         }
         Ok(())
@@ -218,9 +298,9 @@ impl<B: Backend> Model<B> {
             fingerprint,
             documents: Vec::new(),
             doc_chunk_offsets: vec![0],
-            layers: Vec::new(),
-            routing_keys: Vec::new(),
             template,
+            shards: Vec::new(),
+            content: Content::Device(Vec::new()),
         };
         self.append_token_documents(&mut memory, documents, progress)
             .await?;
@@ -258,6 +338,8 @@ impl<B: Backend> Model<B> {
         // Encode everything first so a failure leaves the memory as it was.
         let mut pooled_per_doc = Vec::with_capacity(documents.len());
         let mut tokens_done = 0;
+        let tokens_total = documents.iter().map(Vec::len).sum();
+        let clock = Stopwatch::start();
         for (i, ids) in documents.iter().enumerate() {
             pooled_per_doc.push(self.encode_one_document(ids)?);
             tokens_done += ids.len();
@@ -265,9 +347,17 @@ impl<B: Backend> Model<B> {
                 documents_done: i + 1,
                 documents_total: documents.len(),
                 tokens_done,
+                tokens_total,
+                elapsed: clock.elapsed(),
             });
         }
         let b = &self.backend;
+        let Content::Device(old_layers) = &memory.content else {
+            return Err(Error::shape(
+                "add_documents",
+                "this memory was opened from a bank; append to the bank with encode_into_bank",
+            ));
+        };
         let stack = |existing: Option<&B::Tensor>,
                      pick: &dyn Fn(&LayerMemory<B::Tensor>) -> &B::Tensor,
                      slot: usize| {
@@ -279,7 +369,7 @@ impl<B: Backend> Model<B> {
         };
         let mut layers = Vec::with_capacity(msa.router_layers.len());
         for (slot, &layer) in msa.router_layers.iter().enumerate() {
-            let old = memory.layers.get(slot);
+            let old = old_layers.get(slot);
             layers.push(LayerMemory {
                 layer,
                 k: stack(old.map(|m| &m.k), &|m| &m.k, slot)?,
@@ -287,13 +377,12 @@ impl<B: Backend> Model<B> {
                 routing_keys: stack(old.map(|m| &m.routing_keys), &|m| &m.routing_keys, slot)?,
             });
         }
-        let routing_keys = layers
+        let keys = layers
             .iter()
             .map(|m| b.tensor_to_weight(&m.routing_keys))
             .collect::<Result<Vec<_>>>()?;
         // Only now, with every tensor built, does the memory change.
-        memory.layers = layers;
-        memory.routing_keys = routing_keys;
+        memory.content = Content::Device(layers);
         for ids in documents {
             let start = memory.chunk_count() as u32;
             let end = start + ids.len().div_ceil(msa.pooling_kernel_size) as u32;
@@ -304,12 +393,21 @@ impl<B: Backend> Model<B> {
             });
             memory.doc_chunk_offsets.push(end);
         }
+        // One shard on the model's backend: the f32 keys, shared with the tensors above on a GPU.
+        let row_bytes = self.config.num_key_value_heads * self.config.head_dim * 4;
+        memory.shards = vec![RoutingShard {
+            backend: None,
+            first_document: 0,
+            doc_chunk_offsets: memory.doc_chunk_offsets.clone(),
+            keys,
+            key_bytes: (memory.chunk_count() * row_bytes) as u64,
+        }];
         Ok(())
     }
 
     /// K and V of the template head at positions `0..len` for every layer. The template attends only to
     /// itself in the reference, so encoding it alone is exact.
-    fn encode_template(&self, ids: &[u32]) -> Result<Vec<(B::Tensor, B::Tensor)>> {
+    pub(crate) fn encode_template(&self, ids: &[u32]) -> Result<Vec<(B::Tensor, B::Tensor)>> {
         let b = &self.backend;
         let positions: Vec<u32> = (0..ids.len() as u32).collect();
         let mut hidden = b.embedding(&self.weights.embed_tokens, ids)?;
@@ -329,7 +427,7 @@ impl<B: Backend> Model<B> {
     /// Runs one document through the layers up to the last router layer and pools its chunks. Layers
     /// after the last router layer, and that layer's attention output and MLP, cannot affect the memory
     /// and are skipped.
-    fn encode_one_document(&self, ids: &[u32]) -> Result<Vec<LayerMemory<B::Tensor>>> {
+    pub(crate) fn encode_one_document(&self, ids: &[u32]) -> Result<Vec<LayerMemory<B::Tensor>>> {
         let msa = self.msa_config("memory encoding")?;
         let b = &self.backend;
         let positions: Vec<u32> = (0..ids.len() as u32).collect();

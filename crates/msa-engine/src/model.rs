@@ -38,6 +38,9 @@ pub struct Model<B: Backend> {
     pub tokenizer: Option<MsaTokenizer>,
     pub backend: B,
     pub weights: Weights<B>,
+    /// CRC-32 of the first router layer's `router_k_proj` as stored (0 without router layers): what
+    /// tells a memory encoded by this checkpoint from one encoded by another of the same shape.
+    pub weights_digest: u32,
 }
 
 impl<B: Backend> Model<B> {
@@ -66,11 +69,22 @@ impl<B: Backend> Model<B> {
     ) -> Result<Self> {
         checkpoint.validate(&config)?;
         let weights = upload_weights(&config, checkpoint, &backend)?;
+        let weights_digest = match config.msa.as_ref().and_then(|m| m.router_layers.first()) {
+            Some(layer) => msa_core::bank::digest(
+                checkpoint
+                    .tensor(&format!(
+                        "model.layers.{layer}.self_attn.router_k_proj.0.weight"
+                    ))?
+                    .bytes,
+            ),
+            None => 0,
+        };
         Ok(Model {
             config,
             tokenizer,
             backend,
             weights,
+            weights_digest,
         })
     }
 

@@ -1,11 +1,15 @@
 //! Stage 2 (routing, context assembly, prompt prefill; MSA-SPEC §3.3) and stage 3 (decoding over the
 //! frozen per-layer context; §3.4), plus plain dense prefill for Qwen3 checkpoints.
 
-use msa_core::{QueryPrompt, Sampler, SamplingParams};
+use std::ops::Range;
+
+use msa_core::bank::{Bank, BankTensor};
+use msa_core::{DType, QueryPrompt, Sampler, SamplingParams, TensorView};
 
 use crate::backend::{AttentionMask, Backend, RoutingSpec};
+use crate::cpu::select_top_k;
 use crate::error::{Error, Result};
-use crate::memory::Memory;
+use crate::memory::{Content, Memory, Stopwatch};
 use crate::model::Model;
 
 /// A document selected by one router layer.
@@ -24,6 +28,21 @@ pub struct LayerRouting {
     pub documents: Vec<RoutedDocument>,
     /// Memory chunks placed into this layer's context.
     pub chunks: usize,
+}
+
+/// What routing one router layer cost: bytes per memory tier and wall time per stage.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouteStats {
+    pub layer: usize,
+    /// Routing-key bytes the scoring read on the device(s).
+    pub scanned_bytes: u64,
+    /// Content bytes fetched from the bank's host pages (0 for a memory held on the device).
+    pub fetched_bytes: u64,
+    /// Wall time from recording the routing scores to having the top-k on the host: includes waiting
+    /// for the layer's earlier work on the device.
+    pub routing_time: std::time::Duration,
+    /// Wall time to gather the selected documents' pages and record their upload.
+    pub fetch_time: std::time::Duration,
 }
 
 /// Intermediate tensors of one prefill, recorded on request for tests and debugging.
@@ -65,6 +84,7 @@ pub struct Session<'m, B: Backend> {
     context: Vec<Option<(B::Tensor, B::Tensor)>>,
     next_position: u32,
     routing: Vec<LayerRouting>,
+    route_stats: Vec<RouteStats>,
 }
 
 /// Routing inputs of a stage-2 prefill.
@@ -79,6 +99,11 @@ impl<'m, B: Backend> Session<'m, B> {
     /// Routing decisions of the prefill, in router-layer order (empty for dense prefill).
     pub fn routing(&self) -> &[LayerRouting] {
         &self.routing
+    }
+
+    /// Bytes and times of the prefill's routing, in router-layer order.
+    pub fn route_stats(&self) -> &[RouteStats] {
+        &self.route_stats
     }
 
     /// RoPE position the next token will take.
@@ -173,8 +198,9 @@ impl<'m, B: Backend> Session<'m, B> {
         Ok(hidden)
     }
 
-    /// Scores every document for this layer, selects the top k and gathers their chunks (ascending
-    /// document id, chunks in order), returning the memory `(K, V)` to splice into the context.
+    /// Scores every document for this layer on every shard, merges the shards' top k into the global top
+    /// k, and fetches the selected documents' chunks (ascending document id, chunks in order), returning
+    /// the memory `(K, V)` to splice into the context.
     async fn route(
         &mut self,
         layer: usize,
@@ -185,44 +211,158 @@ impl<'m, B: Backend> Session<'m, B> {
     ) -> Result<(B::Tensor, B::Tensor)> {
         let (model, memory) = (self.model, route.memory);
         let b = &model.backend;
-        let missing = || Error::shape("route", format!("the memory has no layer {layer}"));
-        let pooled = memory.layer(layer).ok_or_else(missing)?;
-        let routing_keys = memory.routing_keys(layer).ok_or_else(missing)?;
+        let slot = memory
+            .fingerprint()
+            .router_layers
+            .iter()
+            .position(|&l| l == layer)
+            .ok_or_else(|| Error::shape("route", format!("the memory has no layer {layer}")))?;
         let queries = model.project_heads(normed, router_q, model.config.num_attention_heads)?;
-        let scores = b.routing_scores(
-            &queries,
-            &route.rows,
-            routing_keys,
-            memory.doc_chunk_offsets(),
-            route.spec,
-        )?;
-        let top = b.top_k(&scores, route.top_k).await?;
+        let clock = Stopwatch::start();
+        // Shards on other devices get the router queries through the host (a few KB).
+        let host_queries = if memory.shards.iter().any(|s| s.backend.is_some()) {
+            Some(b.read(&queries).await?)
+        } else {
+            None
+        };
+        let mut scored = Vec::with_capacity(memory.shards.len());
+        for shard in &memory.shards {
+            let on = shard.backend.as_ref().unwrap_or(b);
+            let q = match (&shard.backend, &host_queries) {
+                (Some(device), Some(host)) => device.upload(host, &b.shape(&queries))?,
+                _ => queries.clone(),
+            };
+            let scores = on.routing_scores(
+                &q,
+                &route.rows,
+                &shard.keys[slot],
+                &shard.doc_chunk_offsets,
+                route.spec,
+            )?;
+            scored.push((shard, on, scores));
+        }
+        // Every shard records its selection before any is awaited, so the devices work concurrently.
+        let pending: Vec<_> = scored
+            .iter()
+            .map(|(_, on, scores)| on.top_k(scores, route.top_k))
+            .collect();
+        let mut candidates: Vec<(usize, f32)> = Vec::new();
+        for ((shard, _, _), top) in scored.iter().zip(pending) {
+            candidates.extend(
+                top.await?
+                    .into_iter()
+                    .map(|s| (shard.first_document + s.index as usize, s.score)),
+            );
+        }
+        // The global top k: the same selection rule over the shards' candidates in document order, so
+        // ties go to the lower id exactly as on one device.
+        candidates.sort_unstable_by_key(|&(id, _)| id);
+        let merged = select_top_k(
+            &candidates.iter().map(|&(_, s)| s).collect::<Vec<_>>(),
+            route.top_k,
+        );
+        let top: Vec<(usize, f32)> = merged
+            .iter()
+            .map(|s| (candidates[s.index as usize].0, s.score))
+            .collect();
+        let routing_time = clock.elapsed();
         if let Some(t) = trace {
             t.router_queries.push((layer, queries));
+            let scores = match scored.as_slice() {
+                [(shard, _, scores)] if shard.backend.is_none() => scores.clone(),
+                _ => {
+                    let mut all = Vec::with_capacity(memory.documents().len());
+                    for (_, on, scores) in &scored {
+                        all.extend(on.read(scores).await?);
+                    }
+                    b.upload(&all, &[all.len()])?
+                }
+            };
             t.document_scores.push((layer, scores));
         }
-        let mut selected: Vec<usize> = top.iter().map(|s| s.index as usize).collect();
+        let mut selected: Vec<usize> = top.iter().map(|&(id, _)| id).collect();
         selected.sort_unstable();
-        let chunks: Vec<u32> = selected
-            .iter()
-            .flat_map(|&d| memory.documents()[d].chunks.clone())
-            .collect();
+        let clock = Stopwatch::start();
+        let (k, v, chunks, fetched_bytes) = match &memory.content {
+            Content::Device(layers) => {
+                let chunks: Vec<u32> = selected
+                    .iter()
+                    .flat_map(|&d| memory.documents()[d].chunks.clone())
+                    .collect();
+                let pooled = &layers[slot];
+                let (k, v) = (
+                    b.gather_rows(&pooled.k, &chunks)?,
+                    b.gather_rows(&pooled.v, &chunks)?,
+                );
+                (k, v, chunks.len(), 0)
+            }
+            Content::Host(bank) => {
+                let (k, v, chunks, bytes) = fetch_pages(b, bank, slot, memory, &selected)?;
+                (k, v, chunks, bytes)
+            }
+        };
+        let fetch_time = clock.elapsed();
         self.routing.push(LayerRouting {
             layer,
             documents: top
                 .iter()
-                .map(|s| RoutedDocument {
-                    id: memory.documents()[s.index as usize].id,
-                    score: s.score,
+                .map(|&(id, score)| RoutedDocument {
+                    id: memory.documents()[id].id,
+                    score,
                 })
                 .collect(),
-            chunks: chunks.len(),
+            chunks,
         });
-        Ok((
-            b.gather_rows(&pooled.k, &chunks)?,
-            b.gather_rows(&pooled.v, &chunks)?,
-        ))
+        self.route_stats.push(RouteStats {
+            layer,
+            scanned_bytes: memory.shards.iter().map(|s| s.key_bytes).sum(),
+            fetched_bytes,
+            routing_time,
+            fetch_time,
+        });
+        Ok((k, v))
     }
+}
+
+/// Gathers the selected documents' K̄ then V̄ rows of router layer `slot` from the bank's host pages into
+/// one contiguous bf16 upload `[2 × chunks, kv_heads × head_dim]`, widened on the device into the f32
+/// `(K, V)` the attention takes. Returns them with the chunk count and the bytes fetched.
+fn fetch_pages<B: Backend>(
+    b: &B,
+    bank: &Bank,
+    slot: usize,
+    memory: &Memory<B>,
+    selected: &[usize],
+) -> Result<(B::Tensor, B::Tensor, usize, u64)> {
+    let fp = bank.fingerprint();
+    let chunks: usize = selected
+        .iter()
+        .map(|&d| memory.documents()[d].chunks.len())
+        .sum();
+    let mut bytes = Vec::with_capacity(2 * chunks * fp.row_bytes());
+    for tensor in [BankTensor::K, BankTensor::V] {
+        for &d in selected {
+            bank.read_rows(
+                slot,
+                tensor,
+                memory.documents()[d].chunks.clone(),
+                &mut bytes,
+            );
+        }
+    }
+    let row = fp.num_key_value_heads * fp.head_dim;
+    let pages = b.upload_weight(TensorView {
+        name: "fetched memory pages",
+        dtype: DType::BF16,
+        shape: &[2 * chunks, row],
+        bytes: &bytes,
+    })?;
+    let shape = [chunks, fp.num_key_value_heads, fp.head_dim];
+    let rows = |range: Range<u32>| -> Result<B::Tensor> {
+        b.reshape(&b.embedding(&pages, &range.collect::<Vec<_>>())?, &shape)
+    };
+    let n = chunks as u32;
+    Ok((rows(0..n)?, rows(n..2 * n)?, chunks, bytes.len() as u64))
 }
 
 impl<B: Backend> Model<B> {
@@ -232,6 +372,7 @@ impl<B: Backend> Model<B> {
             context,
             next_position: 0,
             routing: Vec::new(),
+            route_stats: Vec::new(),
         }
     }
 

@@ -1,0 +1,304 @@
+//! Memories on disk: creating a bank for a model, encoding a corpus into it (resumable, appendable), and
+//! opening it as a [`Memory`] whose routing keys live on one or several devices (Memory Parallel) and
+//! whose content K̄/V̄ stay in the bank's memory-mapped host pages until a query selects them.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use half::bf16;
+use msa_core::bank::{Bank, BankTensor, LayerRows, NewDocument, digest};
+use msa_core::{DType, TensorView};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::memory::{Content, EncodeProgress, Memory, MemoryDocument, RoutingShard, Stopwatch};
+use crate::model::Model;
+
+/// A document of a corpus: where it came from and its text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceDocument {
+    /// A file path, a JSONL id: unique within a bank; what a resumed encoding matches on.
+    pub source: String,
+    pub text: String,
+}
+
+/// Settings of [`Model::encode_into_bank`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BankEncodeOptions {
+    /// Tokens encoded between commits: each commit is one crash-safe append, so at most this much work
+    /// is lost by an interruption.
+    pub commit_tokens: usize,
+}
+
+impl Default for BankEncodeOptions {
+    fn default() -> Self {
+        BankEncodeOptions {
+            commit_tokens: 1 << 16,
+        }
+    }
+}
+
+/// What [`Model::encode_into_bank`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BankEncodeReport {
+    /// Corpus documents already in the bank (same source, same text), left alone.
+    pub skipped: usize,
+    pub encoded: usize,
+    pub tokens: usize,
+}
+
+fn to_bf16_bytes(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+        .collect()
+}
+
+impl<B: Backend> Model<B> {
+    fn check_bank(&self, bank: &Bank) -> Result<()> {
+        let ours = self.memory_fingerprint()?;
+        let differences = bank.fingerprint().differences(&ours);
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(Error::MemoryMismatch {
+            memory: format!("bank {}", bank.dir().display()),
+            differences: differences.join(", "),
+        })
+    }
+
+    /// Creates an empty bank for this model in `dir`, storing the template head's K and V.
+    pub async fn create_bank(&self, dir: impl AsRef<Path>) -> Result<Bank> {
+        let fingerprint = self.memory_fingerprint()?;
+        let ids = self.require_tokenizer()?.template_head_ids()?;
+        let b = &self.backend;
+        let mut template = Vec::with_capacity(self.config.num_hidden_layers);
+        for (k, v) in self.encode_template(&ids)? {
+            template.push((b.read(&k).await?, b.read(&v).await?));
+        }
+        Ok(Bank::create(dir, fingerprint, ids.len(), &template)?)
+    }
+
+    /// Encodes the documents of `corpus` that the bank does not hold yet (stage 1) and appends them,
+    /// committing every [`BankEncodeOptions::commit_tokens`] tokens. Documents whose source the bank
+    /// holds with the same text are skipped, so re-running an interrupted encoding resumes it and
+    /// running a grown corpus appends the new documents; a source whose text changed is an error.
+    pub async fn encode_into_bank(
+        &self,
+        bank: &mut Bank,
+        corpus: &[SourceDocument],
+        options: BankEncodeOptions,
+        mut progress: impl FnMut(EncodeProgress),
+    ) -> Result<BankEncodeReport> {
+        self.check_bank(bank)?;
+        let known: HashMap<&str, u32> = bank
+            .documents()
+            .iter()
+            .map(|d| (d.source.as_str(), d.text_digest))
+            .collect();
+        let mut todo = Vec::new();
+        let mut skipped = 0;
+        for doc in corpus {
+            let text_digest = digest(doc.text.as_bytes());
+            match known.get(doc.source.as_str()) {
+                Some(&d) if d == text_digest => skipped += 1,
+                Some(_) => {
+                    return Err(msa_core::Error::Bank {
+                        path: bank.dir().to_path_buf(),
+                        problem: format!(
+                            "document `{}` changed since it was encoded; encode it under a new source name or into a new bank",
+                            doc.source
+                        ),
+                    }
+                    .into());
+                }
+                None => todo.push((doc, text_digest)),
+            }
+        }
+        drop(known);
+        let first_id = bank.documents().len();
+        let texts: Vec<&str> = todo.iter().map(|(d, _)| d.text.as_str()).collect();
+        let ids = self.tokenize_documents(&texts, first_id)?;
+        let tokens_total: usize = ids.iter().map(Vec::len).sum();
+        let clock = Stopwatch::start();
+        let mut report = BankEncodeReport {
+            skipped,
+            encoded: 0,
+            tokens: 0,
+        };
+        let mut start = 0;
+        while start < todo.len() {
+            // One commit: documents until the token budget is reached (at least one).
+            let mut end = start;
+            let mut tokens = 0;
+            while end < todo.len() && (end == start || tokens < options.commit_tokens) {
+                tokens += ids[end].len();
+                end += 1;
+            }
+            let mut pooled = Vec::with_capacity(end - start);
+            for doc in &ids[start..end] {
+                pooled.push(self.encode_one_document(doc)?);
+                report.encoded += 1;
+                report.tokens += doc.len();
+                progress(EncodeProgress {
+                    documents_done: report.encoded,
+                    documents_total: todo.len(),
+                    tokens_done: report.tokens,
+                    tokens_total,
+                    elapsed: clock.elapsed(),
+                });
+            }
+            let b = &self.backend;
+            let mut rows = Vec::with_capacity(pooled.first().map_or(0, Vec::len));
+            for slot in 0..pooled.first().map_or(0, Vec::len) {
+                let mut read = Vec::with_capacity(3);
+                for tensor in [BankTensor::RoutingKeys, BankTensor::K, BankTensor::V] {
+                    let parts: Vec<&B::Tensor> = pooled
+                        .iter()
+                        .map(|doc| match tensor {
+                            BankTensor::RoutingKeys => &doc[slot].routing_keys,
+                            BankTensor::K => &doc[slot].k,
+                            BankTensor::V => &doc[slot].v,
+                        })
+                        .collect();
+                    read.push(to_bf16_bytes(&b.read(&b.concat_rows(&parts)?).await?));
+                }
+                let [routing_keys, k, v]: [Vec<u8>; 3] =
+                    read.try_into().expect("one read per tensor");
+                rows.push(LayerRows { routing_keys, k, v });
+            }
+            drop(pooled);
+            let documents = todo[start..end]
+                .iter()
+                .zip(&ids[start..end])
+                .map(|((doc, text_digest), ids)| NewDocument {
+                    source: doc.source.clone(),
+                    tokens: ids.len(),
+                    text: Some(doc.text.clone()),
+                    text_digest: *text_digest,
+                })
+                .collect();
+            let mut rows = rows.into_iter();
+            bank.append(
+                documents,
+                |_| Ok(rows.next().expect("one set of rows per router layer")),
+                |_| {},
+            )?;
+            start = end;
+        }
+        Ok(report)
+    }
+
+    /// A memory over a bank: the routing keys are uploaded once, sharded by document across `devices`
+    /// balanced by chunk count (Memory Parallel; with no devices, all on the model's backend), and the
+    /// content stays in the bank's host pages until a query selects it.
+    pub fn open_memory(&self, bank: Bank, devices: Vec<B>) -> Result<Memory<B>> {
+        self.check_bank(&bank)?;
+        let b = &self.backend;
+        let fp = bank.fingerprint().clone();
+        let shape = [bank.template_tokens(), fp.num_key_value_heads, fp.head_dim];
+        let template = (0..fp.num_hidden_layers)
+            .map(|layer| {
+                let (k, v) = bank.template(layer);
+                Ok((
+                    b.upload(&bytemuck::pod_collect_to_vec(k), &shape)?,
+                    b.upload(&bytemuck::pod_collect_to_vec(v), &shape)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let documents: Vec<MemoryDocument> = bank
+            .documents()
+            .iter()
+            .map(|d| MemoryDocument {
+                id: d.id,
+                token_count: d.tokens,
+                chunks: d.chunk_range(),
+            })
+            .collect();
+        let doc_chunk_offsets: Vec<u32> = std::iter::once(0)
+            .chain(documents.iter().map(|d| d.chunks.end))
+            .collect();
+        let wanted = devices.len().max(1);
+        let ranges = balance(&doc_chunk_offsets, wanted);
+        let mut devices = devices.into_iter().map(Some).collect::<Vec<_>>();
+        if devices.is_empty() {
+            devices.push(None);
+        }
+        let mut shards = Vec::with_capacity(ranges.len());
+        for (range, device) in ranges.into_iter().zip(devices) {
+            let first_chunk = doc_chunk_offsets[range.start];
+            let chunks = first_chunk..doc_chunk_offsets[range.end];
+            let on = device.as_ref().unwrap_or(b);
+            let keys = (0..fp.router_layers.len())
+                .map(|slot| {
+                    let mut bytes = Vec::with_capacity(chunks.len() * fp.row_bytes());
+                    bank.read_rows(slot, BankTensor::RoutingKeys, chunks.clone(), &mut bytes);
+                    on.upload_weight(TensorView {
+                        name: "routing keys",
+                        dtype: DType::BF16,
+                        shape: &[chunks.len(), fp.num_key_value_heads, fp.head_dim],
+                        bytes: &bytes,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            shards.push(RoutingShard {
+                backend: device,
+                first_document: range.start,
+                doc_chunk_offsets: doc_chunk_offsets[range.start..=range.end]
+                    .iter()
+                    .map(|&c| c - first_chunk)
+                    .collect(),
+                keys,
+                key_bytes: chunks.len() as u64 * fp.row_bytes() as u64,
+            });
+        }
+        Ok(Memory {
+            fingerprint: fp,
+            documents,
+            doc_chunk_offsets,
+            template,
+            shards,
+            content: Content::Host(Box::new(bank)),
+        })
+    }
+}
+
+/// Splits documents (`offsets` = `[0, end of doc 0, …]`) into at most `parts` non-empty contiguous ranges
+/// of about equal chunk counts.
+fn balance(offsets: &[u32], parts: usize) -> Vec<std::ops::Range<usize>> {
+    let documents = offsets.len() - 1;
+    let total = u64::from(offsets[documents]);
+    let mut ranges = Vec::with_capacity(parts);
+    let mut start = 0;
+    for part in 1..=parts {
+        if start == documents {
+            break;
+        }
+        // The first document end at or past this part's share of the chunks (at least one document).
+        let target = total * part as u64 / parts as u64;
+        let mut end = start + 1;
+        while end < documents && u64::from(offsets[end]) < target {
+            end += 1;
+        }
+        if part == parts {
+            end = documents;
+        }
+        ranges.push(start..end);
+        start = end;
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balance;
+
+    #[test]
+    fn shards_balance_chunks_and_cover_every_document() {
+        assert_eq!(balance(&[0, 4, 8, 12, 16], 2), [0..2, 2..4]);
+        assert_eq!(balance(&[0, 10, 11, 12, 13], 2), [0..1, 1..4]);
+        assert_eq!(balance(&[0, 3], 3), vec![0..1]);
+        assert_eq!(balance(&[0, 1, 2, 3, 4, 5], 3), [0..1, 1..3, 3..5]);
+        assert!(balance(&[0], 2).is_empty());
+    }
+}
