@@ -27,10 +27,12 @@ pub use msa_core as core;
 pub use msa_engine as engine;
 pub use msa_wgpu as wgpu;
 
+pub use msa_core::bank::{Bank, OpenOptions};
 pub use msa_core::{ModelConfig, SamplingParams, ScoreMode};
 pub use msa_engine::{
-    Backend, CpuBackend, EncodeProgress, Error, FinishReason, GenerateOptions, LayerRouting,
-    Memory, MemoryDocument, MemoryFingerprint, Result, RoutedDocument,
+    Backend, BankEncodeOptions, BankEncodeReport, CpuBackend, EncodeProgress, Error, FinishReason,
+    GenerateOptions, LayerRouting, Memory, MemoryDocument, MemoryFingerprint, Result, RouteStats,
+    RoutedDocument, SourceDocument,
 };
 
 /// A model on a backend (the CPU reference unless chosen otherwise), with blocking calls.
@@ -105,6 +107,36 @@ impl<B: Backend> Msa<B> {
         documents: &[impl AsRef<str>],
     ) -> Result<()> {
         pollster::block_on(self.model.add_documents(memory, documents, |_| {}))
+    }
+
+    /// Creates an empty memory bank for this model in `dir` (see [`Bank`] for the format).
+    pub fn create_bank(&self, dir: impl AsRef<Path>) -> Result<Bank> {
+        pollster::block_on(self.model.create_bank(dir))
+    }
+
+    /// Encodes the corpus documents a bank does not hold yet and appends them, committing every
+    /// [`BankEncodeOptions::commit_tokens`] tokens: re-running an interrupted encoding resumes it.
+    pub fn encode_into_bank(
+        &self,
+        bank: &mut Bank,
+        corpus: &[SourceDocument],
+        options: BankEncodeOptions,
+        progress: impl FnMut(EncodeProgress),
+    ) -> Result<BankEncodeReport> {
+        pollster::block_on(self.model.encode_into_bank(bank, corpus, options, progress))
+    }
+
+    /// Opens a bank (checksums verified) as a memory: routing keys on this model's device, content in
+    /// the bank's host pages.
+    pub fn open_bank(&self, dir: impl AsRef<Path>) -> Result<Memory<B>> {
+        self.open_bank_on(dir, Vec::new())
+    }
+
+    /// Opens a bank with its routing keys sharded over `devices` (Memory Parallel): each scores its
+    /// documents and the host merges the top k. No devices means this model's device.
+    pub fn open_bank_on(&self, dir: impl AsRef<Path>, devices: Vec<B>) -> Result<Memory<B>> {
+        let bank = Bank::open(dir, OpenOptions::default())?;
+        self.model.open_memory(bank, devices)
     }
 
     /// Answers a question from a memory.

@@ -1,0 +1,306 @@
+//! Memories on disk, end to end on the tiny fixture model: a bank answers like the in-process memory it
+//! stores, encoding resumes, Memory Parallel selects exactly what one device selects, and a bank from
+//! another model or an empty one is refused with a clear error.
+
+mod common;
+
+use std::path::Path;
+
+use common::{copy_fixture, fixture_dir, read_tensors, write_tensors};
+use msa::core::bank::{Bank, BankTensor, OpenOptions};
+use msa::{Backend, BankEncodeOptions, Error, GenerateOptions, Memory, Msa, SourceDocument};
+
+const MSA: &str = "msa-tiny";
+
+fn strings(file: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(fixture_dir(MSA).join(file)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn corpus() -> Vec<SourceDocument> {
+    strings("memory.json")
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| SourceDocument {
+            source: format!("memory.json#{i}"),
+            text,
+        })
+        .collect()
+}
+
+fn greedy(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        ..GenerateOptions::default()
+    }
+}
+
+/// A bank of the whole fixture corpus, committed every `commit_tokens` tokens.
+fn encode_bank<B: Backend>(msa: &Msa<B>, dir: &Path, commit_tokens: usize) -> Bank {
+    let mut bank = msa.create_bank(dir).unwrap();
+    let mut reports = Vec::new();
+    let report = msa
+        .encode_into_bank(
+            &mut bank,
+            &corpus(),
+            BankEncodeOptions { commit_tokens },
+            |p| reports.push(p),
+        )
+        .unwrap();
+    assert_eq!(report.encoded, corpus().len());
+    let last = reports.last().unwrap();
+    assert_eq!(last.documents_done, last.documents_total);
+    assert_eq!(last.tokens_done, last.tokens_total);
+    assert_eq!(last.tokens_done, bank.token_count());
+    bank
+}
+
+fn bank_answers_like_the_memory_it_stores<B: Backend>(backend: B) {
+    let msa = Msa::load_on(fixture_dir(MSA), backend).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encode_bank(&msa, dir.path(), 100);
+    assert!(bank.manifest().segments.len() > 1, "several commits");
+    let in_process = msa.encode(&strings("memory.json")).unwrap();
+    let from_bank = msa.open_bank(dir.path()).unwrap();
+    assert_eq!(from_bank.documents(), in_process.documents());
+    assert_eq!(from_bank.chunk_count(), in_process.chunk_count());
+
+    // Tiers: routing keys on the device, content in host pages; bf16 rows of kv_heads × head_dim.
+    let fp = bank.fingerprint();
+    let row = (fp.num_key_value_heads * fp.head_dim * 2) as u64;
+    let layers = fp.router_layers.len() as u64;
+    let chunks = bank.chunk_count() as u64;
+    assert_eq!(from_bank.device_bytes(), chunks * row * layers);
+    assert_eq!(from_bank.host_bytes(), 2 * chunks * row * layers);
+    assert_eq!(in_process.host_bytes(), 0);
+
+    // The bank stores K̄, V̄ and K̄r in bf16; the in-process memory keeps f32. On this model the rounding
+    // changes neither the selections nor the greedy answers.
+    for question in strings("queries.json") {
+        let expected = msa.ask(&in_process, &question, &greedy(6)).unwrap();
+        let actual = msa.ask(&from_bank, &question, &greedy(6)).unwrap();
+        for (a, e) in actual.routing.iter().zip(&expected.routing) {
+            let ids = |r: &msa::LayerRouting| r.documents.iter().map(|d| d.id).collect::<Vec<_>>();
+            assert_eq!(
+                ids(a),
+                ids(e),
+                "layer {} selections for {question:?}",
+                a.layer
+            );
+            assert_eq!(a.chunks, e.chunks);
+            for (x, y) in a.documents.iter().zip(&e.documents) {
+                assert!((x.score - y.score).abs() < 2e-2, "{x:?} vs {y:?}");
+            }
+        }
+        assert_eq!(actual.tokens, expected.tokens, "{question:?}");
+    }
+
+    // Per-query stats: the whole routing-key set scanned, only the selected documents' pages fetched.
+    let model = msa.model();
+    let question = &strings("queries.json")[0];
+    let (session, _) = pollster::block_on(model.prefill_question(&from_bank, question)).unwrap();
+    for (stats, routing) in session.route_stats().iter().zip(session.routing()) {
+        assert_eq!(stats.layer, routing.layer);
+        assert_eq!(stats.scanned_bytes, chunks * row);
+        assert_eq!(stats.fetched_bytes, 2 * routing.chunks as u64 * row);
+    }
+}
+
+fn resumed_encoding_equals_one_pass<B: Backend>(backend: B) {
+    let msa = Msa::load_on(fixture_dir(MSA), backend).unwrap();
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let whole = encode_bank(&msa, one.path(), 1 << 20);
+
+    // An "interrupted" run that got through the first three documents, then the full run again.
+    let mut resumed = msa.create_bank(two.path()).unwrap();
+    let corpus = corpus();
+    msa.encode_into_bank(
+        &mut resumed,
+        &corpus[..3],
+        BankEncodeOptions::default(),
+        |_| {},
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let report = msa
+        .encode_into_bank(&mut resumed, &corpus, BankEncodeOptions::default(), |p| {
+            seen.push(p.documents_done)
+        })
+        .unwrap();
+    assert_eq!(report.skipped, 3);
+    assert_eq!(report.encoded, corpus.len() - 3);
+    assert_eq!(seen, (1..=corpus.len() - 3).collect::<Vec<_>>());
+    // Running it once more has nothing to do.
+    let again = msa
+        .encode_into_bank(&mut resumed, &corpus, BankEncodeOptions::default(), |_| {})
+        .unwrap();
+    assert_eq!((again.skipped, again.encoded), (corpus.len(), 0));
+
+    let resumed = Bank::open(two.path(), OpenOptions::default()).unwrap();
+    assert_eq!(resumed.documents(), whole.documents());
+    for slot in 0..whole.fingerprint().router_layers.len() {
+        for tensor in [BankTensor::RoutingKeys, BankTensor::K, BankTensor::V] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            whole.read_rows(slot, tensor, 0..whole.chunk_count(), &mut a);
+            resumed.read_rows(slot, tensor, 0..resumed.chunk_count(), &mut b);
+            assert!(a == b, "slot {slot} {tensor:?} differs");
+        }
+    }
+    assert_eq!(
+        resumed.document_text(4).unwrap().as_deref(),
+        Some(corpus[4].text.as_str())
+    );
+
+    // A source whose text changed is refused, and the bank keeps what it had.
+    let mut bank = Bank::open(two.path(), OpenOptions::default()).unwrap();
+    let mut changed = corpus.clone();
+    changed[1].text.push_str(" (edited)");
+    let err = msa
+        .encode_into_bank(&mut bank, &changed, BankEncodeOptions::default(), |_| {})
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("memory.json#1") && err.to_string().contains("changed"),
+        "{err}"
+    );
+    assert_eq!(bank.documents().len(), corpus.len());
+}
+
+/// The same answers, selections and scores from one device and from `devices` Memory Parallel shards.
+fn memory_parallel_matches_one_device<B: Backend>(msa: &Msa<B>, devices: Vec<B>) {
+    let dir = tempfile::tempdir().unwrap();
+    encode_bank(msa, dir.path(), 1 << 20);
+    let shards = devices.len();
+    let one: Memory<B> = msa.open_bank(dir.path()).unwrap();
+    let sharded = msa.open_bank_on(dir.path(), devices).unwrap();
+    assert_eq!((one.devices(), sharded.devices()), (1, shards));
+    assert_eq!(one.device_bytes(), sharded.device_bytes());
+    for question in strings("queries.json") {
+        let a = msa.ask(&one, &question, &greedy(6)).unwrap();
+        let b = msa.ask(&sharded, &question, &greedy(6)).unwrap();
+        assert_eq!(a, b, "{question:?}");
+    }
+    // A k larger than any shard's share still merges to the single-device ranking.
+    let model = msa.model();
+    let prompt = model
+        .require_tokenizer()
+        .unwrap()
+        .question_prompt(&strings("queries.json")[1])
+        .unwrap();
+    let mut ta = msa::engine::Trace::default();
+    let mut tb = msa::engine::Trace::default();
+    pollster::block_on(model.prefill_query(&one, &prompt, Some(&mut ta))).unwrap();
+    pollster::block_on(model.prefill_query(&sharded, &prompt, Some(&mut tb))).unwrap();
+    for ((la, sa), (lb, sb)) in ta.document_scores.iter().zip(&tb.document_scores) {
+        assert_eq!(la, lb);
+        let (sa, sb) = (
+            pollster::block_on(model.backend.read(sa)).unwrap(),
+            pollster::block_on(model.backend.read(sb)).unwrap(),
+        );
+        assert_eq!(sa, sb, "layer {la}: every document's score");
+    }
+}
+
+#[test]
+fn memory_parallel_matches_one_device_on_cpu() {
+    let msa = Msa::load(fixture_dir(MSA)).unwrap();
+    for shards in [1, 2, 3, 7] {
+        memory_parallel_matches_one_device(&msa, vec![msa::CpuBackend::new(); shards]);
+    }
+}
+
+#[test]
+fn memory_parallel_matches_one_device_on_wgpu() {
+    let Some(gpu) = common::wgpu_backend() else {
+        return;
+    };
+    let msa = Msa::load_on(fixture_dir(MSA), gpu).unwrap();
+    // Three logical devices on the same adapter: each its own wgpu device, queue and buffers.
+    let devices = (0..3).map(|_| common::wgpu_backend().unwrap()).collect();
+    memory_parallel_matches_one_device(&msa, devices);
+}
+
+#[test]
+fn a_bank_from_another_model_is_refused() {
+    let msa = Msa::load(fixture_dir(MSA)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    encode_bank(&msa, dir.path(), 1 << 20);
+
+    // Same shapes, other weights: a fine-tune, say.
+    let other = copy_fixture(MSA);
+    let weights = other.path().join("model.safetensors");
+    let mut tensors = read_tensors(&weights);
+    let router_k = tensors
+        .iter_mut()
+        .find(|t| t.name == "model.layers.2.self_attn.router_k_proj.0.weight")
+        .unwrap();
+    router_k.data[0] ^= 1;
+    write_tensors(&weights, &tensors);
+    let other = Msa::load(other.path()).unwrap();
+    let err = match other.open_bank(dir.path()) {
+        Err(e) => e,
+        Ok(_) => panic!("a bank of another checkpoint opened"),
+    };
+    assert!(matches!(err, Error::MemoryMismatch { .. }), "{err:?}");
+    assert!(err.to_string().contains("weights_digest"), "{err}");
+    let mut bank = Bank::open(dir.path(), OpenOptions::default()).unwrap();
+    let err = other
+        .encode_into_bank(&mut bank, &corpus(), BankEncodeOptions::default(), |_| {})
+        .unwrap_err();
+    assert!(matches!(err, Error::MemoryMismatch { .. }), "{err:?}");
+
+    // Another shape: the message lists what differs.
+    let reshaped = copy_fixture(MSA);
+    let config = reshaped.path().join("config.json");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"pooling_kernel_size\": 16", "\"pooling_kernel_size\": 8");
+    std::fs::write(&config, text).unwrap();
+    let err = match Msa::load(reshaped.path()).unwrap().open_bank(dir.path()) {
+        Err(e) => e,
+        Ok(_) => panic!("a bank of another shape opened"),
+    };
+    assert!(
+        err.to_string().contains("pooling_kernel_size: 16 vs 8"),
+        "{err}"
+    );
+
+    // A dense Qwen3 model has no memory at all.
+    let qwen = Msa::load(fixture_dir("qwen3-tiny")).unwrap();
+    assert!(matches!(
+        qwen.open_bank(dir.path()),
+        Err(Error::NotAnMsaModel(_))
+    ));
+}
+
+#[test]
+fn an_empty_bank_answers_no_documents() {
+    let msa = Msa::load(fixture_dir(MSA)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    msa.create_bank(dir.path()).unwrap();
+    let memory = msa.open_bank(dir.path()).unwrap();
+    assert!(memory.is_empty());
+    let err = msa
+        .ask(&memory, &strings("queries.json")[0], &greedy(2))
+        .unwrap_err();
+    assert!(matches!(err, Error::NoDocuments), "{err:?}");
+    // Creating a bank where one exists is refused and leaves it alone.
+    let err = match msa.create_bank(dir.path()) {
+        Err(e) => e,
+        Ok(_) => panic!("created a bank over a bank"),
+    };
+    assert!(
+        err.to_string().contains("already holds a memory bank"),
+        "{err}"
+    );
+    // Documents cannot be appended to a memory opened from a bank; the bank is the place to append.
+    let mut memory = memory;
+    let err = msa
+        .add_documents(&mut memory, &strings("memory.json")[..1])
+        .unwrap_err();
+    assert!(err.to_string().contains("encode_into_bank"), "{err}");
+}
+
+on_every_backend!(
+    bank_answers_like_the_memory_it_stores,
+    resumed_encoding_equals_one_pass
+);
