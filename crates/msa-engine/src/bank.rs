@@ -194,7 +194,15 @@ impl<B: Backend> Model<B> {
     /// content stays in the bank's host pages until a query selects it.
     pub fn open_memory(&self, bank: Bank, devices: Vec<B>) -> Result<Memory<B>> {
         self.check_bank(&bank)?;
-        let b = &self.backend;
+        Memory::from_bank(&self.backend, bank, devices)
+    }
+}
+
+impl<B: Backend> Memory<B> {
+    /// A memory over a bank without a model (benchmarks, tools): template and routing keys uploaded to
+    /// `b` (or sharded over `devices`), content left in the bank's host pages. [`Model::open_memory`] is
+    /// the checked way for a model to open one.
+    pub fn from_bank(b: &B, bank: Bank, devices: Vec<B>) -> Result<Memory<B>> {
         let fp = bank.fingerprint().clone();
         let shape = [bank.template_tokens(), fp.num_key_value_heads, fp.head_dim];
         let template = (0..fp.num_hidden_layers)

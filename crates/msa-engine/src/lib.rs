@@ -14,6 +14,7 @@ pub mod error;
 mod layer;
 pub mod memory;
 pub mod model;
+pub mod route;
 pub mod session;
 pub mod shapes;
 
@@ -23,6 +24,7 @@ pub use cpu::{CpuBackend, CpuTensor, rope_table, select_top_k};
 pub use error::{Error, Result};
 pub use memory::{EncodeProgress, LayerMemory, Memory, MemoryDocument, MemoryFingerprint};
 pub use model::Model;
+pub use route::{Fetched, Selection};
 pub use session::{
     FinishReason, GenerateOptions, Generation, LayerRouting, RouteStats, RoutedDocument, Session,
     Trace,

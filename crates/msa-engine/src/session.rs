@@ -1,15 +1,11 @@
 //! Stage 2 (routing, context assembly, prompt prefill; MSA-SPEC §3.3) and stage 3 (decoding over the
 //! frozen per-layer context; §3.4), plus plain dense prefill for Qwen3 checkpoints.
 
-use std::ops::Range;
-
-use msa_core::bank::{Bank, BankTensor};
-use msa_core::{DType, QueryPrompt, Sampler, SamplingParams, TensorView};
+use msa_core::{QueryPrompt, Sampler, SamplingParams};
 
 use crate::backend::{AttentionMask, Backend, RoutingSpec};
-use crate::cpu::select_top_k;
 use crate::error::{Error, Result};
-use crate::memory::{Content, Memory, Stopwatch};
+use crate::memory::{Memory, Stopwatch};
 use crate::model::Model;
 
 /// A document selected by one router layer.
@@ -198,9 +194,8 @@ impl<'m, B: Backend> Session<'m, B> {
         Ok(hidden)
     }
 
-    /// Scores every document for this layer on every shard, merges the shards' top k into the global top
-    /// k, and fetches the selected documents' chunks (ascending document id, chunks in order), returning
-    /// the memory `(K, V)` to splice into the context.
+    /// Routes router layer `layer`: selects the global top k documents (on every shard) and fetches
+    /// their chunks, returning the memory `(K, V)` to splice into the context.
     async fn route(
         &mut self,
         layer: usize,
@@ -219,150 +214,48 @@ impl<'m, B: Backend> Session<'m, B> {
             .ok_or_else(|| Error::shape("route", format!("the memory has no layer {layer}")))?;
         let queries = model.project_heads(normed, router_q, model.config.num_attention_heads)?;
         let clock = Stopwatch::start();
-        // Shards on other devices get the router queries through the host (a few KB).
-        let host_queries = if memory.shards.iter().any(|s| s.backend.is_some()) {
-            Some(b.read(&queries).await?)
-        } else {
-            None
-        };
-        let mut scored = Vec::with_capacity(memory.shards.len());
-        for shard in &memory.shards {
-            let on = shard.backend.as_ref().unwrap_or(b);
-            let q = match (&shard.backend, &host_queries) {
-                (Some(device), Some(host)) => device.upload(host, &b.shape(&queries))?,
-                _ => queries.clone(),
-            };
-            let scores = on.routing_scores(
-                &q,
+        let selection = memory
+            .select(
+                b,
+                slot,
+                &queries,
                 &route.rows,
-                &shard.keys[slot],
-                &shard.doc_chunk_offsets,
+                route.top_k,
                 route.spec,
-            )?;
-            scored.push((shard, on, scores));
-        }
-        // Every shard records its selection before any is awaited, so the devices work concurrently.
-        let pending: Vec<_> = scored
-            .iter()
-            .map(|(_, on, scores)| on.top_k(scores, route.top_k))
-            .collect();
-        let mut candidates: Vec<(usize, f32)> = Vec::new();
-        for ((shard, _, _), top) in scored.iter().zip(pending) {
-            candidates.extend(
-                top.await?
-                    .into_iter()
-                    .map(|s| (shard.first_document + s.index as usize, s.score)),
-            );
-        }
-        // The global top k: the same selection rule over the shards' candidates in document order, so
-        // ties go to the lower id exactly as on one device.
-        candidates.sort_unstable_by_key(|&(id, _)| id);
-        let merged = select_top_k(
-            &candidates.iter().map(|&(_, s)| s).collect::<Vec<_>>(),
-            route.top_k,
-        );
-        let top: Vec<(usize, f32)> = merged
-            .iter()
-            .map(|s| (candidates[s.index as usize].0, s.score))
-            .collect();
+                trace.is_some(),
+            )
+            .await?;
         let routing_time = clock.elapsed();
         if let Some(t) = trace {
             t.router_queries.push((layer, queries));
-            let scores = match scored.as_slice() {
-                [(shard, _, scores)] if shard.backend.is_none() => scores.clone(),
-                _ => {
-                    let mut all = Vec::with_capacity(memory.documents().len());
-                    for (_, on, scores) in &scored {
-                        all.extend(on.read(scores).await?);
-                    }
-                    b.upload(&all, &[all.len()])?
-                }
-            };
-            t.document_scores.push((layer, scores));
+            t.document_scores
+                .push((layer, selection.scores.expect("scores were asked for")));
         }
-        let mut selected: Vec<usize> = top.iter().map(|&(id, _)| id).collect();
+        let mut selected: Vec<usize> = selection.documents.iter().map(|&(id, _)| id).collect();
         selected.sort_unstable();
         let clock = Stopwatch::start();
-        let (k, v, chunks, fetched_bytes) = match &memory.content {
-            Content::Device(layers) => {
-                let chunks: Vec<u32> = selected
-                    .iter()
-                    .flat_map(|&d| memory.documents()[d].chunks.clone())
-                    .collect();
-                let pooled = &layers[slot];
-                let (k, v) = (
-                    b.gather_rows(&pooled.k, &chunks)?,
-                    b.gather_rows(&pooled.v, &chunks)?,
-                );
-                (k, v, chunks.len(), 0)
-            }
-            Content::Host(bank) => {
-                let (k, v, chunks, bytes) = fetch_pages(b, bank, slot, memory, &selected)?;
-                (k, v, chunks, bytes)
-            }
-        };
-        let fetch_time = clock.elapsed();
+        let fetched = memory.fetch(b, slot, &selected)?;
         self.routing.push(LayerRouting {
             layer,
-            documents: top
+            documents: selection
+                .documents
                 .iter()
                 .map(|&(id, score)| RoutedDocument {
                     id: memory.documents()[id].id,
                     score,
                 })
                 .collect(),
-            chunks,
+            chunks: fetched.chunks,
         });
         self.route_stats.push(RouteStats {
             layer,
-            scanned_bytes: memory.shards.iter().map(|s| s.key_bytes).sum(),
-            fetched_bytes,
+            scanned_bytes: selection.scanned_bytes,
+            fetched_bytes: fetched.host_bytes,
             routing_time,
-            fetch_time,
+            fetch_time: clock.elapsed(),
         });
-        Ok((k, v))
+        Ok((fetched.k, fetched.v))
     }
-}
-
-/// Gathers the selected documents' K̄ then V̄ rows of router layer `slot` from the bank's host pages into
-/// one contiguous bf16 upload `[2 × chunks, kv_heads × head_dim]`, widened on the device into the f32
-/// `(K, V)` the attention takes. Returns them with the chunk count and the bytes fetched.
-fn fetch_pages<B: Backend>(
-    b: &B,
-    bank: &Bank,
-    slot: usize,
-    memory: &Memory<B>,
-    selected: &[usize],
-) -> Result<(B::Tensor, B::Tensor, usize, u64)> {
-    let fp = bank.fingerprint();
-    let chunks: usize = selected
-        .iter()
-        .map(|&d| memory.documents()[d].chunks.len())
-        .sum();
-    let mut bytes = Vec::with_capacity(2 * chunks * fp.row_bytes());
-    for tensor in [BankTensor::K, BankTensor::V] {
-        for &d in selected {
-            bank.read_rows(
-                slot,
-                tensor,
-                memory.documents()[d].chunks.clone(),
-                &mut bytes,
-            );
-        }
-    }
-    let row = fp.num_key_value_heads * fp.head_dim;
-    let pages = b.upload_weight(TensorView {
-        name: "fetched memory pages",
-        dtype: DType::BF16,
-        shape: &[2 * chunks, row],
-        bytes: &bytes,
-    })?;
-    let shape = [chunks, fp.num_key_value_heads, fp.head_dim];
-    let rows = |range: Range<u32>| -> Result<B::Tensor> {
-        b.reshape(&b.embedding(&pages, &range.collect::<Vec<_>>())?, &shape)
-    };
-    let n = chunks as u32;
-    Ok((rows(0..n)?, rows(n..2 * n)?, chunks, bytes.len() as u64))
 }
 
 impl<B: Backend> Model<B> {
