@@ -1,7 +1,8 @@
 // Softmax attention with GQA, flash style: keys are visited in tiles of WG with an online softmax (running
 // max m, running sum l, rescaled accumulator), so no [queries × keys] matrix exists anywhere.
 // q [nq, heads, d], k/v [nk, kv_heads, d]; the causal mask is bottom-right aligned (query i sees keys
-// 0..=nk - nq + i: the whole prefix, then the query block causally).
+// 0..=nk - nq + i: the whole prefix, then the query block causally). Packed (block-diagonal causal,
+// several sequences in one block, nq == nk): query i also starts at `row_first[i]`, its sequence's start.
 //
 // `attend`: one workgroup per (query row, head, split). With one split it writes the normalised output;
 // with several (split-KV, for decode where rows × heads alone cannot fill a GPU) it writes the unnormalised
@@ -21,6 +22,7 @@ struct Params {
     splits: u32,
     split_len: u32,
     scale: f32,
+    packed: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -29,6 +31,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> v: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;           // [nq, heads, d] or partial [.., splits, d]
 @group(0) @binding(5) var<storage, read_write> stats: array<vec2<f32>>;   // (m, l) per (row, head, split)
+@group(0) @binding(9) var<storage, read> row_first: array<u32>;           // [nq] when packed, else unused
 
 var<workgroup> q_tile: array<f32, MAX_HEAD_DIM>;
 var<workgroup> scores: array<f32, WG>;
@@ -51,7 +54,10 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
     let i = row_head / p.heads;
     let g = h / (p.heads / p.kv_heads);
     let visible = select(p.nk, p.nk - p.nq + i + 1u, p.causal == 1u);
-    let first = split * p.split_len;
+    var first = split * p.split_len;
+    if p.packed == 1u {
+        first = max(first, row_first[i]);
+    }
     let end = min(first + p.split_len, visible);
 
     for (var c = lane; c < p.d; c += WG) {

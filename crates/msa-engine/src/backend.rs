@@ -14,12 +14,31 @@ use crate::error::Result;
 
 /// Which keys a query may attend to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttentionMask {
+pub enum AttentionMask<'a> {
     /// Bottom-right aligned causal mask: with `nq` queries and `nk` keys, query `i` sees keys
     /// `0..=nk - nq + i`, i.e. the whole prefix plus the query block up to itself (flash-attn semantics).
     Causal,
     /// Every query sees every key.
     Full,
+    /// Several sequences packed into one block (stage 1 encodes many documents per forward):
+    /// block-diagonal causal. The queries are the keys (`nq == nk`); `starts` holds each sequence's first
+    /// row, ascending from 0, and query `i` sees keys from its sequence's start up to itself.
+    Packed(&'a [u32]),
+}
+
+impl AttentionMask<'_> {
+    /// The keys query `i` of `nq` sees among `nk` (shapes already checked by
+    /// [`crate::shapes::attention_mask`]).
+    pub fn visible_keys(&self, i: usize, nq: usize, nk: usize) -> Range<usize> {
+        match self {
+            AttentionMask::Causal => 0..nk - nq + i + 1,
+            AttentionMask::Full => 0..nk,
+            AttentionMask::Packed(starts) => {
+                let sequence = starts.partition_point(|&s| s as usize <= i) - 1;
+                starts[sequence] as usize..i + 1
+            }
+        }
+    }
 }
 
 /// How router queries are scored against pooled routing keys (MSA-SPEC §3.3 a, §3.6).
@@ -81,7 +100,7 @@ pub trait Backend {
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
-        mask: AttentionMask,
+        mask: AttentionMask<'_>,
     ) -> Result<Self::Tensor>;
     /// `silu(gate) * up`, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;

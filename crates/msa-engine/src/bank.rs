@@ -11,7 +11,9 @@ use msa_core::{DType, TensorView};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::memory::{Content, EncodeProgress, Memory, MemoryDocument, RoutingShard, Stopwatch};
+use crate::memory::{
+    Content, EncodeProgress, Memory, MemoryDocument, PACK_TOKENS, RoutingShard, Stopwatch,
+};
 use crate::model::Model;
 
 /// A document of a corpus: where it came from and its text.
@@ -28,12 +30,15 @@ pub struct BankEncodeOptions {
     /// Tokens encoded between commits: each commit is one crash-safe append, so at most this much work
     /// is lost by an interruption.
     pub commit_tokens: usize,
+    /// Tokens per stage-1 forward (documents packed with block-diagonal attention).
+    pub pack_tokens: usize,
 }
 
 impl Default for BankEncodeOptions {
     fn default() -> Self {
         BankEncodeOptions {
             commit_tokens: 1 << 16,
+            pack_tokens: PACK_TOKENS,
         }
     }
 }
@@ -135,30 +140,29 @@ impl<B: Backend> Model<B> {
                 tokens += ids[end].len();
                 end += 1;
             }
-            let mut pooled = Vec::with_capacity(end - start);
-            for doc in &ids[start..end] {
-                pooled.push(self.encode_one_document(doc)?);
-                report.encoded += 1;
-                report.tokens += doc.len();
-                progress(EncodeProgress {
-                    documents_done: report.encoded,
-                    documents_total: todo.len(),
-                    tokens_done: report.tokens,
-                    tokens_total,
-                    elapsed: clock.elapsed(),
-                });
-            }
+            let blocks =
+                self.encode_packed(&ids[start..end], options.pack_tokens, |docs, tokens| {
+                    report.encoded += docs;
+                    report.tokens += tokens;
+                    progress(EncodeProgress {
+                        documents_done: report.encoded,
+                        documents_total: todo.len(),
+                        tokens_done: report.tokens,
+                        tokens_total,
+                        elapsed: clock.elapsed(),
+                    });
+                })?;
             let b = &self.backend;
-            let mut rows = Vec::with_capacity(pooled.first().map_or(0, Vec::len));
-            for slot in 0..pooled.first().map_or(0, Vec::len) {
+            let mut rows = Vec::with_capacity(blocks.first().map_or(0, Vec::len));
+            for slot in 0..blocks.first().map_or(0, Vec::len) {
                 let mut read = Vec::with_capacity(3);
                 for tensor in [BankTensor::RoutingKeys, BankTensor::K, BankTensor::V] {
-                    let parts: Vec<&B::Tensor> = pooled
+                    let parts: Vec<&B::Tensor> = blocks
                         .iter()
-                        .map(|doc| match tensor {
-                            BankTensor::RoutingKeys => &doc[slot].routing_keys,
-                            BankTensor::K => &doc[slot].k,
-                            BankTensor::V => &doc[slot].v,
+                        .map(|block| match tensor {
+                            BankTensor::RoutingKeys => &block[slot].routing_keys,
+                            BankTensor::K => &block[slot].k,
+                            BankTensor::V => &block[slot].v,
                         })
                         .collect();
                     read.push(to_bf16_bytes(&b.read(&b.concat_rows(&parts)?).await?));
@@ -167,7 +171,7 @@ impl<B: Backend> Model<B> {
                     read.try_into().expect("one read per tensor");
                 rows.push(LayerRows { routing_keys, k, v });
             }
-            drop(pooled);
+            drop(blocks);
             let documents = todo[start..end]
                 .iter()
                 .zip(&ids[start..end])

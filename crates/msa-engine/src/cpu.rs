@@ -255,7 +255,7 @@ impl Backend for CpuBackend {
         q: &CpuTensor,
         k: &CpuTensor,
         v: &CpuTensor,
-        mask: AttentionMask,
+        mask: AttentionMask<'_>,
     ) -> Result<CpuTensor> {
         let shapes::AttentionDims {
             nq,
@@ -264,24 +264,23 @@ impl Backend for CpuBackend {
             nk,
             kv_heads,
         } = shapes::attention_dims(&q.shape, &k.shape, &v.shape)?;
+        shapes::attention_mask(&mask, nq, nk)?;
         let group = heads / kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0.0f32; nq * heads * d];
         out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
             let (i, h) = (row / heads, row % heads);
             let g = h / group;
-            let visible = match mask {
-                AttentionMask::Causal => nk - nq + i + 1,
-                AttentionMask::Full => nk,
-            };
+            let visible = mask.visible_keys(i, nq, nk);
             let qv = &q.data[(i * heads + h) * d..][..d];
-            let scores: Vec<f32> = (0..visible)
+            let scores: Vec<f32> = visible
+                .clone()
                 .map(|j| dot(qv, &k.data[(j * kv_heads + g) * d..][..d]) * scale)
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
             let total: f32 = weights.iter().sum();
-            for (j, w) in weights.iter().enumerate() {
+            for (j, w) in visible.zip(&weights) {
                 let vv = &v.data[(j * kv_heads + g) * d..][..d];
                 for (acc, x) in o.iter_mut().zip(vv) {
                     *acc += w / total * x;

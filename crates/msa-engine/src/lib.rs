@@ -22,7 +22,9 @@ pub use backend::{AttentionMask, Backend, RoutingSpec, Scored};
 pub use bank::{BankEncodeOptions, BankEncodeReport, SourceDocument};
 pub use cpu::{CpuBackend, CpuTensor, rope_table, select_top_k};
 pub use error::{Error, Result};
-pub use memory::{EncodeProgress, LayerMemory, Memory, MemoryDocument, MemoryFingerprint};
+pub use memory::{
+    EncodeProgress, LayerMemory, Memory, MemoryDocument, MemoryFingerprint, PACK_TOKENS,
+};
 pub use model::Model;
 pub use route::{Fetched, Selection};
 pub use session::{

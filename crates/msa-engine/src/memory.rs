@@ -160,7 +160,11 @@ impl<B: Backend> std::fmt::Debug for Memory<B> {
     }
 }
 
-/// Progress of a stage-1 encoding run, reported after every document.
+/// Tokens per stage-1 forward: documents are packed up to this many (a block's activations must fit
+/// one storage binding: at MSA-4B's MLP width, 2,048 rows are 80 MB, under a browser's 128 MiB).
+pub const PACK_TOKENS: usize = 2048;
+
+/// Progress of a stage-1 encoding run, reported after every packed block of documents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncodeProgress {
     pub documents_done: usize,
@@ -336,21 +340,20 @@ impl<B: Backend> Model<B> {
             });
         }
         // Encode everything first so a failure leaves the memory as it was.
-        let mut pooled_per_doc = Vec::with_capacity(documents.len());
-        let mut tokens_done = 0;
+        let (mut documents_done, mut tokens_done) = (0, 0);
         let tokens_total = documents.iter().map(Vec::len).sum();
         let clock = Stopwatch::start();
-        for (i, ids) in documents.iter().enumerate() {
-            pooled_per_doc.push(self.encode_one_document(ids)?);
-            tokens_done += ids.len();
+        let blocks = self.encode_packed(documents, PACK_TOKENS, |docs, tokens| {
+            documents_done += docs;
+            tokens_done += tokens;
             progress(EncodeProgress {
-                documents_done: i + 1,
+                documents_done,
                 documents_total: documents.len(),
                 tokens_done,
                 tokens_total,
                 elapsed: clock.elapsed(),
             });
-        }
+        })?;
         let b = &self.backend;
         let Content::Device(old_layers) = &memory.content else {
             return Err(Error::shape(
@@ -363,7 +366,7 @@ impl<B: Backend> Model<B> {
                      slot: usize| {
             let parts: Vec<&B::Tensor> = existing
                 .into_iter()
-                .chain(pooled_per_doc.iter().map(|doc| pick(&doc[slot])))
+                .chain(blocks.iter().map(|block| pick(&block[slot])))
                 .collect();
             b.concat_rows(&parts)
         };
@@ -424,14 +427,60 @@ impl<B: Backend> Model<B> {
         Ok(out)
     }
 
-    /// Runs one document through the layers up to the last router layer and pools its chunks. Layers
-    /// after the last router layer, and that layer's attention output and MLP, cannot affect the memory
-    /// and are skipped.
-    pub(crate) fn encode_one_document(&self, ids: &[u32]) -> Result<Vec<LayerMemory<B::Tensor>>> {
+    /// Stage 1 over `documents`, many per forward: documents are packed into blocks of up to
+    /// `pack_tokens` tokens (a longer document is a block alone) with document-local positions and
+    /// block-diagonal attention, which computes exactly what one forward per document computes. Returns
+    /// per block the pooled rows of its documents, in order; `done(documents, tokens)` hears after every
+    /// block.
+    pub(crate) fn encode_packed(
+        &self,
+        documents: &[Vec<u32>],
+        pack_tokens: usize,
+        mut done: impl FnMut(usize, usize),
+    ) -> Result<Vec<Vec<LayerMemory<B::Tensor>>>> {
+        let mut blocks = Vec::new();
+        let mut start = 0;
+        while start < documents.len() {
+            let mut end = start + 1;
+            let mut tokens = documents[start].len();
+            while end < documents.len() && tokens + documents[end].len() <= pack_tokens {
+                tokens += documents[end].len();
+                end += 1;
+            }
+            blocks.push(self.encode_block(&documents[start..end])?);
+            done(end - start, tokens);
+            start = end;
+        }
+        Ok(blocks)
+    }
+
+    /// One packed block through the layers up to the last router layer, pooling every document's chunks
+    /// on its own. Layers after the last router layer, and that layer's attention output and MLP, cannot
+    /// affect the memory and are skipped.
+    fn encode_block(&self, documents: &[Vec<u32>]) -> Result<Vec<LayerMemory<B::Tensor>>> {
         let msa = self.msa_config("memory encoding")?;
         let b = &self.backend;
-        let positions: Vec<u32> = (0..ids.len() as u32).collect();
-        let mut hidden = b.embedding(&self.weights.embed_tokens, ids)?;
+        let ids = documents.concat();
+        let positions: Vec<u32> = documents.iter().flat_map(|d| 0..d.len() as u32).collect();
+        let mut ranges = Vec::with_capacity(documents.len());
+        for d in documents {
+            let start = ranges.last().map_or(0, |r: &Range<usize>| r.end);
+            ranges.push(start..start + d.len());
+        }
+        let starts: Vec<u32> = ranges.iter().map(|r| r.start as u32).collect();
+        let mask = match documents {
+            [_] => AttentionMask::Causal,
+            _ => AttentionMask::Packed(&starts),
+        };
+        // Chunk means per document (documents are not aligned to chunks), stacked in document order.
+        let pool = |x: &B::Tensor| -> Result<B::Tensor> {
+            let pooled = ranges
+                .iter()
+                .map(|r| b.chunk_mean_pool(&b.rows(x, r.clone())?, msa.pooling_kernel_size))
+                .collect::<Result<Vec<_>>>()?;
+            b.concat_rows(&pooled.iter().collect::<Vec<_>>())
+        };
+        let mut hidden = b.embedding(&self.weights.embed_tokens, &ids)?;
         let last_router = *msa
             .router_layers
             .last()
@@ -442,20 +491,19 @@ impl<B: Backend> Model<B> {
             if let Some((_, router_k)) = &self.weights.layers[layer].router {
                 let routing =
                     self.project_heads(&p.normed, router_k, self.config.num_key_value_heads)?;
-                let mut routing_keys = b.chunk_mean_pool(&routing, msa.pooling_kernel_size)?;
+                let mut routing_keys = pool(&routing)?;
                 if msa.score_mode == ScoreMode::Cosine {
                     routing_keys = b.l2_normalize(&routing_keys)?;
                 }
                 pooled.push(LayerMemory {
                     layer,
-                    k: b.chunk_mean_pool(&p.k, msa.pooling_kernel_size)?,
-                    v: b.chunk_mean_pool(&p.v, msa.pooling_kernel_size)?,
+                    k: pool(&p.k)?,
+                    v: pool(&p.v)?,
                     routing_keys,
                 });
             }
             if layer < last_router {
-                hidden =
-                    self.attend_and_mlp(layer, &hidden, &p.q, &p.k, &p.v, AttentionMask::Causal)?;
+                hidden = self.attend_and_mlp(layer, &hidden, &p.q, &p.k, &p.v, mask)?;
             }
         }
         Ok(pooled)

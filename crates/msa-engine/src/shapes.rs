@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 
+use crate::backend::AttentionMask;
 use crate::error::{Error, Result};
 
 /// Tensors have at least one dimension, and every dimension after the first is non-zero (a tensor may
@@ -163,6 +164,27 @@ pub fn attention_dims(q: &[usize], k: &[usize], v: &[usize]) -> Result<Attention
         nk,
         kv_heads,
     })
+}
+
+/// Checks a mask against the attention's query and key counts.
+pub fn attention_mask(mask: &AttentionMask<'_>, nq: usize, nk: usize) -> Result<()> {
+    let AttentionMask::Packed(starts) = mask else {
+        return Ok(());
+    };
+    let ascending = starts.windows(2).all(|w| w[0] < w[1]);
+    if nq != nk
+        || starts.first() != Some(&0)
+        || !ascending
+        || starts.iter().any(|&s| s as usize >= nq.max(1))
+    {
+        return Err(Error::shape(
+            "attention",
+            format!(
+                "a packed mask needs as many keys as queries ({nq} vs {nk}) and sequence starts ascending from 0 below {nq}, got {starts:?}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The shape of `parts` stacked along the leading dimension.

@@ -743,6 +743,68 @@ fn attention_full_gqa() {
 }
 
 #[test]
+fn attention_packed_is_block_diagonal_causal() {
+    let be = CpuBackend::new();
+    // Sequences of 3, 1, 5 and 4 rows packed into 13; GQA groups of 3.
+    let starts = [0u32, 3, 4, 9];
+    let sequence_of = |i: usize| starts.partition_point(|&s| s as usize <= i) - 1;
+    for (seed, kv_heads, d) in [(70, 2, 6), (71, 1, 10)] {
+        let dims = AttnDims {
+            nq: 13,
+            nk: 13,
+            heads: 6,
+            kv_heads,
+            d,
+        };
+        let a = attn_inputs(dims, seed, 1.0);
+        let expected = naive_attention(&wide(&a.q), &wide(&a.k), &wide(&a.v), &a.dims, &|i, j| {
+            j <= i && sequence_of(j) == sequence_of(i)
+        });
+        assert_close(
+            &format!("attention packed kv_heads={kv_heads} d={d}"),
+            &run_attention(&be, &a, AttentionMask::Packed(&starts)),
+            &expected,
+            tol::REDUCTION,
+        );
+    }
+    // One sequence is plain causal.
+    let a = attn_inputs(
+        AttnDims {
+            nq: 5,
+            nk: 5,
+            heads: 2,
+            kv_heads: 1,
+            d: 4,
+        },
+        72,
+        1.0,
+    );
+    assert_eq!(
+        run_attention(&be, &a, AttentionMask::Packed(&[0])),
+        run_attention(&be, &a, AttentionMask::Causal)
+    );
+}
+
+#[test]
+fn attention_packed_rejects_bad_starts() {
+    let be = CpuBackend::new();
+    let q = upload(&be, &[0.0; 5 * 2 * 4], &[5, 2, 4]);
+    let kv = upload(&be, &[0.0; 6 * 4], &[6, 1, 4]);
+    let kv5 = upload(&be, &[0.0; 5 * 4], &[5, 1, 4]);
+    // Keys beyond the queries, a first start that is not 0, starts out of order or past the rows.
+    expect_shape_error(
+        be.attention(&q, &kv, &kv, AttentionMask::Packed(&[0])),
+        "attention",
+    );
+    for starts in [&[1u32][..], &[0, 3, 2], &[0, 5], &[0, 2, 2], &[]] {
+        expect_shape_error(
+            be.attention(&q, &kv5, &kv5, AttentionMask::Packed(starts)),
+            "attention",
+        );
+    }
+}
+
+#[test]
 fn attention_causal_square_is_standard_causal() {
     let be = CpuBackend::new();
     let dims = AttnDims {

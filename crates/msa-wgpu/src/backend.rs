@@ -496,7 +496,7 @@ impl Backend for WgpuBackend {
         q: &WgpuTensor,
         k: &WgpuTensor,
         v: &WgpuTensor,
-        mask: AttentionMask,
+        mask: AttentionMask<'_>,
     ) -> Result<WgpuTensor> {
         let AttentionDims {
             nq,
@@ -505,6 +505,7 @@ impl Backend for WgpuBackend {
             nk,
             kv_heads,
         } = shapes::attention_dims(&q.shape, &k.shape, &v.shape)?;
+        shapes::attention_mask(&mask, nq, nk)?;
         if d > MAX_HEAD_DIM {
             return Err(Error::shape(
                 "attention",
@@ -530,11 +531,22 @@ impl Backend for WgpuBackend {
             heads as u32,
             kv_heads as u32,
             d as u32,
-            u32::from(mask == AttentionMask::Causal),
+            u32::from(mask != AttentionMask::Full),
             splits as u32,
             split_len as u32,
             (1.0 / (d as f32).sqrt()).to_bits(),
+            u32::from(matches!(mask, AttentionMask::Packed(_))),
         ];
+        // Packed: each row's first visible key (its sequence's start); otherwise an unused placeholder.
+        let row_first = match mask {
+            AttentionMask::Packed(_) => {
+                let first: Vec<u32> = (0..nq)
+                    .map(|i| mask.visible_keys(i, nq, nk).start as u32)
+                    .collect();
+                self.upload_u32(&first, "attention row starts")?
+            }
+            _ => self.ctx.storage(4, "attention row starts (unused)")?,
+        };
         let workgroups = nq * heads * splits;
         // One split writes the output directly (its `stats` binding unused: any small buffer); several
         // write partial accumulators and (m, l) for `combine`.
@@ -560,6 +572,7 @@ impl Backend for WgpuBackend {
                 bind(3, &v.buffer),
                 bind(4, &target),
                 bind(5, &stats),
+                bind(9, &row_first),
             ],
             workgroups,
         )?;

@@ -293,6 +293,7 @@ fn attention_prefill_and_split_kv_decode_match() {
     let cases = [
         (1, 1, 2, 2, 16),
         (7, 7, 4, 2, 16),
+        (70, 70, 4, 2, 16),
         (7, 70, 4, 1, 16),
         (63, 65, 2, 2, 128),
         (65, 1000, 4, 1, 16),
@@ -310,7 +311,19 @@ fn attention_prefill_and_split_kv_decode_match() {
         let (gq, cq) = p.tensors(&q, &[nq, heads, d]);
         let (gk, ck) = p.tensors(&k, &[nk, kv_heads, d]);
         let (gv, cv) = p.tensors(&v, &[nk, kv_heads, d]);
-        for mask in [AttentionMask::Causal, AttentionMask::Full] {
+        // Packed: sequences of uneven lengths, the last one running to the end.
+        let starts: Vec<u32> = (0..nq as u32)
+            .step_by(5)
+            .chain([2, 3])
+            .filter(|&s| (s as usize) < nq)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let packed = (nq == nk).then_some(AttentionMask::Packed(&starts));
+        for mask in [AttentionMask::Causal, AttentionMask::Full]
+            .into_iter()
+            .chain(packed)
+        {
             p.compare(
                 &format!("attention {mask:?} q{nq} k{nk} h{heads}/{kv_heads} d{d}"),
                 &p.gpu.attention(&gq, &gk, &gv, mask).unwrap(),
