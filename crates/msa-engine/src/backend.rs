@@ -80,6 +80,9 @@ pub trait Backend {
     /// Resolves once every op recorded so far has run. Results never need it (reads wait for the ops
     /// they depend on); timings do, since a GPU backend returns from ops before computing them.
     fn synchronize(&self) -> impl Future<Output = Result<()>>;
+    /// Hands the ops recorded so far to the device without waiting, so it computes them while the host
+    /// goes on (a GPU backend submits its command buffer). A no-op where ops run as they are called.
+    fn flush(&self) {}
 
     fn shape(&self, tensor: &Self::Tensor) -> Vec<usize>;
     /// Reinterprets the same elements with another shape.

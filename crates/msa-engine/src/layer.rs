@@ -42,8 +42,24 @@ impl<B: Backend> Model<B> {
         hidden: &B::Tensor,
         positions: &[u32],
     ) -> Result<Projected<B::Tensor>> {
+        let normed = self.input_norm(layer, hidden)?;
+        self.project_normed(layer, normed, positions)
+    }
+
+    /// `input_layernorm(h)`.
+    pub(crate) fn input_norm(&self, layer: usize, hidden: &B::Tensor) -> Result<B::Tensor> {
+        let w = &self.weights.layers[layer];
+        self.backend.rms_norm(hidden, &w.input_norm, self.rms_eps())
+    }
+
+    /// q, k and v from the normed input.
+    pub(crate) fn project_normed(
+        &self,
+        layer: usize,
+        normed: B::Tensor,
+        positions: &[u32],
+    ) -> Result<Projected<B::Tensor>> {
         let (b, c, w) = (&self.backend, &self.config, &self.weights.layers[layer]);
-        let normed = b.rms_norm(hidden, &w.input_norm, self.rms_eps())?;
         let q = self.project_heads(&normed, &w.q_proj, c.num_attention_heads)?;
         let q = b.rope(
             &b.rms_norm(&q, &w.q_norm, self.rms_eps())?,

@@ -47,6 +47,27 @@ impl<B: Backend> Memory<B> {
         spec: RoutingSpec,
         keep_scores: bool,
     ) -> Result<Selection<B::Tensor>> {
+        let (selection, ()) = self
+            .select_with(b, slot, queries, rows, top_k, spec, keep_scores, || Ok(()))
+            .await?;
+        Ok(selection)
+    }
+
+    /// [`Memory::select`], running `meanwhile` (which records more work on `b`) after every shard's
+    /// selection has been submitted and before waiting for any: the devices route while `meanwhile`'s
+    /// work is recorded and submitted behind them, and that work runs while the host merges and fetches.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn select_with<T>(
+        &self,
+        b: &B,
+        slot: usize,
+        queries: &B::Tensor,
+        rows: &[u32],
+        top_k: usize,
+        spec: RoutingSpec,
+        keep_scores: bool,
+        meanwhile: impl FnOnce() -> Result<T>,
+    ) -> Result<(Selection<B::Tensor>, T)> {
         // Shards on other devices get the router queries through the host (a few KB).
         let host_queries = if self.shards.iter().any(|s| s.backend.is_some()) {
             Some(b.read(queries).await?)
@@ -64,11 +85,13 @@ impl<B: Backend> Memory<B> {
                 on.routing_scores(&q, rows, &shard.keys[slot], &shard.doc_chunk_offsets, spec)?;
             scored.push((shard, on, scores));
         }
-        // Every shard records its selection before any is awaited, so the devices work concurrently.
+        // Every shard submits its selection before any is awaited, so the devices work concurrently.
         let pending: Vec<_> = scored
             .iter()
             .map(|(_, on, scores)| on.top_k(scores, top_k))
             .collect();
+        let meanwhile = meanwhile()?;
+        b.flush();
         let mut candidates: Vec<(usize, f32)> = Vec::new();
         for ((shard, _, _), top) in scored.iter().zip(pending) {
             candidates.extend(
@@ -98,11 +121,14 @@ impl<B: Backend> Memory<B> {
                 Some(b.upload(&all, &[all.len()])?)
             }
         };
-        Ok(Selection {
-            documents,
-            scores,
-            scanned_bytes: self.shards.iter().map(|s| s.key_bytes).sum(),
-        })
+        Ok((
+            Selection {
+                documents,
+                scores,
+                scanned_bytes: self.shards.iter().map(|s| s.key_bytes).sum(),
+            },
+            meanwhile,
+        ))
     }
 
     /// The chunks of `selected` documents (ascending ids) in router layer `slot`, on `b`.

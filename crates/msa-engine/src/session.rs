@@ -5,6 +5,7 @@ use msa_core::{QueryPrompt, Sampler, SamplingParams};
 
 use crate::backend::{AttentionMask, Backend, RoutingSpec};
 use crate::error::{Error, Result};
+use crate::layer::Projected;
 use crate::memory::{Memory, Stopwatch};
 use crate::model::Model;
 
@@ -162,7 +163,6 @@ impl<'m, B: Backend> Session<'m, B> {
             t.embeddings = Some(hidden.clone());
         }
         for layer in 0..model.config.num_hidden_layers {
-            let p = model.project(layer, &hidden, positions)?;
             // This layer's context: [what it already held | routed memory chunks | this block].
             let mut keys: Vec<B::Tensor> = Vec::with_capacity(3);
             let mut values: Vec<B::Tensor> = Vec::with_capacity(3);
@@ -170,15 +170,26 @@ impl<'m, B: Backend> Session<'m, B> {
                 keys.push(k);
                 values.push(v);
             }
-            if let (Some(route), Some((router_q, _))) =
+            let normed = model.input_norm(layer, &hidden)?;
+            let p = if let (Some(route), Some((router_q, _))) =
                 (routing, &model.weights.layers[layer].router)
             {
-                let (k, v) = self
-                    .route(layer, route, &p.normed, router_q, trace.as_deref_mut())
+                let (memory_k, memory_v, p) = self
+                    .route(
+                        layer,
+                        route,
+                        normed,
+                        positions,
+                        router_q,
+                        trace.as_deref_mut(),
+                    )
                     .await?;
-                keys.push(k);
-                values.push(v);
-            }
+                keys.push(memory_k);
+                values.push(memory_v);
+                p
+            } else {
+                model.project_normed(layer, normed, positions)?
+            };
             keys.push(p.k);
             values.push(p.v);
             let k = b.concat_rows(&keys.iter().collect::<Vec<_>>())?;
@@ -195,15 +206,18 @@ impl<'m, B: Backend> Session<'m, B> {
     }
 
     /// Routes router layer `layer`: selects the global top k documents (on every shard) and fetches
-    /// their chunks, returning the memory `(K, V)` to splice into the context.
+    /// their chunks, returning the memory `(K, V)` to splice into the context and the layer's projections.
+    /// The projections are recorded once the routing is submitted, so the device computes them while
+    /// the host merges the selection and gathers the selected pages.
     async fn route(
         &mut self,
         layer: usize,
         route: &RoutingQuery<'_, B>,
-        normed: &B::Tensor,
+        normed: B::Tensor,
+        positions: &[u32],
         router_q: &B::Weight,
         trace: Option<&mut Trace<B::Tensor>>,
-    ) -> Result<(B::Tensor, B::Tensor)> {
+    ) -> Result<(B::Tensor, B::Tensor, Projected<B::Tensor>)> {
         let (model, memory) = (self.model, route.memory);
         let b = &model.backend;
         let slot = memory
@@ -212,10 +226,10 @@ impl<'m, B: Backend> Session<'m, B> {
             .iter()
             .position(|&l| l == layer)
             .ok_or_else(|| Error::shape("route", format!("the memory has no layer {layer}")))?;
-        let queries = model.project_heads(normed, router_q, model.config.num_attention_heads)?;
+        let queries = model.project_heads(&normed, router_q, model.config.num_attention_heads)?;
         let clock = Stopwatch::start();
-        let selection = memory
-            .select(
+        let (selection, projected) = memory
+            .select_with(
                 b,
                 slot,
                 &queries,
@@ -223,6 +237,7 @@ impl<'m, B: Backend> Session<'m, B> {
                 route.top_k,
                 route.spec,
                 trace.is_some(),
+                || model.project_normed(layer, normed, positions),
             )
             .await?;
         let routing_time = clock.elapsed();
@@ -254,7 +269,7 @@ impl<'m, B: Backend> Session<'m, B> {
             routing_time,
             fetch_time: clock.elapsed(),
         });
-        Ok((fetched.k, fetched.v))
+        Ok((fetched.k, fetched.v, projected))
     }
 }
 

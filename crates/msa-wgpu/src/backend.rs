@@ -401,6 +401,10 @@ impl Backend for WgpuBackend {
         }
     }
 
+    fn flush(&self) {
+        self.ctx.submit();
+    }
+
     fn shape(&self, tensor: &WgpuTensor) -> Vec<usize> {
         tensor.shape.clone()
     }

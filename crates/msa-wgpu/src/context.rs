@@ -381,16 +381,19 @@ impl GpuContext {
     }
 
     /// Submits everything recorded so far.
-    pub fn submit(&self) {
+    pub fn submit(&self) -> Option<wgpu::SubmissionIndex> {
         let encoder = self.encoder.lock().expect("encoder lock").take();
-        if let Some(encoder) = encoder {
-            self.queue.submit([encoder.finish()]);
+        encoder.map(|encoder| {
+            let index = self.queue.submit([encoder.finish()]);
             self.counters.submits.fetch_add(1, Ordering::Relaxed);
             self.counters.pending.store(0, Ordering::Relaxed);
-        }
+            index
+        })
     }
 
-    /// Copies the first `bytes` of `buffer` to the host once every recorded op has run.
+    /// Copies the first `bytes` of `buffer` to the host once every recorded op has run. The work is
+    /// submitted now; the future waits for that submission only, so ops recorded and submitted after
+    /// this call run on the device while the host waits or does other work.
     pub fn read_bytes(
         &self,
         buffer: &wgpu::Buffer,
@@ -404,7 +407,7 @@ impl GpuContext {
             mapped_at_creation: false,
         });
         self.copy(buffer, 0, &staging, 0, size);
-        self.submit();
+        let submission = self.submit();
         self.counters.readbacks.fetch_add(1, Ordering::Relaxed);
         self.counters
             .readback_bytes
@@ -418,22 +421,24 @@ impl GpuContext {
                 waker.wake();
             }
         });
-        // Natively the map completes only when the device is polled; the browser drives it itself.
-        #[cfg(not(target_arch = "wasm32"))]
-        let polled = self
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| e.to_string());
-        #[cfg(target_arch = "wasm32")]
-        let polled: std::result::Result<wgpu::PollStatus, String> =
-            Ok(wgpu::PollStatus::QueueEmpty);
-        let fault = self.check();
+        let (device, fault) = (self.device.clone(), self.fault.clone());
         async move {
-            fault?;
-            polled.map_err(|message| Error::Device {
-                backend: "wgpu".into(),
-                message: format!("waiting for the device: {message}"),
-            })?;
+            // Natively the map completes only when the device is polled; the browser drives it itself.
+            #[cfg(not(target_arch = "wasm32"))]
+            device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: submission,
+                    timeout: None,
+                })
+                .map_err(|e| Error::Device {
+                    backend: "wgpu".into(),
+                    message: format!("waiting for the device: {e}"),
+                })?;
+            #[cfg(target_arch = "wasm32")]
+            let _ = (&device, submission);
+            if let Some(fault) = &*fault.lock().expect("fault lock") {
+                return Err(fault.to_error());
+            }
             mapped.await.map_err(|message| Error::Device {
                 backend: "wgpu".into(),
                 message: format!("reading back a buffer: {message}"),
