@@ -236,9 +236,28 @@ fn ensure_cargo_components() -> Result<(), String> {
     Ok(())
 }
 
+/// The engine crates must keep compiling for the browser (DESIGN: everything but `native/`).
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+
+fn ensure_wasm_target() -> Result<(), String> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map_err(|e| format!("cannot run rustup: {e}"))?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == WASM_TARGET)
+    {
+        step(&format!("installing the {WASM_TARGET} target (rustup)"));
+        run(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<(), String> {
     let tokenizer = setup()?;
     ensure_cargo_components()?;
+    ensure_wasm_target()?;
     step("cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy -D warnings");
@@ -246,6 +265,21 @@ fn test(extra: &[String]) -> Result<(), String> {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("cargo clippy --target wasm32-unknown-unknown (the browser build of the engine)");
+    run(cargo().args([
+        "clippy",
+        "--target",
+        WASM_TARGET,
+        "-p",
+        "msa-core",
+        "-p",
+        "msa-engine",
+        "-p",
+        "msa-wgpu",
         "--",
         "-D",
         "warnings",

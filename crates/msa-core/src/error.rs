@@ -76,6 +76,7 @@ impl Error {
         }
     }
 
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the bank store writes files natively
     pub(crate) fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Write {
             path: path.into(),

@@ -8,6 +8,7 @@
 //! - [`session`]: stage 2 (routing + context assembly + prefill) and stage 3 (decoding).
 
 pub mod backend;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod bank;
 pub mod cpu;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod session;
 pub mod shapes;
 
 pub use backend::{AttentionMask, Backend, RoutingSpec, Scored};
+#[cfg(not(target_arch = "wasm32"))]
 pub use bank::{BankEncodeOptions, BankEncodeReport, SourceDocument};
 pub use cpu::{CpuBackend, CpuTensor, rope_table, select_top_k};
 pub use error::{Error, Result};

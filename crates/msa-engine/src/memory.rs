@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 pub use msa_core::MemoryFingerprint;
+#[cfg(not(target_arch = "wasm32"))]
 use msa_core::bank::Bank;
 use msa_core::{MsaConfig, MsaTokenizer, ScoreMode};
 
@@ -54,6 +55,7 @@ pub(crate) enum Content<B: Backend> {
     /// On the model's backend, f32: a memory encoded in this process.
     Device(Vec<LayerMemory<B::Tensor>>),
     /// In the bank's memory-mapped host pages, bf16: fetched per query for the selected documents.
+    #[cfg(not(target_arch = "wasm32"))]
     Host(Box<Bank>),
 }
 
@@ -84,6 +86,7 @@ impl<B: Backend> Memory<B> {
     pub fn layers(&self) -> &[LayerMemory<B::Tensor>] {
         match &self.content {
             Content::Device(layers) => layers,
+            #[cfg(not(target_arch = "wasm32"))]
             Content::Host(_) => &[],
         }
     }
@@ -94,6 +97,7 @@ impl<B: Backend> Memory<B> {
     }
 
     /// The bank a memory was opened from.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn bank(&self) -> Option<&Bank> {
         match &self.content {
             Content::Device(_) => None,
@@ -116,6 +120,7 @@ impl<B: Backend> Memory<B> {
     pub fn host_bytes(&self) -> u64 {
         match &self.content {
             Content::Device(_) => 0,
+            #[cfg(not(target_arch = "wasm32"))]
             Content::Host(bank) => {
                 2 * bank.tensor_bytes() * self.fingerprint.router_layers.len() as u64
             }
@@ -355,6 +360,7 @@ impl<B: Backend> Model<B> {
             });
         })?;
         let b = &self.backend;
+        #[allow(irrefutable_let_patterns)] // a browser build has no bank-backed memories
         let Content::Device(old_layers) = &memory.content else {
             return Err(Error::shape(
                 "add_documents",

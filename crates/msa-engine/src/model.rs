@@ -1,5 +1,6 @@
 //! A loaded model: config, tokenizer and weights uploaded to a backend in their stored dtype.
 
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::Path;
 
 use msa_core::{Checkpoint, ModelConfig, MsaTokenizer};

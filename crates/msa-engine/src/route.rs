@@ -1,9 +1,12 @@
 //! Stage 2's memory side, for one router layer: selecting the global top k over every Memory Parallel
 //! shard, and fetching the selected documents' K̄/V̄ from wherever the memory keeps them.
 
+#[cfg(not(target_arch = "wasm32"))]
 use std::ops::Range;
 
+#[cfg(not(target_arch = "wasm32"))]
 use msa_core::bank::{Bank, BankTensor};
+#[cfg(not(target_arch = "wasm32"))]
 use msa_core::{DType, TensorView};
 
 use crate::backend::{Backend, RoutingSpec};
@@ -147,10 +150,12 @@ impl<B: Backend> Memory<B> {
                     host_bytes: 0,
                 })
             }
+            #[cfg(not(target_arch = "wasm32"))]
             Content::Host(bank) => self.fetch_pages(b, bank, slot, selected),
         }
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     /// Gathers the selected documents' K̄ then V̄ rows from the bank's host pages into one contiguous bf16
     /// upload `[2 × chunks, kv_heads × head_dim]`, widened on the device into the f32 `(K, V)`.
     fn fetch_pages(

@@ -81,6 +81,9 @@ pub struct WgpuBackend {
 
 impl WgpuBackend {
     /// Opens the adapter chosen by `options` (see [`DeviceOptions`]).
+    // In a browser wgpu's handles are neither Send nor Sync; the Arc only shares one context between
+    // clones of the backend on the one thread there is.
+    #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
     pub async fn new(options: DeviceOptions) -> std::result::Result<Self, WgpuError> {
         let adapter = device::select_adapter(&options).await?;
         let (device, queue, caps) = device::open_device(&adapter, &options).await?;

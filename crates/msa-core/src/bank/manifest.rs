@@ -7,6 +7,7 @@ use crate::config::ScoreMode;
 /// The bank format this build writes, and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
 /// The `format` field of every manifest.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))] // read and written by the native store
 pub const FORMAT_NAME: &str = "msa-memory-bank";
 
 /// The model properties a memory depends on: a memory only serves a model with the same ones.
