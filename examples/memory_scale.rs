@@ -205,9 +205,17 @@ fn run<B: Backend>(b: B, devices: Vec<B>, args: &Args, bank: Bank) -> Result<(),
                 .map_err(|e| e.to_string())?;
             pollster::block_on(b.synchronize()).map_err(|e| e.to_string())?;
             let clock = Instant::now();
-            let selection =
-                pollster::block_on(memory.select(&b, slot, &queries, &rows, 16, spec, false))
-                    .map_err(|e| e.to_string())?;
+            let (selection, ()) = pollster::block_on(memory.select(
+                &b,
+                slot,
+                &queries,
+                &rows,
+                16,
+                spec,
+                false,
+                || Ok(()),
+            ))
+            .map_err(|e| e.to_string())?;
             route_time += clock.elapsed();
             let clock = Instant::now();
             let mut ids: Vec<usize> = selection.documents.iter().map(|&(d, _)| d).collect();

@@ -39,28 +39,12 @@ impl<B: Backend> Memory<B> {
     /// queries `[n, heads, d]` on `b` (rows `rows` take part) and selects the top k. Each shard scores its
     /// documents on its own device and selects its local top k; the host merges them with the
     /// single-device rule, so the selection equals one device's exactly.
+    ///
+    /// `meanwhile` (which records more work on `b`) runs after every shard's selection has been
+    /// submitted and before any is awaited: its work is submitted behind the routing and runs while the
+    /// host merges the selection and fetches pages. Its result is returned beside the selection.
     #[allow(clippy::too_many_arguments)]
-    pub async fn select(
-        &self,
-        b: &B,
-        slot: usize,
-        queries: &B::Tensor,
-        rows: &[u32],
-        top_k: usize,
-        spec: RoutingSpec,
-        keep_scores: bool,
-    ) -> Result<Selection<B::Tensor>> {
-        let (selection, ()) = self
-            .select_with(b, slot, queries, rows, top_k, spec, keep_scores, || Ok(()))
-            .await?;
-        Ok(selection)
-    }
-
-    /// [`Memory::select`], running `meanwhile` (which records more work on `b`) after every shard's
-    /// selection has been submitted and before waiting for any: the devices route while `meanwhile`'s
-    /// work is recorded and submitted behind them, and that work runs while the host merges and fetches.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn select_with<T>(
+    pub async fn select<T>(
         &self,
         b: &B,
         slot: usize,

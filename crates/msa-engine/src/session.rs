@@ -229,7 +229,7 @@ impl<'m, B: Backend> Session<'m, B> {
         let queries = model.project_heads(&normed, router_q, model.config.num_attention_heads)?;
         let clock = Stopwatch::start();
         let (selection, projected) = memory
-            .select_with(
+            .select(
                 b,
                 slot,
                 &queries,

@@ -28,53 +28,24 @@ pub struct MemoryFingerprint {
 impl MemoryFingerprint {
     /// The fields on which `self` and `other` differ, as `name: ours vs theirs`.
     pub fn differences(&self, other: &Self) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut check = |name: &str, a: String, b: String| {
-            if a != b {
-                out.push(format!("{name}: {a} vs {b}"));
-            }
-        };
-        check(
-            "num_hidden_layers",
-            self.num_hidden_layers.to_string(),
-            other.num_hidden_layers.to_string(),
-        );
-        check(
-            "hidden_size",
-            self.hidden_size.to_string(),
-            other.hidden_size.to_string(),
-        );
-        check(
-            "router_layers",
-            format!("{:?}", self.router_layers),
-            format!("{:?}", other.router_layers),
-        );
-        check(
-            "num_key_value_heads",
-            self.num_key_value_heads.to_string(),
-            other.num_key_value_heads.to_string(),
-        );
-        check(
-            "head_dim",
-            self.head_dim.to_string(),
-            other.head_dim.to_string(),
-        );
-        check(
-            "pooling_kernel_size",
-            self.pooling_kernel_size.to_string(),
-            other.pooling_kernel_size.to_string(),
-        );
-        check(
-            "score_mode",
-            format!("{:?}", self.score_mode),
-            format!("{:?}", other.score_mode),
-        );
-        check(
-            "weights_digest",
-            format!("{:08x}", self.weights_digest),
-            format!("{:08x}", other.weights_digest),
-        );
-        out
+        type Field = fn(&MemoryFingerprint) -> String;
+        let fields: [(&str, Field); 8] = [
+            ("num_hidden_layers", |f| f.num_hidden_layers.to_string()),
+            ("hidden_size", |f| f.hidden_size.to_string()),
+            ("router_layers", |f| format!("{:?}", f.router_layers)),
+            ("num_key_value_heads", |f| f.num_key_value_heads.to_string()),
+            ("head_dim", |f| f.head_dim.to_string()),
+            ("pooling_kernel_size", |f| f.pooling_kernel_size.to_string()),
+            ("score_mode", |f| format!("{:?}", f.score_mode)),
+            ("weights_digest", |f| format!("{:08x}", f.weights_digest)),
+        ];
+        fields
+            .iter()
+            .filter_map(|(name, get)| {
+                let (ours, theirs) = (get(self), get(other));
+                (ours != theirs).then(|| format!("{name}: {ours} vs {theirs}"))
+            })
+            .collect()
     }
 
     /// Chunks of a document of `tokens` tokens.

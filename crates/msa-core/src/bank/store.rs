@@ -398,6 +398,19 @@ impl Bank {
         let has_texts = documents.iter().any(|d| d.text.is_some());
         let files_total = fp.router_layers.len() + usize::from(has_texts);
         let mut written: Vec<PathBuf> = Vec::with_capacity(files_total);
+        let dir = self.dir.clone();
+        // Writes one new file of the append, remembering it for the cleanup, and reports it.
+        let mut write_new = |written: &mut Vec<PathBuf>, name: String, bytes: &[u8]| {
+            written.push(dir.join(&name));
+            let entry = write_file(&dir, &name, bytes)?;
+            progress(WriteProgress {
+                file: name,
+                bytes: entry.bytes,
+                files_done: written.len(),
+                files_total,
+            });
+            Ok::<_, Error>(entry)
+        };
         let result = (|| {
             let rows = (chunk - first_chunk) as usize;
             let shape = vec![rows, fp.num_key_value_heads, fp.head_dim];
@@ -431,30 +444,14 @@ impl Bank {
                     });
                 let bytes = serialize(tensors, &path)?;
                 drop(data);
-                written.push(path);
-                let entry = write_file(&self.dir, &name, &bytes)?;
-                progress(WriteProgress {
-                    file: name,
-                    bytes: entry.bytes,
-                    files_done: written.len(),
-                    files_total,
-                });
-                layers.push(entry);
+                layers.push(write_new(&mut written, name, &bytes)?);
             }
             let texts = if has_texts {
                 let name = format!("seg{index:06}-texts.json");
                 let texts: Vec<Option<&str>> =
                     documents.iter().map(|d| d.text.as_deref()).collect();
                 let bytes = serde_json::to_vec(&texts).expect("strings serialize");
-                written.push(self.dir.join(&name));
-                let entry = write_file(&self.dir, &name, &bytes)?;
-                progress(WriteProgress {
-                    file: name,
-                    bytes: entry.bytes,
-                    files_done: written.len(),
-                    files_total,
-                });
-                Some(entry)
+                Some(write_new(&mut written, name, &bytes)?)
             } else {
                 None
             };
