@@ -54,11 +54,12 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
     let i = row_head / p.heads;
     let g = h / (p.heads / p.kv_heads);
     let visible = select(p.nk, p.nk - p.nq + i + 1u, p.causal == 1u);
+    // This split's keys, then (packed) no earlier than the row's own sequence.
     var first = split * p.split_len;
+    let end = min(first + p.split_len, visible);
     if p.packed == 1u {
         first = max(first, row_first[i]);
     }
-    let end = min(first + p.split_len, visible);
 
     for (var c = lane; c < p.d; c += WG) {
         q_tile[c] = q[row_head * p.d + c] * p.scale;

@@ -85,6 +85,8 @@ fn bank_answers_like_the_memory_it_stores<B: Backend>(backend: B) {
     for question in strings("queries.json") {
         let expected = msa.ask(&in_process, &question, &greedy(6)).unwrap();
         let actual = msa.ask(&from_bank, &question, &greedy(6)).unwrap();
+        assert_eq!(actual.routing.len(), fp.router_layers.len());
+        assert_eq!(expected.routing.len(), fp.router_layers.len());
         for (a, e) in actual.routing.iter().zip(&expected.routing) {
             let ids = |r: &msa::LayerRouting| r.documents.iter().map(|d| d.id).collect::<Vec<_>>();
             assert_eq!(
@@ -105,6 +107,8 @@ fn bank_answers_like_the_memory_it_stores<B: Backend>(backend: B) {
     let model = msa.model();
     let question = &strings("queries.json")[0];
     let (session, _) = pollster::block_on(model.prefill_question(&from_bank, question)).unwrap();
+    assert_eq!(session.route_stats().len(), fp.router_layers.len());
+    assert_eq!(session.routing().len(), fp.router_layers.len());
     for (stats, routing) in session.route_stats().iter().zip(session.routing()) {
         assert_eq!(stats.layer, routing.layer);
         assert_eq!(stats.scanned_bytes, chunks * row);
@@ -206,6 +210,21 @@ fn resumed_encoding_equals_one_pass<B: Backend>(backend: B) {
         "{err}"
     );
     assert_eq!(bank.documents().len(), corpus.len());
+    // A corpus naming one source twice is refused before anything is encoded.
+    let mut twice = corpus.clone();
+    twice.push(SourceDocument {
+        source: "new".into(),
+        text: corpus[0].text.clone(),
+    });
+    twice.push(SourceDocument {
+        source: "new".into(),
+        text: corpus[1].text.clone(),
+    });
+    let err = msa
+        .encode_into_bank(&mut bank, &twice, BankEncodeOptions::default(), |_| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("`new` twice"), "{err}");
+    assert_eq!(bank.documents().len(), corpus.len());
 }
 
 /// The same answers, selections and scores from one device and from `devices` Memory Parallel shards.
@@ -243,6 +262,126 @@ fn memory_parallel_matches_one_device<B: Backend>(msa: &Msa<B>, devices: Vec<B>)
     }
 }
 
+/// Exact ties, NaN, ±0 and -inf scores: a bank of one-chunk-per-row documents whose routing keys are
+/// constant bf16 values, so every document's score is that value (times the query's constant dot).
+fn ties_and_nan_merge_like_one_device<B: Backend>(b: &B, devices: impl Fn(usize) -> Vec<B>) {
+    let fingerprint = msa::MemoryFingerprint {
+        num_hidden_layers: 2,
+        hidden_size: 8,
+        router_layers: vec![1],
+        num_key_value_heads: 1,
+        head_dim: 4,
+        pooling_kernel_size: 2,
+        score_mode: msa::ScoreMode::ScaledDot,
+        weights_digest: 0,
+    };
+    let (one, nan, neg_inf, zero, neg_zero) = (0x3f80u16, 0x7fc0, 0xff80, 0x0000, 0x8000);
+    let documents = [
+        (3, nan),
+        (2, one),
+        (9, zero),
+        (1, one),
+        (4, neg_zero),
+        (2, neg_inf),
+        (5, one),
+        (2, nan),
+        (7, zero),
+        (1, one),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut bank = Bank::create(
+        dir.path(),
+        fingerprint,
+        1,
+        &vec![(vec![0.0; 4], vec![0.0; 4]); 2],
+    )
+    .unwrap();
+    let rows: Vec<u8> = documents
+        .iter()
+        .flat_map(|&(tokens, bits): &(usize, u16)| {
+            std::iter::repeat_n(bits.to_le_bytes(), 4 * tokens.div_ceil(2)).flatten()
+        })
+        .collect();
+    let news = documents
+        .iter()
+        .enumerate()
+        .map(|(i, &(tokens, _))| msa::core::bank::NewDocument {
+            source: format!("d{i}"),
+            tokens,
+            text: None,
+            text_digest: 0,
+        })
+        .collect();
+    bank.append(
+        news,
+        |_| {
+            Ok(msa::core::bank::LayerRows {
+                routing_keys: rows.clone(),
+                k: rows.clone(),
+                v: rows.clone(),
+            })
+        },
+        |_| {},
+    )
+    .unwrap();
+    let open = |devices| {
+        let bank = Bank::open(dir.path(), OpenOptions::default()).unwrap();
+        Memory::from_bank(b, bank, devices).unwrap()
+    };
+    let select = |memory: &Memory<B>, k| {
+        let q = b.upload(&[1.0; 4], &[1, 1, 4]).unwrap();
+        let spec = msa::engine::RoutingSpec {
+            score_mode: msa::ScoreMode::ScaledDot,
+            head_reduce: msa::core::HeadReduce::Mean,
+            query_reduce: msa::core::QueryReduce::Max,
+            chunk_reduce: msa::core::ChunkReduce::Max,
+        };
+        let (selection, ()) =
+            pollster::block_on(memory.select(b, 0, &q, &[0], k, spec, false, || Ok(()))).unwrap();
+        selection
+            .documents
+            .iter()
+            .map(|&(d, score)| (d, score.to_bits()))
+            .collect::<Vec<_>>()
+    };
+    let single = open(Vec::new());
+    // Ties go to the lower id; NaN ranks last.
+    assert_eq!(
+        select(&single, 4)
+            .iter()
+            .map(|&(d, _)| d)
+            .collect::<Vec<_>>(),
+        [1, 3, 6, 9]
+    );
+    for shards in [2, 3, 4, 7, 10] {
+        let sharded = open(devices(shards));
+        for k in 0..=documents.len() + 2 {
+            assert_eq!(
+                select(&single, k),
+                select(&sharded, k),
+                "{shards} shards, k = {k}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ties_and_nan_merge_like_one_device_on_cpu() {
+    ties_and_nan_merge_like_one_device(&msa::CpuBackend::new(), |n| {
+        vec![msa::CpuBackend::new(); n]
+    });
+}
+
+#[test]
+fn ties_and_nan_merge_like_one_device_on_wgpu() {
+    let Some(gpu) = common::wgpu_backend() else {
+        return;
+    };
+    // Shards share the adapter through clones of one backend (a fresh device per shard is covered by
+    // memory_parallel_matches_one_device_on_wgpu).
+    ties_and_nan_merge_like_one_device(&gpu, |n| vec![gpu.clone(); n]);
+}
+
 #[test]
 fn memory_parallel_matches_one_device_on_cpu() {
     let msa = Msa::load(fixture_dir(MSA)).unwrap();
@@ -272,11 +411,12 @@ fn a_bank_from_another_model_is_refused() {
     let other = copy_fixture(MSA);
     let weights = other.path().join("model.safetensors");
     let mut tensors = read_tensors(&weights);
-    let router_k = tensors
+    // A fine-tune of layer 0 alone still changes every pooled row above it.
+    let k_proj = tensors
         .iter_mut()
-        .find(|t| t.name == "model.layers.2.self_attn.router_k_proj.0.weight")
+        .find(|t| t.name == "model.layers.0.self_attn.k_proj.weight")
         .unwrap();
-    router_k.data[0] ^= 1;
+    k_proj.data[0] ^= 1;
     write_tensors(&weights, &tensors);
     let other = Msa::load(other.path()).unwrap();
     let err = match other.open_bank(dir.path()) {

@@ -279,6 +279,137 @@ fn not_a_bank_and_an_inconsistent_manifest() {
     ));
 }
 
+/// Appends one document whose every row byte is `fill`.
+fn append_filled(bank: &mut Bank, source: &str, tokens: usize, fill: u8) -> msa_core::Result<()> {
+    let n = tokens.div_ceil(4) * ROW;
+    bank.append(
+        documents(&[(source, tokens)]),
+        |_| {
+            Ok(LayerRows {
+                routing_keys: vec![fill; n],
+                k: vec![fill; n],
+                v: vec![fill; n],
+            })
+        },
+        |_| {},
+    )
+}
+
+#[test]
+fn two_handles_append_in_turn_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = create(dir.path());
+    let mut b = Bank::open(dir.path(), OpenOptions::default()).unwrap();
+    append_filled(&mut a, "from a", 5, 1).unwrap();
+    // `b` opened before `a` appended: its append goes after a's, not over it.
+    append_filled(&mut b, "from b", 9, 2).unwrap();
+    append_filled(&mut a, "a again", 3, 3).unwrap();
+    let check = |expected: &[(&str, u8)]| {
+        let bank = Bank::open(dir.path(), OpenOptions::default()).unwrap();
+        assert_eq!(bank.documents().len(), expected.len());
+        for (doc, &(source, fill)) in bank.documents().iter().zip(expected) {
+            assert_eq!(doc.source, source);
+            let mut rows = Vec::new();
+            bank.read_rows(1, BankTensor::V, doc.chunk_range(), &mut rows);
+            assert!(rows.iter().all(|&x| x == fill), "{source}");
+        }
+    };
+    check(&[("from a", 1), ("from b", 2), ("a again", 3)]);
+    // While one writer holds the lock, another append is refused and changes nothing.
+    let lock = std::fs::File::options()
+        .write(true)
+        .open(dir.path().join("bank.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let err = append_filled(&mut b, "blocked", 4, 4).unwrap_err();
+    assert!(err.to_string().contains("another writer"), "{err}");
+    check(&[("from a", 1), ("from b", 2), ("a again", 3)]);
+    drop(lock);
+    append_filled(&mut b, "after", 4, 5).unwrap();
+    check(&[("from a", 1), ("from b", 2), ("a again", 3), ("after", 5)]);
+}
+
+#[test]
+fn a_failed_manifest_swap_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bank = create(dir.path());
+    append(&mut bank, &[("a", 5)]).unwrap();
+    let files_before = std::fs::read_dir(dir.path()).unwrap().count();
+    // The temporary manifest cannot be written: a directory has its name.
+    std::fs::create_dir(dir.path().join("bank.json.tmp")).unwrap();
+    let err = append(&mut bank, &[("b", 4)]).unwrap_err();
+    assert!(err.to_string().contains("bank is unchanged"), "{err}");
+    std::fs::remove_dir(dir.path().join("bank.json.tmp")).unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), files_before);
+    let reopened = Bank::open(dir.path(), OpenOptions::default()).unwrap();
+    assert_eq!(reopened.documents().len(), 1);
+    // The same handle appends fine afterwards.
+    append(&mut bank, &[("b", 4)]).unwrap();
+    check_rows(&Bank::open(dir.path(), OpenOptions::default()).unwrap());
+}
+
+#[test]
+fn a_corrupt_template_or_text_file_is_caught() {
+    let (dir, _) = two_segment_bank();
+    let flip = |name: &str| {
+        let path = dir.path().join(name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+    };
+    flip("seg000002-texts.json");
+    let err = open_err(dir.path());
+    assert!(
+        err.contains("seg000002-texts.json") && err.contains("checksum"),
+        "{err}"
+    );
+    let bank = Bank::open(
+        dir.path(),
+        OpenOptions {
+            verify_checksums: false,
+        },
+    )
+    .unwrap();
+    let err = bank.document_text(1).unwrap_err().to_string();
+    assert!(err.contains("checksum"), "{err}");
+    flip("seg000002-texts.json");
+    flip("template.safetensors");
+    let err = open_err(dir.path());
+    assert!(
+        err.contains("template.safetensors") && err.contains("checksum"),
+        "{err}"
+    );
+}
+
+#[test]
+fn manifests_that_would_overflow_or_reuse_segments_are_refused() {
+    let edit = |change: &dyn Fn(&mut serde_json::Value)| {
+        let (dir, _) = two_segment_bank();
+        let path = dir.path().join("bank.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        change(&mut manifest);
+        std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+        open_err(dir.path())
+    };
+    // A token count whose chunk count does not fit the format: no panic, no wrap-around.
+    let err = edit(&|m| m["documents"][1]["tokens"] = (4u64 << 32).into());
+    assert!(err.contains("document 1"), "{err}");
+    let err = edit(&|m| m["segments"][1]["index"] = 1.into());
+    assert!(err.contains("segment numbers must increase"), "{err}");
+    // A fingerprint that could never be opened is refused before anything is written.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bad = fingerprint();
+    bad.router_layers = vec![2, 1];
+    let template = vec![(vec![0.0; 16], vec![0.0; 16]); 3];
+    let err = Bank::create(dir.path(), bad, 2, &template)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("router layers"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
 /// Set in a child process of this test binary: the role it plays.
 const CHILD_ROLE: &str = "MSA_BANK_TEST_CHILD";
 

@@ -103,6 +103,17 @@ impl<B: Backend> Model<B> {
             .collect();
         let mut todo = Vec::new();
         let mut skipped = 0;
+        let mut sources = std::collections::HashSet::with_capacity(corpus.len());
+        if let Some(doc) = corpus.iter().find(|d| !sources.insert(d.source.as_str())) {
+            return Err(msa_core::Error::Bank {
+                path: bank.dir().to_path_buf(),
+                problem: format!(
+                    "the corpus lists source `{}` twice; sources name documents and must be unique",
+                    doc.source
+                ),
+            }
+            .into());
+        }
         for doc in corpus {
             let text_digest = digest(doc.text.as_bytes());
             match known.get(doc.source.as_str()) {

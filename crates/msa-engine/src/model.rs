@@ -39,8 +39,8 @@ pub struct Model<B: Backend> {
     pub tokenizer: Option<MsaTokenizer>,
     pub backend: B,
     pub weights: Weights<B>,
-    /// CRC-32 of the first router layer's `router_k_proj` as stored (0 without router layers): what
-    /// tells a memory encoded by this checkpoint from one encoded by another of the same shape.
+    /// CRC-32 of the weights that shape the memory, as stored (see [`memory_weights_digest`]): what tells
+    /// a memory encoded by this checkpoint from one encoded by another of the same shape.
     pub weights_digest: u32,
 }
 
@@ -70,16 +70,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<Self> {
         checkpoint.validate(&config)?;
         let weights = upload_weights(&config, checkpoint, &backend)?;
-        let weights_digest = match config.msa.as_ref().and_then(|m| m.router_layers.first()) {
-            Some(layer) => msa_core::bank::digest(
-                checkpoint
-                    .tensor(&format!(
-                        "model.layers.{layer}.self_attn.router_k_proj.0.weight"
-                    ))?
-                    .bytes,
-            ),
-            None => 0,
-        };
+        let weights_digest = memory_weights_digest(&config, checkpoint)?;
         Ok(Model {
             config,
             tokenizer,
@@ -95,6 +86,31 @@ impl<B: Backend> Model<B> {
             .as_ref()
             .unwrap_or(&self.weights.embed_tokens)
     }
+}
+
+/// CRC-32 over the stored bytes of every layer's `k_proj`, `v_proj` and `k_norm` and every router
+/// layer's `router_k_proj`, up to the last router layer: the weights the pooled K̄, V̄, K̄r come straight
+/// from (any fine-tune of the layers below changes them too). 0 for a model without router layers. At
+/// MSA-4B's sizes this reads about 280 MB once per load.
+pub fn memory_weights_digest(config: &ModelConfig, checkpoint: &Checkpoint) -> Result<u32> {
+    let Some(last) = config.msa.as_ref().and_then(|m| m.router_layers.last()) else {
+        return Ok(0);
+    };
+    let mut hasher = crc32fast::Hasher::new();
+    for layer in 0..=*last {
+        let p = format!("model.layers.{layer}.self_attn");
+        for name in ["k_proj.weight", "v_proj.weight", "k_norm.weight"] {
+            hasher.update(checkpoint.tensor(&format!("{p}.{name}"))?.bytes);
+        }
+        if config.is_router_layer(layer) {
+            hasher.update(
+                checkpoint
+                    .tensor(&format!("{p}.router_k_proj.0.weight"))?
+                    .bytes,
+            );
+        }
+    }
+    Ok(hasher.finalize())
 }
 
 fn upload_weights<B: Backend>(

@@ -49,8 +49,8 @@ impl MemoryFingerprint {
     }
 
     /// Chunks of a document of `tokens` tokens.
-    pub fn chunks_of(&self, tokens: usize) -> u32 {
-        tokens.div_ceil(self.pooling_kernel_size) as u32
+    pub fn chunks_of(&self, tokens: usize) -> u64 {
+        tokens.div_ceil(self.pooling_kernel_size) as u64
     }
 
     /// Bytes of one pooled row `[kv_heads, head_dim]` in bf16.
@@ -128,22 +128,36 @@ impl Manifest {
         {
             return Err(format!("the fingerprint describes no memory: {fp:?}"));
         }
-        let mut chunk = 0u32;
+        if !fp.router_layers.windows(2).all(|w| w[0] < w[1])
+            || fp.router_layers.last() >= Some(&fp.num_hidden_layers)
+        {
+            return Err(format!(
+                "router layers {:?} must increase and lie below {} layers",
+                fp.router_layers, fp.num_hidden_layers
+            ));
+        }
+        let mut chunk = 0u64;
         for (i, doc) in self.documents.iter().enumerate() {
             if doc.id != i {
                 return Err(format!("document {i} has id {}", doc.id));
             }
             let expected = chunk..chunk + fp.chunks_of(doc.tokens);
-            if doc.tokens == 0 || doc.chunk_range() != expected {
+            let actual = u64::from(doc.chunks[0])..u64::from(doc.chunks[1]);
+            if doc.tokens == 0 || actual != expected {
                 return Err(format!(
-                    "document {i} ({} tokens) has chunks {:?}, expected {expected:?}",
+                    "document {i} ({} tokens) has chunks {actual:?}, expected {expected:?}",
                     doc.tokens,
-                    doc.chunk_range()
                 ));
             }
             chunk = expected.end;
         }
         let (mut document, mut chunk) = (0usize, 0u32);
+        if let Some(w) = self.segments.windows(2).find(|w| w[0].index >= w[1].index) {
+            return Err(format!(
+                "segment numbers must increase: {} comes after {}",
+                w[1].index, w[0].index
+            ));
+        }
         for segment in &self.segments {
             let [first, end] = segment.documents;
             if first != document || end <= first || end > self.documents.len() {

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 
 const MANIFEST: &str = "bank.json";
 const MANIFEST_TMP: &str = "bank.json.tmp";
+const LOCK: &str = "bank.lock";
 const TEMPLATE: &str = "template.safetensors";
 
 /// How [`Bank::open`] checks the files.
@@ -150,7 +151,30 @@ impl Bank {
                 ),
             ));
         }
+        let mut manifest = Manifest {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            fingerprint,
+            template_tokens,
+            template: FileEntry {
+                file: TEMPLATE.into(),
+                bytes: 0,
+                crc32: 0,
+            },
+            segments: Vec::new(),
+            documents: Vec::new(),
+        };
+        // Nothing is written for a fingerprint that could never be opened.
+        manifest
+            .check()
+            .map_err(|problem| bank_error(dir, problem))?;
+        let fingerprint = &manifest.fingerprint;
         std::fs::create_dir_all(dir).map_err(|e| Error::write(dir, e))?;
+        // Without a manifest, a template file is what an interrupted create left.
+        let stale = dir.join(TEMPLATE);
+        if stale.is_file() {
+            std::fs::remove_file(&stale).map_err(|e| Error::write(&stale, e))?;
+        }
         let shape = vec![
             template_tokens,
             fingerprint.num_key_value_heads,
@@ -172,16 +196,7 @@ impl Bank {
                 .map(|(name, data)| (name.as_str(), safetensors::Dtype::F32, &shape, *data)),
             &dir.join(TEMPLATE),
         )?;
-        let template = write_file(dir, TEMPLATE, &bytes)?;
-        let manifest = Manifest {
-            format: FORMAT_NAME.into(),
-            version: FORMAT_VERSION,
-            fingerprint,
-            template_tokens,
-            template,
-            segments: Vec::new(),
-            documents: Vec::new(),
-        };
+        manifest.template = write_file(dir, TEMPLATE, &bytes)?;
         write_manifest(dir, &manifest)?;
         Bank::open(dir, OpenOptions::default())
     }
@@ -193,7 +208,6 @@ impl Bank {
         let dir = dir.as_ref();
         let manifest = read_manifest(dir)?;
         let fp = &manifest.fingerprint;
-        let row = fp.num_key_value_heads * fp.head_dim;
         let template_map = map_entry(dir, &manifest.template, options)?;
         let template_shape = [
             manifest.template_tokens,
@@ -217,31 +231,7 @@ impl Bank {
         let segments = manifest
             .segments
             .iter()
-            .map(|segment| {
-                let chunks = (segment.chunks[1] - segment.chunks[0]) as usize;
-                let shape = [chunks, fp.num_key_value_heads, fp.head_dim];
-                if let Some(texts) = &segment.texts {
-                    map_entry(dir, texts, options)?;
-                }
-                segment
-                    .layers
-                    .iter()
-                    .map(|entry| {
-                        let map = map_entry(dir, entry, options)?;
-                        let path = dir.join(&entry.file);
-                        let range = |t: BankTensor| {
-                            tensor_range(&path, &map, t.name(), safetensors::Dtype::BF16, &shape)
-                        };
-                        let tensors = [
-                            range(BankTensor::RoutingKeys)?,
-                            range(BankTensor::K)?,
-                            range(BankTensor::V)?,
-                        ];
-                        debug_assert!(tensors.iter().all(|r| r.len() == chunks * row * 2));
-                        Ok(MappedLayer { map, tensors })
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })
+            .map(|segment| map_segment(dir, fp, segment, options))
             .collect::<Result<Vec<_>>>()?;
         Ok(Bank {
             dir: dir.to_path_buf(),
@@ -314,6 +304,26 @@ impl Bank {
         (&self.template.0[k.clone()], &self.template.0[v.clone()])
     }
 
+    /// The exclusive advisory lock on `bank.lock` an append holds; another writer's append is an error
+    /// (readers never lock: they see the old or the new manifest, both complete).
+    fn lock_for_append(&self) -> Result<File> {
+        let path = self.dir.join(LOCK);
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::write(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => Err(bank_error(
+                &self.dir,
+                "another writer is appending to this bank; try again when it has finished",
+            )),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::write(&path, e)),
+        }
+    }
+
     /// Appends rows `chunks` of `tensor` of the router layer in `slot` (its index in
     /// `fingerprint().router_layers`) to `out`, as stored: bf16 bytes, one `[kv_heads, head_dim]` row per
     /// chunk.
@@ -325,12 +335,14 @@ impl Bank {
         out: &mut Vec<u8>,
     ) {
         let row = self.manifest.fingerprint.row_bytes();
-        for (segment, mapped) in self.manifest.segments.iter().zip(&self.segments) {
+        let segments = &self.manifest.segments;
+        let first = segments.partition_point(|s| s.chunks[1] <= chunks.start);
+        for (segment, mapped) in segments[first..].iter().zip(&self.segments[first..]) {
             let [start, end] = segment.chunks;
-            let (lo, hi) = (chunks.start.max(start), chunks.end.min(end));
-            if lo >= hi {
-                continue;
+            if start >= chunks.end {
+                break;
             }
+            let (lo, hi) = (chunks.start.max(start), chunks.end.min(end));
             let layer = &mapped[slot];
             let base = layer.tensors[tensor as usize].start;
             let bytes = base + (lo - start) as usize * row..base + (hi - start) as usize * row;
@@ -353,6 +365,12 @@ impl Bank {
         };
         let path = self.dir.join(&entry.file);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        if bytes.len() as u64 != entry.bytes || digest(&bytes) != entry.crc32 {
+            return Err(bank_error(
+                &path,
+                "checksum mismatch: the file is corrupt (its contents changed since it was written)",
+            ));
+        }
         let texts: Vec<Option<String>> =
             serde_json::from_slice(&bytes).map_err(|source| Error::Json { path, source })?;
         Ok(texts.into_iter().nth(id - segment.documents[0]).flatten())
@@ -372,11 +390,22 @@ impl Bank {
         if documents.is_empty() {
             return Ok(());
         }
+        // Writers take turns; a handle that is behind (another one appended since it opened) catches up
+        // first, so its segment goes after the other's instead of over it.
+        let _lock = self.lock_for_append()?;
+        if read_manifest(&self.dir)? != self.manifest {
+            *self = Bank::open(
+                &self.dir,
+                OpenOptions {
+                    verify_checksums: false,
+                },
+            )?;
+        }
         let fp = self.manifest.fingerprint.clone();
         let first_id = self.manifest.documents.len();
         let first_chunk = self.chunk_count();
         let mut table = Vec::with_capacity(documents.len());
-        let mut chunk = first_chunk;
+        let mut chunk = u64::from(first_chunk);
         for (i, doc) in documents.iter().enumerate() {
             if doc.tokens == 0 {
                 return Err(bank_error(
@@ -385,16 +414,34 @@ impl Bank {
                 ));
             }
             let end = chunk + fp.chunks_of(doc.tokens);
+            let end = u32::try_from(end).map_err(|_| {
+                bank_error(
+                    &self.dir,
+                    format!(
+                        "document {} would end at chunk {end}, past the format's 2^32 chunks",
+                        first_id + i
+                    ),
+                )
+            })?;
             table.push(BankDocument {
                 id: first_id + i,
                 source: doc.source.clone(),
                 tokens: doc.tokens,
-                chunks: [chunk, end],
+                chunks: [chunk as u32, end],
                 text_digest: doc.text_digest,
             });
-            chunk = end;
+            chunk = u64::from(end);
         }
-        let index = self.manifest.segments.last().map_or(1, |s| s.index + 1);
+        let chunk = chunk as u32;
+        let index = match self.manifest.segments.last() {
+            None => 1,
+            Some(last) => last
+                .index
+                .checked_add(1)
+                .ok_or_else(|| bank_error(&self.dir, "no segment numbers left"))?,
+        };
+        // Files of this number can only be left by an append that never committed.
+        remove_files_of_segment(&self.dir, index)?;
         let has_texts = documents.iter().any(|d| d.text.is_some());
         let files_total = fp.router_layers.len() + usize::from(has_texts);
         let mut written: Vec<PathBuf> = Vec::with_capacity(files_total);
@@ -469,15 +516,24 @@ impl Bank {
         })();
         match result {
             Ok(manifest) => {
-                // Committed: map the new files (already checksummed as written).
-                let reopened = Bank::open(
+                // Committed. Map only the new segment's files (checksummed as they were written).
+                let segment = manifest.segments.last().expect("just appended");
+                let mapped = map_segment(
                     &self.dir,
+                    &manifest.fingerprint,
+                    segment,
                     OpenOptions {
                         verify_checksums: false,
                     },
-                )?;
-                debug_assert_eq!(reopened.manifest, manifest);
-                *self = reopened;
+                )
+                .map_err(|e| {
+                    bank_error(
+                        &self.dir,
+                        format!("the append committed, but mapping its files failed ({e}); open the bank again"),
+                    )
+                })?;
+                self.segments.push(mapped);
+                self.manifest = manifest;
                 Ok(())
             }
             Err(e) => {
@@ -500,6 +556,52 @@ impl Bank {
             }
         }
     }
+}
+
+/// Maps the layer files of one segment (and checks its texts file), each checked for size, header and,
+/// when asked, checksum.
+fn map_segment(
+    dir: &Path,
+    fp: &MemoryFingerprint,
+    segment: &Segment,
+    options: OpenOptions,
+) -> Result<Vec<MappedLayer>> {
+    let chunks = (segment.chunks[1] - segment.chunks[0]) as usize;
+    let shape = [chunks, fp.num_key_value_heads, fp.head_dim];
+    if let Some(texts) = &segment.texts {
+        map_entry(dir, texts, options)?;
+    }
+    segment
+        .layers
+        .iter()
+        .map(|entry| {
+            let map = map_entry(dir, entry, options)?;
+            let path = dir.join(&entry.file);
+            let range = |t: BankTensor| {
+                tensor_range(&path, &map, t.name(), safetensors::Dtype::BF16, &shape)
+            };
+            let tensors = [
+                range(BankTensor::RoutingKeys)?,
+                range(BankTensor::K)?,
+                range(BankTensor::V)?,
+            ];
+            Ok(MappedLayer { map, tensors })
+        })
+        .collect()
+}
+
+/// Removes files of segment `index`: called under the append lock for a number the manifest does not
+/// use, so they are leftovers of an append that never committed.
+fn remove_files_of_segment(dir: &Path, index: u32) -> Result<()> {
+    let prefix = format!("seg{index:06}-");
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            std::fs::remove_file(entry.path()).map_err(|e| Error::write(entry.path(), e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Reads and checks `bank.json`: the format name, a version this build reads, internal consistency.
@@ -637,10 +739,14 @@ fn serialize<'a>(
     views.map_err(|e| bank_error(path, format!("cannot serialize: {e}")))
 }
 
-/// Writes a new file and fsyncs it; returns its manifest entry.
+/// Writes a new file (never over an existing one) and fsyncs it; returns its manifest entry.
 fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry> {
     let path = dir.join(name);
-    let mut file = File::create(&path).map_err(|e| Error::write(&path, e))?;
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| Error::write(&path, e))?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .map_err(|e| Error::write(&path, e))?;
@@ -655,10 +761,17 @@ fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry> {
 /// directory so the rename itself is durable. An error means the old manifest is still in place.
 fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(manifest).expect("the manifest serializes");
-    write_file(dir, MANIFEST_TMP, &bytes)?;
     let (tmp, path) = (dir.join(MANIFEST_TMP), dir.join(MANIFEST));
+    // A temporary manifest can only be left by a writer that died before its rename.
+    if tmp.is_file() {
+        std::fs::remove_file(&tmp).map_err(|e| Error::write(&tmp, e))?;
+    }
+    write_file(dir, MANIFEST_TMP, &bytes)?;
+    // The new files' directory entries are durable before the manifest names them, and the rename is
+    // durable after. Some file systems refuse fsync on a directory; the order of operations stands anyway.
+    let sync_dir = || File::open(dir).and_then(|d| d.sync_all());
+    let _ = sync_dir();
     std::fs::rename(&tmp, &path).map_err(|e| Error::write(&path, e))?;
-    // Committed once renamed. Some file systems refuse fsync on a directory; the rename stands anyway.
-    let _ = File::open(dir).and_then(|d| d.sync_all());
+    let _ = sync_dir();
     Ok(())
 }
