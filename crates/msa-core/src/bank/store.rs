@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 const MANIFEST: &str = "bank.json";
 const MANIFEST_TMP: &str = "bank.json.tmp";
 const LOCK: &str = "bank.lock";
+/// How long an append waits for another writer's lock before giving up.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const TEMPLATE: &str = "template.safetensors";
 
 /// How [`Bank::open`] checks the files.
@@ -304,8 +306,10 @@ impl Bank {
         (&self.template.0[k.clone()], &self.template.0[v.clone()])
     }
 
-    /// The exclusive advisory lock on `bank.lock` an append holds; another writer's append is an error
-    /// (readers never lock: they see the old or the new manifest, both complete).
+    /// The exclusive advisory lock on `bank.lock` an append holds (readers never lock: they see the old
+    /// or the new manifest, both complete). A lock still held after [`LOCK_WAIT`] is another writer's
+    /// append, an error; shorter waits cover a lock released a moment late, as when a process forks
+    /// (the child holds a copy of every descriptor until it execs).
     fn lock_for_append(&self) -> Result<File> {
         let path = self.dir.join(LOCK);
         let file = File::options()
@@ -314,13 +318,21 @@ impl Bank {
             .write(true)
             .open(&path)
             .map_err(|e| Error::write(&path, e))?;
-        match file.try_lock() {
-            Ok(()) => Ok(file),
-            Err(std::fs::TryLockError::WouldBlock) => Err(bank_error(
-                &self.dir,
-                "another writer is appending to this bank; try again when it has finished",
-            )),
-            Err(std::fs::TryLockError::Error(e)) => Err(Error::write(&path, e)),
+        let started = std::time::Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(bank_error(
+                        &self.dir,
+                        "another writer is appending to this bank; try again when it has finished",
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::write(&path, e)),
+            }
         }
     }
 
