@@ -281,6 +281,17 @@ fn not_a_bank_and_an_inconsistent_manifest() {
 
 /// Appends one document whose every row byte is `fill`.
 fn append_filled(bank: &mut Bank, source: &str, tokens: usize, fill: u8) -> msa_core::Result<()> {
+    append_filled_reporting(bank, source, tokens, fill, |_| {})
+}
+
+/// [`append_filled`], hearing of every file written.
+fn append_filled_reporting(
+    bank: &mut Bank,
+    source: &str,
+    tokens: usize,
+    fill: u8,
+    progress: impl FnMut(msa_core::bank::WriteProgress),
+) -> msa_core::Result<()> {
     let n = tokens.div_ceil(4) * ROW;
     bank.append(
         documents(&[(source, tokens)]),
@@ -291,7 +302,7 @@ fn append_filled(bank: &mut Bank, source: &str, tokens: usize, fill: u8) -> msa_
                 v: vec![fill; n],
             })
         },
-        |_| {},
+        progress,
     )
 }
 
@@ -432,22 +443,10 @@ fn a_writer_killed_mid_append_leaves_the_bank_whole() {
     if let Ok(dir) = std::env::var(CHILD_ROLE) {
         // Child: append, announce when the first new file is on disk, then wait to be killed.
         let mut bank = Bank::open(&dir, OpenOptions::default()).unwrap();
-        let big = 4 * 4096;
-        let _ = bank.append(
-            documents(&[("killed", big)]),
-            |_| {
-                let n = big / 4 * ROW;
-                Ok(LayerRows {
-                    routing_keys: vec![1; n],
-                    k: vec![2; n],
-                    v: vec![3; n],
-                })
-            },
-            |_| {
-                println!("WROTE");
-                std::thread::sleep(std::time::Duration::from_secs(600));
-            },
-        );
+        let _ = append_filled_reporting(&mut bank, "killed", 4 * 4096, 1, |_| {
+            println!("WROTE");
+            std::thread::sleep(std::time::Duration::from_secs(600));
+        });
         panic!("the parent kills this process before the append finishes");
     }
     let dir = tempfile::tempdir().unwrap();
@@ -483,21 +482,7 @@ fn a_full_disk_during_append_loses_nothing() {
     if let Ok(dir) = std::env::var(CHILD_ROLE) {
         // Child, under a file-size limit: the append's large file cannot be written.
         let mut bank = Bank::open(&dir, OpenOptions::default()).unwrap();
-        let tokens = 4 * 40_000;
-        let err = bank
-            .append(
-                documents(&[("too big", tokens)]),
-                |_| {
-                    let n = tokens / 4 * ROW;
-                    Ok(LayerRows {
-                        routing_keys: vec![1; n],
-                        k: vec![2; n],
-                        v: vec![3; n],
-                    })
-                },
-                |_| {},
-            )
-            .unwrap_err();
+        let err = append_filled(&mut bank, "too big", 4 * 40_000, 1).unwrap_err();
         println!("\nERROR {err}");
         return;
     }
