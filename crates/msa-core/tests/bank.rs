@@ -175,9 +175,14 @@ fn a_bad_append_changes_nothing() {
     let reopened = Bank::open(dir.path(), OpenOptions::default()).unwrap();
     assert_eq!(reopened.documents().len(), 1);
     check_rows(&reopened);
-    // An empty document.
+    // An empty document; a source the bank holds, or one repeated within the append.
     let err = append(&mut bank, &[("empty", 0)]).unwrap_err();
     assert!(err.to_string().contains("is empty"), "{err}");
+    for sources in [&[("a", 4)][..], &[("new", 4), ("new", 3)]] {
+        let err = append(&mut bank, sources).unwrap_err();
+        assert!(err.to_string().contains("already in the bank"), "{err}");
+    }
+    assert_eq!(bank.documents().len(), 1);
 }
 
 fn open_err(dir: &Path) -> String {
@@ -407,6 +412,8 @@ fn manifests_that_would_overflow_or_reuse_segments_are_refused() {
     // A token count whose chunk count does not fit the format: no panic, no wrap-around.
     let err = edit(&|m| m["documents"][1]["tokens"] = (4u64 << 32).into());
     assert!(err.contains("document 1"), "{err}");
+    let err = edit(&|m| m["documents"][1]["source"] = "a".into());
+    assert!(err.contains("repeats the source `a`"), "{err}");
     let err = edit(&|m| m["segments"][1]["index"] = 1.into());
     assert!(err.contains("segment numbers must increase"), "{err}");
     // A fingerprint that could never be opened is refused before anything is written.

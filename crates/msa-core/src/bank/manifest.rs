@@ -137,9 +137,13 @@ impl Manifest {
             ));
         }
         let mut chunk = 0u64;
+        let mut sources = std::collections::HashSet::with_capacity(self.documents.len());
         for (i, doc) in self.documents.iter().enumerate() {
             if doc.id != i {
                 return Err(format!("document {i} has id {}", doc.id));
+            }
+            if !sources.insert(doc.source.as_str()) {
+                return Err(format!("document {i} repeats the source `{}`", doc.source));
             }
             let expected = chunk..chunk + fp.chunks_of(doc.tokens);
             let actual = u64::from(doc.chunks[0])..u64::from(doc.chunks[1]);

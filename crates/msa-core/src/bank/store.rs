@@ -1,5 +1,6 @@
 //! Creating, opening, verifying and appending to a bank directory.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
@@ -418,7 +419,20 @@ impl Bank {
         let first_chunk = self.chunk_count();
         let mut table = Vec::with_capacity(documents.len());
         let mut chunk = u64::from(first_chunk);
+        // Sources name documents (a resumed encoding matches on them): unique within the bank.
+        let mut sources: HashSet<&str> = self
+            .manifest
+            .documents
+            .iter()
+            .map(|d| d.source.as_str())
+            .collect();
         for (i, doc) in documents.iter().enumerate() {
+            if !sources.insert(&doc.source) {
+                return Err(bank_error(
+                    &self.dir,
+                    format!("document source `{}` is already in the bank", doc.source),
+                ));
+            }
             if doc.tokens == 0 {
                 return Err(bank_error(
                     &self.dir,
