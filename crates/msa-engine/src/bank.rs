@@ -52,6 +52,14 @@ pub struct BankEncodeReport {
     pub tokens: usize,
 }
 
+fn bank_error(bank: &Bank, problem: String) -> Error {
+    msa_core::Error::Bank {
+        path: bank.dir().to_path_buf(),
+        problem,
+    }
+    .into()
+}
+
 fn to_bf16_bytes(values: &[f32]) -> Vec<u8> {
     values
         .iter()
@@ -105,28 +113,26 @@ impl<B: Backend> Model<B> {
         let mut skipped = 0;
         let mut sources = std::collections::HashSet::with_capacity(corpus.len());
         if let Some(doc) = corpus.iter().find(|d| !sources.insert(d.source.as_str())) {
-            return Err(msa_core::Error::Bank {
-                path: bank.dir().to_path_buf(),
-                problem: format!(
+            return Err(bank_error(
+                bank,
+                format!(
                     "the corpus lists source `{}` twice; sources name documents and must be unique",
                     doc.source
                 ),
-            }
-            .into());
+            ));
         }
         for doc in corpus {
             let text_digest = digest(doc.text.as_bytes());
             match known.get(doc.source.as_str()) {
                 Some(&d) if d == text_digest => skipped += 1,
                 Some(_) => {
-                    return Err(msa_core::Error::Bank {
-                        path: bank.dir().to_path_buf(),
-                        problem: format!(
+                    return Err(bank_error(
+                        bank,
+                        format!(
                             "document `{}` changed since it was encoded; encode it under a new source name or into a new bank",
                             doc.source
                         ),
-                    }
-                    .into());
+                    ));
                 }
                 None => todo.push((doc, text_digest)),
             }
