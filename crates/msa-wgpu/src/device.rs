@@ -15,6 +15,9 @@ use crate::error::WgpuError;
 pub struct DeviceOptions {
     /// Case-insensitive substring of the adapter name; `None` picks the best adapter.
     pub adapter: Option<String>,
+    /// Which of the matching adapters, best first (see [`list_adapters`]): one device per GPU for
+    /// Memory Parallel. `None` is the first.
+    pub index: Option<usize>,
     /// Caps the storage-buffer binding size below the adapter's limit (browsers default to 128 MiB).
     /// Larger tensors are bound in windows; tests use a small cap to exercise that path.
     pub max_binding_bytes: Option<u64>,
@@ -27,6 +30,7 @@ impl DeviceOptions {
             adapter: std::env::var("WGPU_ADAPTER_NAME")
                 .ok()
                 .filter(|name| !name.trim().is_empty()),
+            index: None,
             max_binding_bytes: None,
         }
     }
@@ -73,14 +77,12 @@ fn instance() -> wgpu::Instance {
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
 }
 
-/// Every adapter the environment exposes (for `msa devices` and error messages).
-pub async fn list_adapters() -> Vec<wgpu::AdapterInfo> {
-    instance()
-        .enumerate_adapters(wgpu::Backends::all())
-        .await
-        .iter()
-        .map(|a| a.get_info())
-        .collect()
+/// Every adapter the environment exposes, best first: discrete GPUs, then integrated, virtual and CPU
+/// adapters, native APIs before GL (for `msa devices` and [`DeviceOptions::index`]).
+pub async fn list_adapters() -> Vec<wgpu::Adapter> {
+    let mut adapters = instance().enumerate_adapters(wgpu::Backends::all()).await;
+    adapters.sort_by_key(|a| rank(&a.get_info()));
+    adapters
 }
 
 /// Lower is better: discrete before integrated before virtual before CPU; native APIs before GL.
@@ -96,40 +98,48 @@ fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
     (kind, api)
 }
 
+fn names(adapters: &[wgpu::Adapter]) -> String {
+    adapters
+        .iter()
+        .map(|a| {
+            let info = a.get_info();
+            format!("{} ({:?})", info.name, info.backend)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Picks an adapter per `options`.
 pub(crate) async fn select_adapter(options: &DeviceOptions) -> Result<wgpu::Adapter, WgpuError> {
-    let adapters = instance().enumerate_adapters(wgpu::Backends::all()).await;
+    let adapters = list_adapters().await;
     if adapters.is_empty() {
         let backends = std::env::var("WGPU_BACKEND").unwrap_or_else(|_| "all compiled-in".into());
         return Err(WgpuError::NoAdapter {
             detail: format!("backends tried: {backends}"),
         });
     }
-    let chosen = match &options.adapter {
+    let matching: Vec<&wgpu::Adapter> = match &options.adapter {
         Some(wanted) => {
             let needle = wanted.to_lowercase();
             adapters
                 .iter()
                 .filter(|a| a.get_info().name.to_lowercase().contains(&needle))
-                .min_by_key(|a| rank(&a.get_info()))
-                .ok_or_else(|| WgpuError::AdapterNotFound {
-                    wanted: wanted.clone(),
-                    available: adapters
-                        .iter()
-                        .map(|a| {
-                            let info = a.get_info();
-                            format!("{} ({:?})", info.name, info.backend)
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })?
+                .collect()
         }
-        None => adapters
-            .iter()
-            .min_by_key(|a| rank(&a.get_info()))
-            .expect("non-empty"),
+        None => adapters.iter().collect(),
     };
-    Ok(chosen.clone())
+    let index = options.index.unwrap_or(0);
+    match matching.get(index) {
+        Some(adapter) => Ok((*adapter).clone()),
+        None => Err(WgpuError::AdapterNotFound {
+            wanted: match (&options.adapter, index) {
+                (Some(name), 0) => name.clone(),
+                (Some(name), i) => format!("{name} #{i}"),
+                (None, i) => format!("adapter #{i}"),
+            },
+            available: names(&adapters),
+        }),
+    }
 }
 
 /// Opens a device on `adapter` with the adapter's limits and its optional features.

@@ -10,7 +10,7 @@ pub enum WgpuError {
     )]
     NoAdapter { detail: String },
 
-    #[error("no adapter name contains `{wanted}` (WGPU_ADAPTER_NAME); adapters found: {available}")]
+    #[error("no adapter matches `{wanted}`; adapters found: {available}")]
     AdapterNotFound { wanted: String, available: String },
 
     #[error("could not open a device on `{adapter}`: {reason}")]

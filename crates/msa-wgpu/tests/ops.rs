@@ -618,6 +618,22 @@ fn an_unknown_adapter_name_lists_the_adapters_found() {
     })
     .expect("the named adapter opens");
     assert_eq!(named.adapter_info().name, gpu.adapter_info().name);
+    // So does the first adapter by index, and an index past the last one is refused with the list.
+    let first = gpu_with(DeviceOptions {
+        index: Some(0),
+        ..DeviceOptions::default()
+    })
+    .expect("adapter #0 opens");
+    assert_eq!(first.adapter_info().name, gpu.adapter_info().name);
+    let error = match pollster::block_on(WgpuBackend::new(DeviceOptions {
+        index: Some(99),
+        ..DeviceOptions::default()
+    })) {
+        Ok(_) => panic!("opened adapter #99"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("adapter #99"), "{error}");
+    assert!(error.contains(&gpu.adapter_info().name), "{error}");
 }
 
 #[test]

@@ -1,0 +1,850 @@
+//! The real `msa` binary on the bundled tiny model: every subcommand, its output, and its error paths.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+
+use assert_cmd::Command;
+use msa_core::bank::{Bank, OpenOptions};
+use msa_engine::{CpuBackend, GenerateOptions, Model};
+use predicates::prelude::*;
+use predicates::str::contains;
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/msa-tiny")
+}
+
+fn msa() -> Command {
+    let mut command = Command::cargo_bin("msa").expect("the msa binary is built");
+    // Each test gets its own logs quiet; Mesa wants a runtime dir for the wgpu runs.
+    command.env_remove("RUST_LOG");
+    command
+}
+
+fn strings(file: &str) -> Vec<String> {
+    serde_json::from_str(&std::fs::read_to_string(fixture().join(file)).unwrap()).unwrap()
+}
+
+/// The fixture's documents as a JSONL corpus with ids `doc-0` … `doc-7`.
+fn write_corpus(dir: &Path) -> PathBuf {
+    let path = dir.join("corpus.jsonl");
+    let lines: Vec<String> = strings("memory.json")
+        .iter()
+        .enumerate()
+        .map(|(i, text)| serde_json::json!({"id": format!("doc-{i}"), "text": text}).to_string())
+        .collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+/// A bank of the fixture corpus, encoded by the binary.
+fn encoded_bank(dir: &Path) -> PathBuf {
+    let bank = dir.join("bank");
+    let corpus = write_corpus(dir);
+    msa()
+        .args(["encode", "--backend", "cpu", "--model"])
+        .arg(fixture())
+        .arg("--out")
+        .arg(&bank)
+        .arg(&corpus)
+        .assert()
+        .success()
+        .stdout(contains("encoded 8 documents"));
+    bank
+}
+
+fn json_of(output: &[u8]) -> Value {
+    serde_json::from_slice(output)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(output)))
+}
+
+/// `msa ask --json` on a backend.
+fn ask_json(bank: &Path, question: &str, extra: &[&str]) -> Value {
+    let output = msa()
+        .args(["ask", "--json", "--max-tokens", "6", "--model"])
+        .arg(fixture())
+        .arg("--bank")
+        .arg(bank)
+        .args(extra)
+        .arg(question)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    json_of(&output.stdout)
+}
+
+fn routed_ids(answer: &Value) -> Vec<Vec<u64>> {
+    answer["routing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|layer| {
+            layer["documents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["id"].as_u64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// Whether wgpu runs are expected here: an adapter exists, or CI demands one (then a missing adapter
+/// fails the test instead of skipping it).
+fn wgpu_expected() -> bool {
+    let required = ["CI", "MSA_REQUIRE_GPU"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    let found = !pollster::block_on(msa_wgpu::list_adapters()).is_empty();
+    if !found && !required {
+        eprintln!("skipping the wgpu run: no adapter");
+    }
+    found || required
+}
+
+#[test]
+fn help_lists_every_command_and_each_command_documents_its_flags() {
+    let top = msa().arg("--help").assert().success();
+    let text = String::from_utf8(top.get_output().stdout.clone()).unwrap();
+    for command in ["info", "devices", "encode", "ask", "chat", "bench", "serve"] {
+        assert!(text.contains(command), "--help lacks {command}:\n{text}");
+    }
+    let flags: [(&str, &[&str]); 7] = [
+        ("info", &["--verify", "--json"]),
+        ("devices", &["--json"]),
+        (
+            "encode",
+            &["--model", "--out", "--commit-tokens", "--backend", "JSONL"],
+        ),
+        (
+            "ask",
+            &[
+                "--show-routing",
+                "--json",
+                "--temperature",
+                "--top-p",
+                "--seed",
+                "--max-tokens",
+                "--devices",
+            ],
+        ),
+        ("chat", &["/routing", "--bank"]),
+        (
+            "bench",
+            &[
+                "--preset",
+                "msa-4b",
+                "--memory-tokens",
+                "--devices",
+                "--json",
+                "--bank",
+            ],
+        ),
+        (
+            "serve",
+            &[
+                "--listen",
+                "--max-request-bytes",
+                "--max-concurrent",
+                "/v1/chat/completions",
+            ],
+        ),
+    ];
+    for (command, wanted) in flags {
+        let out = msa().args([command, "--help"]).assert().success();
+        let text = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+        for flag in wanted {
+            assert!(
+                text.contains(flag),
+                "msa {command} --help lacks {flag}:\n{text}"
+            );
+        }
+    }
+    msa().arg("frobnicate").assert().failure().code(2);
+}
+
+#[test]
+fn info_summarises_a_model_and_a_bank_and_names_bad_paths() {
+    msa()
+        .arg("info")
+        .arg(fixture())
+        .assert()
+        .success()
+        .stdout(contains("router layers: 2 of 4 (2..=3)"))
+        .stdout(contains("parameters: 193216"))
+        .stdout(contains("dtype: f32"));
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    let out = msa()
+        .args(["info", "--json", "--verify"])
+        .arg(&bank)
+        .assert()
+        .success();
+    let report = json_of(&out.get_output().stdout);
+    assert_eq!(report["documents"], 8);
+    assert_eq!(report["tokens"], 1049);
+    assert_eq!(report["checksums"], "verified");
+    msa()
+        .args(["info", "/no/such/dir"])
+        .assert()
+        .failure()
+        .stderr(contains("/no/such/dir does not exist"));
+    msa()
+        .arg("info")
+        .arg(dir.path())
+        .assert()
+        .failure()
+        .stderr(contains("neither a model directory"));
+}
+
+#[test]
+fn devices_lists_adapters_as_text_and_json() {
+    let out = msa().args(["devices", "--json"]).assert().success();
+    let adapters = json_of(&out.get_output().stdout);
+    let list = adapters.as_array().expect("a JSON list");
+    if wgpu_expected() {
+        assert!(!list.is_empty(), "no adapter listed");
+        assert!(list[0]["max buffer MiB"].as_u64().unwrap() > 0);
+        let name = list[0]["name"].as_str().unwrap().to_string();
+        msa()
+            .arg("devices")
+            .assert()
+            .success()
+            .stdout(contains(name));
+    }
+}
+
+#[test]
+fn encode_appends_resumes_and_reports_bad_input_by_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    let corpus = dir.path().join("corpus.jsonl");
+    // Re-running is a no-op; a grown corpus appends only the new document.
+    let extra = dir.path().join("notes.txt");
+    // The toy tokenizer knows only the fixture's vocabulary: a new document made of its words.
+    let memory = strings("memory.json");
+    std::fs::write(&extra, format!("{}{}", memory[1], memory[0])).unwrap();
+    msa()
+        .args(["encode", "--backend", "cpu", "--model"])
+        .arg(fixture())
+        .arg("--out")
+        .arg(&bank)
+        .arg(&corpus)
+        .arg(&extra)
+        .assert()
+        .success()
+        .stdout(contains("encoded 1 documents"))
+        .stdout(contains("8 already in the bank"))
+        .stdout(contains("9 documents"));
+    // A folder is read recursively; a bad JSONL line is named with its line number.
+    let folder = dir.path().join("folder");
+    std::fs::create_dir_all(folder.join("sub")).unwrap();
+    std::fs::write(
+        folder.join("sub/bad.jsonl"),
+        "{\"id\": \"x\", \"text\": \"fine\"}\n\n{\"id\": \"y\", \"txt\": \"typo\"}\n",
+    )
+    .unwrap();
+    msa()
+        .args(["encode", "--backend", "cpu", "--model"])
+        .arg(fixture())
+        .arg("--out")
+        .arg(&bank)
+        .arg(&folder)
+        .assert()
+        .failure()
+        .stderr(contains("bad.jsonl:3:"));
+    // Nothing was lost: the bank still opens with its 9 documents.
+    assert_eq!(
+        Bank::open(&bank, OpenOptions::default())
+            .unwrap()
+            .documents()
+            .len(),
+        9
+    );
+    msa()
+        .args(["encode", "--model", "/no/model", "--out"])
+        .arg(&bank)
+        .arg(&corpus)
+        .assert()
+        .failure()
+        .stderr(contains("model directory /no/model does not exist"));
+    msa()
+        .args(["encode", "--backend", "cpu", "--model"])
+        .arg(fixture())
+        .arg("--out")
+        .arg(&bank)
+        .arg(dir.path().join("missing.jsonl"))
+        .assert()
+        .failure()
+        .stderr(contains("missing.jsonl"));
+}
+
+#[test]
+fn ask_answers_like_the_engine_and_shows_routing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    let question = &strings("queries.json")[0];
+    let answer = ask_json(&bank, question, &["--backend", "cpu"]);
+    // The same question through the engine API on the same bank.
+    let model = Model::load(fixture(), CpuBackend::new()).unwrap();
+    let memory = model
+        .open_memory(
+            Bank::open(&bank, OpenOptions::default()).unwrap(),
+            Vec::new(),
+        )
+        .unwrap();
+    let options = GenerateOptions {
+        max_tokens: 6,
+        ..GenerateOptions::default()
+    };
+    let (tokens, routing) = pollster::block_on(async {
+        let mut generation = model.ask(&memory, question, &options).await.unwrap();
+        let tokens = generation.collect_tokens().await.unwrap();
+        (tokens, generation.routing().to_vec())
+    });
+    assert_eq!(token_ids(&answer), tokens);
+    let engine_ids: Vec<Vec<u64>> = routing
+        .iter()
+        .map(|l| l.documents.iter().map(|d| d.id as u64).collect())
+        .collect();
+    assert_eq!(routed_ids(&answer), engine_ids);
+    assert_eq!(
+        answer["routing"][0]["documents"][0]["source"],
+        format!("doc-{}", engine_ids[0][0])
+    );
+    assert_eq!(
+        answer["answer"].as_str().unwrap(),
+        model.require_tokenizer().unwrap().decode(&tokens).unwrap()
+    );
+    // Memory Parallel over three CPU shards answers identically.
+    let sharded = ask_json(&bank, question, &["--backend", "cpu", "--devices", "3"]);
+    assert_eq!(sharded["tokens"], answer["tokens"]);
+    assert_eq!(routed_ids(&sharded), routed_ids(&answer));
+    // The text view: routing per layer with scores and sources, then the answer.
+    msa()
+        .args([
+            "ask",
+            "--backend",
+            "cpu",
+            "--show-routing",
+            "--max-tokens",
+            "6",
+            "--model",
+        ])
+        .arg(fixture())
+        .arg("--bank")
+        .arg(&bank)
+        .arg(question)
+        .assert()
+        .success()
+        .stdout(contains("layer  2:"))
+        .stdout(contains("layer  3:"))
+        .stdout(contains(format!("[{}]", engine_ids[1][0])))
+        .stdout(contains(answer["answer"].as_str().unwrap()));
+    // Seeded sampling repeats itself.
+    let sampled = [
+        "--backend",
+        "cpu",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.8",
+        "--seed",
+        "5",
+    ];
+    assert_eq!(
+        ask_json(&bank, question, &sampled)["tokens"],
+        ask_json(&bank, question, &sampled)["tokens"]
+    );
+}
+
+#[test]
+fn ask_leaves_the_stop_token_out_of_the_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    let question = &strings("queries.json")[0];
+    let free = token_ids(&ask_json(&bank, question, &["--backend", "cpu"]));
+    // The first token after the first that did not come before: the same model with it as its
+    // end-of-sequence token stops right there.
+    let stop = (1..free.len())
+        .find(|&i| !free[..i].contains(&free[i]))
+        .expect("the answer has two distinct tokens");
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(fixture()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    config["eos_token_id"] = free[stop].into();
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let output = msa()
+        .args(["ask", "--json", "--backend", "cpu", "--model"])
+        .arg(&model)
+        .arg("--bank")
+        .arg(&bank)
+        .arg(question)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stopped = json_of(&output.stdout);
+    assert_eq!(stopped["finish_reason"], "stop");
+    assert_eq!(token_ids(&stopped), free[..=stop]);
+    let tokenizer = msa_core::MsaTokenizer::from_file(fixture().join("tokenizer.json")).unwrap();
+    assert_eq!(stopped["answer"], tokenizer.decode(&free[..stop]).unwrap());
+}
+
+fn token_ids(answer: &Value) -> Vec<u32> {
+    answer["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn ask_on_wgpu_routes_like_the_cpu() {
+    if !wgpu_expected() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    for question in strings("queries.json") {
+        let cpu = ask_json(&bank, &question, &["--backend", "cpu"]);
+        let gpu = ask_json(&bank, &question, &["--backend", "wgpu", "--devices", "2"]);
+        assert_eq!(routed_ids(&gpu), routed_ids(&cpu), "{question}");
+        assert!(gpu["backend"].as_str().unwrap().starts_with("wgpu"));
+    }
+}
+
+#[test]
+fn ask_refuses_bad_input_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    let ask = |extra: &[&str]| {
+        let mut command = msa();
+        command
+            .args(["ask", "--backend", "cpu", "--model"])
+            .arg(fixture())
+            .arg("--bank")
+            .arg(&bank)
+            .args(extra);
+        command
+    };
+    ask(&["--top-p", "0", "q"])
+        .assert()
+        .failure()
+        .stderr(contains("top_p"));
+    ask(&["   "])
+        .assert()
+        .failure()
+        .stderr(contains("question is empty"));
+    msa()
+        .args(["ask", "--backend", "cpu", "--model"])
+        .arg(fixture())
+        .arg("--bank")
+        .arg(dir.path())
+        .arg("q")
+        .assert()
+        .failure()
+        .stderr(contains("is not a bank"));
+    // A bank from another model: the tiny shape with other (random) weights.
+    let other = random_tiny_model(dir.path());
+    msa()
+        .args(["ask", "--backend", "cpu", "--model"])
+        .arg(&other)
+        .arg("--bank")
+        .arg(&bank)
+        .arg("q")
+        .assert()
+        .failure()
+        .stderr(contains("was encoded by a different model"))
+        .stderr(contains("weights_digest"));
+    // Nor does that model append to it.
+    msa()
+        .args(["encode", "--backend", "cpu", "--model"])
+        .arg(&other)
+        .arg("--out")
+        .arg(&bank)
+        .arg(dir.path().join("corpus.jsonl"))
+        .assert()
+        .failure()
+        .stderr(contains("different model"));
+    assert_eq!(
+        Bank::open(&bank, OpenOptions::default())
+            .unwrap()
+            .documents()
+            .len(),
+        8
+    );
+}
+
+/// The bench's random tiny model, with the fixture's tokenizer so it can take text.
+fn random_tiny_model(dir: &Path) -> PathBuf {
+    let cache = dir.join("cache");
+    msa()
+        .args([
+            "bench",
+            "--backend",
+            "cpu",
+            "--memory-tokens",
+            "2K",
+            "--encode-tokens",
+            "64",
+            "--queries",
+            "1",
+            "--decode-tokens",
+            "2",
+            "--cache-dir",
+        ])
+        .arg(&cache)
+        .assert()
+        .success();
+    let model = cache.join("models/tiny-random-7");
+    std::fs::copy(
+        fixture().join("tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    model
+}
+
+#[test]
+fn chat_answers_each_line_and_keeps_going_after_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    let queries = strings("queries.json");
+    // The middle line has words outside the toy vocabulary: an error, then the next question.
+    let input = format!(
+        "{}\nwords the toy tokenizer lacks\n/routing\n{}\n/quit\nnever asked\n",
+        queries[0], queries[1]
+    );
+    let out = msa()
+        .args(["chat", "--backend", "cpu", "--max-tokens", "4", "--model"])
+        .arg(fixture())
+        .arg("--bank")
+        .arg(&bank)
+        .write_stdin(input)
+        .assert()
+        .success();
+    let stdout = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    let stderr = String::from_utf8(out.get_output().stderr.clone()).unwrap();
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{stderr}"
+    );
+    // Routing is shown only for the second question, after /routing turned it on.
+    assert_eq!(stdout.matches("layer  2:").count(), 1, "{stdout}");
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| !l.starts_with(' ') && !l.starts_with("layer"))
+            .count(),
+        2,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bench_reports_every_stage_as_a_table_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    msa()
+        .args([
+            "bench",
+            "--backend",
+            "cpu",
+            "--memory-tokens",
+            "20K",
+            "--document-tokens",
+            "400",
+            "--devices",
+            "2",
+            "--queries",
+            "2",
+            "--decode-tokens",
+            "4",
+            "--cache-dir",
+        ])
+        .arg(dir.path().join("cache"))
+        .arg("--json")
+        .arg(&json)
+        .assert()
+        .success()
+        .stdout(contains("stage 1"))
+        .stdout(contains("routing"))
+        .stdout(contains("decode"))
+        .stdout(contains("cpu reference"));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["memory"]["tokens"], 20_000);
+    assert_eq!(report["memory"]["documents"], 50);
+    assert_eq!(report["devices"], 2);
+    // The tiny shape: 2 router layers × 2 KV heads × 16 dims in bf16 per 16-token chunk (400-token
+    // documents fill 25 chunks exactly).
+    assert_eq!(report["memory"]["device_bytes_per_token"], 8.0);
+    assert_eq!(report["memory"]["host_bytes_per_token"], 16.0);
+    assert_eq!(report["decode"]["tokens"], 6); // the first token of each comes from the prefill
+    for field in [
+        &report["stage1"]["tokens_per_second"],
+        &report["routing"]["gb_per_second"],
+        &report["prefill"]["ms_per_query"],
+        &report["decode"]["tokens_per_second"],
+    ] {
+        assert!(field.as_f64().unwrap() > 0.0, "{report:#}");
+    }
+    // 100 billion tokens cannot fit: the bench says what it would need and writes nothing.
+    msa()
+        .args([
+            "bench",
+            "--backend",
+            "cpu",
+            "--memory-tokens",
+            "100G",
+            "--cache-dir",
+        ])
+        .arg(dir.path().join("big"))
+        .assert()
+        .failure()
+        .stderr(contains("does not fit this machine"))
+        .stderr(contains("GB of disk"));
+    assert!(!dir.path().join("big/banks").exists());
+}
+
+/// A running `msa serve`, killed on drop.
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(bank: &Path, extra: &[&str]) -> Server {
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("msa"))
+        .args([
+            "serve",
+            "--backend",
+            "cpu",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+        ])
+        .arg(fixture())
+        .arg("--bank")
+        .arg(bank)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_string();
+    Server { child, address }
+}
+
+/// One HTTP/1.1 request; returns the status and the (de-chunked) body.
+fn http(server: &Server, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(&server.address).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = if head.to_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
+
+#[test]
+fn serve_answers_openai_requests_appends_documents_and_bounds_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let bank = dir.path().join("served");
+    let server = start_server(&bank, &["--max-request-bytes", "4096", "--max-tokens", "3"]);
+    // The bank was created empty: asking is a conflict until documents arrive.
+    let question = &strings("queries.json")[0];
+    let chat = |stream: bool| {
+        serde_json::json!({
+            "model": "msa-tiny",
+            "messages": [{"role": "system", "content": "ignored"}, {"role": "user", "content": question}],
+            "max_tokens": 6,
+            "stream": stream,
+        })
+        .to_string()
+    };
+    for stream in [false, true] {
+        let (status, body) = http(&server, "POST", "/v1/chat/completions", &chat(stream));
+        assert_eq!(status, 409, "{body}");
+        assert!(body.contains("holds no documents"), "{body}");
+    }
+    let documents: Vec<Value> = strings("memory.json")
+        .iter()
+        .enumerate()
+        .map(|(i, text)| serde_json::json!({"id": format!("doc-{i}"), "text": text}))
+        .collect();
+    let (status, body) = http(
+        &server,
+        "POST",
+        "/v1/memory/documents",
+        &serde_json::json!({"documents": documents[..4]}).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json_of(body.as_bytes())["added"], 4);
+    let (status, body) = http(
+        &server,
+        "POST",
+        "/v1/memory/documents",
+        &serde_json::json!({"documents": documents}).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let added = json_of(body.as_bytes());
+    assert_eq!(
+        (
+            added["added"].clone(),
+            added["already_present"].clone(),
+            added["documents"].clone()
+        ),
+        (4.into(), 4.into(), 8.into())
+    );
+    let (status, body) = http(&server, "GET", "/v1/memory", "");
+    assert_eq!(status, 200);
+    assert_eq!(json_of(body.as_bytes())["tokens"], 1049);
+
+    // A full answer, then the same streamed: the deltas add up to the same text.
+    let (status, body) = http(&server, "POST", "/v1/chat/completions", &chat(false));
+    assert_eq!(status, 200, "{body}");
+    let completion = json_of(body.as_bytes());
+    let text = completion["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(completion["usage"]["completion_tokens"], 6);
+    assert_eq!(completion["msa"]["routing"].as_array().unwrap().len(), 2);
+    let reference = ask_json(&encoded_bank(dir.path()), question, &["--backend", "cpu"]);
+    assert_eq!(text, reference["answer"].as_str().unwrap());
+    // Content as a list of parts, and the server's --max-tokens when the request names none.
+    let parts = serde_json::json!({
+        "messages": [{"role": "user", "content": [{"type": "text", "text": question}]}],
+    });
+    let (status, body) = http(&server, "POST", "/v1/chat/completions", &parts.to_string());
+    assert_eq!(status, 200, "{body}");
+    let short = json_of(body.as_bytes());
+    assert_eq!(short["usage"]["completion_tokens"], 3);
+    assert!(text.starts_with(short["choices"][0]["message"]["content"].as_str().unwrap()));
+    let (status, body) = http(&server, "POST", "/v1/chat/completions", &chat(true));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let streamed: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| {
+            json_of(d.as_bytes())["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(streamed, text);
+
+    // Bad requests: too large, not JSON, no user message, too many tokens, an empty document.
+    let big = format!(
+        "{{\"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}",
+        "x".repeat(8000)
+    );
+    assert_eq!(http(&server, "POST", "/v1/chat/completions", &big).0, 413);
+    assert_eq!(
+        http(&server, "POST", "/v1/chat/completions", "{not json").0,
+        400
+    );
+    let (status, body) = http(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": "system", "content": "x"}]}"#,
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("no user message"), "{body}");
+    let (status, body) = http(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}"#,
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("limit"), "{body}");
+    let (status, body) = http(
+        &server,
+        "POST",
+        "/v1/memory/documents",
+        r#"{"documents": [{"id": "e", "text": " "}]}"#,
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("empty text"), "{body}");
+}
+
+#[test]
+fn serve_refuses_a_bank_of_another_model_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    let other = random_tiny_model(dir.path());
+    msa()
+        .args([
+            "serve",
+            "--backend",
+            "cpu",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+        ])
+        .arg(&other)
+        .arg("--bank")
+        .arg(&bank)
+        .assert()
+        .failure()
+        .stdout(predicate::str::is_empty())
+        .stderr(contains("different model"));
+}
