@@ -34,6 +34,20 @@ pub struct AnswerArgs {
     pub backend: BackendArgs,
 }
 
+impl AnswerArgs {
+    /// The generation options, the model on `device` and the bank as its memory over `shards`.
+    fn load<B: Device>(
+        &self,
+        device: B,
+        shards: Vec<B>,
+    ) -> Result<(GenerateOptions, Model<B>, Memory<B>)> {
+        let options = self.sampling.options()?;
+        let model = backend::load_model(&self.model, device)?;
+        let memory = open_memory(&model, &self.bank, !self.no_verify, shards)?;
+        Ok((options, model, memory))
+    }
+}
+
 /// How tokens are chosen.
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
@@ -343,9 +357,7 @@ impl Job for AskJob {
 
     fn run<B: Device>(self, device: B, shards: Vec<B>) -> Result<()> {
         let args = self.args;
-        let options = args.answer.sampling.options()?;
-        let model = backend::load_model(&args.answer.model, device)?;
-        let memory = open_memory(&model, &args.answer.bank, !args.answer.no_verify, shards)?;
+        let (options, model, memory) = args.answer.load(device, shards)?;
         if !args.json {
             return ask_and_print(&model, &memory, &args.question, &options, args.show_routing);
         }
@@ -388,9 +400,7 @@ impl Job for ChatJob {
 
     fn run<B: Device>(self, device: B, shards: Vec<B>) -> Result<()> {
         let args = self.args;
-        let options = args.answer.sampling.options()?;
-        let model = backend::load_model(&args.answer.model, device)?;
-        let memory = open_memory(&model, &args.answer.bank, !args.answer.no_verify, shards)?;
+        let (options, model, memory) = args.answer.load(device, shards)?;
         let interactive = std::io::stdin().is_terminal();
         let mut show_routing = args.show_routing;
         if interactive {

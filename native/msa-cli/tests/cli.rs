@@ -43,11 +43,7 @@ fn write_corpus(dir: &Path) -> PathBuf {
 fn encoded_bank(dir: &Path) -> PathBuf {
     let bank = dir.join("bank");
     let corpus = write_corpus(dir);
-    msa()
-        .args(["encode", "--backend", "cpu", "--model"])
-        .arg(fixture())
-        .arg("--out")
-        .arg(&bank)
+    encode(fixture(), &bank)
         .arg(&corpus)
         .assert()
         .success()
@@ -55,16 +51,39 @@ fn encoded_bank(dir: &Path) -> PathBuf {
     bank
 }
 
+/// `msa encode` on the CPU of `model` into `bank`; corpus paths follow.
+fn encode(model: impl AsRef<Path>, bank: impl AsRef<Path>) -> Command {
+    let mut command = msa();
+    command
+        .args(["encode", "--backend", "cpu", "--model"])
+        .arg(model.as_ref())
+        .arg("--out")
+        .arg(bank.as_ref());
+    command
+}
+
+fn documents_in(bank: &Path) -> usize {
+    Bank::open(bank, OpenOptions::default())
+        .unwrap()
+        .documents()
+        .len()
+}
+
 fn json_of(output: &[u8]) -> Value {
     serde_json::from_slice(output)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(output)))
 }
 
-/// `msa ask --json` on a backend.
+/// `msa ask --json` with the fixture model.
 fn ask_json(bank: &Path, question: &str, extra: &[&str]) -> Value {
+    ask_json_with(&fixture(), bank, question, extra)
+}
+
+/// `msa ask --json --max-tokens 6`.
+fn ask_json_with(model: &Path, bank: &Path, question: &str, extra: &[&str]) -> Value {
     let output = msa()
         .args(["ask", "--json", "--max-tokens", "6", "--model"])
-        .arg(fixture())
+        .arg(model)
         .arg("--bank")
         .arg(bank)
         .args(extra)
@@ -230,11 +249,7 @@ fn encode_appends_resumes_and_reports_bad_input_by_line() {
     // The toy tokenizer knows only the fixture's vocabulary: a new document made of its words.
     let memory = strings("memory.json");
     std::fs::write(&extra, format!("{}{}", memory[1], memory[0])).unwrap();
-    msa()
-        .args(["encode", "--backend", "cpu", "--model"])
-        .arg(fixture())
-        .arg("--out")
-        .arg(&bank)
+    encode(fixture(), &bank)
         .arg(&corpus)
         .arg(&extra)
         .assert()
@@ -250,23 +265,13 @@ fn encode_appends_resumes_and_reports_bad_input_by_line() {
         "{\"id\": \"x\", \"text\": \"fine\"}\n\n{\"id\": \"y\", \"txt\": \"typo\"}\n",
     )
     .unwrap();
-    msa()
-        .args(["encode", "--backend", "cpu", "--model"])
-        .arg(fixture())
-        .arg("--out")
-        .arg(&bank)
+    encode(fixture(), &bank)
         .arg(&folder)
         .assert()
         .failure()
         .stderr(contains("bad.jsonl:3:"));
     // Nothing was lost: the bank still opens with its 9 documents.
-    assert_eq!(
-        Bank::open(&bank, OpenOptions::default())
-            .unwrap()
-            .documents()
-            .len(),
-        9
-    );
+    assert_eq!(documents_in(&bank), 9);
     msa()
         .args(["encode", "--model", "/no/model", "--out"])
         .arg(&bank)
@@ -274,11 +279,7 @@ fn encode_appends_resumes_and_reports_bad_input_by_line() {
         .assert()
         .failure()
         .stderr(contains("model directory /no/model does not exist"));
-    msa()
-        .args(["encode", "--backend", "cpu", "--model"])
-        .arg(fixture())
-        .arg("--out")
-        .arg(&bank)
+    encode(fixture(), &bank)
         .arg(dir.path().join("missing.jsonl"))
         .assert()
         .failure()
@@ -385,20 +386,7 @@ fn ask_leaves_the_stop_token_out_of_the_text() {
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
     config["eos_token_id"] = free[stop].into();
     std::fs::write(model.join("config.json"), config.to_string()).unwrap();
-    let output = msa()
-        .args(["ask", "--json", "--backend", "cpu", "--model"])
-        .arg(&model)
-        .arg("--bank")
-        .arg(&bank)
-        .arg(question)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stopped = json_of(&output.stdout);
+    let stopped = ask_json_with(&model, &bank, question, &["--backend", "cpu"]);
     assert_eq!(stopped["finish_reason"], "stop");
     assert_eq!(token_ids(&stopped), free[..=stop]);
     let tokenizer = msa_core::MsaTokenizer::from_file(fixture().join("tokenizer.json")).unwrap();
@@ -473,22 +461,12 @@ fn ask_refuses_bad_input_with_clear_errors() {
         .stderr(contains("was encoded by a different model"))
         .stderr(contains("weights_digest"));
     // Nor does that model append to it.
-    msa()
-        .args(["encode", "--backend", "cpu", "--model"])
-        .arg(&other)
-        .arg("--out")
-        .arg(&bank)
+    encode(&other, &bank)
         .arg(dir.path().join("corpus.jsonl"))
         .assert()
         .failure()
         .stderr(contains("different model"));
-    assert_eq!(
-        Bank::open(&bank, OpenOptions::default())
-            .unwrap()
-            .documents()
-            .len(),
-        8
-    );
+    assert_eq!(documents_in(&bank), 8);
 }
 
 /// The bench's random tiny model, with the fixture's tokenizer so it can take text.
@@ -636,16 +614,19 @@ impl Drop for Server {
     }
 }
 
+/// `msa serve` on the CPU on a free loopback port; the model directory follows.
+const SERVE: [&str; 6] = [
+    "serve",
+    "--backend",
+    "cpu",
+    "--listen",
+    "127.0.0.1:0",
+    "--model",
+];
+
 fn start_server(bank: &Path, extra: &[&str]) -> Server {
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("msa"))
-        .args([
-            "serve",
-            "--backend",
-            "cpu",
-            "--listen",
-            "127.0.0.1:0",
-            "--model",
-        ])
+        .args(SERVE)
         .arg(fixture())
         .arg("--bank")
         .arg(bank)
@@ -832,14 +813,7 @@ fn serve_refuses_a_bank_of_another_model_before_listening() {
     let bank = encoded_bank(dir.path());
     let other = random_tiny_model(dir.path());
     msa()
-        .args([
-            "serve",
-            "--backend",
-            "cpu",
-            "--listen",
-            "127.0.0.1:0",
-            "--model",
-        ])
+        .args(SERVE)
         .arg(&other)
         .arg("--bank")
         .arg(&bank)
