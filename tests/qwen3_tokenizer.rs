@@ -115,3 +115,66 @@ fn streamed_text_never_splits_characters() {
     assert!(rest.ends_with('\u{FFFD}'), "{rest:?}");
     assert_eq!(released + &rest, tok.decode(&ids[..cut_at]).unwrap());
 }
+
+/// The routed tokens of a prompt, split into runs of consecutive routing positions and decoded.
+fn routed_runs(tokenizer: &MsaTokenizer, prompt: &msa::core::QueryPrompt) -> Vec<String> {
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    let mut previous = None;
+    for (i, (&id, role)) in prompt.ids.iter().zip(&prompt.roles).enumerate() {
+        if *role != TokenRole::Routing {
+            continue;
+        }
+        match (runs.last_mut(), previous) {
+            (Some(run), Some(p)) if p + 1 == i => run.push(id),
+            _ => runs.push(vec![id]),
+        }
+        previous = Some(i);
+    }
+    runs.iter()
+        .map(|run| tokenizer.decode(run).unwrap())
+        .collect()
+}
+
+#[test]
+fn later_rounds_route_on_the_question_and_the_newest_injection() {
+    use msa::core::interleave::{
+        ROUND_END, document_injection, first_round_text, next_round_prompt,
+    };
+    let Some(tokenizer) = tokenizer() else { return };
+    let question = "When was Erik Watts' father born?";
+    let documents = [
+        "Bill Watts (born May 5, 1939) is an American former professional wrestler.",
+        "Erik Watts is the son of Bill Watts.",
+    ];
+    let text_of = |id: usize| {
+        id.checked_sub(3)
+            .and_then(|i| documents.get(i))
+            .map(|t| t.to_string())
+    };
+    let question_part = format!(
+        "\nPlease answer the question based on the above historical document information\n\n{question}\nPlease return all documents related to the question"
+    );
+
+    // Round 1 asked for [4] (and an unknown [9]); round 2's prompt is the whole conversation.
+    let (injection, injected) = document_injection(&[4, 9], text_of);
+    assert_eq!(injected, [4]);
+    let round_two = format!("{}[4][9]{ROUND_END}{injection}", first_round_text(question));
+    let prompt = next_round_prompt(&tokenizer, &round_two).unwrap();
+    // Tokenized as one text, nothing appended: the same ids as encoding the conversation.
+    assert_eq!(prompt.ids, tokenizer.encode(&round_two).unwrap());
+    assert_eq!(
+        routed_runs(&tokenizer, &prompt),
+        [question_part.clone(), format!("[4]. {}\n", documents[1])]
+    );
+
+    // Round 2 asked for [3]: round 3 routes on the question and that injection only.
+    let (injection, _) = document_injection(&[3], text_of);
+    let round_three = format!("{round_two}[3]{ROUND_END}{injection}");
+    let prompt = next_round_prompt(&tokenizer, &round_three).unwrap();
+    assert_eq!(
+        routed_runs(&tokenizer, &prompt),
+        [question_part, format!("[3]. {}\n", documents[0])]
+    );
+    let error = next_round_prompt(&tokenizer, "[3]<|object_ref_end|>").unwrap_err();
+    assert!(error.to_string().contains("lacks"), "{error}");
+}

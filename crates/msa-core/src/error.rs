@@ -57,6 +57,10 @@ pub enum Error {
     #[error("sampling: {0}")]
     Sampling(String),
 
+    /// A Memory Interleave conversation that does not follow the protocol.
+    #[error("memory interleave: {0}")]
+    Interleave(String),
+
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,

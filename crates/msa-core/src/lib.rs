@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dtype;
 pub mod error;
+pub mod interleave;
 pub mod sampling;
 pub mod tokenizer;
 

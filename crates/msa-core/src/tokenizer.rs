@@ -100,6 +100,20 @@ impl MsaTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// [`MsaTokenizer::encode`], pairing each id with the byte offset in `text` where its token starts.
+    pub fn encode_with_starts(&self, text: &str) -> Result<Vec<(u32, usize)>> {
+        let encoding = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| self.error(format!("cannot encode text: {e}")))?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_offsets())
+            .map(|(&id, &(start, _))| (id, start))
+            .collect())
+    }
+
     /// Decodes ids to text, keeping special tokens (the interleave protocol reads them).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
