@@ -220,17 +220,8 @@ impl<B: Backend> Model<B> {
 
     /// What a memory encoded by this model records about it.
     pub fn memory_fingerprint(&self) -> Result<MemoryFingerprint> {
-        let msa = self.msa_config("memory encoding")?;
-        Ok(MemoryFingerprint {
-            num_hidden_layers: self.config.num_hidden_layers,
-            hidden_size: self.config.hidden_size,
-            router_layers: msa.router_layers.clone(),
-            num_key_value_heads: self.config.num_key_value_heads,
-            head_dim: self.config.head_dim,
-            pooling_kernel_size: msa.pooling_kernel_size,
-            score_mode: msa.score_mode,
-            weights_digest: self.weights_digest,
-        })
+        MemoryFingerprint::of(&self.config, self.weights_digest)
+            .ok_or(Error::NotAnMsaModel("memory encoding"))
     }
 
     /// Refuses a memory encoded by a model of another shape.

@@ -85,6 +85,17 @@ pub async fn list_adapters() -> Vec<wgpu::Adapter> {
     adapters
 }
 
+/// The adapters whose name contains `name` (case-insensitive; every adapter for `None`), best first:
+/// the list [`DeviceOptions::index`] counts in.
+pub async fn matching_adapters(name: Option<&str>) -> Vec<wgpu::Adapter> {
+    let needle = name.map(str::to_lowercase);
+    let mut adapters = list_adapters().await;
+    if let Some(needle) = needle {
+        adapters.retain(|a| a.get_info().name.to_lowercase().contains(&needle));
+    }
+    adapters
+}
+
 /// Lower is better: discrete before integrated before virtual before CPU; native APIs before GL.
 fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
     let kind = match info.device_type {
@@ -118,19 +129,10 @@ pub(crate) async fn select_adapter(options: &DeviceOptions) -> Result<wgpu::Adap
             detail: format!("backends tried: {backends}"),
         });
     }
-    let matching: Vec<&wgpu::Adapter> = match &options.adapter {
-        Some(wanted) => {
-            let needle = wanted.to_lowercase();
-            adapters
-                .iter()
-                .filter(|a| a.get_info().name.to_lowercase().contains(&needle))
-                .collect()
-        }
-        None => adapters.iter().collect(),
-    };
+    let matching = matching_adapters(options.adapter.as_deref()).await;
     let index = options.index.unwrap_or(0);
     match matching.get(index) {
-        Some(adapter) => Ok((*adapter).clone()),
+        Some(adapter) => Ok(adapter.clone()),
         None => Err(WgpuError::AdapterNotFound {
             wanted: match (&options.adapter, index) {
                 (Some(name), 0) => name.clone(),

@@ -26,7 +26,7 @@ pub mod kernels;
 
 pub use backend::{WgpuBackend, WgpuTensor, WgpuWeight};
 pub use context::ExecutionStats;
-pub use device::{Capabilities, DeviceOptions, list_adapters};
+pub use device::{Capabilities, DeviceOptions, list_adapters, matching_adapters};
 pub use error::WgpuError;
 /// The wgpu this backend is built on (adapter and device types for embedders).
 pub use wgpu;

@@ -88,14 +88,11 @@ pub fn resolve(args: &BackendArgs) -> BackendKind {
 
 /// `auto`: wgpu on a real GPU, else the CPU reference (which beats a software adapter).
 fn auto(args: &BackendArgs) -> BackendKind {
-    let adapters = pollster::block_on(msa_wgpu::list_adapters());
-    let wanted = args.adapter.as_deref().map(str::to_lowercase);
-    let gpu = adapters.iter().map(|a| a.get_info()).find(|info| {
-        info.device_type != wgpu::DeviceType::Cpu
-            && wanted
-                .as_ref()
-                .is_none_or(|w| info.name.to_lowercase().contains(w))
-    });
+    let adapters = pollster::block_on(msa_wgpu::matching_adapters(args.adapter.as_deref()));
+    let gpu = adapters
+        .iter()
+        .map(|a| a.get_info())
+        .find(|info| info.device_type != wgpu::DeviceType::Cpu);
     match gpu {
         Some(info) => {
             tracing::info!(adapter = %info.name, "backend auto: wgpu");
@@ -125,17 +122,11 @@ fn open_wgpu(adapter: Option<String>, devices: usize) -> Result<(WgpuBackend, Ve
     if devices == 1 {
         return Ok((primary, Vec::new()));
     }
-    // Indices as `DeviceOptions::index` counts them: among the adapters matching the name, best first.
-    let needle = adapter.as_deref().map(str::to_lowercase);
+    // Indices as `DeviceOptions::index` counts them.
     let kind = primary.adapter_info();
-    let peers: Vec<usize> = pollster::block_on(msa_wgpu::list_adapters())
+    let peers: Vec<usize> = pollster::block_on(msa_wgpu::matching_adapters(adapter.as_deref()))
         .iter()
         .map(|a| a.get_info())
-        .filter(|info| {
-            needle
-                .as_ref()
-                .is_none_or(|n| info.name.to_lowercase().contains(n))
-        })
         .enumerate()
         .filter(|(_, info)| info.backend == kind.backend && info.device_type == kind.device_type)
         .map(|(index, _)| index)

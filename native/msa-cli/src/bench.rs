@@ -285,24 +285,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// The memory shapes a model gives a bank (`weights_digest` must come from the loaded model).
-fn fingerprint_of(config: &ModelConfig, weights_digest: u32) -> Result<MemoryFingerprint> {
-    let msa = config
-        .msa
-        .as_ref()
-        .context("the bench needs an MSA model (config.json has no msa_config)")?;
-    Ok(MemoryFingerprint {
-        num_hidden_layers: config.num_hidden_layers,
-        hidden_size: config.hidden_size,
-        router_layers: msa.router_layers.clone(),
-        num_key_value_heads: config.num_key_value_heads,
-        head_dim: config.head_dim,
-        pooling_kernel_size: msa.pooling_kernel_size,
-        score_mode: msa.score_mode,
-        weights_digest,
-    })
-}
-
 /// What a run needs, checked before anything big is written or allocated.
 struct Needs {
     disk: u64,
@@ -335,14 +317,9 @@ fn check_fits(args: &BenchArgs, needs: &Needs, cache: &Path, kind: BackendKind) 
         ));
     }
     if kind != BackendKind::Cpu {
-        let wanted = args.backend.adapter.as_deref().map(str::to_lowercase);
-        let adapters = pollster::block_on(msa_wgpu::list_adapters());
-        let chosen = adapters.iter().find(|a| {
-            wanted
-                .as_ref()
-                .is_none_or(|w| a.get_info().name.to_lowercase().contains(w))
-        });
-        if let Some(adapter) = chosen {
+        let adapters =
+            pollster::block_on(msa_wgpu::matching_adapters(args.backend.adapter.as_deref()));
+        if let Some(adapter) = adapters.first() {
             let largest = adapter.limits().max_buffer_size;
             if needs.layer_keys_per_device > largest {
                 let devices_needed = needs.layer_keys_per_device * devices / largest + 1;
@@ -397,7 +374,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let kind = backend::resolve(&args.backend);
     // The weights once more in RAM on the CPU backend (mapped file plus the backend's copy).
     let weight_bytes = config.parameter_count() as u64 * 2;
-    let fp_shape = fingerprint_of(&config, 0)?;
+    // The digest is known once the model loads; the shapes are enough to size the run.
+    let fp_shape = MemoryFingerprint::of(&config, 0)
+        .context("the bench needs an MSA model (config.json has no msa_config)")?;
     let (bank_bytes, device_keys, layer_keys) = match &args.bank {
         Some(_) => (0, 0, 0),
         None => {
@@ -865,7 +844,7 @@ mod tests {
             config.parameter_count(),
             4_022_468_096 + 18 * (4096 * 2560 + 1024 * 2560)
         );
-        let fp = fingerprint_of(&config, 0).unwrap();
+        let fp = MemoryFingerprint::of(&config, 0).unwrap();
         assert_eq!(fp, synthetic::msa_4b_fingerprint());
     }
 }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ScoreMode;
+use crate::config::{ModelConfig, ScoreMode};
 
 /// The bank format this build writes, and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -26,6 +26,22 @@ pub struct MemoryFingerprint {
 }
 
 impl MemoryFingerprint {
+    /// The memory shapes of a model with this config and memory-weights digest; `None` for a model
+    /// without `msa_config` (it has no memory).
+    pub fn of(config: &ModelConfig, weights_digest: u32) -> Option<Self> {
+        let msa = config.msa.as_ref()?;
+        Some(MemoryFingerprint {
+            num_hidden_layers: config.num_hidden_layers,
+            hidden_size: config.hidden_size,
+            router_layers: msa.router_layers.clone(),
+            num_key_value_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+            pooling_kernel_size: msa.pooling_kernel_size,
+            score_mode: msa.score_mode,
+            weights_digest,
+        })
+    }
+
     /// The fields on which `self` and `other` differ, as `name: ours vs theirs`.
     pub fn differences(&self, other: &Self) -> Vec<String> {
         type Field = fn(&MemoryFingerprint) -> String;
