@@ -30,9 +30,10 @@ pub use msa_wgpu as wgpu;
 pub use msa_core::bank::{Bank, OpenOptions};
 pub use msa_core::{ModelConfig, SamplingParams, ScoreMode};
 pub use msa_engine::{
-    Backend, BankEncodeOptions, BankEncodeReport, CpuBackend, EncodeProgress, Error, FinishReason,
-    GenerateOptions, LayerRouting, Memory, MemoryDocument, MemoryFingerprint, Result, RouteStats,
-    RoutedDocument, SourceDocument,
+    Backend, BankEncodeOptions, BankEncodeReport, BlockAttention, CpuBackend, EncodeProgress,
+    Error, FinishReason, GenerateOptions, InterleaveEvent, InterleaveFinish, InterleaveOptions,
+    InterleaveOutcome, LayerRouting, Memory, MemoryDocument, MemoryFingerprint, Phase, Result,
+    RetrievalEnd, RouteStats, RoutedDocument, SourceDocument,
 };
 
 /// A model on a backend (the CPU reference unless chosen otherwise), with blocking calls.
@@ -147,6 +148,35 @@ impl<B: Backend> Msa<B> {
         options: &GenerateOptions,
     ) -> Result<Answer> {
         self.ask_streaming(memory, question, options, |_, _| {})
+    }
+
+    /// Answers a question with Memory Interleave, as MSA was trained to: rounds of naming documents
+    /// (`[4]<|object_ref_end|>`), reading their text and routing again, until the model writes
+    /// `<End-of-Retrieve>` and answers (MSA-SPEC §4.5). `on_event` hears every round, routing decision,
+    /// injection and token.
+    ///
+    /// ```no_run
+    /// use msa::{InterleaveEvent, InterleaveOptions, Msa};
+    ///
+    /// let msa = Msa::load("path/to/MSA-4B")?;
+    /// let memory = msa.encode(&["Erik Watts is the son of Bill Watts.", "Bill Watts was born May 5, 1939."])?;
+    /// let outcome = msa.ask_interleaved(&memory, "When was Erik Watts' father born?",
+    ///     &InterleaveOptions::default(), |event| {
+    ///         if let InterleaveEvent::DocumentsInjected { round, ids, .. } = event {
+    ///             println!("round {round} read documents {ids:?}");
+    ///         }
+    ///     })?;
+    /// println!("{:?}: {:?}", outcome.finish, outcome.answer);
+    /// # Ok::<(), msa::Error>(())
+    /// ```
+    pub fn ask_interleaved(
+        &self,
+        memory: &Memory<B>,
+        question: &str,
+        options: &InterleaveOptions,
+        on_event: impl FnMut(InterleaveEvent),
+    ) -> Result<InterleaveOutcome> {
+        pollster::block_on(self.model.interleave(memory, question, options, on_event))
     }
 
     /// Answers a question, calling `on_token(id, text piece)` as each token is produced. A piece is empty

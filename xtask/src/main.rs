@@ -3,6 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+#[path = "../../tests/support/interleave_model.rs"]
+mod interleave_model;
+
 const USAGE: &str = "usage: cargo xtask <command> [args]
 
 commands:
@@ -310,6 +313,10 @@ fn test(extra: &[String]) -> Result<(), String> {
 /// The bundled tiny model (random weights, a toy tokenizer) and the first of its fixture questions.
 const DEMO_MODEL: &str = "tests/fixtures/msa-tiny";
 const DEMO_QUESTION: &str = "丳仞丐亦仼乲乐们伕伄中亖习介丅";
+/// What the Memory Interleave demo makes the untrained tiny model write: two retrieval rounds (a repeated
+/// id, an id the memory lacks), the end of retrieval, and an answer.
+const DEMO_INTERLEAVE_OUTPUT: &str = "[3][1][3]<|object_ref_end|>[7][42]<|object_ref_end|>\
+                                      <End-of-Retrieve>The answer to the question is: 丽丽<|im_end|>";
 
 /// The `msa` binary end to end on the tiny model: encode its documents into a bank, ask a question with
 /// the routing shown, and a small benchmark (extra args go to `msa bench`).
@@ -344,6 +351,24 @@ fn demo(extra: &[String]) -> Result<(), String> {
         "8",
         DEMO_QUESTION,
     ]))?;
+    step(
+        "msa ask --interleave: Memory Interleave, the model's output forced (it is not trained for it)",
+    );
+    // The same weights with a tokenizer that spells the protocol's markers; the bank fits it too.
+    let interleave = interleave_model::write_interleave_model(
+        &root().join(DEMO_MODEL),
+        &root().join("target/demo-interleave"),
+    );
+    run(Command::new(&msa)
+        .args(["ask", "--interleave", "--max-tokens", "16", "--model"])
+        .arg(&interleave)
+        .args([
+            "--bank",
+            "target/demo-bank",
+            "--force-output",
+            DEMO_INTERLEAVE_OUTPUT,
+            DEMO_QUESTION,
+        ]))?;
     step("msa bench: the tiny preset over a 1M-token synthetic memory");
     run(Command::new(&msa)
         .args([

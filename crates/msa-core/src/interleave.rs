@@ -119,17 +119,18 @@ pub fn first_round_text(question: &str) -> String {
 /// The prompt of a later round (`MSAEngine._apply_template_regenerate`): the whole conversation so far,
 /// tokenized as one text with nothing appended. Two regions route: (a) every token up to the end of
 /// the question part's closing line, "Please return all documents related to the question"; (b) the
-/// most recent injection's documents, from the `[` after the last `]<|object_ref_end|>` up to the next
-/// `<|object_ref_end|>`. Every other token is context.
+/// most recent injection's documents, from the `[` of the last `]<|object_ref_end|>[` up to the next
+/// `<|object_ref_end|>`. An injection of no documents (every id unknown) has no such `[`, so the one
+/// before it routes again. Every other token is context.
 pub fn next_round_prompt(tokenizer: &MsaTokenizer, conversation: &str) -> Result<QueryPrompt> {
     let closing = QUESTION_SUFFIX.trim();
     let question_end = conversation
         .find(closing)
         .map(|at| at + closing.len())
         .ok_or_else(|| Error::Interleave(format!("the conversation lacks `{closing}`")))?;
-    let marker = format!("]{ROUND_END}");
+    let marker = format!("]{ROUND_END}[");
     let injected = conversation.rfind(&marker).and_then(|at| {
-        let start = at + marker.len();
+        let start = at + marker.len() - 1; // the `[` that opens the injection
         let end = start + conversation[start..].find(ROUND_END)?;
         Some(start..end)
     });

@@ -120,6 +120,17 @@ fn create_append_reopen_and_read() {
         reopened.document_text(2).unwrap().as_deref(),
         Some("text of c")
     );
+    // Several at once, across segments, in the order asked; unknown ids have none.
+    assert_eq!(
+        reopened.document_texts(&[2, 9, 0, 2]).unwrap(),
+        [
+            Some("text of c"),
+            None,
+            Some("text of a"),
+            Some("text of c")
+        ]
+        .map(|t| t.map(String::from))
+    );
     let (k, v) = reopened.template(2);
     let k: Vec<f32> = bytemuck::pod_collect_to_vec(k);
     let v: Vec<f32> = bytemuck::pod_collect_to_vec(v);

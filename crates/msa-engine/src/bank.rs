@@ -288,6 +288,7 @@ impl<B: Backend> Memory<B> {
             template,
             shards,
             content: Content::Host(Box::new(bank)),
+            texts: Vec::new(),
         })
     }
 }

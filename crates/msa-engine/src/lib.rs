@@ -6,12 +6,14 @@
 //! - [`memory`]: stage 1, memory encoding into pooled per-router-layer K, V and routing keys.
 //! - [`bank`]: memories on disk: create, encode into (resumable), open sharded over devices.
 //! - [`session`]: stage 2 (routing + context assembly + prefill) and stage 3 (decoding).
+//! - [`interleave`]: Memory Interleave, multi-round generative retrieval over stages 2 and 3.
 
 pub mod backend;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bank;
 pub mod cpu;
 pub mod error;
+pub mod interleave;
 mod layer;
 pub mod memory;
 pub mod model;
@@ -24,12 +26,15 @@ pub use backend::{AttentionMask, Backend, RoutingSpec, Scored};
 pub use bank::{BankEncodeOptions, BankEncodeReport, SourceDocument};
 pub use cpu::{CpuBackend, CpuTensor, rope_table, select_top_k};
 pub use error::{Error, Result};
+pub use interleave::{
+    InterleaveEvent, InterleaveFinish, InterleaveOptions, InterleaveOutcome, Phase, RetrievalEnd,
+};
 pub use memory::{
     EncodeProgress, LayerMemory, Memory, MemoryDocument, MemoryFingerprint, PACK_TOKENS,
 };
 pub use model::Model;
 pub use route::{Fetched, Selection};
 pub use session::{
-    FinishReason, GenerateOptions, Generation, LayerRouting, RouteStats, RoutedDocument, Session,
-    Trace,
+    BlockAttention, FinishReason, GenerateOptions, Generation, LayerRouting, RouteStats,
+    RoutedDocument, Session, Trace,
 };

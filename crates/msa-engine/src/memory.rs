@@ -70,6 +70,9 @@ pub struct Memory<B: Backend> {
     pub(crate) template: Vec<(B::Tensor, B::Tensor)>,
     pub(crate) shards: Vec<RoutingShard<B>>,
     pub(crate) content: Content<B>,
+    /// Per document of a memory encoded in this process, its original text when encoded from text
+    /// (a bank keeps its own).
+    pub(crate) texts: Vec<Option<String>>,
 }
 
 impl<B: Backend> Memory<B> {
@@ -124,6 +127,21 @@ impl<B: Backend> Memory<B> {
             Content::Host(bank) => {
                 2 * bank.tensor_bytes() * self.fingerprint.router_layers.len() as u64
             }
+        }
+    }
+
+    /// The original texts of the documents with global ids `ids`, in that order, which Memory
+    /// Interleave injects when the model names them: kept for documents encoded from text in this
+    /// process, read from the bank (each segment's texts file once) for a memory opened from one. `None`
+    /// for an unknown id or a document encoded from token ids alone.
+    pub fn document_texts(&self, ids: &[usize]) -> Result<Vec<Option<String>>> {
+        match &self.content {
+            Content::Device(_) => Ok(ids
+                .iter()
+                .map(|&id| self.texts.get(id).cloned().flatten())
+                .collect()),
+            #[cfg(not(target_arch = "wasm32"))]
+            Content::Host(bank) => Ok(bank.document_texts(ids)?),
         }
     }
 
@@ -277,7 +295,8 @@ impl<B: Backend> Model<B> {
     ) -> Result<Memory<B>> {
         let documents = self.tokenize_documents(texts, 0)?;
         let template = self.require_tokenizer()?.template_head_ids()?;
-        self.encode_token_documents(&template, &documents, progress)
+        let texts = texts.iter().map(|t| Some(t.as_ref().to_string())).collect();
+        self.encode_new(&template, &documents, texts, progress)
             .await
     }
 
@@ -287,6 +306,22 @@ impl<B: Backend> Model<B> {
         &self,
         template_ids: &[u32],
         documents: &[Vec<u32>],
+        progress: impl FnMut(EncodeProgress),
+    ) -> Result<Memory<B>> {
+        self.encode_new(
+            template_ids,
+            documents,
+            vec![None; documents.len()],
+            progress,
+        )
+        .await
+    }
+
+    async fn encode_new(
+        &self,
+        template_ids: &[u32],
+        documents: &[Vec<u32>],
+        texts: Vec<Option<String>>,
         progress: impl FnMut(EncodeProgress),
     ) -> Result<Memory<B>> {
         let fingerprint = self.memory_fingerprint()?;
@@ -301,8 +336,9 @@ impl<B: Backend> Model<B> {
             template,
             shards: Vec::new(),
             content: Content::Device(Vec::new()),
+            texts: Vec::new(),
         };
-        self.append_token_documents(&mut memory, documents, progress)
+        self.append_token_documents(&mut memory, documents, texts, progress)
             .await?;
         Ok(memory)
     }
@@ -316,7 +352,8 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         self.check_memory(memory)?;
         let documents = self.tokenize_documents(texts, memory.documents.len())?;
-        self.append_token_documents(memory, &documents, progress)
+        let texts = texts.iter().map(|t| Some(t.as_ref().to_string())).collect();
+        self.append_token_documents(memory, &documents, texts, progress)
             .await
     }
 
@@ -324,6 +361,7 @@ impl<B: Backend> Model<B> {
         &self,
         memory: &mut Memory<B>,
         documents: &[Vec<u32>],
+        texts: Vec<Option<String>>,
         mut progress: impl FnMut(EncodeProgress),
     ) -> Result<()> {
         let msa = self.msa_config("memory encoding")?;
@@ -383,6 +421,7 @@ impl<B: Backend> Model<B> {
             .collect::<Result<Vec<_>>>()?;
         // Only now, with every tensor built, does the memory change.
         memory.content = Content::Device(layers);
+        memory.texts.extend(texts);
         for ids in documents {
             let start = memory.chunk_count() as u32;
             let end = start + ids.len().div_ceil(msa.pooling_kernel_size) as u32;

@@ -118,8 +118,7 @@ impl<'m, B: Backend> Session<'m, B> {
 
     /// Feeds one token (stage 3) and returns the logits of the next.
     pub async fn decode(&mut self, token: u32) -> Result<Vec<f32>> {
-        let logits = self.decode_on_device(token).await?;
-        self.model.backend.read(&logits).await
+        self.extend(&[token], BlockAttention::Causal, None).await
     }
 
     /// Feeds one token and picks the next greedily on the backend: only the chosen id and its logit come
@@ -127,10 +126,42 @@ impl<'m, B: Backend> Session<'m, B> {
     /// A NaN or +inf winner is an error; NaN logits that lose rank below every number and go unreported
     /// (the host sampler, which sees every logit, refuses any NaN).
     pub async fn decode_greedy(&mut self, token: u32) -> Result<u32> {
-        let logits = self.decode_on_device(token).await?;
+        let logits = self.feed(&[token], BlockAttention::Causal, None).await?;
+        self.greedy(&logits).await
+    }
+
+    /// Feeds a block of tokens through the decode path (stage 3: no routing, positions continuing) and
+    /// returns the logits of the block's last position. `attention` says how the block's tokens see each
+    /// other; Memory Interleave feeds its injected question this way.
+    pub async fn extend(
+        &mut self,
+        ids: &[u32],
+        attention: BlockAttention,
+        trace: Option<&mut Trace<B::Tensor>>,
+    ) -> Result<Vec<f32>> {
+        let logits = self.feed(ids, attention, trace).await?;
+        self.model.backend.read(&logits).await
+    }
+
+    /// The next token after a fed block: chosen on the device when `sampler` is greedy (one id comes
+    /// back), sampled on the host from the read-back logits otherwise.
+    pub(crate) async fn next_token(
+        &mut self,
+        ids: &[u32],
+        attention: BlockAttention,
+        sampler: &mut Sampler,
+    ) -> Result<u32> {
+        let logits = self.feed(ids, attention, None).await?;
+        if sampler.is_greedy() {
+            return self.greedy(&logits).await;
+        }
+        Ok(sampler.sample(&self.model.backend.read(&logits).await?)?)
+    }
+
+    async fn greedy(&self, logits: &B::Tensor) -> Result<u32> {
         let b = &self.model.backend;
-        let vocab = b.shape(&logits)[1];
-        let best = b.top_k(&b.reshape(&logits, &[vocab])?, 1).await?;
+        let vocab = b.shape(logits)[1];
+        let best = b.top_k(&b.reshape(logits, &[vocab])?, 1).await?;
         match best.first() {
             Some(best) if !best.score.is_nan() && best.score != f32::INFINITY => Ok(best.index),
             Some(best) => {
@@ -140,11 +171,24 @@ impl<'m, B: Backend> Session<'m, B> {
         }
     }
 
-    async fn decode_on_device(&mut self, token: u32) -> Result<B::Tensor> {
-        let position = self.next_position;
-        let hidden = self.forward(&[token], &[position], None, None).await?;
-        let (_, logits) = self.model.logits(&hidden)?;
-        Ok(logits)
+    /// Feeds a block at the next positions; the logits of its last position stay on the device.
+    pub(crate) async fn feed(
+        &mut self,
+        ids: &[u32],
+        attention: BlockAttention,
+        mut trace: Option<&mut Trace<B::Tensor>>,
+    ) -> Result<B::Tensor> {
+        self.model.check_ids(ids)?;
+        let start = self.next_position;
+        let positions: Vec<u32> = (start..start + ids.len() as u32).collect();
+        let mask = match attention {
+            BlockAttention::Causal => AttentionMask::Causal,
+            BlockAttention::Bidirectional => AttentionMask::Full,
+        };
+        let hidden = self
+            .forward(ids, &positions, None, mask, trace.as_deref_mut())
+            .await?;
+        self.model.last_logits(&hidden, trace)
     }
 
     /// Runs a block of tokens through every layer, attending over (and extending) the stored context.
@@ -154,6 +198,7 @@ impl<'m, B: Backend> Session<'m, B> {
         ids: &[u32],
         positions: &[u32],
         routing: Option<&RoutingQuery<'_, B>>,
+        mask: AttentionMask<'_>,
         mut trace: Option<&mut Trace<B::Tensor>>,
     ) -> Result<B::Tensor> {
         let model = self.model;
@@ -194,7 +239,7 @@ impl<'m, B: Backend> Session<'m, B> {
             values.push(p.v);
             let k = b.concat_rows(&keys.iter().collect::<Vec<_>>())?;
             let v = b.concat_rows(&values.iter().collect::<Vec<_>>())?;
-            hidden = model.attend_and_mlp(layer, &hidden, &p.q, &k, &v, AttentionMask::Causal)?;
+            hidden = model.attend_and_mlp(layer, &hidden, &p.q, &k, &v, mask)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.context.push((k.clone(), v.clone()));
                 t.hidden.push(hidden.clone());
@@ -284,7 +329,7 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+    pub(crate) fn check_ids(&self, ids: &[u32]) -> Result<()> {
         if ids.is_empty() {
             return Err(Error::EmptyPrompt);
         }
@@ -295,12 +340,13 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// Finishes a prefill: logits of the last position (of every position when tracing).
-    async fn prefill_logits(
+    /// The logits of a block's last position, on the device (of every position, into `trace`, when
+    /// tracing).
+    fn last_logits(
         &self,
         hidden: &B::Tensor,
         trace: Option<&mut Trace<B::Tensor>>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<B::Tensor> {
         let b = &self.backend;
         let n = b.shape(hidden)[0];
         match trace {
@@ -309,13 +355,19 @@ impl<B: Backend> Model<B> {
                 let last = b.rows(&logits, n - 1..n)?;
                 t.final_norm = Some(normed);
                 t.logits = Some(logits);
-                b.read(&last).await
+                Ok(last)
             }
-            None => {
-                let (_, logits) = self.logits(&b.rows(hidden, n - 1..n)?)?;
-                b.read(&logits).await
-            }
+            None => Ok(self.logits(&b.rows(hidden, n - 1..n)?)?.1),
         }
+    }
+
+    /// Finishes a prefill: the logits of its last position, read back.
+    async fn prefill_logits(
+        &self,
+        hidden: &B::Tensor,
+        trace: Option<&mut Trace<B::Tensor>>,
+    ) -> Result<Vec<f32>> {
+        self.backend.read(&self.last_logits(hidden, trace)?).await
     }
 
     /// Plain causal prefill of token ids at positions `0..n` with no memory (dense Qwen3).
@@ -328,7 +380,13 @@ impl<B: Backend> Model<B> {
         let mut session = self.empty_session(vec![None; self.config.num_hidden_layers]);
         let positions: Vec<u32> = (0..ids.len() as u32).collect();
         let hidden = session
-            .forward(ids, &positions, None, trace.as_deref_mut())
+            .forward(
+                ids,
+                &positions,
+                None,
+                AttentionMask::Causal,
+                trace.as_deref_mut(),
+            )
             .await?;
         let logits = self.prefill_logits(&hidden, trace).await?;
         Ok((session, logits))
@@ -373,7 +431,13 @@ impl<B: Backend> Model<B> {
         let start = template_len + msa.doc_top_k as u32;
         let positions: Vec<u32> = (start..start + prompt.ids.len() as u32).collect();
         let hidden = session
-            .forward(&prompt.ids, &positions, Some(&route), trace.as_deref_mut())
+            .forward(
+                &prompt.ids,
+                &positions,
+                Some(&route),
+                AttentionMask::Causal,
+                trace.as_deref_mut(),
+            )
             .await?;
         let logits = self.prefill_logits(&hidden, trace).await?;
         Ok((session, logits))
@@ -424,6 +488,19 @@ impl<B: Backend> Model<B> {
             finish: None,
         })
     }
+}
+
+/// How the tokens of a block fed through the decode path attend to each other (each sees the whole
+/// context before the block either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BlockAttention {
+    /// Token `i` of the block sees the block's tokens up to itself, as if fed one at a time: what the
+    /// model saw in training.
+    #[default]
+    Causal,
+    /// Every token of the block sees every other. The reference's decode path does this to a
+    /// multi-token input (MSA-SPEC §3.4): choose it for exact parity with the reference.
+    Bidirectional,
 }
 
 /// Settings of a generation.
@@ -503,12 +580,10 @@ impl<'m, B: Backend> Generation<'m, B> {
         }
         let token = match self.pending.take() {
             // Greedy decoding reads back one id per token instead of the vocabulary's logits.
-            Some(previous) if self.sampler.is_greedy() => {
-                self.session.decode_greedy(previous).await?
-            }
             Some(previous) => {
-                let logits = self.session.decode(previous).await?;
-                self.sampler.sample(&logits)?
+                self.session
+                    .next_token(&[previous], BlockAttention::Causal, &mut self.sampler)
+                    .await?
             }
             None => {
                 let logits = self.logits.take().expect("logits follow every prefill");

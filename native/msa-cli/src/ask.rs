@@ -13,6 +13,7 @@ use msa_engine::{FinishReason, GenerateOptions, LayerRouting, Memory, Model, Rou
 use serde_json::json;
 
 use crate::backend::{self, BackendArgs, Device, Job};
+use crate::interleave::{self, InterleaveArgs};
 use crate::units;
 
 /// The model, the bank and how to answer: shared by `ask`, `chat` and `serve`.
@@ -95,6 +96,8 @@ pub struct AskArgs {
     /// Print one JSON object (answer, tokens, routing, timings) instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    interleave: InterleaveArgs,
 }
 
 /// Ask questions from a bank interactively: one question per line; `/routing` toggles the routing
@@ -206,18 +209,29 @@ impl Titles {
     const PREVIEW_CHARS: usize = 32;
 
     pub fn of<B: Device>(memory: &Memory<B>, routing: &[LayerRouting]) -> Titles {
-        let mut titles = HashMap::new();
         let Some(bank) = memory.bank() else {
-            return Titles(titles);
+            return Titles(HashMap::new());
         };
-        for doc in routing.iter().flat_map(|l| &l.documents) {
-            titles.entry(doc.id).or_insert_with(|| {
+        let mut ids: Vec<usize> = routing
+            .iter()
+            .flat_map(|l| &l.documents)
+            .map(|d| d.id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        // Texts that cannot be read leave the previews out; answering does not need them.
+        let texts = bank
+            .document_texts(&ids)
+            .unwrap_or_else(|_| vec![None; ids.len()]);
+        let titles = ids
+            .into_iter()
+            .zip(texts)
+            .map(|(id, text)| {
                 let source = bank
                     .documents()
-                    .get(doc.id)
+                    .get(id)
                     .map_or_else(String::new, |d| d.source.clone());
-                // A text that cannot be read leaves the preview out; answering does not need it.
-                let preview = bank.document_text(doc.id).ok().flatten().map(|text| {
+                let preview = text.map(|text| {
                     let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
                     let mut preview: String =
                         line.trim().chars().take(Self::PREVIEW_CHARS).collect();
@@ -226,9 +240,9 @@ impl Titles {
                     }
                     preview
                 });
-                (source, preview)
-            });
-        }
+                (id, (source, preview))
+            })
+            .collect();
         Titles(titles)
     }
 
@@ -241,7 +255,11 @@ impl Titles {
     }
 }
 
-fn print_routing<B: Device>(memory: &Memory<B>, routing: &[LayerRouting], stats: &[RouteStats]) {
+pub(crate) fn print_routing<B: Device>(
+    memory: &Memory<B>,
+    routing: &[LayerRouting],
+    stats: &[RouteStats],
+) {
     let titles = Titles::of(memory, routing);
     for (layer, stat) in routing.iter().zip(stats) {
         println!(
@@ -308,7 +326,7 @@ pub fn finish_reason_name(reason: FinishReason) -> &'static str {
     }
 }
 
-fn stdout_piece(piece: &str) -> Result<()> {
+pub(crate) fn stdout_piece(piece: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(piece.as_bytes())?;
     out.flush()?;
@@ -358,6 +376,23 @@ impl Job for AskJob {
     fn run<B: Device>(self, device: B, shards: Vec<B>) -> Result<()> {
         let args = self.args;
         let (options, model, memory) = args.answer.load(device, shards)?;
+        if args.interleave.interleave {
+            let question = &args.question;
+            if args.json {
+                let report =
+                    interleave::ask_json(&model, &memory, question, &args.interleave, &options)?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            return interleave::ask_and_print(
+                &model,
+                &memory,
+                question,
+                &args.interleave,
+                &options,
+                args.show_routing,
+            );
+        }
         if !args.json {
             return ask_and_print(&model, &memory, &args.question, &options, args.show_routing);
         }

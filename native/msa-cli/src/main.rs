@@ -7,6 +7,7 @@ mod bench;
 mod corpus;
 mod encode;
 mod info;
+mod interleave;
 mod serve;
 mod units;
 

@@ -12,6 +12,9 @@ use predicates::prelude::*;
 use predicates::str::contains;
 use serde_json::Value;
 
+#[path = "../../../tests/support/interleave_model.rs"]
+mod interleave_model;
+
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/msa-tiny")
 }
@@ -821,4 +824,161 @@ fn serve_refuses_a_bank_of_another_model_before_listening() {
         .failure()
         .stdout(predicate::str::is_empty())
         .stderr(contains("different model"));
+}
+
+/// `msa ask --interleave` on a bank, driven by forced tokens: the retrieval chain reads the documents'
+/// text from the bank, equals the engine API's run, and prints round by round.
+#[test]
+fn ask_interleave_reads_named_documents_from_the_bank_round_by_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = interleave_model::write_interleave_model(&fixture(), dir.path());
+    let bank = dir.path().join("bank");
+    encode(&model, &bank)
+        .arg(write_corpus(dir.path()))
+        .assert()
+        .success();
+    let question = &strings("queries.json")[0];
+    let forced = "[3][1][3]<|object_ref_end|>[7][42]<|object_ref_end|><End-of-Retrieve>\
+                  The answer to the question is: 丽丽<|im_end|>";
+    let ask = |extra: &[&str]| {
+        let mut command = msa();
+        command
+            .args([
+                "ask",
+                "--backend",
+                "cpu",
+                "--interleave",
+                "--max-tokens",
+                "16",
+            ])
+            .arg("--model")
+            .arg(&model)
+            .arg("--bank")
+            .arg(&bank)
+            .args(extra)
+            .arg(question);
+        command
+    };
+
+    let output = ask(&["--json", "--force-output", forced]).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = json_of(&output.stdout);
+    assert_eq!(report["answer"], "丽丽");
+    assert_eq!(report["finish_reason"], "answered");
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3);
+    assert_eq!(rounds[0]["named"], serde_json::json!([1, 3]));
+    assert_eq!(rounds[0]["injected"], serde_json::json!([1, 3]));
+    assert_eq!(rounds[1]["named"], serde_json::json!([7, 42]));
+    assert_eq!(rounds[1]["injected"], serde_json::json!([7]));
+    assert_eq!(rounds[2]["text"], "<End-of-Retrieve>");
+    assert_eq!(report["retrieval_end"]["reason"], "marker");
+    // The injections carry the documents' text as stored in the bank.
+    let texts = strings("memory.json");
+    let transcript = report["transcript"].as_str().unwrap();
+    for id in [1, 3, 7] {
+        assert!(
+            transcript.contains(&format!("[{id}]. {}\n", texts[id])),
+            "document {id}"
+        );
+    }
+    assert!(!transcript.contains("[42]. "));
+
+    // The same run through the engine API.
+    let engine = Model::load(&model, CpuBackend::new()).unwrap();
+    let memory = engine
+        .open_memory(
+            Bank::open(&bank, OpenOptions::default()).unwrap(),
+            Vec::new(),
+        )
+        .unwrap();
+    let options = msa_engine::InterleaveOptions {
+        max_answer_tokens: 16,
+        forced_tokens: engine.tokenizer.as_ref().unwrap().encode(forced).unwrap(),
+        ..Default::default()
+    };
+    let mut routed = Vec::new();
+    let outcome = pollster::block_on(engine.interleave(&memory, question, &options, |e| {
+        if let msa_engine::InterleaveEvent::Routed { routing, .. } = e {
+            routed.push(
+                routing
+                    .documents
+                    .iter()
+                    .map(|d| d.id as u64)
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }))
+    .unwrap();
+    assert_eq!(outcome.transcript, transcript);
+    let cli_routed: Vec<Vec<u64>> = rounds.iter().flat_map(routed_ids).collect();
+    assert_eq!(cli_routed, routed);
+    assert_eq!(routed.len(), 6);
+
+    // As text: the chain, round by round, then the answer.
+    ask(&["--force-output", forced])
+        .assert()
+        .success()
+        .stdout(contains("round 1: 42 prompt tokens, 39 of them routing"))
+        .stdout(contains(
+            "  wrote: [3][1][3]<|object_ref_end|>\n  read [1] [3] (",
+        ))
+        .stdout(contains(
+            "read [7] (57 tokens); no text in the memory for [42]",
+        ))
+        .stdout(contains(
+            "retrieval ended: the model wrote <End-of-Retrieve>",
+        ))
+        .stdout(contains("answer: 丽丽"));
+    // The round limit, the reference's attention for the question, and flags that need --interleave.
+    let output = ask(&[
+        "--json",
+        "--max-rounds",
+        "1",
+        "--force-output",
+        "[2]<|object_ref_end|>",
+    ])
+    .output()
+    .unwrap();
+    let report = json_of(&output.stdout);
+    assert_eq!(report["finish_reason"], "round_limit");
+    assert_eq!(report["answer"], Value::Null);
+    // Retrieval forced, the answer sampled: the question's attention changes what follows it.
+    let answer_text = |attention: &str| {
+        let output = ask(&[
+            "--json",
+            "--question-attention",
+            attention,
+            "--temperature",
+            "1",
+            "--seed",
+            "7",
+            "--force-output",
+            "<End-of-Retrieve>",
+        ])
+        .output()
+        .unwrap();
+        let report = json_of(&output.stdout);
+        assert_eq!(report["tokens"].as_array().unwrap().len(), 7 + 16);
+        report["answer_text"].as_str().unwrap().to_string()
+    };
+    assert_ne!(answer_text("causal"), answer_text("bidirectional"));
+    msa()
+        .args([
+            "ask",
+            "--model",
+            "m",
+            "--bank",
+            "b",
+            "--max-rounds",
+            "2",
+            "q",
+        ])
+        .assert()
+        .code(2)
+        .stderr(contains("--interleave"));
 }

@@ -365,28 +365,36 @@ impl Bank {
 
     /// The original text of document `id`, when the bank stores it.
     pub fn document_text(&self, id: usize) -> Result<Option<String>> {
-        let Some(segment) = self
-            .manifest
-            .segments
-            .iter()
-            .find(|s| (s.documents[0]..s.documents[1]).contains(&id))
-        else {
-            return Ok(None);
-        };
-        let Some(entry) = &segment.texts else {
-            return Ok(None);
-        };
-        let path = self.dir.join(&entry.file);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        if bytes.len() as u64 != entry.bytes || digest(&bytes) != entry.crc32 {
-            return Err(bank_error(
-                &path,
-                "checksum mismatch: the file is corrupt (its contents changed since it was written)",
-            ));
+        Ok(self.document_texts(&[id])?.pop().flatten())
+    }
+
+    /// The original texts of documents `ids` (in that order; `None` for an unknown id or a document
+    /// stored without text), reading each segment's texts file once.
+    pub fn document_texts(&self, ids: &[usize]) -> Result<Vec<Option<String>>> {
+        let mut texts = vec![None; ids.len()];
+        for segment in &self.manifest.segments {
+            let range = segment.documents[0]..segment.documents[1];
+            let wanted: Vec<usize> = (0..ids.len())
+                .filter(|&i| range.contains(&ids[i]))
+                .collect();
+            let (Some(entry), false) = (&segment.texts, wanted.is_empty()) else {
+                continue;
+            };
+            let path = self.dir.join(&entry.file);
+            let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            if bytes.len() as u64 != entry.bytes || digest(&bytes) != entry.crc32 {
+                return Err(bank_error(
+                    &path,
+                    "checksum mismatch: the file is corrupt (its contents changed since it was written)",
+                ));
+            }
+            let stored: Vec<Option<String>> =
+                serde_json::from_slice(&bytes).map_err(|source| Error::Json { path, source })?;
+            for i in wanted {
+                texts[i] = stored.get(ids[i] - range.start).cloned().flatten();
+            }
         }
-        let texts: Vec<Option<String>> =
-            serde_json::from_slice(&bytes).map_err(|source| Error::Json { path, source })?;
-        Ok(texts.into_iter().nth(id - segment.documents[0]).flatten())
+        Ok(texts)
     }
 
     /// Appends documents as one new segment. `layer_rows(slot)` produces the rows of router layer `slot`
