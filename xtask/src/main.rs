@@ -288,6 +288,18 @@ fn test(extra: &[String]) -> Result<(), String> {
         "-D",
         "warnings",
     ]))?;
+    run(cargo().args([
+        "clippy",
+        "--target",
+        WASM_TARGET,
+        "-p",
+        "msa-web",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    browser_test()?;
     step("cargo test");
     let mut command = cargo();
     command
@@ -308,6 +320,63 @@ fn test(extra: &[String]) -> Result<(), String> {
         command.env("XDG_RUNTIME_DIR", dir);
     }
     run(&mut command)
+}
+
+/// The browser tests: msa-web's wasm test binary runs in headless Chromium (WebGPU on SwiftShader),
+/// driven by `wasm-bindgen-test-runner` through chromedriver (flags in `web/msa-web/webdriver.json`).
+fn browser_test() -> Result<(), String> {
+    ensure_browser()?;
+    ensure_wasm_bindgen_cli()?;
+    step("cargo test --target wasm32-unknown-unknown -p msa-web (headless Chromium, WebGPU)");
+    run(cargo()
+        .args(["test", "--target", WASM_TARGET, "-p", "msa-web"])
+        .env("CHROMEDRIVER", "chromedriver")
+        // SwiftShader compiles every pipeline on the CPU: the default 20 s per test is too short.
+        .env("WASM_BINDGEN_TEST_TIMEOUT", "600"))
+}
+
+/// Debian's Chromium and its chromedriver; installed when missing.
+fn ensure_browser() -> Result<(), String> {
+    if available(Command::new("chromedriver")) && Path::new("/usr/bin/chromium").exists() {
+        return Ok(());
+    }
+    if !available(Command::new("apt-get")) {
+        return Err(
+            "the browser tests need Chromium at /usr/bin/chromium and chromedriver \
+                    (Debian: apt-get install chromium chromium-driver)"
+                .into(),
+        );
+    }
+    step("installing Chromium and chromedriver for the browser tests (apt-get)");
+    apt_install(&["chromium", "chromium-driver"])
+}
+
+/// `wasm-bindgen-test-runner` must be the wasm-bindgen version in Cargo.lock; installed when missing.
+fn ensure_wasm_bindgen_cli() -> Result<(), String> {
+    let lock = std::fs::read_to_string(root().join("Cargo.lock"))
+        .map_err(|e| format!("Cargo.lock: {e}"))?;
+    let version = lock
+        .split("[[package]]")
+        .find_map(|p| {
+            p.contains("\nname = \"wasm-bindgen\"\n")
+                .then(|| p.split("version = \"").nth(1)?.split('"').next())
+                .flatten()
+        })
+        .ok_or("Cargo.lock has no wasm-bindgen package")?
+        .to_string();
+    let installed = Command::new("wasm-bindgen-test-runner")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string());
+    if installed.is_some_and(|v| v.split_whitespace().any(|w| w == version)) {
+        return Ok(());
+    }
+    step(&format!(
+        "installing wasm-bindgen-cli {version} (cargo install; a few minutes)"
+    ));
+    // Not --locked: the CLI's own lock file pins a webpki-roots release that is no longer published.
+    run(cargo().args(["install", "wasm-bindgen-cli", "--version", &version]))
 }
 
 /// The bundled tiny model (random weights, a toy tokenizer) and the first of its fixture questions.
