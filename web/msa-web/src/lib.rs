@@ -8,7 +8,7 @@
 //! await init();
 //! const msa = await MsaEngine.load(configText, new Uint8Array(weights), tokenizerText);
 //! await msa.addDocuments(["first document", "second document"], (p) => console.log(p));
-//! const answer = await msa.ask("a question", 32, (event) => console.log(event));
+//! const answer = await msa.ask("a question", { maxTokens: 32 }, (event) => console.log(event));
 //! ```
 #![cfg(target_arch = "wasm32")]
 
@@ -17,7 +17,10 @@ use std::rc::Rc;
 
 use js_sys::{Function, Promise};
 use msa_core::{Checkpoint, ModelConfig, MsaTokenizer, SamplingParams, TextStream};
-use msa_engine::{EncodeProgress, FinishReason, GenerateOptions, LayerRouting, Memory, Model};
+use msa_engine::{
+    EncodeProgress, FinishReason, GenerateOptions, InterleaveEvent, InterleaveFinish,
+    InterleaveOptions, LayerRouting, Memory, Model, Phase, RetrievalEnd,
+};
 use msa_wgpu::{DeviceOptions, WgpuBackend, WgpuError};
 use serde_json::{Value, json};
 use wasm_bindgen::prelude::*;
@@ -27,6 +30,56 @@ use wasm_bindgen_futures::future_to_promise;
 struct State {
     model: Model<WgpuBackend>,
     memory: RefCell<Option<Memory<WgpuBackend>>>,
+}
+
+/// What `ask` takes from its options object.
+struct AskOptions {
+    max_tokens: usize,
+    sampling: SamplingParams,
+    interleave: bool,
+    max_rounds: usize,
+    force_output: Option<String>,
+}
+
+impl AskOptions {
+    fn parse(options: &JsValue) -> Result<Self, JsValue> {
+        let value: Value = if options.is_undefined() || options.is_null() {
+            Value::Null
+        } else {
+            let text = js_sys::JSON::stringify(options)?;
+            serde_json::from_str(&String::from(text)).map_err(error)?
+        };
+        let number = |key: &str, default: f64| -> Result<f64, JsValue> {
+            match &value[key] {
+                Value::Null => Ok(default),
+                v => v
+                    .as_f64()
+                    .ok_or_else(|| error(format!("options.{key} must be a number, not {v}"))),
+            }
+        };
+        let count = |key: &str, default: usize| -> Result<usize, JsValue> {
+            let n = number(key, default as f64)?;
+            if n < 0.0 || n.fract() != 0.0 {
+                return Err(error(format!(
+                    "options.{key} must be a whole number ≥ 0, not {n}"
+                )));
+            }
+            Ok(n as usize)
+        };
+        let sampling = SamplingParams {
+            temperature: number("temperature", 0.0)? as f32,
+            top_p: number("topP", 1.0)? as f32,
+            seed: count("seed", 0)? as u64,
+        };
+        sampling.validate().map_err(error)?;
+        Ok(AskOptions {
+            max_tokens: count("maxTokens", 256)?,
+            sampling,
+            interleave: value["interleave"].as_bool().unwrap_or(false),
+            max_rounds: count("maxRounds", 4)?,
+            force_output: value["forceOutput"].as_str().map(String::from),
+        })
+    }
 }
 
 /// The engine, as JavaScript sees it.
@@ -44,7 +97,9 @@ fn to_js(value: &Value) -> Result<JsValue, JsValue> {
     js_sys::JSON::parse(&value.to_string())
 }
 
-/// Calls a JavaScript callback with one JSON argument; a callback that throws stops the work.
+/// Calls a JavaScript callback with one JSON argument. The engine's work cannot be interrupted: the
+/// first exception a callback throws silences it, and the call rejects with that exception once the
+/// work is done (documents being added are added all the same).
 fn call(callback: &Function, value: &Value) -> Result<(), JsValue> {
     callback.call1(&JsValue::NULL, &to_js(value)?).map(|_| ())
 }
@@ -137,13 +192,19 @@ impl MsaEngine {
         })
     }
 
-    /// Answers a question from the memory with greedy decoding of up to `max_tokens` tokens. Calls
-    /// `on_event` with `{type: "routing", layers}` after the prefill and `{type: "token", id, text}`
-    /// for every token; resolves to `{tokens, text, routing, finishReason}`.
+    /// Answers a question from the memory. `options`: `{maxTokens = 256, temperature = 0, topP = 1,
+    /// seed = 0, interleave = false, maxRounds = 4, forceOutput}`; `maxTokens` bounds each retrieval
+    /// round of Memory Interleave as well as the answer. Calls `on_event` with
+    /// `{type: "routing", round, layers}` after each prefill and `{type: "token", phase, id, text}` for
+    /// every token (`phase` is `"answer"` or the retrieval round); with `interleave`, also
+    /// `{type: "round", round, promptTokens, routingTokens}`, `{type: "named", round, ids}`,
+    /// `{type: "injected", round, ids, tokens}` and `{type: "retrievalEnded", round, reason}`. Resolves
+    /// to `{tokens, text, answer, routing, finishReason, rounds}`.
     #[allow(clippy::await_holding_refcell_ref)] // as in `add_documents`
-    pub fn ask(&self, question: String, max_tokens: u32, on_event: Option<Function>) -> Promise {
+    pub fn ask(&self, question: String, options: JsValue, on_event: Option<Function>) -> Promise {
         let state = Rc::clone(&self.state);
         future_to_promise(async move {
+            let options = AskOptions::parse(&options)?;
             let memory = state
                 .memory
                 .try_borrow()
@@ -151,41 +212,23 @@ impl MsaEngine {
             let memory = memory
                 .as_ref()
                 .ok_or_else(|| error("the memory holds no documents; add documents first"))?;
-            let emit = |value: Value| match &on_event {
-                Some(callback) => call(callback, &value),
-                None => Ok(()),
+            let mut failed: Option<JsValue> = None;
+            let mut emit = |value: Value| {
+                if let (Some(callback), None) = (&on_event, &failed) {
+                    failed = call(callback, &value).err();
+                }
             };
-            let model = &state.model;
-            let options = GenerateOptions {
-                max_tokens: max_tokens as usize,
-                sampling: SamplingParams::greedy(),
-                stop_tokens: None,
+            let result = if options.interleave {
+                state
+                    .interleaved(memory, &question, &options, &mut emit)
+                    .await
+            } else {
+                state.answer(memory, &question, &options, &mut emit).await
             };
-            let mut generation = model
-                .ask(memory, &question, &options)
-                .await
-                .map_err(error)?;
-            let routing = routing_json(generation.routing());
-            emit(json!({"type": "routing", "layers": routing}))?;
-            let tokenizer = model.require_tokenizer().map_err(error)?;
-            let mut stream = TextStream::new(tokenizer);
-            let mut tokens = Vec::new();
-            while let Some(token) = generation.next_token().await.map_err(error)? {
-                tokens.push(token);
-                let text = stream.push(token).map_err(error)?;
-                emit(json!({"type": "token", "id": token, "text": text}))?;
+            if let Some(thrown) = failed {
+                return Err(thrown);
             }
-            let finish = match generation.finish_reason() {
-                Some(FinishReason::Stop) => "stop",
-                Some(FinishReason::Length) => "length",
-                _ => "error",
-            };
-            to_js(&json!({
-                "tokens": tokens,
-                "text": tokenizer.decode(&tokens).map_err(error)?,
-                "routing": routing,
-                "finishReason": finish,
-            }))
+            to_js(&result.map_err(error)?)
         })
     }
 
@@ -196,6 +239,136 @@ impl MsaEngine {
             "documents": memory.as_ref().map_or(0, |m| m.documents().len()),
             "chunks": memory.as_ref().map_or(0, |m| m.chunk_count()),
             "adapter": msa_engine::Backend::describe(&self.state.model.backend),
+        }))
+    }
+}
+
+impl State {
+    /// One prefill and decoding, reported as events.
+    async fn answer(
+        &self,
+        memory: &Memory<WgpuBackend>,
+        question: &str,
+        options: &AskOptions,
+        emit: &mut impl FnMut(Value),
+    ) -> msa_engine::Result<Value> {
+        let model = &self.model;
+        let generate = GenerateOptions {
+            max_tokens: options.max_tokens,
+            sampling: options.sampling,
+            stop_tokens: None,
+        };
+        let mut generation = model.ask(memory, question, &generate).await?;
+        let routing = routing_json(generation.routing());
+        emit(json!({"type": "routing", "round": 1, "layers": routing}));
+        let tokenizer = model.require_tokenizer()?;
+        let mut stream = TextStream::new(tokenizer);
+        let mut tokens = Vec::new();
+        while let Some(token) = generation.next_token().await? {
+            tokens.push(token);
+            let text = stream.push(token)?;
+            emit(json!({"type": "token", "phase": "answer", "id": token, "text": text}));
+        }
+        let finish = match generation.finish_reason() {
+            Some(FinishReason::Stop) => "stop",
+            Some(FinishReason::Length) => "length",
+            _ => "error",
+        };
+        let text = tokenizer.decode(&tokens)?;
+        Ok(json!({
+            "tokens": tokens,
+            "text": text,
+            "answer": text,
+            "routing": routing,
+            "finishReason": finish,
+            "rounds": 1,
+        }))
+    }
+
+    /// Memory Interleave, reported as events.
+    async fn interleaved(
+        &self,
+        memory: &Memory<WgpuBackend>,
+        question: &str,
+        options: &AskOptions,
+        emit: &mut impl FnMut(Value),
+    ) -> msa_engine::Result<Value> {
+        let model = &self.model;
+        let forced_tokens = match &options.force_output {
+            Some(text) => model.require_tokenizer()?.encode(text)?,
+            None => Vec::new(),
+        };
+        let interleave = InterleaveOptions {
+            max_rounds: options.max_rounds,
+            // A page should not wait for 2048 tokens of a runaway round: maxTokens bounds rounds too.
+            max_round_tokens: options.max_tokens,
+            max_answer_tokens: options.max_tokens,
+            sampling: options.sampling,
+            forced_tokens,
+            ..InterleaveOptions::default()
+        };
+        let mut rounds_routing: Vec<Value> = Vec::new();
+        let mut answer_text = String::new();
+        let outcome = model
+            .interleave(memory, question, &interleave, |event| {
+                let value = match event {
+                    InterleaveEvent::RoundStarted { round, prompt } => json!({
+                        "type": "round", "round": round, "promptTokens": prompt.ids.len(),
+                        "routingTokens": prompt.routing_positions().len(),
+                    }),
+                    InterleaveEvent::Routed { round, routing, .. } => {
+                        let layer = routing_json(std::slice::from_ref(&routing))[0].clone();
+                        if rounds_routing.len() < round {
+                            rounds_routing.push(json!([]));
+                        }
+                        rounds_routing[round - 1]
+                            .as_array_mut()
+                            .expect("an array")
+                            .push(layer.clone());
+                        json!({"type": "routing", "round": round, "layers": [layer]})
+                    }
+                    InterleaveEvent::Token { phase, id, text } => {
+                        let phase = match phase {
+                            Phase::Retrieval(round) => json!(round),
+                            Phase::Answer => {
+                                answer_text.push_str(&text);
+                                json!("answer")
+                            }
+                        };
+                        json!({"type": "token", "phase": phase, "id": id, "text": text})
+                    }
+                    InterleaveEvent::IdsNamed { round, ids } => {
+                        json!({"type": "named", "round": round, "ids": ids})
+                    }
+                    InterleaveEvent::DocumentsInjected { round, ids, tokens } => {
+                        json!({"type": "injected", "round": round, "ids": ids, "tokens": tokens})
+                    }
+                    InterleaveEvent::RetrievalEnded { round, reason, .. } => json!({
+                        "type": "retrievalEnded", "round": round,
+                        "reason": match reason {
+                            RetrievalEnd::Marker => "marker",
+                            RetrievalEnd::CharacterCap => "characterCap",
+                        },
+                    }),
+                };
+                emit(value);
+            })
+            .await?;
+        let finish = match outcome.finish {
+            InterleaveFinish::Answered => "answered",
+            InterleaveFinish::EndOfSequence => "endOfSequence",
+            InterleaveFinish::RoundLimit => "roundLimit",
+            InterleaveFinish::TokenLimit => "tokenLimit",
+        };
+        Ok(json!({
+            "tokens": outcome.tokens,
+            "text": answer_text,
+            "answer": outcome.answer,
+            "routing": rounds_routing.last().cloned().unwrap_or(json!([])),
+            "roundsRouting": rounds_routing,
+            "finishReason": finish,
+            "rounds": outcome.rounds,
+            "transcript": outcome.transcript,
         }))
     }
 }

@@ -61,7 +61,8 @@ async fn the_tiny_model_routes_and_generates_like_the_reference() {
 
     let queries: Vec<String> = serde_json::from_str(QUERIES).unwrap();
     for (q, question) in queries.iter().enumerate() {
-        let answer = json(&resolve(engine.ask(question.clone(), 8, None)).await);
+        let options = js_sys::JSON::parse(r#"{"maxTokens": 8}"#).unwrap();
+        let answer = json(&resolve(engine.ask(question.clone(), options, None)).await);
         for (slot, layer) in [2, 3].into_iter().enumerate() {
             let routed: Vec<u64> = answer["routing"][slot]["documents"]
                 .as_array()
