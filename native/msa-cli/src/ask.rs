@@ -110,6 +110,8 @@ pub struct ChatArgs {
     /// Start with the routing view on.
     #[arg(long)]
     show_routing: bool,
+    #[command(flatten)]
+    interleave: InterleaveArgs,
 }
 
 /// Opens a bank as the model's memory (routing keys on the device(s), content in host pages).
@@ -461,9 +463,20 @@ impl Job for ChatJob {
                     eprintln!("routing view {}", if show_routing { "on" } else { "off" });
                 }
                 question => {
+                    let answered = if args.interleave.interleave {
+                        interleave::ask_and_print(
+                            &model,
+                            &memory,
+                            question,
+                            &args.interleave,
+                            &options,
+                            show_routing,
+                        )
+                    } else {
+                        ask_and_print(&model, &memory, question, &options, show_routing)
+                    };
                     // A bad question is reported and the loop goes on.
-                    if let Err(e) = ask_and_print(&model, &memory, question, &options, show_routing)
-                    {
+                    if let Err(e) = answered {
                         eprintln!("error: {e:#}");
                     }
                 }

@@ -20,7 +20,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Args;
 use msa_core::bank::{Bank, OpenOptions};
-use msa_engine::{BankEncodeOptions, GenerateOptions, SourceDocument};
+use msa_engine::{
+    BankEncodeOptions, GenerateOptions, InterleaveEvent, InterleaveFinish, InterleaveOptions,
+    LayerRouting, Memory, Model, Phase, RouteStats, SourceDocument,
+};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -30,6 +33,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use crate::ask::{AnswerArgs, SamplingArgs, answer, finish_reason_name, open_memory, routing_json};
 use crate::backend::{self, Device, Job};
 use crate::corpus::JsonlRecord;
+use crate::interleave;
 
 /// Serve a bank over HTTP: an OpenAI-compatible `POST /v1/chat/completions` (streaming with
 /// `"stream": true`), `POST /v1/memory/documents` to add documents, `GET /v1/memory` for bank stats.
@@ -59,6 +63,8 @@ enum Work {
     Ask {
         question: String,
         options: GenerateOptions,
+        /// Memory Interleave instead of one prefill: rounds at most, and text to force as output.
+        interleave: Option<(usize, Option<String>)>,
         events: mpsc::UnboundedSender<AnswerEvent>,
     },
     AddDocuments {
@@ -72,11 +78,15 @@ enum Work {
 
 enum AnswerEvent {
     Routing(serde_json::Value),
+    /// A step of Memory Interleave's retrieval chain (a round's routing, text, named and read ids).
+    Retrieval(serde_json::Value),
     Piece(String),
     Done {
         finish_reason: &'static str,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// With Memory Interleave: the parsed answer, why the run stopped, and its rounds.
+        interleave: Option<serde_json::Value>,
     },
     Failed(ApiError),
 }
@@ -237,6 +247,26 @@ impl Job for Worker {
                 Work::Ask {
                     question,
                     options,
+                    interleave: Some((max_rounds, force_output)),
+                    events,
+                } => {
+                    let result = interleaved(
+                        &model,
+                        &memory,
+                        &question,
+                        &options,
+                        max_rounds,
+                        force_output,
+                        &events,
+                    );
+                    if let Err(e) = result {
+                        let _ = events.send(AnswerEvent::Failed(ApiError::from_engine(&e)));
+                    }
+                }
+                Work::Ask {
+                    question,
+                    options,
+                    interleave: None,
                     events,
                 } => {
                     let result = answer(
@@ -263,6 +293,7 @@ impl Job for Worker {
                             finish_reason: finish_reason_name(done.finish_reason),
                             prompt_tokens: done.prompt_tokens,
                             completion_tokens: done.tokens.len(),
+                            interleave: None,
                         },
                         Err(e) => AnswerEvent::Failed(ApiError::from_engine(&e)),
                     });
@@ -286,6 +317,115 @@ impl Job for Worker {
         }
         Ok(())
     }
+}
+
+/// One request answered with Memory Interleave. Round 1's routing goes out first (it settles the
+/// status), then every retrieval step as an `msa.retrieval` chunk, and the answer's tokens as content.
+/// `max_tokens` bounds each round as well as the answer, so a request cannot hold the model for the
+/// reference's 2048 tokens per round.
+fn interleaved<B: Device>(
+    model: &Model<B>,
+    memory: &Memory<B>,
+    question: &str,
+    options: &GenerateOptions,
+    max_rounds: usize,
+    force_output: Option<String>,
+    events: &mpsc::UnboundedSender<AnswerEvent>,
+) -> Result<()> {
+    let forced_tokens = match force_output {
+        Some(text) => model.require_tokenizer()?.encode(&text)?,
+        None => Vec::new(),
+    };
+    let run = InterleaveOptions {
+        max_rounds,
+        max_round_tokens: options.max_tokens,
+        max_answer_tokens: options.max_tokens,
+        sampling: options.sampling,
+        forced_tokens,
+        ..InterleaveOptions::default()
+    };
+    // A client that hung up no longer listens; the run goes on to its (bounded) end.
+    let send = |event| {
+        let _ = events.send(event);
+    };
+    let stops = &model.config.eos_token_ids;
+    // A round is announced once its prefill has routed every router layer.
+    let mut round: Option<(usize, usize, usize)> = None;
+    let (mut routing, mut stats) = (Vec::new(), Vec::new());
+    let mut prompt_tokens = 0;
+    let announce = |round: &mut Option<(usize, usize, usize)>,
+                    routing: &mut Vec<LayerRouting>,
+                    stats: &mut Vec<RouteStats>| {
+        if let Some((n, prompt, routes)) = round.take() {
+            let layers = routing_json(memory, routing, stats);
+            if n == 1 {
+                send(AnswerEvent::Routing(layers.clone()));
+            }
+            send(AnswerEvent::Retrieval(json!({
+                "round": n, "prompt_tokens": prompt, "routing_tokens": routes, "routing": layers,
+            })));
+            routing.clear();
+            stats.clear();
+        }
+    };
+    let outcome = pollster::block_on(model.interleave(memory, question, &run, |event| {
+        if !matches!(event, InterleaveEvent::Routed { .. }) {
+            announce(&mut round, &mut routing, &mut stats);
+        }
+        match event {
+            InterleaveEvent::RoundStarted { round: n, prompt } => {
+                prompt_tokens = prompt.ids.len();
+                round = Some((n, prompt.ids.len(), prompt.routing_positions().len()));
+            }
+            InterleaveEvent::Routed {
+                routing: r,
+                stats: s,
+                ..
+            } => {
+                routing.push(r);
+                stats.push(s);
+            }
+            InterleaveEvent::Token { phase, id, text } => match phase {
+                Phase::Retrieval(n) if !text.is_empty() => {
+                    send(AnswerEvent::Retrieval(json!({"round": n, "text": text})));
+                }
+                // The stop token ends the answer and is not part of its text.
+                Phase::Answer if !text.is_empty() && !stops.contains(&id) => {
+                    send(AnswerEvent::Piece(text));
+                }
+                _ => {}
+            },
+            InterleaveEvent::IdsNamed { round: n, ids } => {
+                send(AnswerEvent::Retrieval(json!({"round": n, "named": ids})));
+            }
+            InterleaveEvent::DocumentsInjected {
+                round: n,
+                ids,
+                tokens,
+            } => send(AnswerEvent::Retrieval(
+                json!({"round": n, "read": ids, "tokens": tokens}),
+            )),
+            InterleaveEvent::RetrievalEnded { round: n, fed, .. } => send(AnswerEvent::Retrieval(
+                json!({"round": n, "retrieval_ended": true, "question_tokens": fed.len()}),
+            )),
+        }
+    }))?;
+    announce(&mut round, &mut routing, &mut stats);
+    let finish_reason = match outcome.finish {
+        InterleaveFinish::Answered | InterleaveFinish::EndOfSequence => "stop",
+        InterleaveFinish::RoundLimit | InterleaveFinish::TokenLimit => "length",
+    };
+    send(AnswerEvent::Done {
+        finish_reason,
+        prompt_tokens,
+        completion_tokens: outcome.tokens.len(),
+        interleave: Some(json!({
+            "answer": outcome.answer,
+            "finish": interleave::finish_name(outcome.finish),
+            "rounds": outcome.rounds,
+        })),
+    });
+    Ok(())
 }
 
 /// Appends documents to the bank and, when any were new, reopens the memory over it. On any error the
@@ -361,6 +501,14 @@ struct ChatRequest {
     top_p: Option<f32>,
     #[serde(default)]
     seed: Option<u64>,
+    /// Memory Interleave: retrieval rounds before the answer (an extension; see `msa ask --interleave`).
+    #[serde(default)]
+    interleave: bool,
+    #[serde(default)]
+    max_rounds: Option<usize>,
+    /// Text taken as the model's first generated tokens (replays and tests; needs `interleave`).
+    #[serde(default)]
+    force_output: Option<String>,
 }
 
 fn now() -> u64 {
@@ -416,6 +564,23 @@ async fn chat_completions(
     sampling
         .validate()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if !request.interleave && (request.max_rounds.is_some() || request.force_output.is_some()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "`max_rounds` and `force_output` need `\"interleave\": true`",
+        ));
+    }
+    let interleave = match request.max_rounds {
+        Some(0) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "max_rounds must be at least 1",
+            ));
+        }
+        rounds => request
+            .interleave
+            .then(|| (rounds.unwrap_or(4), request.force_output.clone())),
+    };
     let permit = admit(&state)?;
     let (events, mut receiver) = mpsc::unbounded_channel();
     submit(
@@ -427,6 +592,7 @@ async fn chat_completions(
                 sampling,
                 stop_tokens: None,
             },
+            interleave,
             events,
         },
     )?;
@@ -465,10 +631,19 @@ async fn chat_completions(
                     None,
                     Some(json!({"routing": routing})),
                 ),
-                AnswerEvent::Piece(text) => chunk(json!({"content": text}), None, None),
-                AnswerEvent::Done { finish_reason, .. } => {
-                    chunk(json!({}), Some(finish_reason), None)
+                AnswerEvent::Retrieval(step) => {
+                    chunk(json!({}), None, Some(json!({"retrieval": step})))
                 }
+                AnswerEvent::Piece(text) => chunk(json!({"content": text}), None, None),
+                AnswerEvent::Done {
+                    finish_reason,
+                    interleave,
+                    ..
+                } => chunk(
+                    json!({}),
+                    Some(finish_reason),
+                    interleave.map(|i| json!({"interleave": i})),
+                ),
                 // A failure mid-answer (after the 200 went out): an error event ends the stream.
                 AnswerEvent::Failed(e) => Event::default()
                     .event("error")
@@ -480,6 +655,7 @@ async fn chat_completions(
     }
     let mut text = String::new();
     let mut routing = json!([]);
+    let mut retrieval = Vec::new();
     let mut next = Some(first);
     while let Some(event) = match next.take() {
         Some(event) => Some(event),
@@ -487,13 +663,20 @@ async fn chat_completions(
     } {
         match event {
             AnswerEvent::Routing(r) => routing = r,
+            AnswerEvent::Retrieval(step) => retrieval.push(step),
             AnswerEvent::Piece(piece) => text.push_str(&piece),
             AnswerEvent::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
+                interleave,
             } => {
                 drop(permit);
+                let mut msa = json!({"routing": routing});
+                if let Some(mut interleave) = interleave {
+                    interleave["retrieval"] = json!(retrieval);
+                    msa["interleave"] = interleave;
+                }
                 return Ok(Json(json!({
                     "id": id, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{
@@ -506,7 +689,7 @@ async fn chat_completions(
                         "completion_tokens": completion_tokens,
                         "total_tokens": prompt_tokens + completion_tokens,
                     },
-                    "msa": {"routing": routing},
+                    "msa": msa,
                 }))
                 .into_response());
             }

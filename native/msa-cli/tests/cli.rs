@@ -628,9 +628,13 @@ const SERVE: [&str; 6] = [
 ];
 
 fn start_server(bank: &Path, extra: &[&str]) -> Server {
+    start_server_with(&fixture(), bank, extra)
+}
+
+fn start_server_with(model: &Path, bank: &Path, extra: &[&str]) -> Server {
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("msa"))
         .args(SERVE)
-        .arg(fixture())
+        .arg(model)
         .arg("--bank")
         .arg(bank)
         .args(extra)
@@ -826,20 +830,30 @@ fn serve_refuses_a_bank_of_another_model_before_listening() {
         .stderr(contains("different model"));
 }
 
+/// The tiny model with a tokenizer that spells Memory Interleave's markers, and a bank of the fixture
+/// corpus encoded by it.
+fn interleave_bank(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = interleave_model::write_interleave_model(&fixture(), dir);
+    let bank = dir.join("bank");
+    encode(&model, &bank)
+        .arg(write_corpus(dir))
+        .assert()
+        .success();
+    (model, bank)
+}
+
+/// Two retrieval rounds (a repeated id, an unknown one), the end of retrieval and an answer.
+const FORCED_CHAIN: &str = "[3][1][3]<|object_ref_end|>[7][42]<|object_ref_end|><End-of-Retrieve>\
+                            The answer to the question is: 丽丽<|im_end|>";
+
 /// `msa ask --interleave` on a bank, driven by forced tokens: the retrieval chain reads the documents'
 /// text from the bank, equals the engine API's run, and prints round by round.
 #[test]
 fn ask_interleave_reads_named_documents_from_the_bank_round_by_round() {
     let dir = tempfile::tempdir().unwrap();
-    let model = interleave_model::write_interleave_model(&fixture(), dir.path());
-    let bank = dir.path().join("bank");
-    encode(&model, &bank)
-        .arg(write_corpus(dir.path()))
-        .assert()
-        .success();
+    let (model, bank) = interleave_bank(dir.path());
     let question = &strings("queries.json")[0];
-    let forced = "[3][1][3]<|object_ref_end|>[7][42]<|object_ref_end|><End-of-Retrieve>\
-                  The answer to the question is: 丽丽<|im_end|>";
+    let forced = FORCED_CHAIN;
     let ask = |extra: &[&str]| {
         let mut command = msa();
         command
@@ -981,4 +995,127 @@ fn ask_interleave_reads_named_documents_from_the_bank_round_by_round() {
         .assert()
         .code(2)
         .stderr(contains("--interleave"));
+    // `msa chat --interleave` runs every question this way.
+    msa()
+        .args([
+            "chat",
+            "--backend",
+            "cpu",
+            "--interleave",
+            "--max-tokens",
+            "16",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .arg("--bank")
+        .arg(&bank)
+        .args(["--force-output", forced])
+        .write_stdin(format!("{question}\n"))
+        .assert()
+        .success()
+        .stdout(contains("read [7] (57 tokens)"))
+        .stdout(contains("answer: 丽丽"));
+}
+
+/// `"interleave": true` runs Memory Interleave behind the OpenAI endpoint: the answer is the content,
+/// the retrieval chain comes in the `msa` extension, streamed or not.
+#[test]
+fn serve_runs_memory_interleave_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, bank) = interleave_bank(dir.path());
+    let server = start_server_with(&model, &bank, &[]);
+    let question = &strings("queries.json")[0];
+    let forced = FORCED_CHAIN;
+    let chat = |stream: bool| {
+        serde_json::json!({
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 16,
+            "stream": stream,
+            "interleave": true,
+            "force_output": forced,
+        })
+        .to_string()
+    };
+    let (status, body) = http(&server, "POST", "/v1/chat/completions", &chat(false));
+    assert_eq!(status, 200, "{body}");
+    let response: Value = serde_json::from_str(&body).unwrap();
+    let content = "The answer to the question is: 丽丽";
+    assert_eq!(response["choices"][0]["message"]["content"], content);
+    assert_eq!(response["choices"][0]["finish_reason"], "stop");
+    let interleave = &response["msa"]["interleave"];
+    assert_eq!(interleave["answer"], "丽丽");
+    assert_eq!(interleave["finish"], "answered");
+    assert_eq!(interleave["rounds"], 3);
+    let steps = interleave["retrieval"].as_array().unwrap();
+    let find = |key: &str| -> Vec<(u64, Value)> {
+        steps
+            .iter()
+            .filter(|s| !s[key].is_null())
+            .map(|s| (s["round"].as_u64().unwrap(), s[key].clone()))
+            .collect()
+    };
+    assert_eq!(
+        find("named"),
+        [
+            (1, serde_json::json!([1, 3])),
+            (2, serde_json::json!([7, 42]))
+        ]
+    );
+    assert_eq!(
+        find("read"),
+        [(1, serde_json::json!([1, 3])), (2, serde_json::json!([7]))]
+    );
+    assert_eq!(find("routing").len(), 3);
+    let round_text = |round: u64| -> String {
+        find("text")
+            .iter()
+            .filter(|(r, _)| *r == round)
+            .map(|(_, t)| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(round_text(1), "[3][1][3]<|object_ref_end|>");
+    assert_eq!(round_text(3), "<End-of-Retrieve>");
+
+    // Streamed: the same content in deltas, retrieval steps as msa chunks, then [DONE].
+    let (status, body) = http(&server, "POST", "/v1/chat/completions", &chat(true));
+    assert_eq!(status, 200, "{body}");
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, content);
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["msa"]["retrieval"]["named"] == serde_json::json!([1, 3]))
+    );
+    assert_eq!(
+        chunks.last().unwrap()["msa"]["interleave"]["answer"],
+        "丽丽"
+    );
+
+    // Interleave options without `interleave`, and no rounds at all, are refused.
+    let bad = serde_json::json!({
+        "messages": [{"role": "user", "content": question}], "force_output": "[1]",
+    });
+    assert_eq!(
+        http(&server, "POST", "/v1/chat/completions", &bad.to_string()).0,
+        400
+    );
+    let bad = serde_json::json!({
+        "messages": [{"role": "user", "content": question}], "interleave": true, "max_rounds": 0,
+    });
+    assert_eq!(
+        http(&server, "POST", "/v1/chat/completions", &bad.to_string()).0,
+        400
+    );
 }
