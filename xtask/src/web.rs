@@ -41,16 +41,17 @@ pub fn build() -> Result<(), String> {
     ensure_wasm_target()?;
     ensure_wasm_bindgen_cli()?;
     let tools = ensure_web_tools()?;
-    step("cargo build --release --target wasm32-unknown-unknown -p msa-web");
+    step("cargo build --profile wasm --target wasm32-unknown-unknown -p msa-web");
     run(cargo().args([
         "build",
-        "--release",
+        "--profile",
+        "wasm",
         "--target",
         WASM_TARGET,
         "-p",
         "msa-web",
     ]))?;
-    let raw = target_dir().join(format!("{WASM_TARGET}/release/msa_web.wasm"));
+    let raw = target_dir().join(format!("{WASM_TARGET}/wasm/msa_web.wasm"));
     let demo = root().join("web/demo");
     let pkg = demo.join("pkg");
     step("wasm-bindgen --target web → web/demo/pkg");
@@ -94,7 +95,7 @@ pub fn build() -> Result<(), String> {
         )?;
     }
     step(&format!(
-        "msa_web_bg.wasm: {} bytes from cargo, {bound} after wasm-bindgen, {} after wasm-opt ({} gzipped)",
+        "msa_web_bg.wasm: {} bytes from cargo (profile wasm), {bound} after wasm-bindgen, {} after wasm-opt ({} gzipped)",
         size(&raw),
         size(&wasm),
         gzipped(&wasm).map_or_else(|| "?".into(), |n| n.to_string()),
@@ -119,13 +120,14 @@ pub fn test() -> Result<(), String> {
     ensure_browser()?;
     ensure_wasm_bindgen_cli()?;
     step(
-        "cargo test --release --target wasm32-unknown-unknown -p msa-web (headless Chromium, WebGPU)",
+        "cargo test --profile wasm --target wasm32-unknown-unknown -p msa-web (headless Chromium, WebGPU)",
     );
-    // --release: the demo build below reuses every dependency compiled here.
+    // The shipped profile: the demo build below reuses every dependency compiled here.
     run(cargo()
         .args([
             "test",
-            "--release",
+            "--profile",
+            "wasm",
             "--target",
             WASM_TARGET,
             "-p",

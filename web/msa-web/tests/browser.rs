@@ -2,8 +2,9 @@
 //! loaded through the JavaScript API from bytes, routes and generates exactly what the original
 //! implementation recorded in the fixture's goldens (which the native engines match too).
 //!
-//! Run by `cargo xtask test` (see `cargo xtask web-test`): `wasm-bindgen-test-runner` drives Chromium
-//! through chromedriver with the flags in `webdriver.json`.
+//! Run by `cargo xtask test` (`xtask/src/web.rs`), or alone with `CHROMEDRIVER=chromedriver cargo test
+//! --profile wasm --target wasm32-unknown-unknown -p msa-web`: `wasm-bindgen-test-runner` drives
+//! Chromium through chromedriver with the flags in `webdriver.json`.
 #![cfg(target_arch = "wasm32")]
 
 use msa_web::MsaEngine;
