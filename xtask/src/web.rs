@@ -34,23 +34,35 @@ fn copy(from: &Path, to: &Path) -> Result<(), String> {
         .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
 }
 
-/// Builds `web/demo/pkg` (the optimised wasm, its wasm-bindgen glue, the JS API and a package.json:
-/// an npm package) and
-/// `web/demo/models/msa-tiny`: `web/demo` is then a static site.
-pub fn build() -> Result<(), String> {
-    ensure_wasm_target()?;
-    ensure_wasm_bindgen_cli()?;
-    let tools = ensure_web_tools()?;
-    step("cargo build --profile wasm --target wasm32-unknown-unknown -p msa-web");
-    run(cargo().args([
-        "build",
+/// `cargo SUBCOMMAND` of msa-web for the browser, with the size-tuned `wasm` profile the site ships.
+fn cargo_wasm(subcommand: &str) -> Command {
+    let mut command = cargo();
+    command.args([
+        subcommand,
         "--profile",
         "wasm",
         "--target",
         WASM_TARGET,
         "-p",
         "msa-web",
-    ]))?;
+    ]);
+    command
+}
+
+/// Builds `web/demo/pkg` (the optimised wasm, its wasm-bindgen glue, the JS API and a package.json:
+/// an npm package) and
+/// `web/demo/models/msa-tiny`: `web/demo` is then a static site.
+pub fn build() -> Result<(), String> {
+    ensure_wasm_target()?;
+    ensure_wasm_bindgen_cli()?;
+    build_site()
+}
+
+/// [`build`] once its tools are known to be there (but for the npm ones, checked here).
+fn build_site() -> Result<(), String> {
+    let tools = ensure_web_tools()?;
+    step("cargo build --profile wasm --target wasm32-unknown-unknown -p msa-web");
+    run(&mut cargo_wasm("build"))?;
     let raw = target_dir().join(format!("{WASM_TARGET}/wasm/msa_web.wasm"));
     let demo = root().join("web/demo");
     let pkg = demo.join("pkg");
@@ -123,20 +135,11 @@ pub fn test() -> Result<(), String> {
         "cargo test --profile wasm --target wasm32-unknown-unknown -p msa-web (headless Chromium, WebGPU)",
     );
     // The shipped profile: the demo build below reuses every dependency compiled here.
-    run(cargo()
-        .args([
-            "test",
-            "--profile",
-            "wasm",
-            "--target",
-            WASM_TARGET,
-            "-p",
-            "msa-web",
-        ])
+    run(cargo_wasm("test")
         .env("CHROMEDRIVER", "chromedriver")
         // SwiftShader compiles every pipeline on the CPU: the default 20 s per test is too short.
         .env("WASM_BINDGEN_TEST_TIMEOUT", "600"))?;
-    build()?;
+    build_site()?;
     let out = target_dir().join("web-demo");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let native = out.join("native-answers.json");

@@ -842,6 +842,25 @@ fn interleave_bank(dir: &Path) -> (PathBuf, PathBuf) {
     (model, bank)
 }
 
+/// `msa ask` or `msa chat` with Memory Interleave on the CPU, answers up to 16 tokens.
+fn interleave_command(subcommand: &str, model: &Path, bank: &Path) -> Command {
+    let mut command = msa();
+    command
+        .args([
+            subcommand,
+            "--backend",
+            "cpu",
+            "--interleave",
+            "--max-tokens",
+            "16",
+        ])
+        .arg("--model")
+        .arg(model)
+        .arg("--bank")
+        .arg(bank);
+    command
+}
+
 /// Two retrieval rounds (a repeated id, an unknown one), the end of retrieval and an answer.
 const FORCED_CHAIN: &str = "[3][1][3]<|object_ref_end|>[7][42]<|object_ref_end|><End-of-Retrieve>\
                             The answer to the question is: 丽丽<|im_end|>";
@@ -855,22 +874,8 @@ fn ask_interleave_reads_named_documents_from_the_bank_round_by_round() {
     let question = &strings("queries.json")[0];
     let forced = FORCED_CHAIN;
     let ask = |extra: &[&str]| {
-        let mut command = msa();
-        command
-            .args([
-                "ask",
-                "--backend",
-                "cpu",
-                "--interleave",
-                "--max-tokens",
-                "16",
-            ])
-            .arg("--model")
-            .arg(&model)
-            .arg("--bank")
-            .arg(&bank)
-            .args(extra)
-            .arg(question);
+        let mut command = interleave_command("ask", &model, &bank);
+        command.args(extra).arg(question);
         command
     };
 
@@ -996,19 +1001,7 @@ fn ask_interleave_reads_named_documents_from_the_bank_round_by_round() {
         .code(2)
         .stderr(contains("--interleave"));
     // `msa chat --interleave` runs every question this way.
-    msa()
-        .args([
-            "chat",
-            "--backend",
-            "cpu",
-            "--interleave",
-            "--max-tokens",
-            "16",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .arg("--bank")
-        .arg(&bank)
+    interleave_command("chat", &model, &bank)
         .args(["--force-output", forced])
         .write_stdin(format!("{question}\n"))
         .assert()
