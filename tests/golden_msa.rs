@@ -374,3 +374,10 @@ on_every_backend!(
     stage2_routing_context_and_logits_match_reference,
     stage3_decode_logits_positions_and_greedy_tokens_match_reference,
 );
+
+// Traces of whole documents hold every position's logits, past the small limits: not run there.
+on_wgpu_with_small_limits!(
+    stage1_memory_matches_reference,
+    stage2_routing_context_and_logits_match_reference,
+    stage3_decode_logits_positions_and_greedy_tokens_match_reference,
+);

@@ -488,3 +488,5 @@ on_every_backend!(
     packed_encoding_equals_one_document_per_forward,
     resumed_encoding_equals_one_pass
 );
+
+on_wgpu_with_small_limits!(bank_answers_like_the_memory_it_stores);

@@ -30,11 +30,40 @@ macro_rules! on_every_backend {
     };
 }
 
+/// `on_wgpu_with_small_limits!(test_fn, ...)`: a `wgpu_small_limits` module running each test on
+/// [`wgpu_backend_with_small_limits`].
+#[macro_export]
+macro_rules! on_wgpu_with_small_limits {
+    ($($name:ident),* $(,)?) => {
+        mod wgpu_small_limits {
+            $(#[test]
+            fn $name() {
+                if let Some(gpu) = super::common::wgpu_backend_with_small_limits() {
+                    super::$name(gpu);
+                }
+            })*
+        }
+    };
+}
+
 /// The wgpu backend on the environment's adapter; see `WgpuBackend::open_or_skip` for when a missing
 /// adapter fails instead of skipping (`cargo xtask test` and CI).
 pub fn wgpu_backend() -> Option<msa::wgpu::WgpuBackend> {
     pollster::block_on(msa::wgpu::WgpuBackend::open_or_skip(
         msa::wgpu::DeviceOptions::from_env(),
+    ))
+}
+
+/// The wgpu backend with its buffer and binding limits cut to the tiny fixtures' scale, as a browser's
+/// default limits (256 MiB buffers, 128 MiB bindings) are to MSA-4B's: the 128 KiB embedding is split
+/// into two buffers, each bound in windows, while the longest document's activations (~100 KB) fit.
+pub fn wgpu_backend_with_small_limits() -> Option<msa::wgpu::WgpuBackend> {
+    pollster::block_on(msa::wgpu::WgpuBackend::open_or_skip(
+        msa::wgpu::DeviceOptions {
+            max_buffer_bytes: Some(112 << 10),
+            max_binding_bytes: Some(104 << 10),
+            ..msa::wgpu::DeviceOptions::from_env()
+        },
     ))
 }
 

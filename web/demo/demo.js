@@ -1,11 +1,13 @@
 // The msa demo page: load a model, add documents, ask, and see which documents each router layer read.
-// `window.msaDemo` holds the page's state for tests (state, last answer, timings).
+// `window.msaDemo` holds the page's state for tests (state, answers, timings), and `dispose()`, which
+// frees the GPU device as a device loss would.
 import { Msa, hasWebGpu } from "./pkg/msa.js";
 
 const $ = (id) => document.getElementById(id);
 const TINY = "models/msa-tiny/";
 const demo = (window.msaDemo = { state: "starting", answers: [], timings: {}, error: null });
 let msa = null;
+demo.dispose = () => msa?.dispose();
 
 function setState(state) {
   demo.state = state;
@@ -13,7 +15,14 @@ function setState(state) {
 }
 
 function fail(error) {
-  const message = error instanceof Error ? error.message : String(error);
+  let message = error instanceof Error ? error.message : String(error);
+  if (message.includes("device was lost")) {
+    // Nothing on the GPU survives a loss: the model must be loaded again.
+    msa = null;
+    message += `${message.endsWith(".") ? "" : "."} Press Load to start again.`;
+    $("model-status").textContent = "lost with the GPU device";
+    $("memory-status").textContent = "the memory was on the lost device: add the documents again";
+  }
   demo.error = message;
   $("banner").textContent = message;
   $("banner").hidden = false;
@@ -136,13 +145,20 @@ async function ask() {
   }
 }
 
-/** A heat map: one row per router layer, one cell per document; selected ones colored by score. */
+/**
+ * A heat map: one row per router layer, one cell per document, colored by score (every document's
+ * when the engine reports them, the selected ones' otherwise); selected cells are outlined.
+ */
 function drawRouting(round, layers, fresh) {
   const documents = msa.stats().documents;
   const container = $("routing");
   if (fresh) container.textContent = "";
-  const scores = layers.flatMap((l) => l.documents.map((d) => d.score));
+  const scores = layers.flatMap((l) => l.scores ?? l.documents.map((d) => d.score));
   const [low, high] = [Math.min(...scores), Math.max(...scores)];
+  const color = (score) => {
+    const t = high > low ? (score - low) / (high - low) : 1;
+    return `hsl(${220 - 200 * t} 70% ${48 - 10 * t}%)`;
+  };
   let table = container.querySelector("table");
   if (!table) {
     table = document.createElement("table");
@@ -157,13 +173,17 @@ function drawRouting(round, layers, fresh) {
     row.insertCell().outerHTML = `<th>layer ${layer.layer}</th>`;
     const cells = [];
     for (let id = 0; id < documents; id++) cells.push(row.insertCell());
+    (layer.scores ?? []).forEach((score, id) => {
+      cells[id].style.background = color(score);
+      cells[id].textContent = score.toFixed(2);
+      cells[id].title = `document ${id}: score ${score}`;
+    });
     for (const { id, score } of layer.documents) {
       const cell = cells[id];
-      const t = high > low ? (score - low) / (high - low) : 1;
       cell.className = "selected";
-      cell.style.background = `hsl(${220 - 200 * t} 70% ${48 - 10 * t}%)`;
+      cell.style.background = color(score);
       cell.textContent = score.toFixed(2);
-      cell.title = `document ${id}: score ${score}`;
+      cell.title = `document ${id}: score ${score} (selected)`;
     }
   }
 }

@@ -108,12 +108,48 @@ async function main() {
         failures.push(`question ${q}: tokens ${JSON.stringify(got.tokens)}, native ${JSON.stringify(want.tokens)}`);
       }
       console.log(`  question ${q}: routed ${JSON.stringify(routed.map((l) => l.documents))}, tokens ${JSON.stringify(got.tokens)}`);
+      // The heat map: a row per router layer, every document's cell colored by its score, the
+      // selected ones outlined.
+      const heat = await page.evaluate(() =>
+        [...document.querySelectorAll("#routing table.heat tr")].slice(1).map((row) =>
+          [...row.querySelectorAll("td")].map((td) => ({
+            colored: td.style.background !== "",
+            selected: td.classList.contains("selected"),
+          }))));
+      const heatOk = heat.length === want.routing.length && heat.every((cells, i) =>
+        cells.length === documents.length && cells.every((c) => c.colored) &&
+        cells.filter((c) => c.selected).length === want.routing[i].documents.length);
+      if (!heatOk) failures.push(`question ${q}: heat map ${JSON.stringify(heat)}`);
     }
     const timings = await page.evaluate(() => window.msaDemo.timings);
     const stats = await page.evaluate(() => document.getElementById("model-status").textContent);
     console.log(`  ${stats}; encoding ${timings.encodeTokensPerSecond.toFixed(0)} tokens/s; ` +
       `decoding ${timings.decodeTokensPerSecond.toFixed(1)} tokens/s`);
     await page.screenshot({ path: path.join(outDir, "web-demo.png"), fullPage: true });
+
+    // A lost GPU device: the page says so, and Load brings the model back.
+    await page.evaluate(() => window.msaDemo.dispose());
+    await page.click("#ask");
+    await settle(page, ["error"], "asking on a lost device");
+    const lost = await page.evaluate(() => document.getElementById("banner").textContent);
+    if (!lost.includes("device was lost") || !lost.includes("Press Load")) {
+      failures.push(`after a device loss the banner says: ${JSON.stringify(lost)}`);
+    }
+    console.log(`  device lost: ${lost}`);
+    await page.screenshot({ path: path.join(outDir, "web-demo-device-lost.png"), fullPage: true });
+    await page.click("#load");
+    await settle(page, ["ready"], "loading again after the loss");
+    await page.fill("#documents", documents.join("\n"));
+    await page.click("#add");
+    await settle(page, ["ready"], "adding the documents again");
+    await page.fill("#question", expected[0].question);
+    await page.fill("#max-tokens", String(expected[0].tokens.length));
+    await page.click("#ask");
+    await settle(page, ["answered"], "asking again after the loss");
+    const again = await page.evaluate(() => window.msaDemo.answers.at(-1).tokens);
+    if (JSON.stringify(again) !== JSON.stringify(expected[0].tokens)) {
+      failures.push(`after reloading: tokens ${JSON.stringify(again)}, native ${JSON.stringify(expected[0].tokens)}`);
+    }
   });
 
   await session([], async (page) => {

@@ -69,6 +69,12 @@ pub trait Backend {
     /// Names the backend and its device, for logs and benchmark reports.
     fn describe(&self) -> String;
 
+    /// The largest tensor the backend holds in one piece (a GPU's buffer or binding limit), or `None`
+    /// when only host memory bounds it. Stage 1 packs fewer tokens per forward to stay under it.
+    fn max_tensor_bytes(&self) -> Option<u64> {
+        None
+    }
+
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
     fn upload_weight(&self, view: TensorView<'_>) -> Result<Self::Weight>;
     /// An f32 weight holding the same elements, with the same shape, as `tensor` (for ops that take

@@ -36,7 +36,10 @@ pub enum Error {
     EmptyPrompt,
 
     /// The GPU device was lost (driver reset, removal, or a previous fatal error); recreate the backend.
-    #[error("{backend}: device lost: {reason}")]
+    #[error(
+        "{backend}: the GPU device was lost ({reason}); everything on it is gone: open the device \
+         and load the model again"
+    )]
     DeviceLost { backend: String, reason: String },
 
     /// The device ran out of memory.

@@ -474,6 +474,21 @@ impl<B: Backend> Model<B> {
         pack_tokens: usize,
         mut done: impl FnMut(usize, usize),
     ) -> Result<Vec<Vec<LayerMemory<B::Tensor>>>> {
+        // The widest activation row of a block (MLP, attention heads, or the K/V projections) times
+        // the rows must fit the device's largest tensor; a longer document still goes alone.
+        let c = &self.config;
+        let widest_row = 4 * [
+            c.intermediate_size,
+            c.num_attention_heads * c.head_dim,
+            c.hidden_size,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(1) as u64;
+        let pack_tokens = match self.backend.max_tensor_bytes() {
+            Some(limit) => pack_tokens.min((limit / widest_row).max(1) as usize),
+            None => pack_tokens,
+        };
         let mut blocks = Vec::new();
         let mut start = 0;
         while start < documents.len() {

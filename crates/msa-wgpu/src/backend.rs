@@ -9,7 +9,7 @@ use msa_engine::backend::{AttentionMask, Backend, RoutingSpec, Scored};
 use msa_engine::shapes::{self, AttentionDims, RoutingDims};
 use msa_engine::{Error, Result, rope_table, select_top_k};
 
-use crate::context::{ExecutionStats, GpuContext, bind};
+use crate::context::{ExecutionStats, GpuContext, Window, bind};
 use crate::device::{self, Capabilities, DeviceOptions};
 use crate::error::WgpuError;
 use crate::kernels::{Family, Kernel};
@@ -46,14 +46,42 @@ impl WgpuTensor {
     fn bytes(&self) -> u64 {
         self.len() as u64 * 4
     }
+
+    /// The tensor as the one part of a row-major weight.
+    fn whole(&self) -> Part {
+        Part {
+            buffer: self.buffer.clone(),
+            rows: 0..shapes::rows_and_width(&self.shape).0,
+        }
+    }
 }
 
-/// A weight in its stored dtype, packed into a device buffer.
+/// A weight in its stored dtype, packed into a device buffer, or split by rows into several when it is
+/// larger than the device's largest buffer (a browser's 256 MiB against MSA-4B's 778 MB embedding).
 #[derive(Debug)]
 pub struct WgpuWeight {
-    buffer: wgpu::Buffer,
+    parts: Vec<Part>,
     shape: Vec<usize>,
     dtype: DType,
+}
+
+impl WgpuWeight {
+    /// How many buffers hold the weight.
+    pub fn buffers(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// The buffer of a weight that is never split (1-D weights: see `upload_weight`).
+    fn whole(&self) -> &wgpu::Buffer {
+        &self.parts[0].buffer
+    }
+}
+
+/// Rows `rows` of a row-major tensor, stored from byte 0 of `buffer`.
+#[derive(Clone, Debug)]
+struct Part {
+    buffer: wgpu::Buffer,
+    rows: Range<usize>,
 }
 
 fn dtype_code(dtype: DType) -> u32 {
@@ -122,6 +150,13 @@ impl WgpuBackend {
         &self.ctx.caps
     }
 
+    /// Frees the device and everything on it (weights, memory, tensors) now, rather than when the last
+    /// clone of the backend is dropped: a browser page reclaims GPU memory this way. The device is then
+    /// lost, as after a driver reset, and every later op fails with [`Error::DeviceLost`].
+    pub fn destroy(&self) {
+        self.ctx.device.destroy();
+    }
+
     /// Dispatches, submits and readbacks so far.
     pub fn stats(&self) -> ExecutionStats {
         self.ctx.stats()
@@ -147,13 +182,38 @@ impl WgpuBackend {
         })
     }
 
-    /// Gathers rows `ids` of `src` (`rows × width` elements of `dtype`) into a new `[ids, width]` tensor,
-    /// binding the source in windows when it is larger than one binding.
+    /// Binding windows over every part of a row-major tensor with `row_elements` elements of
+    /// `element_bytes` per row; window rows count from the tensor's first row.
+    fn part_windows<'p>(
+        &self,
+        what: &str,
+        parts: &'p [Part],
+        row_elements: usize,
+        element_bytes: usize,
+    ) -> Result<Vec<(&'p wgpu::Buffer, Window)>> {
+        let mut windows = Vec::new();
+        for part in parts {
+            let first = part.rows.start;
+            for window in self.ctx.windows(
+                what,
+                part.buffer.size(),
+                part.rows.len(),
+                row_elements,
+                element_bytes,
+            )? {
+                let rows = window.rows.start + first..window.rows.end + first;
+                windows.push((&part.buffer, Window { rows, ..window }));
+            }
+        }
+        Ok(windows)
+    }
+
+    /// Gathers rows `ids` of the row-major `src` (`width` elements of `dtype` per row) into a new
+    /// `[ids, width]` tensor, binding the source in windows when it is larger than one binding.
     fn gather(
         &self,
-        src: &wgpu::Buffer,
+        src: &[Part],
         dtype: DType,
-        rows: usize,
         width: usize,
         ids: &[u32],
         shape: Vec<usize>,
@@ -166,10 +226,7 @@ impl WgpuBackend {
         let ids_buffer = self.upload_u32(ids, "ids")?;
         let kernel = Kernel::new(Family::Gather, "gather").with("DTYPE", dtype_code(dtype));
         let elements = ids.len() * width;
-        for window in self
-            .ctx
-            .windows("gather", src.size(), rows, width, dtype.size_in_bytes())?
-        {
+        for (buffer, window) in self.part_windows("gather", src, width, dtype.size_in_bytes())? {
             let params = [
                 elements as u32,
                 width as u32,
@@ -182,7 +239,7 @@ impl WgpuBackend {
                 &params,
                 &[
                     bind(1, &ids_buffer),
-                    bind(2, src).window(window.offset, window.size),
+                    bind(2, buffer).window(window.offset, window.size),
                     bind(3, &out.buffer),
                 ],
                 elements.div_ceil(LANES),
@@ -203,7 +260,7 @@ impl WgpuBackend {
         let out = self.tensor(x.len(), x.shape.clone(), "norm")?;
         self.fits(&[x, &out], "norm")?;
         let (mode, dtype, w) = match weight {
-            Some(w) => (0, w.dtype, &w.buffer),
+            Some(w) => (0, w.dtype, w.whole()),
             None => (1, DType::F32, &x.buffer),
         };
         let kernel = Kernel::new(Family::Norm, "norm")
@@ -315,20 +372,16 @@ impl WgpuBackend {
         // the buffer, and `window.base` counts elements of the stored dtype.
         let score_chunks =
             Kernel::new(Family::Routing, "score_chunks").with("DTYPE", dtype_code(keys.dtype));
-        for window in self.ctx.windows(
-            "routing keys",
-            keys.buffer.size(),
-            dims.chunks,
-            row,
-            keys.dtype.size_in_bytes(),
-        )? {
+        for (buffer, window) in
+            self.part_windows("routing keys", &keys.parts, row, keys.dtype.size_in_bytes())?
+        {
             let chunks = window.rows.len();
             self.ctx.dispatch(
                 &score_chunks,
                 &params(chunks, window.rows.start, window.base, q_heads),
                 &[
                     bind(1, &q.buffer),
-                    bind(2, &keys.buffer).window(window.offset, window.size),
+                    bind(2, buffer).window(window.offset, window.size),
                     bind(3, &chunk_scores.buffer),
                 ],
                 chunks.div_ceil(LANES),
@@ -361,6 +414,11 @@ impl Backend for WgpuBackend {
         )
     }
 
+    fn max_tensor_bytes(&self) -> Option<u64> {
+        let caps = &self.ctx.caps;
+        Some(caps.max_binding_bytes.min(caps.max_buffer_bytes))
+    }
+
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<WgpuTensor> {
         shapes::check_fill("upload", data.len(), &[data.len()], shape)?;
         Ok(WgpuTensor {
@@ -373,8 +431,61 @@ impl Backend for WgpuBackend {
 
     fn upload_weight(&self, view: TensorView<'_>) -> Result<WgpuWeight> {
         shapes::check_weight_bytes(&view)?;
+        let caps = &self.ctx.caps;
+        // Kernels bind rows in windows (1-D weights whole), starting up to one alignment early.
+        let rows = if view.shape.len() >= 2 {
+            view.shape[0]
+        } else {
+            1
+        };
+        let total = view.bytes.len();
+        let row_bytes = total / rows.max(1);
+        let largest_row = caps
+            .max_binding_bytes
+            .saturating_sub(u64::from(caps.storage_offset_alignment));
+        if row_bytes as u64 > largest_row {
+            return Err(self.ctx.limit_error(format!(
+                "the model exceeds this device's buffer limits: a row of `{}` {:?} is {row_bytes} \
+                 bytes, more than the {largest_row} bytes a storage binding \
+                 (maxStorageBufferBindingSize {}) can hold",
+                view.name, view.shape, caps.max_binding_bytes
+            )));
+        }
+        // Parts start at multiples of 4 bytes, so packed 16-bit elements keep their parity.
+        let mut rows_per_part = if total as u64 <= caps.max_buffer_bytes {
+            rows.max(1)
+        } else {
+            (caps.max_buffer_bytes / row_bytes as u64) as usize
+        };
+        if !row_bytes.is_multiple_of(4) && rows_per_part < rows {
+            rows_per_part &= !1;
+        }
+        if rows_per_part == 0 {
+            let smallest_part = if row_bytes.is_multiple_of(4) {
+                row_bytes
+            } else {
+                2 * row_bytes
+            };
+            return Err(self.ctx.limit_error(format!(
+                "the model exceeds this device's buffer limits: `{}` {:?} splits into parts of at \
+                 least {smallest_part} bytes, more than the largest buffer (maxBufferSize {})",
+                view.name, view.shape, caps.max_buffer_bytes
+            )));
+        }
+        let parts = (0..rows.max(1))
+            .step_by(rows_per_part)
+            .map(|first| {
+                let end = (first + rows_per_part).min(rows);
+                Ok(Part {
+                    buffer: self
+                        .ctx
+                        .storage_with(&view.bytes[first * row_bytes..end * row_bytes], view.name)?,
+                    rows: first..end,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(WgpuWeight {
-            buffer: self.ctx.storage_with(view.bytes, view.name)?,
+            parts,
             shape: view.shape.to_vec(),
             dtype: view.dtype,
         })
@@ -383,7 +494,7 @@ impl Backend for WgpuBackend {
     fn tensor_to_weight(&self, tensor: &WgpuTensor) -> Result<WgpuWeight> {
         // Buffers are reference counted: the weight shares the tensor's storage.
         Ok(WgpuWeight {
-            buffer: tensor.buffer.clone(),
+            parts: vec![tensor.whole()],
             shape: tensor.shape.clone(),
             dtype: DType::F32,
         })
@@ -421,11 +532,10 @@ impl Backend for WgpuBackend {
     }
 
     fn embedding(&self, table: &WgpuWeight, ids: &[u32]) -> Result<WgpuTensor> {
-        let (vocab, hidden) = shapes::embedding_dims(&table.shape, ids)?;
+        let (_, hidden) = shapes::embedding_dims(&table.shape, ids)?;
         self.gather(
-            &table.buffer,
+            &table.parts,
             table.dtype,
-            vocab,
             hidden,
             ids,
             vec![ids.len(), hidden],
@@ -446,14 +556,12 @@ impl Backend for WgpuBackend {
         let kernel = Kernel::new(Family::Matmul, "matmul")
             .with("DTYPE", dtype_code(weight.dtype))
             .with("ROWS", rows_per_invocation as u32);
-        let windows = self.ctx.windows(
+        for (buffer, window) in self.part_windows(
             "matmul weight",
-            weight.buffer.size(),
-            out_features,
+            &weight.parts,
             inner,
             weight.dtype.size_in_bytes(),
-        )?;
-        for window in windows {
+        )? {
             let cols = window.rows.len();
             let params = [
                 n as u32,
@@ -469,7 +577,7 @@ impl Backend for WgpuBackend {
                 &params,
                 &[
                     bind(1, &x.buffer),
-                    bind(2, &weight.buffer).window(window.offset, window.size),
+                    bind(2, buffer).window(window.offset, window.size),
                     bind(3, &out.buffer),
                 ],
                 (cols * row_blocks).div_ceil(LANES),
@@ -633,8 +741,8 @@ impl Backend for WgpuBackend {
 
     fn gather_rows(&self, tensor: &WgpuTensor, indices: &[u32]) -> Result<WgpuTensor> {
         let shape = shapes::gather_shape(&tensor.shape, indices)?;
-        let (rows, width) = shapes::rows_and_width(&tensor.shape);
-        self.gather(&tensor.buffer, DType::F32, rows, width, indices, shape)
+        let (_, width) = shapes::rows_and_width(&tensor.shape);
+        self.gather(&[tensor.whole()], DType::F32, width, indices, shape)
     }
 
     fn chunk_mean_pool(&self, x: &WgpuTensor, chunk: usize) -> Result<WgpuTensor> {

@@ -439,10 +439,16 @@ impl GpuContext {
             if let Some(fault) = &*fault.lock().expect("fault lock") {
                 return Err(fault.to_error());
             }
-            mapped.await.map_err(|message| Error::Device {
-                backend: "wgpu".into(),
-                message: format!("reading back a buffer: {message}"),
-            })?;
+            // A browser fails the map of a lost device before it reports the loss: prefer the loss.
+            mapped
+                .await
+                .map_err(|message| match &*fault.lock().expect("fault lock") {
+                    Some(fault) => fault.to_error(),
+                    None => Error::Device {
+                        backend: "wgpu".into(),
+                        message: format!("reading back a buffer: {message}"),
+                    },
+                })?;
             let data = staging.get_mapped_range(..).map_err(|e| Error::Device {
                 backend: "wgpu".into(),
                 message: format!("reading back a buffer: {e}"),

@@ -21,6 +21,9 @@ pub struct DeviceOptions {
     /// Caps the storage-buffer binding size below the adapter's limit (browsers default to 128 MiB).
     /// Larger tensors are bound in windows; tests use a small cap to exercise that path.
     pub max_binding_bytes: Option<u64>,
+    /// Caps the buffer size below the adapter's limit (browsers default to 256 MiB). Larger weights
+    /// are split by rows into several buffers.
+    pub max_buffer_bytes: Option<u64>,
 }
 
 impl DeviceOptions {
@@ -32,6 +35,7 @@ impl DeviceOptions {
                 .filter(|name| !name.trim().is_empty()),
             index: None,
             max_binding_bytes: None,
+            max_buffer_bytes: None,
         }
     }
 }
@@ -178,7 +182,11 @@ pub(crate) async fn open_device(
         timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
         // Windows start at aligned offsets, so the usable size is a multiple of the alignment.
         max_binding_bytes: binding / u64::from(alignment) * u64::from(alignment),
-        max_buffer_bytes: limits.max_buffer_size,
+        max_buffer_bytes: options
+            .max_buffer_bytes
+            .map_or(limits.max_buffer_size, |cap| {
+                cap.min(limits.max_buffer_size)
+            }),
         max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
         storage_offset_alignment: alignment,
     };

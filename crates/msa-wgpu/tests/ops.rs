@@ -475,15 +475,18 @@ fn top_k_selects_like_the_reference_with_ties_nan_and_signed_zero() {
 }
 
 #[test]
-fn tensors_larger_than_the_binding_limit_are_split() {
-    // A 4 KiB binding cap makes every weight below span several windows.
+fn tensors_larger_than_the_binding_and_buffer_limits_are_split() {
+    // A 4 KiB binding cap makes every weight below span several windows; an 8 KiB buffer cap splits
+    // the weights into several buffers (at row boundaries that keep packed 16-bit parity).
     let Some(small) = gpu_with(DeviceOptions {
         max_binding_bytes: Some(4096),
+        max_buffer_bytes: Some(8192),
         ..DeviceOptions::from_env()
     }) else {
         return;
     };
     assert_eq!(small.capabilities().max_binding_bytes, 4096);
+    assert_eq!(small.capabilities().max_buffer_bytes, 8192);
     let cpu = CpuBackend::new();
     let mut rng = StdRng::seed_from_u64(9);
     for dtype in DTYPES {
@@ -501,6 +504,11 @@ fn tensors_larger_than_the_binding_limit_are_split() {
             small.upload_weight(view).unwrap(),
             cpu.upload_weight(view).unwrap(),
         );
+        assert!(
+            gw.buffers() >= bytes.len() / 8192,
+            "{dtype}: {} buffers",
+            gw.buffers()
+        );
         let ids: Vec<u32> = (0..20).map(|_| rng.random_range(0..rows as u32)).collect();
         let g = pollster::block_on(small.read(&small.embedding(&gw, &ids).unwrap())).unwrap();
         let c = pollster::block_on(cpu.read(&cpu.embedding(&cw, &ids).unwrap())).unwrap();
@@ -517,7 +525,14 @@ fn tensors_larger_than_the_binding_limit_are_split() {
         assert_close(&format!("windowed matmul {dtype}"), &g, &c, TOL);
     }
     // Routing keys of ~150 chunks × 2 heads × 16 dims (19 KiB as f32) against a 4 KiB binding, in every
-    // stored dtype; with one KV head of 33 dims, packed windows start at odd elements.
+    // stored dtype; with one KV head of 33 dims, packed windows start at odd elements. Stored bf16/f16
+    // keys (a bank's) are split into buffers too; f32 keys are a memory's own tensor, which must fit
+    // one buffer, so they run with the binding cap alone.
+    let windowed = gpu_with(DeviceOptions {
+        max_binding_bytes: Some(4096),
+        ..DeviceOptions::from_env()
+    })
+    .expect("the adapter opened once");
     let spec = RoutingSpec {
         score_mode: ScoreMode::ScaledDot,
         head_reduce: HeadReduce::Mean,
@@ -530,10 +545,15 @@ fn tensors_larger_than_the_binding_limit_are_split() {
             let chunks = *offsets.last().unwrap() as usize;
             let k = random(&mut rng, chunks * kv_heads * d);
             let q = random(&mut rng, 2 * heads * d);
-            let (gk, ck) = key_weights(&small, &cpu, &k, &[chunks, kv_heads, d], dtype);
-            let g = small
+            let gpu = if dtype == DType::F32 {
+                &windowed
+            } else {
+                &small
+            };
+            let (gk, ck) = key_weights(gpu, &cpu, &k, &[chunks, kv_heads, d], dtype);
+            let g = gpu
                 .routing_scores(
-                    &small.upload(&q, &[2, heads, d]).unwrap(),
+                    &gpu.upload(&q, &[2, heads, d]).unwrap(),
                     &[0, 1],
                     &gk,
                     &offsets,
@@ -551,7 +571,7 @@ fn tensors_larger_than_the_binding_limit_are_split() {
                 .unwrap();
             assert_close(
                 &format!("windowed routing {dtype} keys h{heads}/{kv_heads} d{d}"),
-                &pollster::block_on(small.read(&g)).unwrap(),
+                &pollster::block_on(gpu.read(&g)).unwrap(),
                 &pollster::block_on(cpu.read(&c)).unwrap(),
                 TOL,
             );
@@ -567,6 +587,36 @@ fn tensors_larger_than_the_binding_limit_are_split() {
     assert!(err.contains("storage binding limit"), "{err}");
     let sum = small.add(&rows, &rows).unwrap();
     assert_eq!(pollster::block_on(small.read(&sum)).unwrap(), vec![2.0; 64]);
+}
+
+#[test]
+fn a_weight_whose_row_cannot_be_bound_is_refused_naming_the_limit() {
+    let Some(small) = gpu_with(DeviceOptions {
+        max_binding_bytes: Some(4096),
+        ..DeviceOptions::from_env()
+    }) else {
+        return;
+    };
+    // 2,000 f32 per row: 8,000 bytes, past a 4 KiB binding.
+    let bytes = vec![0u8; 3 * 2000 * 4];
+    let shape = [3, 2000];
+    let err = small
+        .upload_weight(TensorView {
+            name: "model.embed_tokens.weight",
+            dtype: DType::F32,
+            shape: &shape,
+            bytes: &bytes,
+        })
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "exceeds this device's buffer limits",
+        "model.embed_tokens.weight",
+        "8000 bytes",
+        "maxStorageBufferBindingSize 4096",
+    ] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
 }
 
 #[test]
@@ -685,4 +735,27 @@ fn both_backends_refuse_the_same_malformed_inputs() {
     );
     assert_eq!(ge, ce);
     assert!(ge.contains("[vocab, hidden]"), "{ge}");
+}
+
+#[test]
+fn a_destroyed_device_is_reported_lost_by_every_later_op() {
+    let Some(gpu) = gpu() else { return };
+    let x = gpu.upload(&[1.0; 64], &[4, 16]).unwrap();
+    let sum = gpu.add(&x, &x).unwrap();
+    let pending = gpu.read(&sum);
+    gpu.destroy();
+    // Work recorded before the loss fails rather than returning garbage or hanging.
+    let lost = |result: msa_engine::Result<Vec<f32>>| match result {
+        Err(e @ msa_engine::Error::DeviceLost { .. }) => e.to_string(),
+        other => panic!("expected DeviceLost, got {other:?}"),
+    };
+    let before = lost(pollster::block_on(pending));
+    assert!(before.contains("device was lost"), "{before}");
+    // So does every later op, with wgpu's reason (the device was destroyed).
+    let after = match gpu.add(&x, &x) {
+        Ok(y) => lost(pollster::block_on(gpu.read(&y))),
+        Err(e) => e.to_string(),
+    };
+    assert!(after.contains("device was lost"), "{after}");
+    assert!(after.to_lowercase().contains("destroy"), "{after}");
 }

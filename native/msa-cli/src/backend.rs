@@ -114,7 +114,7 @@ fn open_wgpu(adapter: Option<String>, devices: usize) -> Result<(WgpuBackend, Ve
         pollster::block_on(WgpuBackend::new(DeviceOptions {
             adapter: adapter.clone(),
             index: Some(index),
-            max_binding_bytes: None,
+            ..DeviceOptions::default()
         }))
         .context("opening a wgpu device")
     };

@@ -40,7 +40,10 @@ export interface RoutedDocument {
 export interface LayerRouting {
   layer: number;
   chunks: number;
+  /** The selected documents, highest score first. */
   documents: RoutedDocument[];
+  /** Every document's score, by id (without `interleave`). */
+  scores?: number[];
 }
 
 export interface Answer {
@@ -66,11 +69,19 @@ export type AskEvent =
   | { type: "retrievalEnded"; round: number; reason: "marker" | "characterCap" }
   | { type: "done"; answer: Answer };
 
+/** Buffer limits in bytes, as WebGPU names them. */
+export interface Limits {
+  maxBufferSize?: number;
+  maxStorageBufferBindingSize?: number;
+}
+
 export interface Stats {
   documents: number;
   chunks: number;
   /** The WebGPU adapter, as the browser names it (vendor, architecture, description). */
   adapter: string;
+  /** The limits the engine works within (the adapter's, or the caps given to `load`). */
+  limits: Required<Limits>;
 }
 
 /** Whether the page has WebGPU at all (`navigator.gpu`). */
@@ -78,11 +89,14 @@ export function hasWebGpu(): boolean;
 
 export class Msa {
   /**
-   * Loads a model onto the browser's GPU. Rejects with "WebGPU unavailable: …" without WebGPU, and
-   * with the engine's message for a bad config, checkpoint or tokenizer.
+   * Loads a model onto the browser's GPU. Weights larger than a buffer are split across buffers;
+   * `limits` caps the adapter's limits (to check a model against WebGPU's defaults, 256 MiB and
+   * 128 MiB). Rejects with "WebGPU unavailable: …" without WebGPU, "… exceeds this device's buffer
+   * limits …" naming the limit when a weight row cannot be bound, and the engine's message for a bad
+   * config, checkpoint or tokenizer.
    */
   static load(
-    files: { config: Source; weights: Source; tokenizer: Source },
+    files: { config: Source; weights: Source; tokenizer: Source; limits?: Limits },
     onProgress?: (progress: LoadProgress) => void,
   ): Promise<Msa>;
   /** Encodes documents into the memory; resolves to the number of documents it holds. */
@@ -90,4 +104,9 @@ export class Msa {
   /** Answers a question as a stream of events ending with `done`. */
   ask(question: string, options?: AskOptions): AsyncGenerator<AskEvent, void, void>;
   stats(): Stats;
+  /**
+   * Frees the GPU memory now. Later calls reject as after a device loss: every call rejects with
+   * "… the GPU device was lost …" once the device is gone; load a model again to go on.
+   */
+  dispose(): void;
 }

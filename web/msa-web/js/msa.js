@@ -62,9 +62,10 @@ export class Msa {
   /**
    * Loads a model onto the browser's GPU. Each of `config`, `weights` (a .safetensors file) and
    * `tokenizer` is a URL, a File/Blob, an ArrayBuffer or a Uint8Array. `onProgress({loaded, total})`
-   * hears the bytes of all three as they arrive.
+   * hears the bytes of all three as they arrive. `limits` (optional) caps `maxBufferSize` and
+   * `maxStorageBufferBindingSize` below the adapter's; larger weights are split across buffers.
    */
-  static async load({ config, weights, tokenizer }, onProgress) {
+  static async load({ config, weights, tokenizer, limits }, onProgress) {
     if (!hasWebGpu()) throw new Error(WEBGPU_MISSING);
     // Asked before any download: a browser with WebGPU turned off has navigator.gpu but no adapter.
     const adapter = await navigator.gpu.requestAdapter();
@@ -86,7 +87,8 @@ export class Msa {
       bytesOf(tokenizer, "tokenizer.json", report("tokenizer")),
     ]);
     const text = (bytes) => new TextDecoder().decode(bytes);
-    const msa = new Msa(await MsaEngine.load(text(configBytes), weightBytes, text(tokenizerBytes)));
+    const engine = await MsaEngine.load(text(configBytes), weightBytes, text(tokenizerBytes), limits);
+    const msa = new Msa(engine);
     // wgpu sees little of a browser adapter; WebGPU's own info names it.
     const info = adapter.info;
     msa.#adapter = [info?.vendor, info?.architecture, info?.description].filter((s) => s).join(" ");
@@ -131,9 +133,20 @@ export class Msa {
     }
   }
 
-  /** `{documents, chunks, adapter}`: `adapter` as WebGPU names it (vendor, architecture). */
+  /**
+   * `{documents, chunks, adapter, limits}`: `adapter` as WebGPU names it (vendor, architecture),
+   * `limits` the buffer limits the engine works within.
+   */
   stats() {
     const stats = this.#engine.stats();
     return { ...stats, adapter: this.#adapter || stats.adapter };
+  }
+
+  /**
+   * Frees the GPU memory (model, documents) now. Every later call rejects, as after a device loss
+   * ("the GPU device was lost"); load a model again to go on.
+   */
+  dispose() {
+    this.#engine.destroy();
   }
 }

@@ -18,8 +18,8 @@ use std::rc::Rc;
 use js_sys::{Function, Promise};
 use msa_core::{Checkpoint, ModelConfig, MsaTokenizer, SamplingParams, TextStream};
 use msa_engine::{
-    EncodeProgress, FinishReason, GenerateOptions, InterleaveEvent, InterleaveFinish,
-    InterleaveOptions, LayerRouting, Memory, Model, Phase, RetrievalEnd,
+    Backend, EncodeProgress, FinishReason, GenerateOptions, InterleaveEvent, InterleaveFinish,
+    InterleaveOptions, LayerRouting, Memory, Model, Phase, RetrievalEnd, Trace,
 };
 use msa_wgpu::{DeviceOptions, WgpuBackend, WgpuError};
 use serde_json::{Value, json};
@@ -30,6 +30,35 @@ use wasm_bindgen_futures::future_to_promise;
 struct State {
     model: Model<WgpuBackend>,
     memory: RefCell<Option<Memory<WgpuBackend>>>,
+}
+
+/// A JavaScript options object as JSON (`null` when absent).
+fn options_json(options: &JsValue) -> Result<Value, JsValue> {
+    if options.is_undefined() || options.is_null() {
+        return Ok(Value::Null);
+    }
+    let text = js_sys::JSON::stringify(options)?;
+    serde_json::from_str(&String::from(text)).map_err(error)
+}
+
+/// `load`'s limits: caps below the adapter's own, as WebGPU names them.
+fn device_options(limits: &JsValue) -> Result<DeviceOptions, JsValue> {
+    let value = options_json(limits)?;
+    let cap = |key: &str| -> Result<Option<u64>, JsValue> {
+        match &value[key] {
+            Value::Null => Ok(None),
+            v => v.as_u64().filter(|&n| n >= 256).map(Some).ok_or_else(|| {
+                error(format!(
+                    "limits.{key} must be a whole number ≥ 256, not {v}"
+                ))
+            }),
+        }
+    };
+    Ok(DeviceOptions {
+        max_buffer_bytes: cap("maxBufferSize")?,
+        max_binding_bytes: cap("maxStorageBufferBindingSize")?,
+        ..DeviceOptions::default()
+    })
 }
 
 /// What `ask` takes from its options object.
@@ -43,12 +72,7 @@ struct AskOptions {
 
 impl AskOptions {
     fn parse(options: &JsValue) -> Result<Self, JsValue> {
-        let value: Value = if options.is_undefined() || options.is_null() {
-            Value::Null
-        } else {
-            let text = js_sys::JSON::stringify(options)?;
-            serde_json::from_str(&String::from(text)).map_err(error)?
-        };
+        let value = options_json(options)?;
         let number = |key: &str, default: f64| -> Result<f64, JsValue> {
             match &value[key] {
                 Value::Null => Ok(default),
@@ -104,17 +128,23 @@ fn call(callback: &Function, value: &Value) -> Result<(), JsValue> {
     callback.call1(&JsValue::NULL, &to_js(value)?).map(|_| ())
 }
 
-fn routing_json(routing: &[LayerRouting]) -> Value {
+/// Per router layer: the selected documents and, when known, every document's score (by memory index).
+fn routing_json(routing: &[LayerRouting], scores: &[Vec<f32>]) -> Value {
     routing
         .iter()
-        .map(|layer| {
-            json!({
+        .enumerate()
+        .map(|(slot, layer)| {
+            let mut value = json!({
                 "layer": layer.layer,
                 "chunks": layer.chunks,
                 "documents": layer.documents.iter()
                     .map(|d| json!({"id": d.id, "score": d.score}))
                     .collect::<Vec<_>>(),
-            })
+            });
+            if let Some(scores) = scores.get(slot) {
+                value["scores"] = json!(scores);
+            }
+            value
         })
         .collect()
 }
@@ -123,18 +153,21 @@ fn routing_json(routing: &[LayerRouting]) -> Value {
 impl MsaEngine {
     /// Loads a model onto the browser's WebGPU adapter: `config` is the text of `config.json`,
     /// `weights` the bytes of a `.safetensors` file, `tokenizer` the text of `tokenizer.json`.
-    pub fn load(config: String, weights: Vec<u8>, tokenizer: String) -> Promise {
+    /// `limits` (optional): `{maxBufferSize, maxStorageBufferBindingSize}` in bytes, caps below the
+    /// adapter's (to run as on a device with WebGPU's default 256 MiB / 128 MiB). Weights larger than
+    /// a buffer are split across buffers and bound in windows; a weight row no binding can hold is a
+    /// "model exceeds this device's buffer limits" error naming the limit.
+    pub fn load(config: String, weights: Vec<u8>, tokenizer: String, limits: JsValue) -> Promise {
         future_to_promise(async move {
-            let gpu = WgpuBackend::new(DeviceOptions::default())
-                .await
-                .map_err(|e| match e {
-                    WgpuError::NoAdapter { .. } => error(
-                        "WebGPU unavailable: this browser offers no WebGPU adapter. Use a browser \
+            let options = device_options(&limits)?;
+            let gpu = WgpuBackend::new(options).await.map_err(|e| match e {
+                WgpuError::NoAdapter { .. } => error(
+                    "WebGPU unavailable: this browser offers no WebGPU adapter. Use a browser \
                          with WebGPU (a recent Chrome, Edge, Firefox or Safari) on a secure (https \
                          or localhost) page.",
-                    ),
-                    e => error(format!("WebGPU unavailable: {e}")),
-                })?;
+                ),
+                e => error(format!("WebGPU unavailable: {e}")),
+            })?;
             let config = ModelConfig::from_json_str(&config, "config.json").map_err(error)?;
             let checkpoint = Checkpoint::from_bytes(vec![("model.safetensors".into(), weights)])
                 .map_err(error)?;
@@ -232,14 +265,27 @@ impl MsaEngine {
         })
     }
 
-    /// `{documents, chunks, adapter}`.
+    /// `{documents, chunks, adapter, limits: {maxBufferSize, maxStorageBufferBindingSize}}`: the limits
+    /// the engine works within.
     pub fn stats(&self) -> Result<JsValue, JsValue> {
         let memory = self.state.memory.try_borrow().map_err(error)?;
+        let gpu = &self.state.model.backend;
+        let caps = gpu.capabilities();
         to_js(&json!({
             "documents": memory.as_ref().map_or(0, |m| m.documents().len()),
             "chunks": memory.as_ref().map_or(0, |m| m.chunk_count()),
-            "adapter": msa_engine::Backend::describe(&self.state.model.backend),
+            "adapter": gpu.describe(),
+            "limits": {
+                "maxBufferSize": caps.max_buffer_bytes,
+                "maxStorageBufferBindingSize": caps.max_binding_bytes,
+            },
         }))
+    }
+
+    /// Frees the GPU device and everything on it now. The engine is then like one whose device was
+    /// lost: every later call rejects with "the GPU device was lost"; load the model again.
+    pub fn destroy(&self) {
+        self.state.model.backend.destroy();
     }
 }
 
@@ -258,10 +304,24 @@ impl State {
             sampling: options.sampling,
             stop_tokens: None,
         };
-        let mut generation = model.ask(memory, question, &generate).await?;
-        let routing = routing_json(generation.routing());
-        emit(json!({"type": "routing", "round": 1, "layers": routing}));
+        if question.trim().is_empty() {
+            return Err(msa_engine::Error::EmptyQuestion);
+        }
         let tokenizer = model.require_tokenizer()?;
+        // The trace keeps every document's score per router layer, for the page's heat map.
+        let mut trace = Trace::default();
+        let prompt = tokenizer.question_prompt(question)?;
+        let (session, logits) = model
+            .prefill_query(memory, &prompt, Some(&mut trace))
+            .await?;
+        let mut scores = Vec::with_capacity(trace.document_scores.len());
+        for (_, layer_scores) in &trace.document_scores {
+            scores.push(model.backend.read(layer_scores).await?);
+        }
+        drop(trace);
+        let mut generation = model.generation(session, logits, &generate)?;
+        let routing = routing_json(generation.routing(), &scores);
+        emit(json!({"type": "routing", "round": 1, "layers": routing}));
         let mut stream = TextStream::new(tokenizer);
         let mut tokens = Vec::new();
         while let Some(token) = generation.next_token().await? {
@@ -317,7 +377,7 @@ impl State {
                         "routingTokens": prompt.routing_positions().len(),
                     }),
                     InterleaveEvent::Routed { round, routing, .. } => {
-                        let layer = routing_json(std::slice::from_ref(&routing))[0].clone();
+                        let layer = routing_json(std::slice::from_ref(&routing), &[])[0].clone();
                         if rounds_routing.len() < round {
                             rounds_routing.push(json!([]));
                         }
