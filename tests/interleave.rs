@@ -236,14 +236,18 @@ fn rounds_name_documents_inject_them_and_reroute_until_the_answer() {
     }
     assert_eq!(run.tokens_of(Phase::Answer), forced[3]);
 
-    // Every round routes in both router layers and selects the top 3 of 8.
+    // Every round routes in both router layers and selects the top 3 of 8 (scores of every document
+    // only when asked for).
     let routed: Vec<(usize, usize, usize)> = run
         .events
         .iter()
         .filter_map(|e| match e {
-            InterleaveEvent::Routed { round, routing, .. } => {
-                Some((*round, routing.layer, routing.documents.len()))
-            }
+            InterleaveEvent::Routed {
+                round,
+                routing,
+                scores: None,
+                ..
+            } => Some((*round, routing.layer, routing.documents.len())),
             _ => None,
         })
         .collect();
@@ -345,6 +349,7 @@ fn a_later_round_is_a_fresh_prefill_of_the_whole_conversation() {
     let options = InterleaveOptions {
         max_round_tokens: round_1.len(),
         sampling: SAMPLING,
+        document_scores: true,
         ..forcing(round_1.clone())
     };
     let run = f.run(&memory, &options);
@@ -363,9 +368,11 @@ fn a_later_round_is_a_fresh_prefill_of_the_whole_conversation() {
         (f.injected(&[2, 5]), Routing),
         (f.literal(&["<|object_ref_end|>"]), Context),
     ]);
+    let mut trace = Trace::default();
     let (session, logits) =
-        pollster::block_on(f.model.prefill_query(&memory, &expected, None)).unwrap();
+        pollster::block_on(f.model.prefill_query(&memory, &expected, Some(&mut trace))).unwrap();
     let routing = session.routing().to_vec();
+    let scores = pollster::block_on(trace.read_document_scores(&f.model.backend)).unwrap();
     let mut generation = f
         .model
         .generation(
@@ -381,17 +388,26 @@ fn a_later_round_is_a_fresh_prefill_of_the_whole_conversation() {
     let direct = pollster::block_on(generation.collect_tokens()).unwrap();
     assert_eq!(sampled.len(), round_1.len());
     assert_eq!(sampled, direct);
-    let round_2_routing: Vec<_> = run
+    let (round_2_routing, round_2_scores): (Vec<_>, Vec<_>) = run
         .events
         .iter()
         .filter_map(|e| match e {
             InterleaveEvent::Routed {
-                round: 2, routing, ..
-            } => Some(routing.clone()),
+                round: 2,
+                routing,
+                scores,
+                ..
+            } => Some((
+                routing.clone(),
+                scores.clone().expect("scores were asked for"),
+            )),
             _ => None,
         })
-        .collect();
+        .unzip();
     assert_eq!(round_2_routing, routing);
+    // Every document's score, as the hand-built prefill's trace has them.
+    assert_eq!(round_2_scores, scores);
+    assert!(scores.iter().all(|layer| layer.len() == f.documents.len()));
 }
 
 /// The answer after `<End-of-Retrieve>` computed by hand: prefill, every retrieval token fed one at a

@@ -19,7 +19,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::memory::Memory;
 use crate::model::Model;
-use crate::session::{BlockAttention, LayerRouting, RouteStats, Session};
+use crate::session::{BlockAttention, LayerRouting, RouteStats, Session, Trace};
 
 /// Settings of a Memory Interleave run.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +39,9 @@ pub struct InterleaveOptions {
     pub forced_tokens: Vec<u32>,
     /// Tokens that end generation; `None` uses the config's `eos_token_id`.
     pub stop_tokens: Option<Vec<u32>>,
+    /// Report every document's score in [`InterleaveEvent::Routed`] (one readback of a score per
+    /// document per router layer and round), for views such as the browser demo's heat map.
+    pub document_scores: bool,
 }
 
 impl Default for InterleaveOptions {
@@ -51,6 +54,7 @@ impl Default for InterleaveOptions {
             question_attention: BlockAttention::Causal,
             forced_tokens: Vec::new(),
             stop_tokens: None,
+            document_scores: false,
         }
     }
 }
@@ -98,6 +102,8 @@ pub enum InterleaveEvent {
         round: usize,
         routing: LayerRouting,
         stats: RouteStats,
+        /// Every document's score, by memory index, with [`InterleaveOptions::document_scores`].
+        scores: Option<Vec<f32>>,
     },
     /// A generated token and the text it completed (empty while a character is unfinished).
     Token { phase: Phase, id: u32, text: String },
@@ -169,12 +175,19 @@ impl<B: Backend> Model<B> {
                 round,
                 prompt: prompt.clone(),
             });
-            let (mut session, logits) = self.prefill_query(memory, &prompt, None).await?;
+            let mut trace = options.document_scores.then(Trace::default);
+            let (mut session, logits) = self.prefill_query(memory, &prompt, trace.as_mut()).await?;
+            let mut scores = match &trace {
+                Some(trace) => trace.read_document_scores(&self.backend).await?,
+                None => Vec::new(),
+            }
+            .into_iter();
             for (routing, stats) in session.routing().iter().zip(session.route_stats()) {
                 on_event(InterleaveEvent::Routed {
                     round,
                     routing: routing.clone(),
                     stats: *stats,
+                    scores: scores.next(),
                 });
             }
             let mut scanner = RoundScanner::new();

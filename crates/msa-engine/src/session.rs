@@ -60,6 +60,21 @@ pub struct Trace<T> {
     pub logits: Option<T>,
 }
 
+impl<T> Trace<T> {
+    /// Every document's score (by memory index) per router layer, read back to the host, in
+    /// router-layer order.
+    pub async fn read_document_scores<B: Backend<Tensor = T>>(
+        &self,
+        b: &B,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut scores = Vec::with_capacity(self.document_scores.len());
+        for (_, layer) in &self.document_scores {
+            scores.push(b.read(layer).await?);
+        }
+        Ok(scores)
+    }
+}
+
 impl<T> Default for Trace<T> {
     fn default() -> Self {
         Trace {

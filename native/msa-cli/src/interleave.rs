@@ -71,6 +71,7 @@ impl InterleaveArgs {
             },
             forced_tokens,
             stop_tokens: generate.stop_tokens.clone(),
+            document_scores: false,
         })
     }
 }

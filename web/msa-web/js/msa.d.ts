@@ -42,7 +42,7 @@ export interface LayerRouting {
   chunks: number;
   /** The selected documents, highest score first. */
   documents: RoutedDocument[];
-  /** Every document's score, by id (without `interleave`). */
+  /** Every document's score, by id. */
   scores?: number[];
 }
 

@@ -314,10 +314,7 @@ impl State {
         let (session, logits) = model
             .prefill_query(memory, &prompt, Some(&mut trace))
             .await?;
-        let mut scores = Vec::with_capacity(trace.document_scores.len());
-        for (_, layer_scores) in &trace.document_scores {
-            scores.push(model.backend.read(layer_scores).await?);
-        }
+        let scores = trace.read_document_scores(&model.backend).await?;
         drop(trace);
         let mut generation = model.generation(session, logits, &generate)?;
         let routing = routing_json(generation.routing(), &scores);
@@ -365,6 +362,7 @@ impl State {
             max_answer_tokens: options.max_tokens,
             sampling: options.sampling,
             forced_tokens,
+            document_scores: true,
             ..InterleaveOptions::default()
         };
         let mut rounds_routing: Vec<Value> = Vec::new();
@@ -376,8 +374,15 @@ impl State {
                         "type": "round", "round": round, "promptTokens": prompt.ids.len(),
                         "routingTokens": prompt.routing_positions().len(),
                     }),
-                    InterleaveEvent::Routed { round, routing, .. } => {
-                        let layer = routing_json(std::slice::from_ref(&routing), &[])[0].clone();
+                    InterleaveEvent::Routed {
+                        round,
+                        routing,
+                        scores,
+                        ..
+                    } => {
+                        let scores: Vec<Vec<f32>> = scores.into_iter().collect();
+                        let layer =
+                            routing_json(std::slice::from_ref(&routing), &scores)[0].clone();
                         if rounds_routing.len() < round {
                             rounds_routing.push(json!([]));
                         }
