@@ -1,8 +1,9 @@
 //! Every wgpu kernel at MSA-4B shapes (hidden 2560, 32 query / 8 KV heads × 128, FFN 9728, vocab 151,936,
-//! 1M memory tokens = 15,625 pooled chunks for one router layer), next to the adapter's own buffer-copy
-//! bandwidth measured in the same run. The summary prints, per kernel: time, effective GB/s (bytes the
-//! kernel must read and write) and that figure as a fraction of copy bandwidth, so numbers from lavapipe,
-//! a browser or a real GPU read the same way.
+//! 1M memory tokens = 15,625 pooled chunks for one router layer), next to the adapter's roofline probes
+//! (buffer copy, read kernel, f32 FMA) measured in the same run. The summary prints, per kernel: time,
+//! effective GB/s (bytes the kernel must read and write) and that figure as a fraction of the read
+//! kernel's bandwidth, so numbers from lavapipe, a browser or a real GPU read the same way.
+//! `msa bench --kernels` gives the same kernels side by side with the CPU reference.
 //!
 //! `cargo bench -p msa-wgpu --bench kernels` (`WGPU_ADAPTER_NAME`, `WGPU_BACKEND` pick the adapter).
 //! Each sample records `iters` ops into one submit and waits for the device, so submission cost is
@@ -16,6 +17,7 @@ use criterion::{Criterion, Throughput};
 use half::bf16;
 use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
 use msa_engine::{AttentionMask, Backend, RoutingSpec};
+use msa_wgpu::probe::{Probe, RooflineProbe};
 use msa_wgpu::{DeviceOptions, WgpuBackend, WgpuTensor, WgpuWeight};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -89,6 +91,12 @@ fn mean_ns(group: &str, id: &str) -> Option<f64> {
 
 const GROUP: &str = "wgpu_kernels";
 
+const PROBES: [(&str, Probe); 3] = [
+    ("probe_copy", Probe::Copy),
+    ("probe_read", Probe::Read),
+    ("probe_f32_fma", Probe::FmaF32),
+];
+
 fn main() {
     let gpu = match pollster::block_on(WgpuBackend::new(DeviceOptions::from_env())) {
         Ok(gpu) => gpu,
@@ -114,22 +122,15 @@ fn main() {
     let ran: RefCell<Vec<&'static str>> = RefCell::default();
     let mut group = criterion.benchmark_group(GROUP);
 
-    // Copy bandwidth: a 64 MiB buffer copied to another (read + write).
-    let copy_src = b.tensor(&[16 << 20]);
-    let copy_bytes = 2 * (64u64 << 20);
-    group.throughput(Throughput::Bytes(copy_bytes));
-    group.bench_function("copy_64MiB", |bench| {
-        ran.borrow_mut().push("copy_64MiB");
-        bench.iter_custom(|iters| {
-            device_time(&gpu, iters, || {
-                gpu.concat_rows(&[&copy_src]).unwrap();
-            })
-        })
-    });
-    measured.push(Measured {
-        id: "copy_64MiB",
-        bytes: copy_bytes,
-    });
+    // The roofline probes (msa_wgpu::probe): buffer copy, a bandwidth-bound read kernel, f32 FMA rate.
+    let probe = RooflineProbe::new(&gpu).unwrap();
+    for (id, kind) in PROBES {
+        group.throughput(Throughput::Bytes(probe.work(kind) as u64));
+        group.bench_function(id, |bench| {
+            ran.borrow_mut().push(id);
+            bench.iter_custom(|iters| device_time(&gpu, iters, || probe.record(kind).unwrap()))
+        });
+    }
 
     let mut run = |group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
                    id: &'static str,
@@ -303,22 +304,27 @@ fn main() {
     group.finish();
     criterion.final_summary();
 
-    // The summary the issue asks for: time, GB/s and fraction of this adapter's copy bandwidth.
+    // Time, GB/s and the fraction of this adapter's read-kernel bandwidth, measured in this run (the
+    // FMA probe's rate is printed for the compute-bound kernels; `msa bench --kernels` applies both).
     println!("\n{adapter}");
     let ran = ran.into_inner();
-    let copy = mean_ns(GROUP, "copy_64MiB")
-        .filter(|_| ran.contains(&"copy_64MiB"))
-        .map(|ns| copy_bytes as f64 / ns);
+    let measured_now = |id: &str| mean_ns(GROUP, id).filter(|_| ran.contains(&id));
+    for (id, kind) in PROBES {
+        if let Some(ns) = measured_now(id) {
+            println!("{id:<34} {:>9.2} G/s", probe.work(kind) / ns);
+        }
+    }
+    let read = measured_now("probe_read").map(|ns| probe.work(Probe::Read) / ns);
     println!(
         "{:<34} {:>12} {:>10} {:>9}",
-        "kernel", "time", "GB/s", "of copy"
+        "kernel", "time", "GB/s", "of read"
     );
     for m in measured.iter().filter(|m| ran.contains(&m.id)) {
-        let Some(ns) = mean_ns(GROUP, m.id) else {
+        let Some(ns) = measured_now(m.id) else {
             continue;
         };
         let gbps = m.bytes as f64 / ns;
-        let fraction = copy.map_or("-".to_string(), |c| format!("{:.2}", gbps / c));
+        let fraction = read.map_or("-".to_string(), |r| format!("{:.2}", gbps / r));
         println!(
             "{:<34} {:>9.3} ms {:>10.2} {:>9}",
             m.id,

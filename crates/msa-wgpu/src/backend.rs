@@ -103,7 +103,7 @@ struct RopeTable {
 /// The wgpu backend. Cheap to clone; clones share the device.
 #[derive(Clone)]
 pub struct WgpuBackend {
-    ctx: Arc<GpuContext>,
+    pub(crate) ctx: Arc<GpuContext>,
     rope: Arc<Mutex<Option<RopeTable>>>,
 }
 

@@ -20,10 +20,11 @@ pub enum Family {
     Attention,
     Routing,
     TopK,
+    Probe,
 }
 
 impl Family {
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 10] = [
         Family::Gather,
         Family::Matmul,
         Family::Norm,
@@ -33,6 +34,7 @@ impl Family {
         Family::Attention,
         Family::Routing,
         Family::TopK,
+        Family::Probe,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -46,6 +48,7 @@ impl Family {
             Family::Attention => "attention.wgsl",
             Family::Routing => "routing.wgsl",
             Family::TopK => "topk.wgsl",
+            Family::Probe => "probe.wgsl",
         }
     }
 
@@ -60,6 +63,7 @@ impl Family {
             Family::Attention => include_str!("../../../shaders/attention.wgsl"),
             Family::Routing => include_str!("../../../shaders/routing.wgsl"),
             Family::TopK => include_str!("../../../shaders/topk.wgsl"),
+            Family::Probe => include_str!("../../../shaders/probe.wgsl"),
         }
     }
 

@@ -23,6 +23,8 @@ mod context;
 mod device;
 mod error;
 pub mod kernels;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod probe;
 
 pub use backend::{WgpuBackend, WgpuTensor, WgpuWeight};
 pub use context::ExecutionStats;

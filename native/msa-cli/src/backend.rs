@@ -109,7 +109,10 @@ fn auto(args: &BackendArgs) -> BackendKind {
 /// the primary's kind (same API and device type: the other GPUs of a multi-GPU machine, never the GL
 /// view of the same GPU), cycling when there are fewer such adapters than shards. Shard 0 is the
 /// primary device itself.
-fn open_wgpu(adapter: Option<String>, devices: usize) -> Result<(WgpuBackend, Vec<WgpuBackend>)> {
+pub fn open_wgpu(
+    adapter: Option<String>,
+    devices: usize,
+) -> Result<(WgpuBackend, Vec<WgpuBackend>)> {
     let open = |index: usize| {
         pollster::block_on(WgpuBackend::new(DeviceOptions {
             adapter: adapter.clone(),

@@ -20,6 +20,7 @@ use serde_json::json;
 
 use crate::backend::{self, BackendArgs, BackendKind, Device, Job};
 use crate::info::tier_bytes;
+use crate::kernels;
 use crate::units;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -87,6 +88,15 @@ pub struct BenchArgs {
     /// Seed of the random weights, documents and questions.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Only measure the wgpu adapter's roofline: buffer-copy and kernel read bandwidth, f32 FMA rate.
+    #[arg(long, conflicts_with_all = ["model", "bank", "kernels"])]
+    probe: bool,
+    /// Compare every performance-critical kernel at the preset's shapes (routing scan over
+    /// --memory-tokens with 1 and --query-tokens query tokens, top-k, decode GEMV, prefill GEMM,
+    /// decode attention): wgpu against the CPU reference on the same inputs, each wgpu figure as a
+    /// fraction of the roofline measured in the same run, with its target.
+    #[arg(long, conflicts_with_all = ["model", "bank"])]
+    kernels: bool,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -346,6 +356,9 @@ fn check_fits(args: &BenchArgs, needs: &Needs, cache: &Path, kind: BackendKind) 
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.probe || args.kernels {
+        return kernel_bench(&args);
+    }
     anyhow::ensure!(
         args.queries > 0 && args.query_tokens > 0,
         "--queries and --query-tokens must be positive"
@@ -418,6 +431,36 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             cache,
         },
     )
+}
+
+/// `--probe` and `--kernels`: always on wgpu (the CPU reference is the comparison).
+fn kernel_bench(args: &BenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.backend.backend != BackendKind::Cpu && args.backend.devices == 1,
+        "--probe and --kernels measure one wgpu device: drop --backend cpu and --devices"
+    );
+    let (gpu, _) = backend::open_wgpu(args.backend.adapter.clone(), 1)?;
+    let report = if args.probe {
+        json!({
+            "adapter": msa_engine::Backend::describe(&gpu),
+            "roofline": kernels::roofline_json(&kernels::probe(&gpu)?),
+        })
+    } else {
+        let text = serde_json::to_string(&preset_config(args.preset))?;
+        let config = ModelConfig::from_json_str(&text, "preset")?;
+        let shapes = kernels::Shapes::new(
+            &config,
+            args.memory_tokens,
+            args.document_tokens,
+            args.query_tokens,
+        )?;
+        kernels::compare(&gpu, &shapes, args.seed)?
+    };
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 struct BenchJob {

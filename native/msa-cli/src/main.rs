@@ -8,6 +8,7 @@ mod corpus;
 mod encode;
 mod info;
 mod interleave;
+mod kernels;
 mod serve;
 mod units;
 

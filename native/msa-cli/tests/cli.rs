@@ -604,6 +604,69 @@ fn bench_reports_every_stage_as_a_table_and_json() {
     assert!(!dir.path().join("big/banks").exists());
 }
 
+#[test]
+fn bench_probes_the_adapter_and_compares_kernels_with_the_cpu_reference() {
+    if !wgpu_expected() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("probe.json");
+    msa()
+        .args(["bench", "--probe", "--json"])
+        .arg(&json)
+        .assert()
+        .success()
+        .stdout(contains("read kernel"))
+        .stdout(contains("GFLOP/s"));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(report["adapter"].as_str().unwrap().starts_with("wgpu"));
+    for probe in ["copy_bytes_per_s", "read_bytes_per_s", "f32_flops_per_s"] {
+        assert!(
+            report["roofline"][probe].as_f64().unwrap() > 0.0,
+            "{report:#}"
+        );
+    }
+
+    // Every kernel at the tiny shape over a small memory (31 whole documents): wgpu and the CPU
+    // reference agree.
+    let json = dir.path().join("kernels.json");
+    msa()
+        .args([
+            "bench",
+            "--kernels",
+            "--memory-tokens",
+            "8K",
+            "--document-tokens",
+            "256",
+            "--json",
+        ])
+        .arg(&json)
+        .assert()
+        .success()
+        .stdout(contains("of roof"))
+        .stdout(contains(
+            "routing scan, 7936 tokens, 1-token query, 1 layer",
+        ));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let kernels = report["kernels"].as_array().unwrap();
+    assert_eq!(kernels.len(), 7, "{report:#}");
+    for kernel in kernels {
+        let diff = kernel["max_abs_diff"].as_f64().unwrap();
+        assert!(
+            diff < 1e-3,
+            "{}: wgpu and CPU differ by {diff}",
+            kernel["kernel"]
+        );
+        assert!(kernel["fraction_of_roofline"].as_f64().unwrap() > 0.0);
+    }
+    // A CPU run has nothing to probe.
+    msa()
+        .args(["bench", "--probe", "--backend", "cpu"])
+        .assert()
+        .failure()
+        .stderr(contains("one wgpu device"));
+}
+
 /// A running `msa serve`, killed on drop.
 struct Server {
     child: Child,
