@@ -43,3 +43,8 @@ fn flat_workgroup(wg: vec3<u32>, groups: vec3<u32>) -> u32 {
 
 // Lowest finite f32, standing in for -inf (WGSL cannot spell infinities).
 const LOWEST: f32 = -3.4028234e38;
+
+// SiLU (SwiGLU's gate activation), as the CPU reference computes it.
+fn silu(v: f32) -> f32 {
+    return v / (1.0 + exp(-v));
+}

@@ -19,7 +19,6 @@ fn elementwise(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) gr
     if OP == 0u {
         y[e] = a[e] + b[e];
     } else {
-        let g = a[e];
-        y[e] = g / (1.0 + exp(-g)) * b[e];
+        y[e] = silu(a[e]) * b[e];
     }
 }

@@ -51,6 +51,11 @@ fn prefill_submits_once_per_router_layer_and_decode_once_per_token() {
         "one (logit, id) pair per token"
     );
     let per_token = decode.dispatches / steps;
+    // Per layer: q, k and v projections with the input norm fused in, per-head norm + RoPE for q and k,
+    // attention (one split over this short context), o_proj + residual, norm + gate/up + SwiGLU,
+    // down_proj + residual; then the embedding, the final norm, the LM head and the argmax.
+    let layers = model.config.num_hidden_layers as u64;
+    assert_eq!(decode.dispatches, steps * (9 * layers + 4), "{decode:?}");
     eprintln!(
         "{}: {per_token} dispatches, 1 submit, 8 bytes read back per decoded token",
         gpu.describe()

@@ -116,6 +116,57 @@ pub trait Backend {
     /// `a + b`, elementwise.
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
 
+    /// `rms_norm(x, norm, eps) · Wᵀ`: a projection of the normed input when nothing else reads the
+    /// normed input. A GPU backend fuses the norm into the projection; by default it is the two ops.
+    fn norm_matmul(
+        &self,
+        x: &Self::Tensor,
+        norm: &Self::Weight,
+        eps: f32,
+        weight: &Self::Weight,
+    ) -> Result<Self::Tensor> {
+        self.matmul(&self.rms_norm(x, norm, eps)?, weight)
+    }
+
+    /// `rope(rms_norm(x, weight, eps), positions, theta)` on `x [n, heads, d]` (per-head q_norm or
+    /// k_norm, then the rotation). A GPU backend fuses it into one pass; by default it is the two ops.
+    fn norm_rope(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        eps: f32,
+        positions: &[u32],
+        theta: f64,
+    ) -> Result<Self::Tensor> {
+        self.rope(&self.rms_norm(x, weight, eps)?, positions, theta)
+    }
+
+    /// `residual + x · Wᵀ`: a projection with its residual add (o_proj, down_proj). A GPU backend
+    /// fuses it into one pass; by default it is the two ops.
+    fn matmul_add(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Weight,
+        residual: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        self.add(residual, &self.matmul(x, weight)?)
+    }
+
+    /// `silu(n · Gᵀ) ⊙ (n · Uᵀ)` with `n = rms_norm(x, norm, eps)`: the first half of a SwiGLU MLP
+    /// (post-attention norm, gate_proj, up_proj). A GPU backend fuses it into one pass over the two
+    /// weights; by default it is the four ops.
+    fn norm_swiglu(
+        &self,
+        x: &Self::Tensor,
+        norm: &Self::Weight,
+        eps: f32,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+    ) -> Result<Self::Tensor> {
+        let normed = self.rms_norm(x, norm, eps)?;
+        self.silu_mul(&self.matmul(&normed, gate)?, &self.matmul(&normed, up)?)
+    }
+
     /// Concatenation along the leading dimension; the other dimensions must agree.
     fn concat_rows(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;
     /// Rows `range` of a tensor.

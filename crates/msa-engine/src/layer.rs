@@ -30,20 +30,28 @@ impl<B: Backend> Model<B> {
         weight: &B::Weight,
         heads: usize,
     ) -> Result<B::Tensor> {
+        self.heads(self.backend.matmul(x, weight)?, heads)
+    }
+
+    /// `[n, heads × head_dim]` viewed as `[n, heads, head_dim]`.
+    fn heads(&self, y: B::Tensor, heads: usize) -> Result<B::Tensor> {
         let b = &self.backend;
-        let y = b.matmul(x, weight)?;
         let n = b.shape(&y)[0];
         b.reshape(&y, &[n, heads, self.config.head_dim])
     }
 
+    /// q, k and v of a block whose normed input nothing else reads (layers without routing): the
+    /// input norm is fused into the projections.
     pub(crate) fn project(
         &self,
         layer: usize,
         hidden: &B::Tensor,
         positions: &[u32],
-    ) -> Result<Projected<B::Tensor>> {
-        let normed = self.input_norm(layer, hidden)?;
-        self.project_normed(layer, normed, positions)
+    ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
+        let (b, w) = (&self.backend, &self.weights.layers[layer]);
+        self.qkv(layer, positions, |weight| {
+            b.norm_matmul(hidden, &w.input_norm, self.rms_eps(), weight)
+        })
     }
 
     /// `input_layernorm(h)`.
@@ -52,28 +60,35 @@ impl<B: Backend> Model<B> {
         self.backend.rms_norm(hidden, &w.input_norm, self.rms_eps())
     }
 
-    /// q, k and v from the normed input.
+    /// q, k and v from the normed input, which the caller also needs (the router projectors read it).
     pub(crate) fn project_normed(
         &self,
         layer: usize,
         normed: B::Tensor,
         positions: &[u32],
     ) -> Result<Projected<B::Tensor>> {
-        let (b, c, w) = (&self.backend, &self.config, &self.weights.layers[layer]);
-        let q = self.project_heads(&normed, &w.q_proj, c.num_attention_heads)?;
-        let q = b.rope(
-            &b.rms_norm(&q, &w.q_norm, self.rms_eps())?,
-            positions,
-            c.rope_theta,
-        )?;
-        let k = self.project_heads(&normed, &w.k_proj, c.num_key_value_heads)?;
-        let k = b.rope(
-            &b.rms_norm(&k, &w.k_norm, self.rms_eps())?,
-            positions,
-            c.rope_theta,
-        )?;
-        let v = self.project_heads(&normed, &w.v_proj, c.num_key_value_heads)?;
+        let (q, k, v) = self.qkv(layer, positions, |weight| {
+            self.backend.matmul(&normed, weight)
+        })?;
         Ok(Projected { normed, q, k, v })
+    }
+
+    /// `RoPE(q_norm(q_proj(x)))`, `RoPE(k_norm(k_proj(x)))` and `v_proj(x)`, where `project(W)` is
+    /// `x · Wᵀ`.
+    fn qkv(
+        &self,
+        layer: usize,
+        positions: &[u32],
+        project: impl Fn(&B::Weight) -> Result<B::Tensor>,
+    ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
+        let (b, c, w) = (&self.backend, &self.config, &self.weights.layers[layer]);
+        let (eps, theta) = (self.rms_eps(), c.rope_theta);
+        let q = self.heads(project(&w.q_proj)?, c.num_attention_heads)?;
+        let q = b.norm_rope(&q, &w.q_norm, eps, positions, theta)?;
+        let k = self.heads(project(&w.k_proj)?, c.num_key_value_heads)?;
+        let k = b.norm_rope(&k, &w.k_norm, eps, positions, theta)?;
+        let v = self.heads(project(&w.v_proj)?, c.num_key_value_heads)?;
+        Ok((q, k, v))
     }
 
     /// `h + o_proj(attn(q, K, V))`, then `+ MLP(post_attention_layernorm(·))`.
@@ -93,10 +108,15 @@ impl<B: Backend> Model<B> {
             &attended,
             &[n, self.config.num_attention_heads * self.config.head_dim],
         )?;
-        let hidden = b.add(hidden, &b.matmul(&attended, &w.o_proj)?)?;
-        let x = b.rms_norm(&hidden, &w.post_attention_norm, self.rms_eps())?;
-        let gated = b.silu_mul(&b.matmul(&x, &w.gate_proj)?, &b.matmul(&x, &w.up_proj)?)?;
-        b.add(&hidden, &b.matmul(&gated, &w.down_proj)?)
+        let hidden = b.matmul_add(&attended, &w.o_proj, hidden)?;
+        let gated = b.norm_swiglu(
+            &hidden,
+            &w.post_attention_norm,
+            self.rms_eps(),
+            &w.gate_proj,
+            &w.up_proj,
+        )?;
+        b.matmul_add(&gated, &w.down_proj, &hidden)
     }
 
     /// `model.norm` then the LM head: `[n, hidden]` → `([n, hidden] normed, [n, vocab] logits)`.

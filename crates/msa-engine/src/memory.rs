@@ -453,12 +453,11 @@ impl<B: Backend> Model<B> {
         let last = self.config.num_hidden_layers - 1;
         let mut out = Vec::with_capacity(last + 1);
         for layer in 0..=last {
-            let p = self.project(layer, &hidden, &positions)?;
+            let (q, k, v) = self.project(layer, &hidden, &positions)?;
             if layer < last {
-                hidden =
-                    self.attend_and_mlp(layer, &hidden, &p.q, &p.k, &p.v, AttentionMask::Causal)?;
+                hidden = self.attend_and_mlp(layer, &hidden, &q, &k, &v, AttentionMask::Causal)?;
             }
-            out.push((p.k, p.v));
+            out.push((k, v));
         }
         Ok(out)
     }
@@ -538,23 +537,29 @@ impl<B: Backend> Model<B> {
             .expect("config guarantees router layers");
         let mut pooled = Vec::with_capacity(msa.router_layers.len());
         for layer in 0..=last_router {
-            let p = self.project(layer, &hidden, &positions)?;
-            if let Some((_, router_k)) = &self.weights.layers[layer].router {
-                let routing =
-                    self.project_heads(&p.normed, router_k, self.config.num_key_value_heads)?;
-                let mut routing_keys = pool(&routing)?;
-                if msa.score_mode == ScoreMode::Cosine {
-                    routing_keys = b.l2_normalize(&routing_keys)?;
+            let (q, k, v) = match &self.weights.layers[layer].router {
+                // The router projector reads the normed input too.
+                Some((_, router_k)) => {
+                    let normed = self.input_norm(layer, &hidden)?;
+                    let p = self.project_normed(layer, normed, &positions)?;
+                    let routing =
+                        self.project_heads(&p.normed, router_k, self.config.num_key_value_heads)?;
+                    let mut routing_keys = pool(&routing)?;
+                    if msa.score_mode == ScoreMode::Cosine {
+                        routing_keys = b.l2_normalize(&routing_keys)?;
+                    }
+                    pooled.push(LayerMemory {
+                        layer,
+                        k: pool(&p.k)?,
+                        v: pool(&p.v)?,
+                        routing_keys,
+                    });
+                    (p.q, p.k, p.v)
                 }
-                pooled.push(LayerMemory {
-                    layer,
-                    k: pool(&p.k)?,
-                    v: pool(&p.v)?,
-                    routing_keys,
-                });
-            }
+                None => self.project(layer, &hidden, &positions)?,
+            };
             if layer < last_router {
-                hidden = self.attend_and_mlp(layer, &hidden, &p.q, &p.k, &p.v, mask)?;
+                hidden = self.attend_and_mlp(layer, &hidden, &q, &k, &v, mask)?;
             }
         }
         Ok(pooled)

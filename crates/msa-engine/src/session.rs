@@ -230,10 +230,10 @@ impl<'m, B: Backend> Session<'m, B> {
                 keys.push(k);
                 values.push(v);
             }
-            let normed = model.input_norm(layer, &hidden)?;
-            let p = if let (Some(route), Some((router_q, _))) =
+            let (q, k, v) = if let (Some(route), Some((router_q, _))) =
                 (routing, &model.weights.layers[layer].router)
             {
+                let normed = model.input_norm(layer, &hidden)?;
                 let (memory_k, memory_v, p) = self
                     .route(
                         layer,
@@ -246,15 +246,15 @@ impl<'m, B: Backend> Session<'m, B> {
                     .await?;
                 keys.push(memory_k);
                 values.push(memory_v);
-                p
+                (p.q, p.k, p.v)
             } else {
-                model.project_normed(layer, normed, positions)?
+                model.project(layer, &hidden, positions)?
             };
-            keys.push(p.k);
-            values.push(p.v);
+            keys.push(k);
+            values.push(v);
             let k = b.concat_rows(&keys.iter().collect::<Vec<_>>())?;
             let v = b.concat_rows(&values.iter().collect::<Vec<_>>())?;
-            hidden = model.attend_and_mlp(layer, &hidden, &p.q, &k, &v, mask)?;
+            hidden = model.attend_and_mlp(layer, &hidden, &q, &k, &v, mask)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.context.push((k.clone(), v.clone()));
                 t.hidden.push(hidden.clone());

@@ -248,28 +248,32 @@ impl WgpuBackend {
         Ok(out)
     }
 
-    /// RMSNorm with `weight`, L2 normalisation without; `width` is the checked last dimension.
-    fn norm(
-        &self,
-        x: &WgpuTensor,
-        width: usize,
-        weight: Option<&WgpuWeight>,
-        eps: f32,
-    ) -> Result<WgpuTensor> {
+    /// A row norm (see norm.wgsl); `width` is the checked last dimension.
+    fn norm(&self, x: &WgpuTensor, width: usize, norm: Norm<'_>, eps: f32) -> Result<WgpuTensor> {
         let rows = x.len() / width;
         let out = self.tensor(x.len(), x.shape.clone(), "norm")?;
         self.fits(&[x, &out], "norm")?;
-        let (mode, dtype, w) = match weight {
-            Some(w) => (0, w.dtype, w.whole()),
-            None => (1, DType::F32, &x.buffer),
+        let (mode, dtype, w, heads) = match norm {
+            Norm::Rms(w) => (0, w.dtype, w.whole(), 0),
+            Norm::L2 => (1, DType::F32, &x.buffer, 0),
+            Norm::RmsRope { weight, heads, .. } => (2, weight.dtype, weight.whole(), heads),
+        };
+        let table = match norm {
+            Norm::RmsRope { table, .. } => table.clone(),
+            _ => self.ctx.storage(8, "rope table (unused)")?,
         };
         let kernel = Kernel::new(Family::Norm, "norm")
             .with("MODE", mode)
             .with("DTYPE", dtype_code(dtype));
         self.ctx.dispatch(
             &kernel,
-            &[rows as u32, width as u32, eps.to_bits()],
-            &[bind(1, &x.buffer), bind(2, w), bind(3, &out.buffer)],
+            &[rows as u32, width as u32, eps.to_bits(), heads as u32],
+            &[
+                bind(1, &x.buffer),
+                bind(2, w),
+                bind(3, &out.buffer),
+                bind(4, &table),
+            ],
             rows,
         )?;
         Ok(out)
@@ -399,6 +403,135 @@ impl WgpuBackend {
             dims.documents.div_ceil(LANES),
         )?;
         Ok(doc_scores)
+    }
+}
+
+/// Which row norm (see norm.wgsl).
+#[derive(Clone, Copy)]
+enum Norm<'a> {
+    Rms(&'a WgpuWeight),
+    L2,
+    /// RMSNorm per head, then RoPE with the cos/sin `table` of the rows' positions.
+    RmsRope {
+        weight: &'a WgpuWeight,
+        table: &'a wgpu::Buffer,
+        heads: usize,
+    },
+}
+
+/// What a projection fuses around `x · Wᵀ` (see matmul.wgsl).
+#[derive(Clone, Copy)]
+enum Fusion<'a> {
+    None,
+    /// `residual + x · Wᵀ`.
+    Add(&'a WgpuTensor),
+    /// `rms_norm(x, norm, eps) · Wᵀ`.
+    Norm {
+        norm: &'a WgpuWeight,
+        eps: f32,
+    },
+    /// `silu(n · Wᵀ) ⊙ (n · upᵀ)`, `n = rms_norm(x, norm, eps)`.
+    NormSwiglu {
+        norm: &'a WgpuWeight,
+        eps: f32,
+        up: &'a WgpuWeight,
+    },
+}
+
+impl WgpuBackend {
+    /// `x · Wᵀ` with `fusion`, binding the weight (and `up`) window by window.
+    fn projection(
+        &self,
+        x: &WgpuTensor,
+        weight: &WgpuWeight,
+        fusion: Fusion<'_>,
+    ) -> Result<WgpuTensor> {
+        let (n, inner, out_features) = shapes::matmul_dims(&x.shape, &weight.shape)?;
+        self.fits(&[x], "matmul")?;
+        let out = self.tensor(n * out_features, vec![n, out_features], "matmul")?;
+        self.fits(&[&out], "matmul")?;
+        if let Fusion::Add(residual) = fusion {
+            shapes::same_shape("matmul_add", &residual.shape, &out.shape)?;
+        }
+        if n == 0 {
+            return Ok(out);
+        }
+        // One row per invocation for a single token, blocks of 4 (the kernel's maximum) otherwise.
+        let rows_per_invocation = if n == 1 { 1 } else { 4 };
+        let row_blocks = n.div_ceil(rows_per_invocation);
+        let (norm, epilogue, eps) = match fusion {
+            Fusion::None => (0, 0, 0.0),
+            Fusion::Add(_) => (0, 1, 0.0),
+            Fusion::Norm { eps, .. } => (1, 0, eps),
+            Fusion::NormSwiglu { eps, .. } => (1, 2, eps),
+        };
+        let kernel = Kernel::new(Family::Matmul, "matmul")
+            .with("DTYPE", dtype_code(weight.dtype))
+            .with("ROWS", rows_per_invocation as u32)
+            .with("NORM", norm)
+            .with("EPILOGUE", epilogue);
+        let windows = self.part_windows(
+            "matmul weight",
+            &weight.parts,
+            inner,
+            weight.dtype.size_in_bytes(),
+        )?;
+        // `up` is split like the weight (checked by the caller), so its windows are the same.
+        let up_windows = match fusion {
+            Fusion::NormSwiglu { up, .. } => Some(self.part_windows(
+                "matmul weight",
+                &up.parts,
+                inner,
+                up.dtype.size_in_bytes(),
+            )?),
+            _ => None,
+        };
+        for (i, (buffer, window)) in windows.iter().enumerate() {
+            let cols = window.rows.len();
+            let params = [
+                n as u32,
+                inner as u32,
+                cols as u32,
+                window.rows.start as u32,
+                out_features as u32,
+                window.base,
+                row_blocks as u32,
+                eps.to_bits(),
+            ];
+            let weight_window = bind(2, buffer).window(window.offset, window.size);
+            // Unused bindings take x (any small buffer would do).
+            let residual = match fusion {
+                Fusion::Add(residual) => &residual.buffer,
+                _ => &x.buffer,
+            };
+            let up = match &up_windows {
+                Some(up_windows) => {
+                    let (up_buffer, up_window) = &up_windows[i];
+                    bind(5, up_buffer).window(up_window.offset, up_window.size)
+                }
+                None => bind(5, &x.buffer),
+            };
+            let norm = match fusion {
+                Fusion::Norm { norm, .. } | Fusion::NormSwiglu { norm, .. } => {
+                    bind(6, norm.whole())
+                }
+                _ => bind(6, &x.buffer),
+            };
+            self.ctx.dispatch(
+                &kernel,
+                &params,
+                &[
+                    bind(1, &x.buffer),
+                    weight_window,
+                    bind(3, &out.buffer),
+                    bind(4, residual),
+                    up,
+                    norm,
+                ],
+                (cols * row_blocks).div_ceil(LANES),
+            )?;
+        }
+        Ok(out)
     }
 }
 
@@ -543,52 +676,84 @@ impl Backend for WgpuBackend {
     }
 
     fn matmul(&self, x: &WgpuTensor, weight: &WgpuWeight) -> Result<WgpuTensor> {
-        let (n, inner, out_features) = shapes::matmul_dims(&x.shape, &weight.shape)?;
-        self.fits(&[x], "matmul")?;
-        let out = self.tensor(n * out_features, vec![n, out_features], "matmul")?;
-        self.fits(&[&out], "matmul")?;
-        if n == 0 {
-            return Ok(out);
+        self.projection(x, weight, Fusion::None)
+    }
+
+    fn norm_matmul(
+        &self,
+        x: &WgpuTensor,
+        norm: &WgpuWeight,
+        eps: f32,
+        weight: &WgpuWeight,
+    ) -> Result<WgpuTensor> {
+        if norm.dtype != weight.dtype {
+            return self.matmul(&self.rms_norm(x, norm, eps)?, weight);
         }
-        // One row per invocation for a single token, blocks of 4 (the kernel's maximum) otherwise.
-        let rows_per_invocation = if n == 1 { 1 } else { 4 };
-        let row_blocks = n.div_ceil(rows_per_invocation);
-        let kernel = Kernel::new(Family::Matmul, "matmul")
-            .with("DTYPE", dtype_code(weight.dtype))
-            .with("ROWS", rows_per_invocation as u32);
-        for (buffer, window) in self.part_windows(
-            "matmul weight",
-            &weight.parts,
-            inner,
-            weight.dtype.size_in_bytes(),
-        )? {
-            let cols = window.rows.len();
-            let params = [
-                n as u32,
-                inner as u32,
-                cols as u32,
-                window.rows.start as u32,
-                out_features as u32,
-                window.base,
-                row_blocks as u32,
-            ];
-            self.ctx.dispatch(
-                &kernel,
-                &params,
-                &[
-                    bind(1, &x.buffer),
-                    bind(2, buffer).window(window.offset, window.size),
-                    bind(3, &out.buffer),
-                ],
-                (cols * row_blocks).div_ceil(LANES),
-            )?;
+        shapes::rms_norm_width(&x.shape, &norm.shape)?;
+        self.projection(x, weight, Fusion::Norm { norm, eps })
+    }
+
+    fn norm_rope(
+        &self,
+        x: &WgpuTensor,
+        weight: &WgpuWeight,
+        eps: f32,
+        positions: &[u32],
+        theta: f64,
+    ) -> Result<WgpuTensor> {
+        let width = shapes::rms_norm_width(&x.shape, &weight.shape)?;
+        let (_, heads, d) = shapes::rope_dims(&x.shape, positions.len())?;
+        debug_assert_eq!(width, d);
+        let table = self.rope_buffer(positions, theta, d)?;
+        self.norm(
+            x,
+            width,
+            Norm::RmsRope {
+                weight,
+                table: &table,
+                heads,
+            },
+            eps,
+        )
+    }
+
+    fn matmul_add(
+        &self,
+        x: &WgpuTensor,
+        weight: &WgpuWeight,
+        residual: &WgpuTensor,
+    ) -> Result<WgpuTensor> {
+        self.projection(x, weight, Fusion::Add(residual))
+    }
+
+    fn norm_swiglu(
+        &self,
+        x: &WgpuTensor,
+        norm: &WgpuWeight,
+        eps: f32,
+        gate: &WgpuWeight,
+        up: &WgpuWeight,
+    ) -> Result<WgpuTensor> {
+        // One pass needs the three weights packed alike (the kernel has one DTYPE) and split alike.
+        let fusable = norm.dtype == gate.dtype
+            && up.dtype == gate.dtype
+            && up.shape == gate.shape
+            && up
+                .parts
+                .iter()
+                .map(|p| &p.rows)
+                .eq(gate.parts.iter().map(|p| &p.rows));
+        if !fusable {
+            let normed = self.rms_norm(x, norm, eps)?;
+            return self.silu_mul(&self.matmul(&normed, gate)?, &self.matmul(&normed, up)?);
         }
-        Ok(out)
+        shapes::rms_norm_width(&x.shape, &norm.shape)?;
+        self.projection(x, gate, Fusion::NormSwiglu { norm, eps, up })
     }
 
     fn rms_norm(&self, x: &WgpuTensor, weight: &WgpuWeight, eps: f32) -> Result<WgpuTensor> {
         let width = shapes::rms_norm_width(&x.shape, &weight.shape)?;
-        self.norm(x, width, Some(weight), eps)
+        self.norm(x, width, Norm::Rms(weight), eps)
     }
 
     fn rope(&self, x: &WgpuTensor, positions: &[u32], theta: f64) -> Result<WgpuTensor> {
@@ -762,7 +927,7 @@ impl Backend for WgpuBackend {
 
     fn l2_normalize(&self, x: &WgpuTensor) -> Result<WgpuTensor> {
         let width = shapes::norm_width("l2_normalize", &x.shape)?;
-        self.norm(x, width, None, 0.0)
+        self.norm(x, width, Norm::L2, 0.0)
     }
 
     fn routing_scores(

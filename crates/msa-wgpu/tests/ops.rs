@@ -228,6 +228,126 @@ fn matmul_matches_for_every_dtype_and_odd_sizes() {
     }
 }
 
+/// A random weight of `shape` stored as `dtype` on both backends.
+fn weight_pair(
+    gpu: &WgpuBackend,
+    cpu: &CpuBackend,
+    rng: &mut StdRng,
+    shape: &[usize],
+    dtype: DType,
+) -> (msa_wgpu::WgpuWeight, msa_engine::cpu::CpuWeight) {
+    let bytes = weight_bytes(&random(rng, shape.iter().product()), dtype);
+    let view = TensorView {
+        name: "w",
+        dtype,
+        shape,
+        bytes: &bytes,
+    };
+    (
+        gpu.upload_weight(view).unwrap(),
+        cpu.upload_weight(view).unwrap(),
+    )
+}
+
+/// The fused ops (matmul + residual add; RMSNorm + matmul; RMSNorm + gate/up + SwiGLU; per-head
+/// RMSNorm + RoPE) against
+/// the CPU reference's unfused ops; the projections also on a device whose limits split the weights
+/// into buffers and windows.
+#[test]
+fn fused_ops_match_the_unfused_reference() {
+    let Some(p) = Pair::new() else { return };
+    let small = gpu_with(DeviceOptions {
+        max_binding_bytes: Some(4096),
+        max_buffer_bytes: Some(8192),
+        ..DeviceOptions::from_env()
+    })
+    .expect("the adapter opened once");
+    let mut rng = StdRng::seed_from_u64(12);
+    for gpu in [&p.gpu, &small] {
+        for dtype in DTYPES {
+            for (n, inner, out) in [(1, 45, 37), (3, 64, 33), (6, 1, 5), (1, 300, 129)] {
+                let x = random(&mut rng, n * inner);
+                let (gx, cx) = (
+                    gpu.upload(&x, &[n, inner]).unwrap(),
+                    p.cpu.upload(&x, &[n, inner]).unwrap(),
+                );
+                let what = format!("{dtype} {n}x{inner}x{out}");
+                let residual = random(&mut rng, n * out);
+                let (gr, cr) = (
+                    gpu.upload(&residual, &[n, out]).unwrap(),
+                    p.cpu.upload(&residual, &[n, out]).unwrap(),
+                );
+                let (gw, cw) = weight_pair(gpu, &p.cpu, &mut rng, &[out, inner], dtype);
+                let g = pollster::block_on(gpu.read(&gpu.matmul_add(&gx, &gw, &gr).unwrap()));
+                let c = p.cpu.add(&cr, &p.cpu.matmul(&cx, &cw).unwrap()).unwrap();
+                let c = pollster::block_on(p.cpu.read(&c)).unwrap();
+                assert_close(&format!("matmul_add {what}"), &g.unwrap(), &c, TOL);
+
+                let (gn, cn) = weight_pair(gpu, &p.cpu, &mut rng, &[inner], dtype);
+                let g = gpu.norm_matmul(&gx, &gn, 1e-6, &gw).unwrap();
+                let c = p
+                    .cpu
+                    .matmul(&p.cpu.rms_norm(&cx, &cn, 1e-6).unwrap(), &cw)
+                    .unwrap();
+                assert_close(
+                    &format!("norm_matmul {what}"),
+                    &pollster::block_on(gpu.read(&g)).unwrap(),
+                    &pollster::block_on(p.cpu.read(&c)).unwrap(),
+                    TOL,
+                );
+                let (gu, cu) = weight_pair(gpu, &p.cpu, &mut rng, &[out, inner], dtype);
+                let g = gpu.norm_swiglu(&gx, &gn, 1e-6, &gw, &gu).unwrap();
+                let normed = p.cpu.rms_norm(&cx, &cn, 1e-6).unwrap();
+                let c = p
+                    .cpu
+                    .silu_mul(
+                        &p.cpu.matmul(&normed, &cw).unwrap(),
+                        &p.cpu.matmul(&normed, &cu).unwrap(),
+                    )
+                    .unwrap();
+                assert_close(
+                    &format!("norm_swiglu {what}"),
+                    &pollster::block_on(gpu.read(&g)).unwrap(),
+                    &pollster::block_on(p.cpu.read(&c)).unwrap(),
+                    TOL,
+                );
+            }
+        }
+    }
+    // Per-head RMSNorm then RoPE, at document-local and large global positions, odd head counts.
+    for dtype in DTYPES {
+        for (n, heads, d) in [(1, 3, 16), (5, 4, 130), (2, 1, 2)] {
+            let x = random(&mut rng, n * heads * d);
+            let (gx, cx) = p.tensors(&x, &[n, heads, d]);
+            let (gn, cn) = weight_pair(&p.gpu, &p.cpu, &mut rng, &[d], dtype);
+            let positions: Vec<u32> = (0..n as u32).map(|i| i * 997 + 3).collect();
+            let g = p.gpu.norm_rope(&gx, &gn, 1e-6, &positions, 1e6).unwrap();
+            let c = p
+                .cpu
+                .rope(&p.cpu.rms_norm(&cx, &cn, 1e-6).unwrap(), &positions, 1e6)
+                .unwrap();
+            p.compare(&format!("norm_rope {dtype} {n}x{heads}x{d}"), &g, &c, TOL);
+        }
+    }
+    // Each fused op is one dispatch (on the full device, where nothing is windowed).
+    let x = p.gpu.upload(&random(&mut rng, 2 * 45), &[2, 45]).unwrap();
+    let (gw, _) = weight_pair(&p.gpu, &p.cpu, &mut rng, &[37, 45], DType::BF16);
+    let (gu, _) = weight_pair(&p.gpu, &p.cpu, &mut rng, &[37, 45], DType::BF16);
+    let (gn, _) = weight_pair(&p.gpu, &p.cpu, &mut rng, &[45], DType::BF16);
+    let residual = p.gpu.upload(&random(&mut rng, 2 * 37), &[2, 37]).unwrap();
+    let before = p.gpu.stats();
+    p.gpu.matmul_add(&x, &gw, &residual).unwrap();
+    p.gpu.norm_swiglu(&x, &gn, 1e-6, &gw, &gu).unwrap();
+    let heads = p
+        .gpu
+        .upload(&random(&mut rng, 2 * 3 * 16), &[2, 3, 16])
+        .unwrap();
+    let (gq, _) = weight_pair(&p.gpu, &p.cpu, &mut rng, &[16], DType::BF16);
+    p.gpu.norm_rope(&heads, &gq, 1e-6, &[4, 9], 1e6).unwrap();
+    p.gpu.norm_matmul(&x, &gn, 1e-6, &gw).unwrap();
+    assert_eq!((p.gpu.stats() - before).dispatches, 4);
+}
+
 #[test]
 fn rms_norm_per_row_and_per_head_and_l2_normalize_match() {
     let Some(p) = Pair::new() else { return };

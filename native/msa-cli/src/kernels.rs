@@ -85,6 +85,17 @@ enum Op {
     GateProj { tokens: usize },
     /// One decode step's attention over the prompt and `top_k` documents' pooled chunks.
     DecodeAttention,
+    /// The MLP's first half for `tokens` rows: post-attention RMSNorm, gate_proj, up_proj, SwiGLU.
+    MlpIn { tokens: usize },
+    /// down_proj with the residual add, for `tokens` rows.
+    DownResidual { tokens: usize },
+}
+
+impl Op {
+    /// Whether the backend fuses this op; its naive version is then the unfused ops, timed beside it.
+    fn fused(self) -> bool {
+        matches!(self, Op::MlpIn { .. } | Op::DownResidual { .. })
+    }
 }
 
 struct Case {
@@ -171,6 +182,26 @@ fn cases(s: &Shapes) -> Vec<Case> {
             target: Target::OfRoofline(0.3),
         },
         Case {
+            name: format!(
+                "decode MLP in: RMSNorm + gate/up {}x{} + SwiGLU",
+                s.ffn, s.hidden
+            ),
+            op: Op::MlpIn { tokens: 1 },
+            bytes: 2.0 * weight_bytes,
+            flops: (4 * s.ffn * s.hidden) as f64,
+            target: Target::OfRoofline(0.6),
+        },
+        Case {
+            name: format!(
+                "decode MLP out: down_proj {}x{} + residual",
+                s.hidden, s.ffn
+            ),
+            op: Op::DownResidual { tokens: 1 },
+            bytes: weight_bytes,
+            flops: (2 * s.ffn * s.hidden) as f64,
+            target: Target::OfRoofline(0.6),
+        },
+        Case {
             name: format!("decode attention, {} documents ({context} keys)", s.top_k),
             op: Op::DecodeAttention,
             bytes: (2 * context * s.kv_heads * s.head_dim * 4) as f64,
@@ -187,6 +218,9 @@ struct Inputs {
     offsets: Vec<u32>,
     x: Vec<f32>,
     gate: Vec<u8>,
+    up: Vec<u8>,
+    norm: Vec<u8>,
+    residual: Vec<f32>,
     q1: Vec<f32>,
     kv: Vec<f32>,
 }
@@ -213,6 +247,9 @@ impl Inputs {
                 .collect(),
             x: random_f32(&mut rng, 128 * s.hidden),
             gate: random_bf16(&mut rng, s.ffn * s.hidden, 0.05),
+            up: random_bf16(&mut rng, s.ffn * s.hidden, 0.05),
+            norm: random_bf16(&mut rng, s.hidden, 1.0),
+            residual: random_f32(&mut rng, s.ffn),
             q1: random_f32(&mut rng, s.heads * s.head_dim),
             kv: random_f32(&mut rng, 2 * decode_context(s) * s.kv_heads * s.head_dim),
         }
@@ -252,8 +289,15 @@ fn time<B: Backend>(b: &B, mut op: impl FnMut() -> Result<Vec<f32>>) -> Result<(
     }
 }
 
-/// Runs `op` on `b` with `inputs`: seconds per call and the output the two backends must agree on.
-fn run_op<B: Backend>(b: &B, s: &Shapes, inputs: &Inputs, op: Op) -> Result<(f64, Vec<f32>)> {
+/// Runs `op` on `b` with `inputs` (a fused op as its unfused ops when `naive`): seconds per call and
+/// the output the backends must agree on.
+fn run_op<B: Backend>(
+    b: &B,
+    s: &Shapes,
+    inputs: &Inputs,
+    op: Op,
+    naive: bool,
+) -> Result<(f64, Vec<f32>)> {
     let (kv, d) = (s.kv_heads, s.head_dim);
     let weight = |name, shape: &[usize], bytes: &[u8]| {
         b.upload_weight(TensorView {
@@ -297,6 +341,39 @@ fn run_op<B: Backend>(b: &B, s: &Shapes, inputs: &Inputs, op: Op) -> Result<(f64
             let mut last = None;
             let (seconds, _) = time(b, || {
                 last = Some(b.matmul(&x, &gate)?);
+                Ok(Vec::new())
+            })?;
+            Ok((seconds, read(last.as_ref().expect("ran once"))?))
+        }
+        Op::MlpIn { tokens } => {
+            let x = b.upload(&inputs.x[..tokens * s.hidden], &[tokens, s.hidden])?;
+            let norm = weight("norm", &[s.hidden], &inputs.norm)?;
+            let gate = weight("gate_proj", &[s.ffn, s.hidden], &inputs.gate)?;
+            let up = weight("up_proj", &[s.ffn, s.hidden], &inputs.up)?;
+            let mut last = None;
+            let (seconds, _) = time(b, || {
+                last = Some(if naive {
+                    let normed = b.rms_norm(&x, &norm, 1e-6)?;
+                    b.silu_mul(&b.matmul(&normed, &gate)?, &b.matmul(&normed, &up)?)?
+                } else {
+                    b.norm_swiglu(&x, &norm, 1e-6, &gate, &up)?
+                });
+                Ok(Vec::new())
+            })?;
+            Ok((seconds, read(last.as_ref().expect("ran once"))?))
+        }
+        Op::DownResidual { tokens } => {
+            // down_proj has gate_proj's transposed shape: the gate bytes serve as its weights.
+            let x = b.upload(&inputs.residual[..tokens * s.ffn], &[tokens, s.ffn])?;
+            let residual = b.upload(&inputs.x[..tokens * s.hidden], &[tokens, s.hidden])?;
+            let down = weight("down_proj", &[s.hidden, s.ffn], &inputs.gate)?;
+            let mut last = None;
+            let (seconds, _) = time(b, || {
+                last = Some(if naive {
+                    b.add(&residual, &b.matmul(&x, &down)?)?
+                } else {
+                    b.matmul_add(&x, &down, &residual)?
+                });
                 Ok(Vec::new())
             })?;
             Ok((seconds, read(last.as_ref().expect("ran once"))?))
@@ -364,14 +441,27 @@ pub fn compare(gpu: &WgpuBackend, shapes: &Shapes, seed: u64) -> Result<Value> {
     let inputs = Inputs::new(shapes, seed);
     let cases = cases(shapes);
     println!(
-        "\n{:<58} {:>10} {:>10} {:>8} {:>15} {:>8} {:>8} {:>9}",
-        "kernel", "CPU ref", "wgpu", "speedup", "wgpu rate", "of roof", "target", "max diff"
+        "\n{:<58} {:>10} {:>10} {:>10} {:>8} {:>15} {:>8} {:>8} {:>9}",
+        "kernel",
+        "CPU ref",
+        "naive",
+        "wgpu",
+        "vs CPU",
+        "wgpu rate",
+        "of roof",
+        "target",
+        "max diff"
     );
     let mut rows = Vec::new();
     let mut times: Vec<(&str, f64)> = Vec::new();
     for case in &cases {
-        let (cpu_s, cpu_out) = run_op(&cpu, shapes, &inputs, case.op)?;
-        let (gpu_s, gpu_out) = run_op(gpu, shapes, &inputs, case.op)?;
+        let (cpu_s, cpu_out) = run_op(&cpu, shapes, &inputs, case.op, false)?;
+        let (gpu_s, gpu_out) = run_op(gpu, shapes, &inputs, case.op, false)?;
+        let naive_s = if case.op.fused() {
+            Some(run_op(gpu, shapes, &inputs, case.op, true)?.0)
+        } else {
+            None
+        };
         times.push((&case.name, gpu_s));
         // The roofline time: bandwidth-bound or compute-bound, whichever takes longer.
         let roof_s =
@@ -399,8 +489,9 @@ pub fn compare(gpu: &WgpuBackend, shapes: &Shapes, seed: u64) -> Result<Value> {
             rate(case.bytes / gpu_s, "B")
         };
         let diff = max_abs_diff(&gpu_out, &cpu_out);
+        let naive = naive_s.map_or("-".to_string(), |t| format!("{:.3} ms", t * 1e3));
         println!(
-            "{:<58} {:>7.3} ms {:>7.3} ms {:>7.2}x {:>15} {:>8.2} {:>6} {} {:>9.2e}",
+            "{:<58} {:>7.3} ms {naive:>10} {:>7.3} ms {:>7.2}x {:>15} {:>8.2} {:>6} {} {:>9.2e}",
             case.name,
             cpu_s * 1e3,
             gpu_s * 1e3,
@@ -414,6 +505,7 @@ pub fn compare(gpu: &WgpuBackend, shapes: &Shapes, seed: u64) -> Result<Value> {
         rows.push(json!({
             "kernel": case.name,
             "cpu_seconds": cpu_s,
+            "wgpu_naive_seconds": naive_s,
             "wgpu_seconds": gpu_s,
             "bytes": case.bytes,
             "flops": case.flops,
@@ -425,8 +517,9 @@ pub fn compare(gpu: &WgpuBackend, shapes: &Shapes, seed: u64) -> Result<Value> {
         }));
     }
     println!(
-        "\nof roof: the roofline time (bytes / read bandwidth or FLOPs / FMA rate, whichever is longer) \
-         over the measured time; max diff: largest |wgpu - CPU| of the outputs."
+        "\nnaive: a fused op run as its separate ops on wgpu; vs CPU: CPU time over wgpu time; of roof: \
+         the roofline time (bytes / read bandwidth or FLOPs / FMA rate, whichever is longer) over the \
+         measured time; max diff: largest |wgpu - CPU| of the outputs."
     );
     Ok(json!({
         "adapter": gpu.describe(),

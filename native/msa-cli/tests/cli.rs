@@ -649,7 +649,7 @@ fn bench_probes_the_adapter_and_compares_kernels_with_the_cpu_reference() {
         ));
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let kernels = report["kernels"].as_array().unwrap();
-    assert_eq!(kernels.len(), 7, "{report:#}");
+    assert_eq!(kernels.len(), 9, "{report:#}");
     for kernel in kernels {
         let diff = kernel["max_abs_diff"].as_f64().unwrap();
         assert!(
