@@ -1,8 +1,10 @@
 // y = x · Wᵀ for x [n, inner] f32 and a packed weight W [out, inner] (f32 / bf16 / f16, widened exactly),
-// f32 accumulation. One invocation per (output column, block of ROWS rows): it streams its weight row
-// once and applies it to ROWS rows of x, which every invocation of the workgroup reads alike. No
-// workgroup barriers, which software adapters (lavapipe, SwiftShader) execute very slowly.
-// ROWS is 1 for a single token (decode GEMV) and 4 for a block (prefill GEMM).
+// f32 accumulation. One invocation per block of COLS output columns × ROWS rows of x (register tiling):
+// each weight word it loads serves ROWS rows and each x value COLS columns. No workgroup barriers,
+// which software adapters (lavapipe, SwiftShader) execute very slowly.
+// Decode (one token) uses ROWS = COLS = 1: a GEMV with one invocation per column, as many as possible in
+// flight; a block (prefill) uses COLS = 4 and ROWS = 2. Larger tiles are slower: at 16 accumulators per
+// array lavapipe keeps them in memory instead of registers (measured with `msa bench --kernels`).
 // The weight may be a window of a larger buffer: this dispatch covers columns [col_start, col_start + cols).
 //
 // Specialisations fuse the bandwidth-bound ops around a projection into its one pass over the weights,
@@ -13,7 +15,8 @@
 // EPILOGUE 2: y = silu(x · Gᵀ) ⊙ (x · Uᵀ), G = W and U = `w2` (gate_proj and up_proj with SwiGLU).
 // Bindings a specialisation does not use are bound to any small buffer.
 
-override ROWS: u32 = 4u;       // 1..=4
+override ROWS: u32 = 2u;       // 1..=2
+override COLS: u32 = 4u;       // 1..=4
 override NORM: u32 = 0u;       // 0 or 1
 override EPILOGUE: u32 = 0u;   // 0, 1 or 2
 
@@ -26,6 +29,7 @@ struct Params {
     w_base: u32,      // element offset of column col_start's row inside the bound window (W and w2)
     row_blocks: u32,  // ceil(n / ROWS)
     eps: f32,         // NORM
+    col_blocks: u32,  // ceil(cols / COLS)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -48,66 +52,82 @@ fn norm_weight(k: u32) -> f32 {
 fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
           @builtin(local_invocation_index) lane: u32) {
     let t = flat_workgroup(wg, groups) * 64u + lane;
-    if t >= p.cols * p.row_blocks { return; }
-    let col = t % p.cols;
-    let row0 = (t / p.cols) * ROWS;
-    // Rows past n repeat the last row; their results are not stored.
-    var x_row: array<u32, 4>;
+    if t >= p.col_blocks * p.row_blocks { return; }
+    let col0 = (t % p.col_blocks) * COLS;
+    let row0 = (t / p.col_blocks) * ROWS;
+    // Rows past n repeat the last row and columns past `cols` the last column; neither is stored.
+    var x_row: array<u32, 2>;
     for (var r = 0u; r < ROWS; r++) {
         x_row[r] = min(row0 + r, p.n - 1u) * p.inner;
     }
-    let w_row = p.w_base + col * p.inner;
-    var acc: array<f32, 4>;
-    var acc2: array<f32, 4>;   // EPILOGUE 2: x · Uᵀ
-    var squares: array<f32, 4>;  // NORM: Σ x²
+    var w_row: array<u32, 4>;
+    var even = true;
+    for (var c = 0u; c < COLS; c++) {
+        w_row[c] = p.w_base + min(col0 + c, p.cols - 1u) * p.inner;
+        even = even && (w_row[c] & 1u) == 0u;
+    }
+    var acc: array<array<f32, 2>, 4>;    // [column][row]
+    var acc2: array<array<f32, 2>, 4>;   // EPILOGUE 2: x · Uᵀ
+    var squares: array<f32, 2>;          // NORM: Σ x² per row
     var k = 0u;
-    if DTYPE != 0u && (w_row & 1u) == 0u {
+    if DTYPE != 0u && even {
         // Packed pairs: one load for two weights (k is even, so g's pair shares a word too).
         for (; k + 1u < p.inner; k += 2u) {
-            let word = w[(w_row + k) >> 1u];
-            let w0 = widen(word, 0u);
-            let w1 = widen(word, 1u);
-            var u0 = 0.0;
-            var u1 = 0.0;
-            if EPILOGUE == 2u {
-                let word2 = w2[(w_row + k) >> 1u];
-                u0 = widen(word2, 0u);
-                u1 = widen(word2, 1u);
-            }
             let g0 = norm_weight(k);
             let g1 = norm_weight(k + 1u);
+            var a: array<f32, 2>;
+            var b: array<f32, 2>;
             for (var r = 0u; r < ROWS; r++) {
                 let xa = x[x_row[r] + k];
                 let xb = x[x_row[r] + k + 1u];
-                let a = xa * g0;
-                let b = xb * g1;
-                acc[r] += a * w0 + b * w1;
-                if EPILOGUE == 2u {
-                    acc2[r] += a * u0 + b * u1;
-                }
+                a[r] = xa * g0;
+                b[r] = xb * g1;
                 if NORM == 1u {
                     squares[r] += xa * xa + xb * xb;
+                }
+            }
+            for (var c = 0u; c < COLS; c++) {
+                let word = w[(w_row[c] + k) >> 1u];
+                let w0 = widen(word, 0u);
+                let w1 = widen(word, 1u);
+                var u0 = 0.0;
+                var u1 = 0.0;
+                if EPILOGUE == 2u {
+                    let word2 = w2[(w_row[c] + k) >> 1u];
+                    u0 = widen(word2, 0u);
+                    u1 = widen(word2, 1u);
+                }
+                for (var r = 0u; r < ROWS; r++) {
+                    acc[c][r] += a[r] * w0 + b[r] * w1;
+                    if EPILOGUE == 2u {
+                        acc2[c][r] += a[r] * u0 + b[r] * u1;
+                    }
                 }
             }
         }
     }
     for (; k < p.inner; k++) {
-        let i = w_row + k;
-        let wk = widen(w[word_of(i)], i);
-        var uk = 0.0;
-        if EPILOGUE == 2u {
-            uk = widen(w2[word_of(i)], i);
-        }
         let gk = norm_weight(k);
+        var a: array<f32, 2>;
         for (var r = 0u; r < ROWS; r++) {
             let xa = x[x_row[r] + k];
-            let a = xa * gk;
-            acc[r] += a * wk;
-            if EPILOGUE == 2u {
-                acc2[r] += a * uk;
-            }
+            a[r] = xa * gk;
             if NORM == 1u {
                 squares[r] += xa * xa;
+            }
+        }
+        for (var c = 0u; c < COLS; c++) {
+            let i = w_row[c] + k;
+            let wk = widen(w[word_of(i)], i);
+            var uk = 0.0;
+            if EPILOGUE == 2u {
+                uk = widen(w2[word_of(i)], i);
+            }
+            for (var r = 0u; r < ROWS; r++) {
+                acc[c][r] += a[r] * wk;
+                if EPILOGUE == 2u {
+                    acc2[c][r] += a[r] * uk;
+                }
             }
         }
     }
@@ -116,18 +136,22 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         if row >= p.n {
             continue;
         }
-        var gate = acc[r];
-        var up = acc2[r];
+        var inv = 1.0;
         if NORM == 1u {
-            let inv = 1.0 / sqrt(squares[r] / f32(p.inner) + p.eps);
-            gate *= inv;
-            up *= inv;
+            inv = 1.0 / sqrt(squares[r] / f32(p.inner) + p.eps);
         }
-        let out = row * p.out_features + p.col_start + col;
-        switch EPILOGUE {
-            case 1u: { y[out] = residual[out] + gate; }
-            case 2u: { y[out] = silu(gate) * up; }
-            default: { y[out] = gate; }
+        for (var c = 0u; c < COLS; c++) {
+            let col = col0 + c;
+            if col >= p.cols {
+                continue;
+            }
+            let gate = acc[c][r] * inv;
+            let out = row * p.out_features + p.col_start + col;
+            switch EPILOGUE {
+                case 1u: { y[out] = residual[out] + gate; }
+                case 2u: { y[out] = silu(gate) * (acc2[c][r] * inv); }
+                default: { y[out] = gate; }
+            }
         }
     }
 }

@@ -175,7 +175,7 @@ impl<B: Backend> Model<B> {
                 round,
                 prompt: prompt.clone(),
             });
-            let mut trace = options.document_scores.then(Trace::default);
+            let mut trace = options.document_scores.then(Trace::document_scores_only);
             let (mut session, logits) = self.prefill_query(memory, &prompt, trace.as_mut()).await?;
             let mut scores = match &trace {
                 Some(trace) => trace.read_document_scores(&self.backend).await?,

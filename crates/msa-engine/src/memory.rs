@@ -473,7 +473,7 @@ impl<B: Backend> Model<B> {
         pack_tokens: usize,
         mut done: impl FnMut(usize, usize),
     ) -> Result<Vec<Vec<LayerMemory<B::Tensor>>>> {
-        // The widest activation row of a block (MLP, attention heads, or the K/V projections) times
+        // The widest activation row of a block (the MLP, the query heads or the hidden state) times
         // the rows must fit the device's largest tensor; a longer document still goes alone.
         let c = &self.config;
         let widest_row = 4 * [

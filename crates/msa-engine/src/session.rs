@@ -58,9 +58,21 @@ pub struct Trace<T> {
     pub final_norm: Option<T>,
     /// Logits of every position.
     pub logits: Option<T>,
+    /// Records `document_scores` alone (see [`Trace::document_scores_only`]).
+    pub scores_only: bool,
 }
 
 impl<T> Trace<T> {
+    /// A trace that records only every document's score per router layer: no per-layer tensors and
+    /// no logits beyond the last position's, so it costs one small tensor per router layer (what a
+    /// routing view such as the browser demo's heat map needs).
+    pub fn document_scores_only() -> Self {
+        Trace {
+            scores_only: true,
+            ..Trace::default()
+        }
+    }
+
     /// Every document's score (by memory index) per router layer, read back to the host, in
     /// router-layer order.
     pub async fn read_document_scores<B: Backend<Tensor = T>>(
@@ -68,8 +80,8 @@ impl<T> Trace<T> {
         b: &B,
     ) -> Result<Vec<Vec<f32>>> {
         let mut scores = Vec::with_capacity(self.document_scores.len());
-        for (_, layer) in &self.document_scores {
-            scores.push(b.read(layer).await?);
+        for (_, layer_scores) in &self.document_scores {
+            scores.push(b.read(layer_scores).await?);
         }
         Ok(scores)
     }
@@ -85,6 +97,7 @@ impl<T> Default for Trace<T> {
             document_scores: Vec::new(),
             final_norm: None,
             logits: None,
+            scores_only: false,
         }
     }
 }
@@ -219,7 +232,7 @@ impl<'m, B: Backend> Session<'m, B> {
         let model = self.model;
         let b = &model.backend;
         let mut hidden = b.embedding(&model.weights.embed_tokens, ids)?;
-        if let Some(t) = trace.as_deref_mut() {
+        if let Some(t) = trace.as_deref_mut().filter(|t| !t.scores_only) {
             t.embeddings = Some(hidden.clone());
         }
         for layer in 0..model.config.num_hidden_layers {
@@ -255,7 +268,7 @@ impl<'m, B: Backend> Session<'m, B> {
             let k = b.concat_rows(&keys.iter().collect::<Vec<_>>())?;
             let v = b.concat_rows(&values.iter().collect::<Vec<_>>())?;
             hidden = model.attend_and_mlp(layer, &hidden, &q, &k, &v, mask)?;
-            if let Some(t) = trace.as_deref_mut() {
+            if let Some(t) = trace.as_deref_mut().filter(|t| !t.scores_only) {
                 t.context.push((k.clone(), v.clone()));
                 t.hidden.push(hidden.clone());
             }
@@ -302,7 +315,9 @@ impl<'m, B: Backend> Session<'m, B> {
             .await?;
         let routing_time = clock.elapsed();
         if let Some(t) = trace {
-            t.router_queries.push((layer, queries));
+            if !t.scores_only {
+                t.router_queries.push((layer, queries));
+            }
             t.document_scores
                 .push((layer, selection.scores.expect("scores were asked for")));
         }
@@ -364,7 +379,7 @@ impl<B: Backend> Model<B> {
     ) -> Result<B::Tensor> {
         let b = &self.backend;
         let n = b.shape(hidden)[0];
-        match trace {
+        match trace.filter(|t| !t.scores_only) {
             Some(t) => {
                 let (normed, logits) = self.logits(hidden)?;
                 let last = b.rows(&logits, n - 1..n)?;
@@ -464,11 +479,21 @@ impl<B: Backend> Model<B> {
         memory: &Memory<B>,
         question: &str,
     ) -> Result<(Session<'_, B>, Vec<f32>)> {
+        self.prefill_question_traced(memory, question, None).await
+    }
+
+    /// [`Model::prefill_question`], recording into `trace`.
+    pub async fn prefill_question_traced(
+        &self,
+        memory: &Memory<B>,
+        question: &str,
+        trace: Option<&mut Trace<B::Tensor>>,
+    ) -> Result<(Session<'_, B>, Vec<f32>)> {
         if question.trim().is_empty() {
             return Err(Error::EmptyQuestion);
         }
         let prompt = self.require_tokenizer()?.question_prompt(question)?;
-        self.prefill_query(memory, &prompt, None).await
+        self.prefill_query(memory, &prompt, trace).await
     }
 
     /// Answers a question from a memory: a token stream (see [`Generation`]).

@@ -152,7 +152,8 @@ impl WgpuBackend {
 
     /// Frees the device and everything on it (weights, memory, tensors) now, rather than when the last
     /// clone of the backend is dropped: a browser page reclaims GPU memory this way. The device is then
-    /// lost, as after a driver reset, and every later op fails with [`Error::DeviceLost`].
+    /// lost, as after a driver reset: ops fail with [`Error::DeviceLost`] once wgpu reports the loss,
+    /// and work recorded before that fails when it is read back.
     pub fn destroy(&self) {
         self.ctx.device.destroy();
     }
@@ -255,12 +256,12 @@ impl WgpuBackend {
         self.fits(&[x, &out], "norm")?;
         let (mode, dtype, w, heads) = match norm {
             Norm::Rms(w) => (0, w.dtype, w.whole(), 0),
-            Norm::L2 => (1, DType::F32, &x.buffer, 0),
+            Norm::L2 => (1, DType::F32, &self.ctx.placeholder, 0),
             Norm::RmsRope { weight, heads, .. } => (2, weight.dtype, weight.whole(), heads),
         };
         let table = match norm {
-            Norm::RmsRope { table, .. } => table.clone(),
-            _ => self.ctx.storage(8, "rope table (unused)")?,
+            Norm::RmsRope { table, .. } => table,
+            _ => &self.ctx.placeholder,
         };
         let kernel = Kernel::new(Family::Norm, "norm")
             .with("MODE", mode)
@@ -272,7 +273,7 @@ impl WgpuBackend {
                 bind(1, &x.buffer),
                 bind(2, w),
                 bind(3, &out.buffer),
-                bind(4, &table),
+                bind(4, table),
             ],
             rows,
         )?;
@@ -456,9 +457,10 @@ impl WgpuBackend {
         if n == 0 {
             return Ok(out);
         }
-        // One row per invocation for a single token, blocks of 4 (the kernel's maximum) otherwise.
-        let rows_per_invocation = if n == 1 { 1 } else { 4 };
-        let row_blocks = n.div_ceil(rows_per_invocation);
+        // One column per invocation for a single token (a GEMV: as many invocations as columns),
+        // 4 columns × 2 rows (the kernel's maximum) for a block.
+        let (col_tile, row_tile) = if n == 1 { (1, 1) } else { (4, 2) };
+        let row_blocks = n.div_ceil(row_tile);
         let (norm, epilogue, eps) = match fusion {
             Fusion::None => (0, 0, 0.0),
             Fusion::Add(_) => (0, 1, 0.0),
@@ -467,7 +469,8 @@ impl WgpuBackend {
         };
         let kernel = Kernel::new(Family::Matmul, "matmul")
             .with("DTYPE", dtype_code(weight.dtype))
-            .with("ROWS", rows_per_invocation as u32)
+            .with("ROWS", row_tile as u32)
+            .with("COLS", col_tile as u32)
             .with("NORM", norm)
             .with("EPILOGUE", epilogue);
         let windows = self.part_windows(
@@ -488,6 +491,7 @@ impl WgpuBackend {
         };
         for (i, (buffer, window)) in windows.iter().enumerate() {
             let cols = window.rows.len();
+            let col_blocks = cols.div_ceil(col_tile);
             let params = [
                 n as u32,
                 inner as u32,
@@ -497,25 +501,26 @@ impl WgpuBackend {
                 window.base,
                 row_blocks as u32,
                 eps.to_bits(),
+                col_blocks as u32,
             ];
             let weight_window = bind(2, buffer).window(window.offset, window.size);
-            // Unused bindings take x (any small buffer would do).
+            let placeholder = &self.ctx.placeholder;
             let residual = match fusion {
                 Fusion::Add(residual) => &residual.buffer,
-                _ => &x.buffer,
+                _ => placeholder,
             };
             let up = match &up_windows {
                 Some(up_windows) => {
                     let (up_buffer, up_window) = &up_windows[i];
                     bind(5, up_buffer).window(up_window.offset, up_window.size)
                 }
-                None => bind(5, &x.buffer),
+                None => bind(5, placeholder),
             };
             let norm = match fusion {
                 Fusion::Norm { norm, .. } | Fusion::NormSwiglu { norm, .. } => {
                     bind(6, norm.whole())
                 }
-                _ => bind(6, &x.buffer),
+                _ => bind(6, placeholder),
             };
             self.ctx.dispatch(
                 &kernel,
@@ -528,7 +533,7 @@ impl WgpuBackend {
                     up,
                     norm,
                 ],
-                (cols * row_blocks).div_ceil(LANES),
+                (col_blocks * row_blocks).div_ceil(LANES),
             )?;
         }
         Ok(out)
@@ -565,7 +570,8 @@ impl Backend for WgpuBackend {
     fn upload_weight(&self, view: TensorView<'_>) -> Result<WgpuWeight> {
         shapes::check_weight_bytes(&view)?;
         let caps = &self.ctx.caps;
-        // Kernels bind rows in windows (1-D weights whole), starting up to one alignment early.
+        // Kernels bind a weight whole when it fits one binding, otherwise rows in windows that start
+        // up to one alignment early (a 1-D weight is one row).
         let rows = if view.shape.len() >= 2 {
             view.shape[0]
         } else {
@@ -576,7 +582,7 @@ impl Backend for WgpuBackend {
         let largest_row = caps
             .max_binding_bytes
             .saturating_sub(u64::from(caps.storage_offset_alignment));
-        if row_bytes as u64 > largest_row {
+        if total as u64 > caps.max_binding_bytes && row_bytes as u64 > largest_row {
             return Err(self.ctx.limit_error(format!(
                 "the model exceeds this device's buffer limits: a row of `{}` {:?} is {row_bytes} \
                  bytes, more than the {largest_row} bytes a storage binding \
@@ -584,24 +590,16 @@ impl Backend for WgpuBackend {
                 view.name, view.shape, caps.max_binding_bytes
             )));
         }
-        // Parts start at multiples of 4 bytes, so packed 16-bit elements keep their parity.
-        let mut rows_per_part = if total as u64 <= caps.max_buffer_bytes {
+        // Larger than a buffer: as many whole rows per part as fit (each part its own buffer).
+        let rows_per_part = if total as u64 <= caps.max_buffer_bytes {
             rows.max(1)
         } else {
             (caps.max_buffer_bytes / row_bytes as u64) as usize
         };
-        if !row_bytes.is_multiple_of(4) && rows_per_part < rows {
-            rows_per_part &= !1;
-        }
         if rows_per_part == 0 {
-            let smallest_part = if row_bytes.is_multiple_of(4) {
-                row_bytes
-            } else {
-                2 * row_bytes
-            };
             return Err(self.ctx.limit_error(format!(
-                "the model exceeds this device's buffer limits: `{}` {:?} splits into parts of at \
-                 least {smallest_part} bytes, more than the largest buffer (maxBufferSize {})",
+                "the model exceeds this device's buffer limits: a row of `{}` {:?} is {row_bytes} \
+                 bytes, more than the largest buffer (maxBufferSize {})",
                 view.name, view.shape, caps.max_buffer_bytes
             )));
         }
@@ -825,7 +823,7 @@ impl Backend for WgpuBackend {
                     .collect();
                 self.upload_u32(&first, "attention row starts")?
             }
-            _ => self.ctx.storage(4, "attention row starts (unused)")?,
+            _ => self.ctx.placeholder.clone(),
         };
         let workgroups = nq * heads * splits;
         // One split writes the output directly (its `stats` binding unused: any small buffer); several

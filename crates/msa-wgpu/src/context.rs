@@ -114,6 +114,8 @@ pub struct GpuContext {
     encoder: Mutex<Option<wgpu::CommandEncoder>>,
     counters: Counters,
     fault: Arc<Mutex<Option<Fault>>>,
+    /// A small buffer bound where a kernel specialisation leaves a binding unused.
+    pub placeholder: wgpu::Buffer,
 }
 
 impl GpuContext {
@@ -140,7 +142,14 @@ impl GpuContext {
                 .expect("fault lock")
                 .get_or_insert(Fault::Lost(format!("{reason:?}: {message}")));
         });
+        let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("unused binding"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
         GpuContext {
+            placeholder,
             device,
             queue,
             info,

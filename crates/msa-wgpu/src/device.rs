@@ -172,9 +172,19 @@ pub(crate) async fn open_device(
         })?;
     let alignment = limits.min_storage_buffer_offset_alignment;
     let adapter_binding = limits.max_storage_buffer_binding_size;
+    // Buffers are padded to whole words, so a usable buffer size is a multiple of 4; and a binding
+    // never spans more than one buffer.
+    let buffer = options
+        .max_buffer_bytes
+        .map_or(limits.max_buffer_size, |cap| {
+            cap.min(limits.max_buffer_size)
+        })
+        / 4
+        * 4;
     let binding = options
         .max_binding_bytes
-        .map_or(adapter_binding, |cap| cap.min(adapter_binding));
+        .map_or(adapter_binding, |cap| cap.min(adapter_binding))
+        .min(buffer);
     let capabilities = Capabilities {
         shader_f16: features.contains(wgpu::Features::SHADER_F16),
         subgroups: features.contains(wgpu::Features::SUBGROUP),
@@ -182,11 +192,7 @@ pub(crate) async fn open_device(
         timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
         // Windows start at aligned offsets, so the usable size is a multiple of the alignment.
         max_binding_bytes: binding / u64::from(alignment) * u64::from(alignment),
-        max_buffer_bytes: options
-            .max_buffer_bytes
-            .map_or(limits.max_buffer_size, |cap| {
-                cap.min(limits.max_buffer_size)
-            }),
+        max_buffer_bytes: buffer,
         max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
         storage_offset_alignment: alignment,
     };

@@ -597,7 +597,7 @@ fn top_k_selects_like_the_reference_with_ties_nan_and_signed_zero() {
 #[test]
 fn tensors_larger_than_the_binding_and_buffer_limits_are_split() {
     // A 4 KiB binding cap makes every weight below span several windows; an 8 KiB buffer cap splits
-    // the weights into several buffers (at row boundaries that keep packed 16-bit parity).
+    // the weights into several buffers of whole rows.
     let Some(small) = gpu_with(DeviceOptions {
         max_binding_bytes: Some(4096),
         max_buffer_bytes: Some(8192),

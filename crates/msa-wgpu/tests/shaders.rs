@@ -51,7 +51,7 @@ fn families_are_the_shader_files_plus_the_shared_helpers() {
 fn a_broken_shader_is_reported_with_its_location() {
     let broken = Family::Matmul
         .source()
-        .replace("acc[r] += ", "acc[r] += 1u + ");
+        .replace("acc[c][r] += ", "acc[c][r] += 1u + ");
     let err = validate("matmul.wgsl", &broken).unwrap_err();
     assert!(err.contains("matmul.wgsl"), "{err}");
 }

@@ -92,9 +92,10 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["model", "bank", "kernels"])]
     probe: bool,
     /// Compare every performance-critical kernel at the preset's shapes (routing scan over
-    /// --memory-tokens with 1 and --query-tokens query tokens, top-k, decode GEMV, prefill GEMM,
-    /// decode attention): wgpu against the CPU reference on the same inputs, each wgpu figure as a
-    /// fraction of the roofline measured in the same run, with its target.
+    /// --memory-tokens with 1 and --query-tokens query tokens, top-k, decode GEMV, prefill GEMM, the
+    /// fused MLP halves beside their unfused ops, decode attention): wgpu against the CPU reference on
+    /// the same inputs, each wgpu figure as a fraction of the roofline measured in the same run, with
+    /// its target.
     #[arg(long, conflicts_with_all = ["model", "bank"])]
     kernels: bool,
     #[command(flatten)]
@@ -454,6 +455,21 @@ fn kernel_bench(args: &BenchArgs) -> Result<()> {
             args.document_tokens,
             args.query_tokens,
         )?;
+        // Both backends hold one copy of the routing keys per router layer, and the host one more.
+        let key_bytes = shapes.routing_key_bytes();
+        let ram = key_bytes * (2 * shapes.router_layers as u64 + 1);
+        if let Some(free) = free_ram()
+            && ram > free
+        {
+            bail!(
+                "--kernels over {} memory tokens needs {:.1} GB of RAM for the routing keys of {} \
+                 router layers on both backends ({:.1} GB available): use fewer --memory-tokens",
+                units::count(shapes.memory_tokens),
+                gb(ram),
+                shapes.router_layers,
+                gb(free)
+            );
+        }
         kernels::compare(&gpu, &shapes, args.seed)?
     };
     if let Some(path) = &args.json {

@@ -36,6 +36,11 @@ pub struct Shapes {
 }
 
 impl Shapes {
+    /// Bytes of one router layer's routing keys (bf16).
+    pub fn routing_key_bytes(&self) -> u64 {
+        (self.chunks * self.kv_heads * self.head_dim * 2) as u64
+    }
+
     pub fn new(
         config: &ModelConfig,
         memory_tokens: u64,
@@ -113,7 +118,7 @@ fn decode_context(s: &Shapes) -> usize {
 }
 
 fn cases(s: &Shapes) -> Vec<Case> {
-    let key_bytes = (s.chunks * s.kv_heads * s.head_dim * 2) as f64;
+    let key_bytes = s.routing_key_bytes() as f64;
     // The head mean sums each GQA group's query heads first: one dot per KV head, token and chunk.
     let scan_flops = |tokens: usize| (2 * tokens * s.kv_heads * s.head_dim * s.chunks) as f64;
     let weight_bytes = (s.ffn * s.hidden * 2) as f64;
@@ -220,7 +225,7 @@ struct Inputs {
     gate: Vec<u8>,
     up: Vec<u8>,
     norm: Vec<u8>,
-    residual: Vec<f32>,
+    mlp_hidden: Vec<f32>,
     q1: Vec<f32>,
     kv: Vec<f32>,
 }
@@ -249,7 +254,7 @@ impl Inputs {
             gate: random_bf16(&mut rng, s.ffn * s.hidden, 0.05),
             up: random_bf16(&mut rng, s.ffn * s.hidden, 0.05),
             norm: random_bf16(&mut rng, s.hidden, 1.0),
-            residual: random_f32(&mut rng, s.ffn),
+            mlp_hidden: random_f32(&mut rng, s.ffn),
             q1: random_f32(&mut rng, s.heads * s.head_dim),
             kv: random_f32(&mut rng, 2 * decode_context(s) * s.kv_heads * s.head_dim),
         }
@@ -364,7 +369,7 @@ fn run_op<B: Backend>(
         }
         Op::DownResidual { tokens } => {
             // down_proj has gate_proj's transposed shape: the gate bytes serve as its weights.
-            let x = b.upload(&inputs.residual[..tokens * s.ffn], &[tokens, s.ffn])?;
+            let x = b.upload(&inputs.mlp_hidden[..tokens * s.ffn], &[tokens, s.ffn])?;
             let residual = b.upload(&inputs.x[..tokens * s.hidden], &[tokens, s.hidden])?;
             let down = weight("down_proj", &[s.hidden, s.ffn], &inputs.gate)?;
             let mut last = None;

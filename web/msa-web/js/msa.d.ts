@@ -42,7 +42,8 @@ export interface LayerRouting {
   chunks: number;
   /** The selected documents, highest score first. */
   documents: RoutedDocument[];
-  /** Every document's score, by id. */
+  /** Every document's score, by position in the memory (the document id, for a memory built by
+   *  `addDocuments`). */
   scores?: number[];
 }
 
@@ -105,8 +106,8 @@ export class Msa {
   ask(question: string, options?: AskOptions): AsyncGenerator<AskEvent, void, void>;
   stats(): Stats;
   /**
-   * Frees the GPU memory now. Later calls reject as after a device loss: every call rejects with
-   * "… the GPU device was lost …" once the device is gone; load a model again to go on.
+   * Frees the GPU memory now. The engine is then as after a device loss: `addDocuments` and `ask`
+   * reject with "… the GPU device was lost …"; load a model again to go on.
    */
   dispose(): void;
 }

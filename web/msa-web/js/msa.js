@@ -143,8 +143,8 @@ export class Msa {
   }
 
   /**
-   * Frees the GPU memory (model, documents) now. Every later call rejects, as after a device loss
-   * ("the GPU device was lost"); load a model again to go on.
+   * Frees the GPU memory (model, documents) now. `addDocuments` and `ask` then reject, as after a
+   * device loss ("the GPU device was lost"); load a model again to go on.
    */
   dispose() {
     this.#engine.destroy();

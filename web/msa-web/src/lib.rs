@@ -304,21 +304,17 @@ impl State {
             sampling: options.sampling,
             stop_tokens: None,
         };
-        if question.trim().is_empty() {
-            return Err(msa_engine::Error::EmptyQuestion);
-        }
-        let tokenizer = model.require_tokenizer()?;
-        // The trace keeps every document's score per router layer, for the page's heat map.
-        let mut trace = Trace::default();
-        let prompt = tokenizer.question_prompt(question)?;
+        // Every document's score per router layer, for the page's heat map.
+        let mut trace = Trace::document_scores_only();
         let (session, logits) = model
-            .prefill_query(memory, &prompt, Some(&mut trace))
+            .prefill_question_traced(memory, question, Some(&mut trace))
             .await?;
         let scores = trace.read_document_scores(&model.backend).await?;
         drop(trace);
         let mut generation = model.generation(session, logits, &generate)?;
         let routing = routing_json(generation.routing(), &scores);
         emit(json!({"type": "routing", "round": 1, "layers": routing}));
+        let tokenizer = model.require_tokenizer()?;
         let mut stream = TextStream::new(tokenizer);
         let mut tokens = Vec::new();
         while let Some(token) = generation.next_token().await? {
