@@ -103,9 +103,20 @@ fn key_weights(
                 .unwrap(),
         );
     }
+    weights_of(gpu, cpu, values, shape, dtype)
+}
+
+/// `values` stored as a `dtype` weight of `shape` on both backends.
+fn weights_of(
+    gpu: &WgpuBackend,
+    cpu: &CpuBackend,
+    values: &[f32],
+    shape: &[usize],
+    dtype: DType,
+) -> (msa_wgpu::WgpuWeight, msa_engine::cpu::CpuWeight) {
     let bytes = weight_bytes(values, dtype);
     let view = TensorView {
-        name: "routing keys",
+        name: "weight",
         dtype,
         shape,
         bytes: &bytes,
@@ -236,17 +247,7 @@ fn weight_pair(
     shape: &[usize],
     dtype: DType,
 ) -> (msa_wgpu::WgpuWeight, msa_engine::cpu::CpuWeight) {
-    let bytes = weight_bytes(&random(rng, shape.iter().product()), dtype);
-    let view = TensorView {
-        name: "w",
-        dtype,
-        shape,
-        bytes: &bytes,
-    };
-    (
-        gpu.upload_weight(view).unwrap(),
-        cpu.upload_weight(view).unwrap(),
-    )
+    weights_of(gpu, cpu, &random(rng, shape.iter().product()), shape, dtype)
 }
 
 /// The fused ops (matmul + residual add; RMSNorm + matmul; RMSNorm + gate/up + SwiGLU; per-head
