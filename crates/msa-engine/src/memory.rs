@@ -476,14 +476,10 @@ impl<B: Backend> Model<B> {
         // The widest activation row of a block (the MLP, the query heads or the hidden state) times
         // the rows must fit the device's largest tensor; a longer document still goes alone.
         let c = &self.config;
-        let widest_row = 4 * [
-            c.intermediate_size,
-            c.num_attention_heads * c.head_dim,
-            c.hidden_size,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(1) as u64;
+        let widest_row = 4 * c
+            .intermediate_size
+            .max(c.num_attention_heads * c.head_dim)
+            .max(c.hidden_size) as u64;
         let pack_tokens = match self.backend.max_tensor_bytes() {
             Some(limit) => pack_tokens.min((limit / widest_row).max(1) as usize),
             None => pack_tokens,

@@ -489,6 +489,16 @@ impl WgpuBackend {
             )?),
             _ => None,
         };
+        // Bindings a specialisation leaves unused take the placeholder.
+        let placeholder = &self.ctx.placeholder;
+        let residual = match fusion {
+            Fusion::Add(residual) => &residual.buffer,
+            _ => placeholder,
+        };
+        let norm = match fusion {
+            Fusion::Norm { norm, .. } | Fusion::NormSwiglu { norm, .. } => norm.whole(),
+            _ => placeholder,
+        };
         for (i, (buffer, window)) in windows.iter().enumerate() {
             let cols = window.rows.len();
             let col_blocks = cols.div_ceil(col_tile);
@@ -504,23 +514,12 @@ impl WgpuBackend {
                 col_blocks as u32,
             ];
             let weight_window = bind(2, buffer).window(window.offset, window.size);
-            let placeholder = &self.ctx.placeholder;
-            let residual = match fusion {
-                Fusion::Add(residual) => &residual.buffer,
-                _ => placeholder,
-            };
             let up = match &up_windows {
                 Some(up_windows) => {
                     let (up_buffer, up_window) = &up_windows[i];
                     bind(5, up_buffer).window(up_window.offset, up_window.size)
                 }
                 None => bind(5, placeholder),
-            };
-            let norm = match fusion {
-                Fusion::Norm { norm, .. } | Fusion::NormSwiglu { norm, .. } => {
-                    bind(6, norm.whole())
-                }
-                _ => bind(6, placeholder),
             };
             self.ctx.dispatch(
                 &kernel,
@@ -531,7 +530,7 @@ impl WgpuBackend {
                     bind(3, &out.buffer),
                     bind(4, residual),
                     up,
-                    norm,
+                    bind(6, norm),
                 ],
                 (col_blocks * row_blocks).div_ceil(LANES),
             )?;
@@ -553,8 +552,8 @@ impl Backend for WgpuBackend {
     }
 
     fn max_tensor_bytes(&self) -> Option<u64> {
-        let caps = &self.ctx.caps;
-        Some(caps.max_binding_bytes.min(caps.max_buffer_bytes))
+        // Activations are bound whole; a binding is never larger than a buffer.
+        Some(self.ctx.caps.max_binding_bytes)
     }
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<WgpuTensor> {

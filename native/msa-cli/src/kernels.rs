@@ -269,11 +269,11 @@ const SPEC: RoutingSpec = RoutingSpec {
 };
 
 /// Seconds per call of `op` on `b` (calls recorded back to back, then one wait), and its last output.
-fn time<B: Backend>(b: &B, mut op: impl FnMut() -> Result<Vec<f32>>) -> Result<(f64, Vec<f32>)> {
-    let mut timed = |runs: u32| -> Result<(Duration, Vec<f32>)> {
+fn time<B: Backend, T>(b: &B, mut op: impl FnMut() -> Result<T>) -> Result<(f64, T)> {
+    let mut timed = |runs: u32| -> Result<(Duration, T)> {
         let start = Instant::now();
-        let mut out = Vec::new();
-        for _ in 0..runs {
+        let mut out = op()?;
+        for _ in 1..runs {
             out = op()?;
         }
         pollster::block_on(b.synchronize())?;
@@ -294,6 +294,15 @@ fn time<B: Backend>(b: &B, mut op: impl FnMut() -> Result<Vec<f32>>) -> Result<(
     }
 }
 
+/// [`time`] of an op whose output is a tensor, read back once timed.
+fn time_tensor<B: Backend>(
+    b: &B,
+    mut op: impl FnMut() -> msa_engine::Result<B::Tensor>,
+) -> Result<(f64, Vec<f32>)> {
+    let (seconds, out) = time(b, || op().map_err(anyhow::Error::from))?;
+    Ok((seconds, pollster::block_on(b.read(&out))?))
+}
+
 /// Runs `op` on `b` with `inputs` (a fused op as its unfused ops when `naive`): seconds per call and
 /// the output the backends must agree on.
 fn run_op<B: Backend>(
@@ -312,7 +321,6 @@ fn run_op<B: Backend>(
             bytes,
         })
     };
-    let read = |t: &B::Tensor| pollster::block_on(b.read(t)).map_err(anyhow::Error::from);
     match op {
         Op::RoutingScan { tokens, layers } => {
             let q = b.upload(&inputs.query[..tokens * s.heads * d], &[tokens, s.heads, d])?;
@@ -321,14 +329,14 @@ fn run_op<B: Backend>(
             let keys = (0..layers)
                 .map(|_| weight("routing keys", &[s.chunks, kv, d], &inputs.keys))
                 .collect::<msa_engine::Result<Vec<_>>>()?;
-            let mut last = None;
-            let (seconds, _) = time(b, || {
+            time_tensor(b, || {
+                let mut scores = None;
                 for layer_keys in &keys {
-                    last = Some(b.routing_scores(&q, &rows, layer_keys, &inputs.offsets, SPEC)?);
+                    scores =
+                        Some(b.routing_scores(&q, &rows, layer_keys, &inputs.offsets, SPEC)?);
                 }
-                Ok(Vec::new())
-            })?;
-            Ok((seconds, read(last.as_ref().expect("one layer at least"))?))
+                Ok(scores.expect("one layer at least"))
+            })
         }
         Op::TopK => {
             let q = b.upload(&inputs.query[..s.heads * d], &[1, s.heads, d])?;
@@ -343,45 +351,34 @@ fn run_op<B: Backend>(
         Op::GateProj { tokens } => {
             let x = b.upload(&inputs.x[..tokens * s.hidden], &[tokens, s.hidden])?;
             let gate = weight("gate_proj", &[s.ffn, s.hidden], &inputs.gate)?;
-            let mut last = None;
-            let (seconds, _) = time(b, || {
-                last = Some(b.matmul(&x, &gate)?);
-                Ok(Vec::new())
-            })?;
-            Ok((seconds, read(last.as_ref().expect("ran once"))?))
+            time_tensor(b, || b.matmul(&x, &gate))
         }
         Op::MlpIn { tokens } => {
             let x = b.upload(&inputs.x[..tokens * s.hidden], &[tokens, s.hidden])?;
             let norm = weight("norm", &[s.hidden], &inputs.norm)?;
             let gate = weight("gate_proj", &[s.ffn, s.hidden], &inputs.gate)?;
             let up = weight("up_proj", &[s.ffn, s.hidden], &inputs.up)?;
-            let mut last = None;
-            let (seconds, _) = time(b, || {
-                last = Some(if naive {
+            time_tensor(b, || {
+                if naive {
                     let normed = b.rms_norm(&x, &norm, 1e-6)?;
-                    b.silu_mul(&b.matmul(&normed, &gate)?, &b.matmul(&normed, &up)?)?
+                    b.silu_mul(&b.matmul(&normed, &gate)?, &b.matmul(&normed, &up)?)
                 } else {
-                    b.norm_swiglu(&x, &norm, 1e-6, &gate, &up)?
-                });
-                Ok(Vec::new())
-            })?;
-            Ok((seconds, read(last.as_ref().expect("ran once"))?))
+                    b.norm_swiglu(&x, &norm, 1e-6, &gate, &up)
+                }
+            })
         }
         Op::DownResidual { tokens } => {
             // down_proj has gate_proj's transposed shape: the gate bytes serve as its weights.
             let x = b.upload(&inputs.mlp_hidden[..tokens * s.ffn], &[tokens, s.ffn])?;
             let residual = b.upload(&inputs.x[..tokens * s.hidden], &[tokens, s.hidden])?;
             let down = weight("down_proj", &[s.hidden, s.ffn], &inputs.gate)?;
-            let mut last = None;
-            let (seconds, _) = time(b, || {
-                last = Some(if naive {
-                    b.add(&residual, &b.matmul(&x, &down)?)?
+            time_tensor(b, || {
+                if naive {
+                    b.add(&residual, &b.matmul(&x, &down)?)
                 } else {
-                    b.matmul_add(&x, &down, &residual)?
-                });
-                Ok(Vec::new())
-            })?;
-            Ok((seconds, read(last.as_ref().expect("ran once"))?))
+                    b.matmul_add(&x, &down, &residual)
+                }
+            })
         }
         Op::DecodeAttention => {
             let context = decode_context(s);
@@ -389,12 +386,7 @@ fn run_op<B: Backend>(
             let q = b.upload(&inputs.q1, &[1, s.heads, d])?;
             let k = b.upload(&inputs.kv[..half], &[context, kv, d])?;
             let v = b.upload(&inputs.kv[half..], &[context, kv, d])?;
-            let mut last = None;
-            let (seconds, _) = time(b, || {
-                last = Some(b.attention(&q, &k, &v, AttentionMask::Causal)?);
-                Ok(Vec::new())
-            })?;
-            Ok((seconds, read(last.as_ref().expect("ran once"))?))
+            time_tensor(b, || b.attention(&q, &k, &v, AttentionMask::Causal))
         }
     }
 }
