@@ -17,13 +17,15 @@
 //! ```
 //!
 //! [`Msa::load`] runs on the CPU reference backend; [`Msa::load_wgpu`] runs every op as a WGSL compute
-//! shader on the best GPU adapter (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME` choose another). Calls block. The
-//! async, backend-generic engine underneath is re-exported as [`engine`], [`wgpu`] and [`core`] for
-//! embedders that bring their own executor or backend.
+//! shader on the best GPU adapter (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME` choose another);
+//! [`Msa::load_cuda`] runs on an NVIDIA GPU through CUDA. Calls block. The async, backend-generic engine
+//! underneath is re-exported as [`engine`], [`wgpu`], [`cuda`] and [`core`] for embedders that bring their
+//! own executor or backend.
 
 use std::path::Path;
 
 pub use msa_core as core;
+pub use msa_cuda as cuda;
 pub use msa_engine as engine;
 pub use msa_wgpu as wgpu;
 
@@ -67,6 +69,17 @@ impl Msa<msa_wgpu::WgpuBackend> {
             msa_wgpu::DeviceOptions::from_env(),
         ))?;
         Msa::load_on(dir, gpu)
+    }
+}
+
+impl Msa<msa_cuda::CudaBackend> {
+    /// Loads a model onto the first CUDA GPU. Fails with a clear error when the driver, NVRTC or
+    /// cuBLAS cannot be loaded, or no device exists.
+    pub fn load_cuda(dir: impl AsRef<Path>) -> Result<Self> {
+        Msa::load_on(
+            dir,
+            msa_cuda::CudaBackend::new(msa_cuda::CudaOptions::default())?,
+        )
     }
 }
 

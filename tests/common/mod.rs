@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
-/// Every golden check runs on each backend: `on_every_backend!(test_fn, ...)` makes a `cpu` and a `wgpu`
-/// module with one `#[test]` per function, calling `test_fn(backend)`.
+/// Every golden check runs on each backend: `on_every_backend!(test_fn, ...)` makes a `cpu`, a `wgpu` and
+/// a `cuda` module with one `#[test]` per function, calling `test_fn(backend)`. The CUDA tests skip on a
+/// machine without an NVIDIA GPU unless `MSA_REQUIRE_CUDA` is set.
 #[macro_export]
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
@@ -23,6 +24,14 @@ macro_rules! on_every_backend {
             $(#[test]
             fn $name() {
                 if let Some(gpu) = super::common::wgpu_backend() {
+                    super::$name(gpu);
+                }
+            })*
+        }
+        mod cuda {
+            $(#[test]
+            fn $name() {
+                if let Some(gpu) = msa::cuda::CudaBackend::open_or_skip(Default::default()) {
                     super::$name(gpu);
                 }
             })*
@@ -65,6 +74,25 @@ pub fn wgpu_backend_with_small_limits() -> Option<msa::wgpu::WgpuBackend> {
             ..msa::wgpu::DeviceOptions::from_env()
         },
     ))
+}
+
+/// Whether a backend computes each row of a batch with the same bits whatever else the batch holds: the
+/// CPU reference and the WGSL kernels sum every output in one fixed order; cuBLAS picks its GEMM
+/// algorithm (tiling, split-K) by the whole batch's shape, so a row's last bits depend on its batch.
+pub trait BatchInvariance {
+    const BATCH_INVARIANT: bool;
+}
+
+impl BatchInvariance for msa::CpuBackend {
+    const BATCH_INVARIANT: bool = true;
+}
+
+impl BatchInvariance for msa::wgpu::WgpuBackend {
+    const BATCH_INVARIANT: bool = true;
+}
+
+impl BatchInvariance for msa::cuda::CudaBackend {
+    const BATCH_INVARIANT: bool = false;
 }
 
 pub fn fixture_dir(name: &str) -> PathBuf {

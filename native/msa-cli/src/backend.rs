@@ -4,17 +4,22 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use msa_cuda::{CudaBackend, CudaOptions};
 use msa_engine::{Backend, CpuBackend, Model};
 use msa_wgpu::{DeviceOptions, ExecutionStats, WgpuBackend, wgpu};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
-    /// wgpu on a GPU when one is found (a software adapter such as lavapipe does not count), else cpu.
+    /// cuda on an NVIDIA GPU with the CUDA libraries, else wgpu on a GPU (a software adapter such as
+    /// lavapipe does not count), else cpu.
     Auto,
     /// The CPU reference engine (f32 arithmetic, all cores).
     Cpu,
     /// Every op as a WGSL compute shader through wgpu (Vulkan, Metal, DX12, GL).
     Wgpu,
+    /// NVIDIA GPUs through CUDA (driver, NVRTC and cuBLAS loaded at run time): cuBLAS GEMMs on tensor
+    /// cores, NVRTC kernels for the rest.
+    Cuda,
 }
 
 /// Where the model runs.
@@ -27,26 +32,64 @@ pub struct BackendArgs {
     #[arg(long, env = "WGPU_ADAPTER_NAME", value_name = "NAME")]
     pub adapter: Option<String>,
     /// Memory Parallel: shard the bank's routing keys over N devices (one per GPU where there are N
-    /// GPUs; otherwise several devices on one adapter, or N CPU shards).
+    /// GPUs; otherwise several devices on one GPU, or N CPU shards).
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub devices: u16,
+}
+
+/// What a device can move, measured in the same run as a benchmark: the denominators of its fractions.
+#[derive(Clone, Copy, Debug)]
+pub struct Bandwidths {
+    /// A device-to-device copy, counting the bytes read and written, in bytes/s.
+    pub device_copy: f64,
+    /// A copy from pinned host memory to the device, in bytes/s, where the backend measures it.
+    pub host_to_device: Option<f64>,
 }
 
 /// What the CLI needs from a backend beyond the engine's trait.
 pub trait Device: Backend + Clone {
     /// Dispatch and submit counters, where the backend counts them.
     fn execution_stats(&self) -> Option<ExecutionStats>;
+    /// Measures the device's [`Bandwidths`] (a GPU backend; `None` for the CPU reference).
+    fn bandwidths(&self) -> Result<Option<Bandwidths>>;
 }
 
 impl Device for CpuBackend {
     fn execution_stats(&self) -> Option<ExecutionStats> {
         None
     }
+
+    fn bandwidths(&self) -> Result<Option<Bandwidths>> {
+        Ok(None)
+    }
 }
 
 impl Device for WgpuBackend {
     fn execution_stats(&self) -> Option<ExecutionStats> {
         Some(self.stats())
+    }
+
+    fn bandwidths(&self) -> Result<Option<Bandwidths>> {
+        let probe = msa_wgpu::probe::RooflineProbe::new(self)?;
+        let roofline = pollster::block_on(probe.measure())?;
+        Ok(Some(Bandwidths {
+            device_copy: roofline.copy_bytes_per_s,
+            host_to_device: None,
+        }))
+    }
+}
+
+impl Device for CudaBackend {
+    fn execution_stats(&self) -> Option<ExecutionStats> {
+        None
+    }
+
+    fn bandwidths(&self) -> Result<Option<Bandwidths>> {
+        let roofline = self.measure_roofline()?;
+        Ok(Some(Bandwidths {
+            device_copy: roofline.device_copy_gbps * 1e9,
+            host_to_device: Some(roofline.host_to_device_gbps * 1e9),
+        }))
     }
 }
 
@@ -74,6 +117,10 @@ pub fn run<J: Job>(args: &BackendArgs, job: J) -> Result<J::Output> {
             let (primary, shards) = open_wgpu(args.adapter.clone(), devices)?;
             job.run(primary, shards)
         }
+        BackendKind::Cuda => {
+            let (primary, shards) = open_cuda(devices)?;
+            job.run(primary, shards)
+        }
         BackendKind::Auto => unreachable!("resolved above"),
     }
 }
@@ -86,8 +133,17 @@ pub fn resolve(args: &BackendArgs) -> BackendKind {
     }
 }
 
-/// `auto`: wgpu on a real GPU, else the CPU reference (which beats a software adapter).
+/// `auto`: CUDA where it opens, else wgpu on a real GPU, else the CPU reference (which beats a
+/// software adapter).
 fn auto(args: &BackendArgs) -> BackendKind {
+    match msa_cuda::device_count() {
+        Ok(count) if count > 0 => {
+            tracing::info!("backend auto: cuda ({count} device(s))");
+            return BackendKind::Cuda;
+        }
+        Ok(_) => tracing::info!("backend auto: the CUDA driver reports no device"),
+        Err(e) => tracing::info!("backend auto: no CUDA ({e})"),
+    }
     let adapters = pollster::block_on(msa_wgpu::matching_adapters(args.adapter.as_deref()));
     let gpu = adapters
         .iter()
@@ -144,6 +200,29 @@ pub fn open_wgpu(
     let mut shards = vec![primary.clone()];
     for shard in 1..devices {
         shards.push(open(peers[shard % peers.len()])?);
+    }
+    Ok((primary, shards))
+}
+
+/// The primary CUDA device and, for Memory Parallel, one per shard: shard i on GPU i, cycling when
+/// there are fewer GPUs than shards. Shard 0 is the primary device itself.
+pub fn open_cuda(devices: usize) -> Result<(CudaBackend, Vec<CudaBackend>)> {
+    let gpus = msa_cuda::device_count().context("opening a CUDA device")?;
+    anyhow::ensure!(gpus > 0, "the CUDA driver reports no device");
+    let open =
+        |ordinal: usize| CudaBackend::new(CudaOptions { ordinal }).context("opening a CUDA device");
+    let primary = open(0)?;
+    if devices == 1 {
+        return Ok((primary, Vec::new()));
+    }
+    if gpus < devices {
+        tracing::warn!(
+            "{devices} devices asked for, {gpus} CUDA GPU(s) found: several shards share a GPU"
+        );
+    }
+    let mut shards = vec![primary.clone()];
+    for shard in 1..devices {
+        shards.push(open(shard % gpus)?);
     }
     Ok((primary, shards))
 }

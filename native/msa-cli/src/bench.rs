@@ -327,7 +327,7 @@ fn check_fits(args: &BenchArgs, needs: &Needs, cache: &Path, kind: BackendKind) 
             gb(free)
         ));
     }
-    if kind != BackendKind::Cpu {
+    if kind == BackendKind::Wgpu {
         let adapters =
             pollster::block_on(msa_wgpu::matching_adapters(args.backend.adapter.as_deref()));
         if let Some(adapter) = adapters.first() {
@@ -437,8 +437,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
 /// `--probe` and `--kernels`: always on wgpu (the CPU reference is the comparison).
 fn kernel_bench(args: &BenchArgs) -> Result<()> {
     anyhow::ensure!(
-        args.backend.backend != BackendKind::Cpu && args.backend.devices == 1,
-        "--probe and --kernels measure one wgpu device: drop --backend cpu and --devices"
+        matches!(args.backend.backend, BackendKind::Auto | BackendKind::Wgpu)
+            && args.backend.devices == 1,
+        "--probe and --kernels measure one wgpu device: drop --backend and --devices"
     );
     let (gpu, _) = backend::open_wgpu(args.backend.adapter.clone(), 1)?;
     let report = if args.probe {
@@ -593,6 +594,8 @@ impl Job for BenchJob {
 
     fn run<B: Device>(self, device: B, shards: Vec<B>) -> Result<()> {
         let args = &self.args;
+        // Measured first, while the device's memory is free.
+        let bandwidths = device.bandwidths()?;
         let started = Instant::now();
         let model = backend::load_model(&self.model_dir, device)?;
         pollster::block_on(model.backend.synchronize())?;
@@ -676,6 +679,7 @@ impl Job for BenchJob {
             &memory,
             memory_tokens,
             Measured {
+                bandwidths,
                 load_time,
                 encoded_tokens,
                 encode_time,
@@ -694,6 +698,7 @@ impl Job for BenchJob {
 }
 
 struct Measured {
+    bandwidths: Option<backend::Bandwidths>,
     load_time: Duration,
     encoded_tokens: usize,
     encode_time: Duration,
@@ -716,6 +721,14 @@ fn report<B: Device>(
     let per_token = |bytes: u64| bytes as f64 / memory_tokens.max(1) as f64;
     let per_decoded = |count: u64| (t.decoded > 0).then(|| count as f64 / t.decoded as f64);
     let counted = model.backend.execution_stats().is_some();
+    // Decoding reads every weight once per token: the checkpoint's bytes over the copy bandwidth.
+    let checkpoint_bytes = checkpoint_bytes(&job.model_dir);
+    let routing_rate = gb(t.scanned) / t.routing.as_secs_f64().max(1e-9);
+    let fetch_rate = gb(t.fetched) / t.fetch.as_secs_f64().max(1e-9);
+    let decode_rate = t.decoded as f64 / t.decode.as_secs_f64().max(1e-9);
+    let copy = m.bandwidths.map(|b| b.device_copy / 1e9);
+    let host_to_device = m.bandwidths.and_then(|b| b.host_to_device).map(|b| b / 1e9);
+    let decode_limit = copy.map(|c| c * 1e9 / checkpoint_bytes.max(1) as f64);
     json!({
         "backend": model.backend.describe(),
         "devices": memory.devices(),
@@ -752,12 +765,14 @@ fn report<B: Device>(
             "router_layers": router_layers,
             "ms_per_query": ms(t.routing) / queries,
             "ms_per_layer": ms(t.routing) / queries / layers,
-            "gb_per_second": gb(t.scanned) / t.routing.as_secs_f64().max(1e-9),
+            "gb_per_second": routing_rate,
+            "of_device_copy": copy.map(|c| routing_rate / c),
         },
         "fetch": {
             "mb_per_query": t.fetched as f64 / 1e6 / queries,
             "ms_per_query": ms(t.fetch) / queries,
-            "gb_per_second": gb(t.fetched) / t.fetch.as_secs_f64().max(1e-9),
+            "gb_per_second": fetch_rate,
+            "of_host_to_device": host_to_device.map(|h| fetch_rate / h),
         },
         "prefill": {
             "prompt_tokens": args.query_tokens + 3,
@@ -765,12 +780,39 @@ fn report<B: Device>(
         },
         "decode": {
             "tokens": t.decoded,
-            "tokens_per_second": t.decoded as f64 / t.decode.as_secs_f64().max(1e-9),
+            "tokens_per_second": decode_rate,
+            "checkpoint_bytes": checkpoint_bytes,
+            "weight_streaming_limit_tokens_per_second": decode_limit,
+            "of_weight_streaming_limit": decode_limit.map(|l| decode_rate / l),
             "dispatches_per_token": if counted { json!(per_decoded(t.dispatches)) } else { json!(null) },
             "submits_per_token": if counted { json!(per_decoded(t.submits)) } else { json!(null) },
         },
+        "bandwidths": {
+            "device_copy_gb_per_second": copy,
+            "host_to_device_gb_per_second": host_to_device,
+        },
         "peak_rss_bytes": peak_rss(),
     })
+}
+
+/// Bytes of the safetensors files of a model directory.
+fn checkpoint_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// ` (0.42 of X)` when the fraction is known.
+fn fraction(value: &serde_json::Value, of: &str) -> String {
+    value
+        .as_f64()
+        .map(|v| format!(" ({v:.2} of {of})"))
+        .unwrap_or_default()
 }
 
 fn print_report(r: &serde_json::Value) {
@@ -826,20 +868,25 @@ fn print_report(r: &serde_json::Value) {
         (
             "routing",
             format!(
-                "{:.2} ms per query, {:.3} ms per router layer, {:.2} GB/s of routing keys ({} query tokens)",
+                "{:.2} ms per query, {:.3} ms per router layer, {:.2} GB/s of routing keys{} ({} query tokens)",
                 f(&r["routing"]["ms_per_query"]),
                 f(&r["routing"]["ms_per_layer"]),
                 f(&r["routing"]["gb_per_second"]),
+                fraction(&r["routing"]["of_device_copy"], "the device copy"),
                 r["routing"]["query_tokens"]
             ),
         ),
         (
             "fetch",
             format!(
-                "{} per query in {:.2} ms ({:.2} GB/s)",
+                "{} per query in {:.2} ms, {:.2} GB/s{}",
                 units::bytes((f(&r["fetch"]["mb_per_query"]) * 1e6) as u64),
                 f(&r["fetch"]["ms_per_query"]),
-                f(&r["fetch"]["gb_per_second"])
+                f(&r["fetch"]["gb_per_second"]),
+                fraction(
+                    &r["fetch"]["of_host_to_device"],
+                    "a pinned host-to-device copy"
+                )
             ),
         ),
         (
@@ -853,9 +900,13 @@ fn print_report(r: &serde_json::Value) {
         (
             "decode",
             format!(
-                "{:.2} tokens/s over {} tokens; {}",
+                "{:.2} tokens/s over {} tokens{}; {}",
                 f(&r["decode"]["tokens_per_second"]),
                 r["decode"]["tokens"],
+                fraction(
+                    &r["decode"]["of_weight_streaming_limit"],
+                    "streaming the weights at the copy bandwidth"
+                ),
                 match r["decode"]["dispatches_per_token"].as_f64() {
                     Some(d) => format!(
                         "{d:.1} dispatches, {:.1} submits per token",
@@ -864,6 +915,19 @@ fn print_report(r: &serde_json::Value) {
                     None => "dispatches not counted on this backend".into(),
                 }
             ),
+        ),
+        (
+            "bandwidths",
+            match r["bandwidths"]["device_copy_gb_per_second"].as_f64() {
+                Some(copy) => format!(
+                    "device copy {copy:.1} GB/s (read + written){}",
+                    r["bandwidths"]["host_to_device_gb_per_second"]
+                        .as_f64()
+                        .map(|h| format!(", pinned host to device {h:.1} GB/s"))
+                        .unwrap_or_default()
+                ),
+                None => "not measured on this backend".into(),
+            },
         ),
         (
             "peak memory",

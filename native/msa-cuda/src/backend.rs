@@ -1,0 +1,664 @@
+//! [`Backend`] on CUDA: every op queued on the device's stream; reads wait for it.
+
+use std::future::{Future, ready};
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::{Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
+use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
+use msa_engine::{
+    AttentionMask, Backend, Result, RoutingSpec, Scored, rope_table, select_top_k, shapes,
+};
+
+use crate::device::{CudaOptions, Device, grid_for_threads, grid_for_warps};
+
+/// Inputs of at most this many rows are projected by the decode kernel (each weight read once for
+/// every row); larger ones by cuBLAS. Matches `SMALL_ROWS` in kernels.cu.
+const SMALL_ROWS: usize = 8;
+/// The widest head vector the warp-per-head kernels hold in registers (`32 × MAX_PER_LANE`).
+const MAX_HEAD_DIM: usize = 256;
+/// Threads per block of the attention kernel (`ATTENTION_WARPS` warps).
+const ATTENTION_THREADS: u32 = 256;
+
+/// The CUDA backend. Cheap to clone: clones share the device.
+#[derive(Clone)]
+pub struct CudaBackend {
+    pub(crate) device: Arc<Device>,
+}
+
+/// An f32 tensor in device memory. Clones and reshapes share the allocation.
+#[derive(Clone)]
+pub struct CudaTensor {
+    data: Arc<CudaSlice<f32>>,
+    shape: Vec<usize>,
+}
+
+impl CudaTensor {
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A weight in device memory in its stored dtype.
+pub struct CudaWeight {
+    data: WeightData,
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+enum WeightData {
+    F32(Arc<CudaSlice<f32>>),
+    /// bf16 or f16 bits.
+    Half(CudaSlice<u16>),
+}
+
+impl CudaWeight {
+    /// The suffix of the kernel instantiated for this dtype.
+    fn suffix(&self) -> &'static str {
+        match self.dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+/// Pushes a weight of any dtype as a kernel argument.
+fn weight_arg<'a>(args: &mut LaunchArgs<'a>, weight: &'a WeightData) {
+    match weight {
+        WeightData::F32(data) => args.arg(data.as_ref()),
+        WeightData::Half(data) => args.arg(data),
+    };
+}
+
+impl CudaBackend {
+    /// Opens a CUDA device: loads the driver, NVRTC and cuBLAS, and compiles the kernels (once per
+    /// process). A missing library or device is an error naming what to install.
+    pub fn new(options: CudaOptions) -> Result<Self> {
+        Ok(CudaBackend {
+            device: Arc::new(Device::open(&options)?),
+        })
+    }
+
+    /// Opens the device, or returns `None` (printing why) when this machine has no usable CUDA device,
+    /// so GPU tests skip on machines without one. With `MSA_REQUIRE_CUDA` set, a missing device panics
+    /// instead: a skipped test is not a passing one.
+    pub fn open_or_skip(options: CudaOptions) -> Option<Self> {
+        match CudaBackend::new(options) {
+            Ok(gpu) => Some(gpu),
+            Err(e) if std::env::var_os("MSA_REQUIRE_CUDA").is_some() => {
+                panic!("MSA_REQUIRE_CUDA is set and no CUDA device opened: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping the CUDA run: {e}");
+                None
+            }
+        }
+    }
+
+    fn alloc<T: cudarc::driver::DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every op writes its whole output before anything reads it. Zero-length tensors
+        // (an op over no rows) get one element, since an empty allocation is refused.
+        unsafe { self.device.stream.alloc::<T>(len.max(1)) }.map_err(|e| self.device.error(e))
+    }
+
+    pub(crate) fn alloc_zeroed(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.device
+            .stream
+            .alloc_zeros::<f32>(len.max(1))
+            .map_err(|e| self.device.error(e))
+    }
+
+    fn tensor(&self, shape: Vec<usize>) -> Result<(CudaSlice<f32>, Vec<usize>)> {
+        Ok((self.alloc(shape.iter().product())?, shape))
+    }
+
+    fn wrap(data: CudaSlice<f32>, shape: Vec<usize>) -> CudaTensor {
+        CudaTensor {
+            data: Arc::new(data),
+            shape,
+        }
+    }
+
+    fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>> {
+        let values = if values.is_empty() { &[0][..] } else { values };
+        self.device
+            .stream
+            .clone_htod(values)
+            .map_err(|e| self.device.error(e))
+    }
+
+    /// The launch builder of a kernel, on the device's stream.
+    fn args(&self, kernel: &str) -> LaunchArgs<'_> {
+        self.device
+            .stream
+            .launch_builder(self.device.kernel(kernel))
+    }
+
+    fn launch(&self, args: &mut LaunchArgs<'_>, config: LaunchConfig) -> Result<()> {
+        // SAFETY: each caller passes the arguments its kernel declares, with buffers sized for the grid.
+        unsafe { args.launch(config) }
+            .map(drop)
+            .map_err(|e| self.device.error(e))
+    }
+
+    /// Copies `len` elements of `src` from `from` into `dst` at `to`, on the stream.
+    fn copy(
+        &self,
+        src: &CudaSlice<f32>,
+        from: usize,
+        dst: &mut CudaSlice<f32>,
+        to: usize,
+        len: usize,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let src = src.slice(from..from + len);
+        let mut dst = dst.slice_mut(to..to + len);
+        self.device
+            .stream
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(|e| self.device.error(e))
+    }
+
+    /// `[rows, width]` rows of a table in any dtype, picked by `ids`.
+    fn gather(
+        &self,
+        kernel: &str,
+        table: &WeightData,
+        ids: &[u32],
+        width: usize,
+        shape: Vec<usize>,
+    ) -> Result<CudaTensor> {
+        let (mut out, shape) = self.tensor(shape)?;
+        let ids_device = self.upload_u32(ids)?;
+        let total = (ids.len() * width) as u64;
+        let width = width as u32;
+        let mut args = self.args(kernel);
+        weight_arg(&mut args, table);
+        args.arg(&ids_device).arg(&mut out).arg(&total).arg(&width);
+        self.launch(&mut args, grid_for_threads(total))?;
+        Ok(Self::wrap(out, shape))
+    }
+
+    /// `y = x · Wᵀ` on cuBLAS: row-major `x [n, inner]` and `W [out, inner]` are column-major `xᵀ` and
+    /// `Wᵀ`, so `yᵀ = op(Wᵀ)ᵀ·xᵀ` is one column-major GEMM with the weight transposed.
+    fn gemm(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        y: &mut CudaSlice<f32>,
+        (n, inner, out): (usize, usize, usize),
+    ) -> Result<()> {
+        let blas_error = |e: cudarc::cublas::result::CublasError| self.device.error(e);
+        let (m, n_cols, k) = (out as i32, n as i32, inner as i32);
+        match &weight.data {
+            WeightData::F32(w) => {
+                let config = GemmConfig {
+                    transa: cublasOperation_t::CUBLAS_OP_T,
+                    transb: cublasOperation_t::CUBLAS_OP_N,
+                    m,
+                    n: n_cols,
+                    k,
+                    alpha: 1.0f32,
+                    lda: k,
+                    ldb: k,
+                    beta: 0.0f32,
+                    ldc: m,
+                };
+                // SAFETY: the dimensions above describe the three allocations exactly.
+                unsafe {
+                    self.device
+                        .blas
+                        .gemm(config, w.as_ref(), x.data.as_ref(), y)
+                }
+                .map_err(blas_error)
+            }
+            WeightData::Half(w) => {
+                // Tensor cores take both operands in the weight's dtype: round the activations once.
+                let (kernel, data_type) = match weight.dtype {
+                    DType::BF16 => ("round_bf16", cudaDataType::CUDA_R_16BF),
+                    _ => ("round_f16", cudaDataType::CUDA_R_16F),
+                };
+                let mut rounded = self.alloc::<u16>(n * inner)?;
+                let total = (n * inner) as u64;
+                let mut args = self.args(kernel);
+                args.arg(x.data.as_ref()).arg(&mut rounded).arg(&total);
+                self.launch(&mut args, grid_for_threads(total))?;
+                let stream = &self.device.stream;
+                let (alpha, beta) = (1.0f32, 0.0f32);
+                let (w_ptr, _w) = w.device_ptr(stream);
+                let (x_ptr, _x) = rounded.device_ptr(stream);
+                let (y_ptr, _y) = y.device_ptr(stream);
+                // SAFETY: as above; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
+                unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        *self.device.blas.handle(),
+                        cublasOperation_t::CUBLAS_OP_T,
+                        cublasOperation_t::CUBLAS_OP_N,
+                        m,
+                        n_cols,
+                        k,
+                        (&alpha as *const f32).cast(),
+                        w_ptr as *const _,
+                        data_type,
+                        k,
+                        x_ptr as *const _,
+                        data_type,
+                        k,
+                        (&beta as *const f32).cast(),
+                        y_ptr as *mut _,
+                        cudaDataType::CUDA_R_32F,
+                        m,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(blas_error)
+            }
+        }
+    }
+
+    fn elementwise(&self, kernel: &str, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        let (mut out, shape) = self.tensor(a.shape.clone())?;
+        let total = a.len() as u64;
+        let mut args = self.args(kernel);
+        args.arg(a.data.as_ref())
+            .arg(b.data.as_ref())
+            .arg(&mut out)
+            .arg(&total);
+        self.launch(&mut args, grid_for_threads(total))?;
+        Ok(Self::wrap(out, shape))
+    }
+
+    /// Copies a tensor to the host, waiting for the ops it depends on.
+    fn read_now(&self, tensor: &CudaTensor) -> Result<Vec<f32>> {
+        let stream = &self.device.stream;
+        let mut host = vec![0.0f32; tensor.len()];
+        if !host.is_empty() {
+            stream
+                .memcpy_dtoh(&tensor.data.slice(0..host.len()), &mut host)
+                .and_then(|()| stream.synchronize())
+                .map_err(|e| self.device.error(e))?;
+        }
+        Ok(host)
+    }
+
+    fn check_head_dim(&self, op: &'static str, d: usize) -> Result<()> {
+        if d > MAX_HEAD_DIM {
+            return Err(msa_engine::Error::shape(
+                op,
+                format!("head_dim {d}: the CUDA kernels hold at most {MAX_HEAD_DIM} per head"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+
+    fn describe(&self) -> String {
+        format!("cuda: {}", self.device.name)
+    }
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CudaTensor> {
+        shapes::check_fill("upload", data.len(), &[data.len()], shape)?;
+        let values = if data.is_empty() { &[0.0][..] } else { data };
+        let slice = self
+            .device
+            .stream
+            .clone_htod(values)
+            .map_err(|e| self.device.error(e))?;
+        Ok(Self::wrap(slice, shape.to_vec()))
+    }
+
+    fn upload_weight(&self, view: TensorView<'_>) -> Result<CudaWeight> {
+        shapes::check_weight_bytes(&view)?;
+        let stream = &self.device.stream;
+        let data = match view.dtype {
+            DType::F32 => {
+                let values: Vec<f32> = bytemuck::pod_collect_to_vec(view.bytes);
+                let values = if values.is_empty() { vec![0.0] } else { values };
+                WeightData::F32(Arc::new(
+                    stream
+                        .clone_htod(&values)
+                        .map_err(|e| self.device.error(e))?,
+                ))
+            }
+            DType::BF16 | DType::F16 => {
+                let values: Vec<u16> = bytemuck::pod_collect_to_vec(view.bytes);
+                let values = if values.is_empty() { vec![0] } else { values };
+                WeightData::Half(
+                    stream
+                        .clone_htod(&values)
+                        .map_err(|e| self.device.error(e))?,
+                )
+            }
+        };
+        Ok(CudaWeight {
+            data,
+            dtype: view.dtype,
+            shape: view.shape.to_vec(),
+        })
+    }
+
+    fn tensor_to_weight(&self, tensor: &CudaTensor) -> Result<CudaWeight> {
+        Ok(CudaWeight {
+            data: WeightData::F32(tensor.data.clone()),
+            dtype: DType::F32,
+            shape: tensor.shape.clone(),
+        })
+    }
+
+    fn read(&self, tensor: &CudaTensor) -> impl Future<Output = Result<Vec<f32>>> {
+        ready(self.read_now(tensor))
+    }
+
+    fn synchronize(&self) -> impl Future<Output = Result<()>> {
+        ready(
+            self.device
+                .stream
+                .synchronize()
+                .map_err(|e| self.device.error(e)),
+        )
+    }
+
+    fn shape(&self, tensor: &CudaTensor) -> Vec<usize> {
+        tensor.shape.clone()
+    }
+
+    fn reshape(&self, tensor: &CudaTensor, shape: &[usize]) -> Result<CudaTensor> {
+        shapes::check_fill("reshape", tensor.len(), &tensor.shape, shape)?;
+        Ok(CudaTensor {
+            data: tensor.data.clone(),
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn embedding(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+        let (_, hidden) = shapes::embedding_dims(&table.shape, ids)?;
+        let kernel = format!("gather_{}", table.suffix());
+        self.gather(&kernel, &table.data, ids, hidden, vec![ids.len(), hidden])
+    }
+
+    fn matmul(&self, x: &CudaTensor, weight: &CudaWeight) -> Result<CudaTensor> {
+        let (n, inner, out_features) = shapes::matmul_dims(&x.shape, &weight.shape)?;
+        let (mut y, shape) = self.tensor(vec![n, out_features])?;
+        if n == 0 {
+            return Ok(Self::wrap(y, shape));
+        }
+        if n <= SMALL_ROWS {
+            let kernel = format!("matmul_small_{}", weight.suffix());
+            // 16-byte loads need every weight row to start on a 16-byte boundary.
+            let vectorised = u32::from((inner * weight.dtype.size_in_bytes()).is_multiple_of(16));
+            let (rows, inner, outs) = (n as u32, inner as u32, out_features as u32);
+            let mut args = self.args(&kernel);
+            args.arg(x.data.as_ref());
+            weight_arg(&mut args, &weight.data);
+            args.arg(&mut y)
+                .arg(&rows)
+                .arg(&inner)
+                .arg(&outs)
+                .arg(&vectorised);
+            self.launch(&mut args, grid_for_warps(out_features as u64))?;
+        } else {
+            self.gemm(x, weight, &mut y, (n, inner, out_features))?;
+        }
+        Ok(Self::wrap(y, shape))
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        let width = shapes::rms_norm_width(&x.shape, &weight.shape)?;
+        let (mut out, shape) = self.tensor(x.shape.clone())?;
+        let rows = (x.len() / width) as u64;
+        let width = width as u32;
+        let kernel = format!("rms_norm_{}", weight.suffix());
+        let mut args = self.args(&kernel);
+        args.arg(x.data.as_ref());
+        weight_arg(&mut args, &weight.data);
+        args.arg(&mut out).arg(&rows).arg(&width).arg(&eps);
+        self.launch(&mut args, grid_for_warps(rows))?;
+        Ok(Self::wrap(out, shape))
+    }
+
+    fn rope(&self, x: &CudaTensor, positions: &[u32], theta: f64) -> Result<CudaTensor> {
+        let (n, heads, d) = shapes::rope_dims(&x.shape, positions.len())?;
+        let table: Vec<f32> = rope_table(positions, theta, d)
+            .into_iter()
+            .flatten()
+            .collect();
+        let table = self.upload(&table, &[table.len()])?;
+        let (mut out, shape) = self.tensor(x.shape.clone())?;
+        let (n32, heads32, d32) = (n as u32, heads as u32, d as u32);
+        let mut args = self.args("rope");
+        args.arg(x.data.as_ref())
+            .arg(table.data.as_ref())
+            .arg(&mut out)
+            .arg(&n32)
+            .arg(&heads32)
+            .arg(&d32);
+        self.launch(&mut args, grid_for_threads((n * heads * (d / 2)) as u64))?;
+        Ok(Self::wrap(out, shape))
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        mask: AttentionMask<'_>,
+    ) -> Result<CudaTensor> {
+        let shapes::AttentionDims {
+            nq,
+            heads,
+            d,
+            nk,
+            kv_heads,
+        } = shapes::attention_dims(&q.shape, &k.shape, &v.shape)?;
+        shapes::attention_mask(&mask, nq, nk)?;
+        self.check_head_dim("attention", d)?;
+        let (mut out, shape) = self.tensor(vec![nq, heads, d])?;
+        if nq == 0 {
+            return Ok(Self::wrap(out, shape));
+        }
+        // The mask, resolved per query into the range of keys it sees.
+        let ranges: Vec<u32> = (0..nq)
+            .flat_map(|i| {
+                let keys = mask.visible_keys(i, nq, nk);
+                [keys.start as u32, keys.end as u32]
+            })
+            .collect();
+        let ranges = self.upload_u32(&ranges)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let (heads32, kv32, d32) = (heads as u32, kv_heads as u32, d as u32);
+        let mut args = self.args("attention");
+        args.arg(q.data.as_ref())
+            .arg(k.data.as_ref())
+            .arg(v.data.as_ref())
+            .arg(&ranges)
+            .arg(&mut out)
+            .arg(&heads32)
+            .arg(&kv32)
+            .arg(&d32)
+            .arg(&scale);
+        let config = LaunchConfig {
+            grid_dim: (nq as u32, heads as u32, 1),
+            block_dim: (ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(&mut args, config)?;
+        Ok(Self::wrap(out, shape))
+    }
+
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        shapes::same_shape("silu_mul", &gate.shape, &up.shape)?;
+        self.elementwise("silu_mul", gate, up)
+    }
+
+    fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        shapes::same_shape("add", &a.shape, &b.shape)?;
+        self.elementwise("add", a, b)
+    }
+
+    fn concat_rows(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
+        let part_shapes: Vec<&[usize]> = parts.iter().map(|p| &p.shape[..]).collect();
+        let shape = shapes::concat_shape(&part_shapes)?;
+        let (mut out, shape) = self.tensor(shape)?;
+        let mut offset = 0;
+        for part in parts {
+            self.copy(&part.data, 0, &mut out, offset, part.len())?;
+            offset += part.len();
+        }
+        Ok(Self::wrap(out, shape))
+    }
+
+    fn rows(&self, tensor: &CudaTensor, range: Range<usize>) -> Result<CudaTensor> {
+        let shape = shapes::rows_shape(&tensor.shape, &range)?;
+        let (_, width) = shapes::rows_and_width(&tensor.shape);
+        let (mut out, shape) = self.tensor(shape)?;
+        let len = range.len() * width;
+        self.copy(&tensor.data, range.start * width, &mut out, 0, len)?;
+        Ok(Self::wrap(out, shape))
+    }
+
+    fn gather_rows(&self, tensor: &CudaTensor, indices: &[u32]) -> Result<CudaTensor> {
+        let shape = shapes::gather_shape(&tensor.shape, indices)?;
+        let (_, width) = shapes::rows_and_width(&tensor.shape);
+        self.gather(
+            "gather_f32",
+            &WeightData::F32(tensor.data.clone()),
+            indices,
+            width,
+            shape,
+        )
+    }
+
+    fn chunk_mean_pool(&self, x: &CudaTensor, chunk: usize) -> Result<CudaTensor> {
+        let shape = shapes::pool_shape(&x.shape, chunk)?;
+        let (rows, width) = shapes::rows_and_width(&x.shape);
+        let (mut out, shape) = self.tensor(shape)?;
+        let total = shape.iter().product::<usize>() as u64;
+        let (rows, width, chunk) = (rows as u64, width as u32, chunk as u32);
+        let mut args = self.args("chunk_mean_pool");
+        args.arg(x.data.as_ref())
+            .arg(&mut out)
+            .arg(&rows)
+            .arg(&width)
+            .arg(&chunk);
+        self.launch(&mut args, grid_for_threads(total))?;
+        Ok(Self::wrap(out, shape))
+    }
+
+    fn l2_normalize(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let width = shapes::norm_width("l2_normalize", &x.shape)?;
+        let (mut out, shape) = self.tensor(x.shape.clone())?;
+        let rows = (x.len() / width) as u64;
+        let width = width as u32;
+        let mut args = self.args("l2_normalize");
+        args.arg(x.data.as_ref())
+            .arg(&mut out)
+            .arg(&rows)
+            .arg(&width);
+        self.launch(&mut args, grid_for_warps(rows))?;
+        Ok(Self::wrap(out, shape))
+    }
+
+    fn routing_scores(
+        &self,
+        queries: &CudaTensor,
+        routing_rows: &[u32],
+        keys: &CudaWeight,
+        doc_chunk_offsets: &[u32],
+        spec: RoutingSpec,
+    ) -> Result<CudaTensor> {
+        let shapes::RoutingDims {
+            heads,
+            d,
+            chunks,
+            kv_heads,
+            documents,
+        } = shapes::routing_dims(&queries.shape, routing_rows, &keys.shape, doc_chunk_offsets)?;
+        self.check_head_dim("routing_scores", d)?;
+        // 1. The routing query: normalised or scaled per head, and summed per KV group when the head
+        //    reduction is a mean (it is linear), so each key is read with one dot per group.
+        let group = match spec.head_reduce {
+            HeadReduce::Mean => heads / kv_heads,
+            HeadReduce::Max => 1,
+        };
+        let outputs = heads / group;
+        let tokens = routing_rows.len();
+        let (cosine, scale) = match spec.score_mode {
+            ScoreMode::Cosine => (1u32, 1.0f32),
+            ScoreMode::ScaledDot => (0u32, 1.0 / (d as f32).sqrt()),
+        };
+        let rows = self.upload_u32(routing_rows)?;
+        let mut query = self.alloc::<f32>(tokens * outputs * d)?;
+        let (tokens32, heads32, d32, group32) =
+            (tokens as u32, heads as u32, d as u32, group as u32);
+        let mut args = self.args("routing_query");
+        args.arg(queries.data.as_ref())
+            .arg(&rows)
+            .arg(&mut query)
+            .arg(&tokens32)
+            .arg(&heads32)
+            .arg(&d32)
+            .arg(&group32)
+            .arg(&cosine)
+            .arg(&scale);
+        self.launch(&mut args, grid_for_warps((tokens * outputs) as u64))?;
+        // 2. One score per chunk.
+        let mut chunk_scores = self.alloc::<f32>(chunks)?;
+        let head_mean = u32::from(spec.head_reduce == HeadReduce::Mean);
+        let head_divisor = heads as f32;
+        let query_reduce: u32 = match spec.query_reduce {
+            QueryReduce::Max => 0,
+            QueryReduce::Mean => 1,
+            QueryReduce::Last => 2,
+        };
+        let (chunks64, outputs32, kv32) = (chunks as u64, outputs as u32, kv_heads as u32);
+        let kernel = format!("routing_chunks_{}", keys.suffix());
+        let mut args = self.args(&kernel);
+        args.arg(&query);
+        weight_arg(&mut args, &keys.data);
+        args.arg(&mut chunk_scores)
+            .arg(&chunks64)
+            .arg(&tokens32)
+            .arg(&outputs32)
+            .arg(&kv32)
+            .arg(&d32)
+            .arg(&head_mean)
+            .arg(&head_divisor)
+            .arg(&query_reduce);
+        self.launch(&mut args, grid_for_warps(chunks as u64))?;
+        // 3. One score per document.
+        let offsets = self.upload_u32(doc_chunk_offsets)?;
+        let (mut out, shape) = self.tensor(vec![documents])?;
+        let (documents32, mean) = (
+            documents as u32,
+            u32::from(spec.chunk_reduce == ChunkReduce::Mean),
+        );
+        let mut args = self.args("routing_documents");
+        args.arg(&chunk_scores)
+            .arg(&offsets)
+            .arg(&mut out)
+            .arg(&documents32)
+            .arg(&mean);
+        self.launch(&mut args, grid_for_threads(documents as u64))?;
+        Ok(Self::wrap(out, shape))
+    }
+
+    fn top_k(&self, scores: &CudaTensor, k: usize) -> impl Future<Output = Result<Vec<Scored>>> {
+        // One score per document (a few hundred KB at 100M tokens), selected on the host by the
+        // reference rule.
+        ready(
+            shapes::check_scores(&scores.shape)
+                .and_then(|()| self.read_now(scores))
+                .map(|values| select_top_k(&values, k)),
+        )
+    }
+}

@@ -1,0 +1,398 @@
+// Every msa-cuda kernel, compiled once per process by NVRTC for the device's architecture.
+//
+// No CUDA headers: NVRTC may not ship them, so half-precision conversions are written out (bf16) or
+// taken from PTX (f16). Weight-reading kernels are templates over a loader (F32, BF16, F16) and are
+// instantiated under `name_f32`, `name_bf16`, `name_f16`; activations are always f32. Indices into
+// tensors are 64-bit: MSA-4B's embedding and a bank's routing keys pass 2^32 elements.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define WARP 32
+// Per-lane registers for one head vector: head_dim ≤ 32 × MAX_PER_LANE (checked on the host).
+#define MAX_PER_LANE 8
+// The small-batch matmul keeps one accumulator per input row (decode, or a few routing tokens).
+#define SMALL_ROWS 8
+// -∞ without math.h.
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// A loader reads one element (`at`), or the 16-byte vector of VEC elements at a 16-byte aligned
+// element index (`vec`), widened to f32.
+struct F32 {
+    typedef float T;
+    enum { VEC = 4 };
+    static __device__ __forceinline__ float at(const float* p, u64 i) { return p[i]; }
+    static __device__ __forceinline__ void vec(const float* p, u64 i, float* out) {
+        float4 v = *reinterpret_cast<const float4*>(p + i);
+        out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+    }
+};
+struct BF16 {
+    typedef u16 T;
+    enum { VEC = 8 };
+    static __device__ __forceinline__ float at(const u16* p, u64 i) { return bf16_to_f32(p[i]); }
+    static __device__ __forceinline__ void vec(const u16* p, u64 i, float* out) {
+        uint4 v = *reinterpret_cast<const uint4*>(p + i);
+        u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            out[2 * j] = __uint_as_float(words[j] << 16);
+            out[2 * j + 1] = __uint_as_float(words[j] & 0xffff0000u);
+        }
+    }
+};
+struct F16 {
+    typedef u16 T;
+    enum { VEC = 8 };
+    static __device__ __forceinline__ float at(const u16* p, u64 i) { return f16_to_f32(p[i]); }
+    static __device__ __forceinline__ void vec(const u16* p, u64 i, float* out) {
+        uint4 v = *reinterpret_cast<const uint4*>(p + i);
+        u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            out[2 * j] = f16_to_f32((u16)(words[j] & 0xffffu));
+            out[2 * j + 1] = f16_to_f32((u16)(words[j] >> 16));
+        }
+    }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = WARP / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ u64 global_thread() { return (u64)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ u64 grid_threads() { return (u64)gridDim.x * blockDim.x; }
+// One warp per item: the warp's index across the grid, and the number of warps in the grid.
+__device__ __forceinline__ u64 global_warp() { return global_thread() / WARP; }
+__device__ __forceinline__ u64 grid_warps() { return grid_threads() / WARP; }
+
+// ---- Gathers --------------------------------------------------------------------------------------
+
+// out[r, :] = table[ids[r], :], widened to f32 (embedding lookup, and gather_rows on f32 tensors).
+template <class W>
+__device__ void gather(const typename W::T* table, const u32* ids, float* out, u64 total, u32 width) {
+    for (u64 i = global_thread(); i < total; i += grid_threads()) {
+        u64 row = i / width, col = i % width;
+        out[i] = W::at(table, (u64)ids[row] * width + col);
+    }
+}
+
+// ---- Projections ----------------------------------------------------------------------------------
+
+// y[n, out] = x[n, inner] · W[out, inner]ᵀ for n ≤ SMALL_ROWS: one warp per output feature reads its
+// weight row once for every input row, so decoding streams each weight exactly once. With `vectorised`
+// (inner a multiple of W::VEC, so every row starts 16-byte aligned) each lane loads 16 bytes at a
+// time, two vectors in flight; otherwise one element.
+template <class W>
+__device__ void matmul_small(const float* x, const typename W::T* w, float* y, u32 n, u32 inner, u32 out,
+                             u32 vectorised) {
+    const u32 lane = threadIdx.x % WARP;
+    for (u64 o = global_warp(); o < out; o += grid_warps()) {
+        const typename W::T* row = w + o * inner;
+        float acc[SMALL_ROWS];
+#pragma unroll
+        for (int r = 0; r < SMALL_ROWS; r++) acc[r] = 0.0f;
+        u32 k = 0;
+        if (vectorised) {
+            const u32 step = WARP * W::VEC;
+            for (k = lane * W::VEC; k + step < inner; k += 2 * step) {
+                float a[W::VEC], b[W::VEC];
+                W::vec(row, k, a);
+                W::vec(row, k + step, b);
+#pragma unroll
+                for (int r = 0; r < SMALL_ROWS; r++) {
+                    if (r >= n) break;
+                    const float* xr = x + (u64)r * inner;
+#pragma unroll
+                    for (int e = 0; e < W::VEC; e++) acc[r] += xr[k + e] * a[e] + xr[k + step + e] * b[e];
+                }
+            }
+            if (k < inner) {
+                float a[W::VEC];
+                W::vec(row, k, a);
+#pragma unroll
+                for (int r = 0; r < SMALL_ROWS; r++) {
+                    if (r >= n) break;
+#pragma unroll
+                    for (int e = 0; e < W::VEC; e++) acc[r] += x[(u64)r * inner + k + e] * a[e];
+                }
+            }
+        } else {
+            for (k = lane; k < inner; k += WARP) {
+                float wv = W::at(row, k);
+#pragma unroll
+                for (int r = 0; r < SMALL_ROWS; r++)
+                    if (r < n) acc[r] += x[(u64)r * inner + k] * wv;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < SMALL_ROWS; r++) {
+            if (r < n) {
+                float s = warp_sum(acc[r]);
+                if (lane == 0) y[(u64)r * out + o] = s;
+            }
+        }
+    }
+}
+
+// Activations rounded to a weight's half dtype (nearest, ties to even) for a tensor-core GEMM.
+extern "C" __global__ void round_bf16(const float* x, u16* out, u64 total) {
+    for (u64 i = global_thread(); i < total; i += grid_threads()) {
+        u32 u = __float_as_uint(x[i]);
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            out[i] = 0x7fc0;  // NaN stays NaN
+        } else {
+            out[i] = (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
+}
+
+extern "C" __global__ void round_f16(const float* x, u16* out, u64 total) {
+    for (u64 i = global_thread(); i < total; i += grid_threads()) {
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x[i]));
+        out[i] = h;
+    }
+}
+
+// ---- Norms and rotations --------------------------------------------------------------------------
+
+// RMSNorm, one warp per row: w * (x / sqrt(mean(x²) + eps)).
+template <class W>
+__device__ void rms_norm(const float* x, const typename W::T* w, float* out, u64 rows, u32 width, float eps) {
+    const u32 lane = threadIdx.x % WARP;
+    for (u64 r = global_warp(); r < rows; r += grid_warps()) {
+        const float* row = x + r * width;
+        float sum = 0.0f;
+        for (u32 i = lane; i < width; i += WARP) sum += row[i] * row[i];
+        float inv = 1.0f / sqrtf(warp_sum(sum) / (float)width + eps);
+        for (u32 i = lane; i < width; i += WARP) out[r * width + i] = W::at(w, i) * (row[i] * inv);
+    }
+}
+
+// x / max(‖x‖₂, 1e-12), one warp per row.
+extern "C" __global__ void l2_normalize(const float* x, float* out, u64 rows, u32 width) {
+    const u32 lane = threadIdx.x % WARP;
+    for (u64 r = global_warp(); r < rows; r += grid_warps()) {
+        const float* row = x + r * width;
+        float sum = 0.0f;
+        for (u32 i = lane; i < width; i += WARP) sum += row[i] * row[i];
+        float norm = fmaxf(sqrtf(warp_sum(sum)), 1e-12f);
+        for (u32 i = lane; i < width; i += WARP) out[r * width + i] = row[i] / norm;
+    }
+}
+
+// NeoX rotate-half RoPE with a host-computed [n, d/2] table of (cos, sin): one thread per pair.
+extern "C" __global__ void rope(const float* x, const float* cos_sin, float* out, u32 n, u32 heads, u32 d) {
+    const u32 half = d / 2;
+    const u64 total = (u64)n * heads * half;
+    for (u64 i = global_thread(); i < total; i += grid_threads()) {
+        u64 token = i / ((u64)heads * half);
+        u32 head = (u32)(i / half % heads), j = (u32)(i % half);
+        u64 base = (token * heads + head) * d;
+        float c = cos_sin[(token * half + j) * 2], s = cos_sin[(token * half + j) * 2 + 1];
+        float a = x[base + j], b = x[base + j + half];
+        out[base + j] = a * c - b * s;
+        out[base + j + half] = b * c + a * s;
+    }
+}
+
+// ---- Attention ------------------------------------------------------------------------------------
+
+// Softmax attention with GQA, one block per (query, head): each warp runs an online softmax over a
+// stripe of the query's visible keys [ranges[2i], ranges[2i+1]) (the mask, resolved on the host), and
+// the warps' partial results are merged at the end.
+#define ATTENTION_WARPS 8
+extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP)
+attention(const float* q, const float* k, const float* v, const u32* ranges, float* out,
+          u32 heads, u32 kv_heads, u32 d, float scale) {
+    const u32 i = blockIdx.x, h = blockIdx.y, g = h / (heads / kv_heads);
+    const u32 warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const u32 start = ranges[2 * i], end = ranges[2 * i + 1];
+    const float* qv = q + ((u64)i * heads + h) * d;
+    float qr[MAX_PER_LANE], acc[MAX_PER_LANE];
+#pragma unroll
+    for (int e = 0; e < MAX_PER_LANE; e++) {
+        u32 col = lane + e * WARP;
+        qr[e] = col < d ? qv[col] : 0.0f;
+        acc[e] = 0.0f;
+    }
+    float m = NEG_INF, l = 0.0f;
+    for (u32 j = start + warp; j < end; j += ATTENTION_WARPS) {
+        const float* kr = k + ((u64)j * kv_heads + g) * d;
+        const float* vr = v + ((u64)j * kv_heads + g) * d;
+        float s = 0.0f;
+#pragma unroll
+        for (int e = 0; e < MAX_PER_LANE; e++) {
+            u32 col = lane + e * WARP;
+            if (col < d) s += qr[e] * kr[col];
+        }
+        s = warp_sum(s) * scale;
+        float m_new = fmaxf(m, s);
+        float correction = expf(m - m_new), p = expf(s - m_new);
+        l = l * correction + p;
+#pragma unroll
+        for (int e = 0; e < MAX_PER_LANE; e++) {
+            u32 col = lane + e * WARP;
+            if (col < d) acc[e] = acc[e] * correction + p * vr[col];
+        }
+        m = m_new;
+    }
+    __shared__ float warp_m[ATTENTION_WARPS], warp_l[ATTENTION_WARPS];
+    __shared__ float warp_acc[ATTENTION_WARPS][WARP * MAX_PER_LANE];
+    if (lane == 0) {
+        warp_m[warp] = m;
+        warp_l[warp] = l;
+    }
+#pragma unroll
+    for (int e = 0; e < MAX_PER_LANE; e++) warp_acc[warp][lane + e * WARP] = acc[e];
+    __syncthreads();
+    float total_m = NEG_INF;
+    for (int w = 0; w < ATTENTION_WARPS; w++) total_m = fmaxf(total_m, warp_m[w]);
+    float total_l = 0.0f;
+    for (int w = 0; w < ATTENTION_WARPS; w++)
+        if (warp_l[w] > 0.0f) total_l += warp_l[w] * expf(warp_m[w] - total_m);
+    float* o = out + ((u64)i * heads + h) * d;
+    for (u32 col = threadIdx.x; col < d; col += blockDim.x) {
+        float sum = 0.0f;
+        for (int w = 0; w < ATTENTION_WARPS; w++)
+            if (warp_l[w] > 0.0f) sum += warp_acc[w][col] * expf(warp_m[w] - total_m);
+        o[col] = total_l > 0.0f ? sum / total_l : 0.0f;
+    }
+}
+
+// ---- Elementwise and pooling ----------------------------------------------------------------------
+
+extern "C" __global__ void silu_mul(const float* gate, const float* up, float* out, u64 total) {
+    for (u64 i = global_thread(); i < total; i += grid_threads()) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+extern "C" __global__ void add(const float* a, const float* b, float* out, u64 total) {
+    for (u64 i = global_thread(); i < total; i += grid_threads()) out[i] = a[i] + b[i];
+}
+
+// Mean of every `chunk` consecutive rows (the last group may be shorter).
+extern "C" __global__ void chunk_mean_pool(const float* x, float* out, u64 rows, u32 width, u32 chunk) {
+    const u64 chunks = (rows + chunk - 1) / chunk, total = chunks * width;
+    for (u64 i = global_thread(); i < total; i += grid_threads()) {
+        u64 c = i / width, col = i % width;
+        u64 first = c * chunk, last = min(first + chunk, rows);
+        float sum = 0.0f;
+        for (u64 r = first; r < last; r++) sum += x[r * width + col];
+        out[i] = sum / (float)(last - first);
+    }
+}
+
+// ---- Routing --------------------------------------------------------------------------------------
+
+// The routing query, one warp per (token, output head): each query head normalised (cosine) and scaled,
+// then summed over the heads sharing a KV head when heads are averaged (`group` > 1), since
+// mean_h <q_h, k_g(h)> = (1/H) Σ_g <Σ_{h∈g} q_h, k_g>. Output [tokens, heads / group, d].
+extern "C" __global__ void routing_query(const float* queries, const u32* rows, float* out, u32 tokens,
+                                         u32 heads, u32 d, u32 group, u32 cosine, float scale) {
+    const u32 lane = threadIdx.x % WARP, outputs = heads / group;
+    for (u64 item = global_warp(); item < (u64)tokens * outputs; item += grid_warps()) {
+        u32 t = (u32)(item / outputs), r = (u32)(item % outputs);
+        float acc[MAX_PER_LANE];
+#pragma unroll
+        for (int e = 0; e < MAX_PER_LANE; e++) acc[e] = 0.0f;
+        for (u32 j = 0; j < group; j++) {
+            const float* qv = queries + ((u64)rows[t] * heads + r * group + j) * d;
+            float norm = 1.0f;
+            if (cosine) {
+                float sum = 0.0f;
+                for (u32 col = lane; col < d; col += WARP) sum += qv[col] * qv[col];
+                norm = fmaxf(sqrtf(warp_sum(sum)), 1e-12f);
+            }
+#pragma unroll
+            for (int e = 0; e < MAX_PER_LANE; e++) {
+                u32 col = lane + e * WARP;
+                if (col < d) acc[e] += qv[col] / norm * scale;
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < MAX_PER_LANE; e++) {
+            u32 col = lane + e * WARP;
+            if (col < d) out[item * d + col] = acc[e];
+        }
+    }
+}
+
+// Chunk scores, one warp per chunk: the routing query [tokens, outputs, d] against the chunk's keys
+// [kv_heads, d]; heads reduced by sum / `head_divisor` (mean) or max, then tokens by max (0), mean (1)
+// or the last token (2).
+template <class W>
+__device__ void routing_chunks(const float* query, const typename W::T* keys, float* scores, u64 chunks,
+                               u32 tokens, u32 outputs, u32 kv_heads, u32 d, u32 head_mean,
+                               float head_divisor, u32 query_reduce) {
+    const u32 lane = threadIdx.x % WARP, per_kv = outputs / kv_heads;
+    for (u64 c = global_warp(); c < chunks; c += grid_warps()) {
+        const u64 base = c * kv_heads * d;
+        float reduced = query_reduce == 1 ? 0.0f : NEG_INF;
+        for (u32 t = query_reduce == 2 ? tokens - 1 : 0; t < tokens; t++) {
+            float token_score = head_mean ? 0.0f : NEG_INF;
+            for (u32 r = 0; r < outputs; r++) {
+                const float* qv = query + ((u64)t * outputs + r) * d;
+                const u64 key = base + (u64)(r / per_kv) * d;
+                float s = 0.0f;
+                for (u32 col = lane; col < d; col += WARP) s += qv[col] * W::at(keys, key + col);
+                s = warp_sum(s);
+                token_score = head_mean ? token_score + s : fmaxf(token_score, s);
+            }
+            if (head_mean) token_score /= head_divisor;
+            reduced = query_reduce == 1 ? reduced + token_score : fmaxf(reduced, token_score);
+        }
+        if (lane == 0) scores[c] = query_reduce == 1 ? reduced / (float)tokens : reduced;
+    }
+}
+
+// Document scores from chunk scores: max (0) or mean (1) over each document's chunk range.
+extern "C" __global__ void routing_documents(const float* chunk_scores, const u32* offsets, float* out,
+                                             u32 documents, u32 mean) {
+    for (u64 doc = global_thread(); doc < documents; doc += grid_threads()) {
+        u32 first = offsets[doc], last = offsets[doc + 1];
+        float acc = mean ? 0.0f : NEG_INF;
+        for (u32 c = first; c < last; c++) acc = mean ? acc + chunk_scores[c] : fmaxf(acc, chunk_scores[c]);
+        out[doc] = mean ? acc / (float)(last - first) : acc;
+    }
+}
+
+// ---- Instantiations -------------------------------------------------------------------------------
+
+#define FOR_EACH_DTYPE(M) M(f32, F32) M(bf16, BF16) M(f16, F16)
+
+#define INSTANTIATE(suffix, W)                                                                            \
+    extern "C" __global__ void gather_##suffix(const W::T* table, const u32* ids, float* out, u64 total,   \
+                                               u32 width) {                                              \
+        gather<W>(table, ids, out, total, width);                                                        \
+    }                                                                                                    \
+    extern "C" __global__ void matmul_small_##suffix(const float* x, const W::T* w, float* y, u32 n,      \
+                                                     u32 inner, u32 out, u32 vectorised) {               \
+        matmul_small<W>(x, w, y, n, inner, out, vectorised);                                             \
+    }                                                                                                    \
+    extern "C" __global__ void rms_norm_##suffix(const float* x, const W::T* w, float* out, u64 rows,     \
+                                                 u32 width, float eps) {                                 \
+        rms_norm<W>(x, w, out, rows, width, eps);                                                        \
+    }                                                                                                    \
+    extern "C" __global__ void routing_chunks_##suffix(const float* query, const W::T* keys,              \
+                                                       float* scores, u64 chunks, u32 tokens,            \
+                                                       u32 outputs, u32 kv_heads, u32 d, u32 head_mean,  \
+                                                       float head_divisor, u32 query_reduce) {           \
+        routing_chunks<W>(query, keys, scores, chunks, tokens, outputs, kv_heads, d, head_mean,          \
+                          head_divisor, query_reduce);                                                   \
+    }
+
+FOR_EACH_DTYPE(INSTANTIATE)

@@ -1,0 +1,72 @@
+//! What the GPU itself can do, measured in the same run as a benchmark: the denominators of its
+//! fractions (routing and decode against device-memory bandwidth, fetches against host-to-device).
+
+use cudarc::driver::sys::CUevent_flags;
+use msa_engine::Result;
+
+use crate::CudaBackend;
+
+/// Bandwidths measured on one device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CudaRoofline {
+    /// A device-to-device copy, counting the bytes read and written (what HBM moves), GB/s.
+    pub device_copy_gbps: f64,
+    /// A copy from pinned host memory to the device, GB/s.
+    pub host_to_device_gbps: f64,
+}
+
+/// Bytes each probe moves per repetition: large enough to leave the caches (an H200 has 60 MB of L2).
+const PROBE_BYTES: usize = 1 << 30;
+const REPETITIONS: usize = 5;
+
+impl CudaBackend {
+    /// Measures [`CudaRoofline`]: each copy once to warm up, then the best of five, timed with events.
+    pub fn measure_roofline(&self) -> Result<CudaRoofline> {
+        let device = &self.device;
+        let stream = &device.stream;
+        let error = |e| device.error(e);
+        let elements = PROBE_BYTES / 4;
+        let source = self.alloc_zeroed(elements)?;
+        let mut target = self.alloc_zeroed(elements)?;
+        let device_copy = best_of(self, || {
+            stream.memcpy_dtod(&source, &mut target).map_err(error)
+        })?;
+        // SAFETY: the pinned buffer is written (zeroed) before it is copied.
+        let mut pinned =
+            unsafe { stream.context().alloc_pinned::<f32>(elements) }.map_err(error)?;
+        pinned
+            .as_mut_slice()
+            .map_err(error)?
+            .iter_mut()
+            .for_each(|v| *v = 0.0);
+        let host_copy = best_of(self, || {
+            stream.memcpy_htod(&pinned, &mut target).map_err(error)
+        })?;
+        Ok(CudaRoofline {
+            device_copy_gbps: 2.0 * PROBE_BYTES as f64 / device_copy / 1e9,
+            host_to_device_gbps: PROBE_BYTES as f64 / host_copy / 1e9,
+        })
+    }
+}
+
+/// The shortest of [`REPETITIONS`] timings of `work` queued on the stream, in seconds, after one
+/// untimed run.
+fn best_of(backend: &CudaBackend, mut work: impl FnMut() -> Result<()>) -> Result<f64> {
+    let device = &backend.device;
+    let error = |e| device.error(e);
+    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let context = device.stream.context();
+    let (start, end) = (
+        context.new_event(timing).map_err(error)?,
+        context.new_event(timing).map_err(error)?,
+    );
+    work()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..REPETITIONS {
+        start.record(&device.stream).map_err(error)?;
+        work()?;
+        end.record(&device.stream).map_err(error)?;
+        best = best.min(f64::from(start.elapsed_ms(&end).map_err(error)?) / 1e3);
+    }
+    Ok(best)
+}
