@@ -46,8 +46,9 @@ pub struct Tolerances {
     /// every check not named below.
     pub f32_math: f32,
     /// Matmul-like ops (`matmul`, `norm_matmul`, `matmul_add`, `norm_swiglu`) whose weight is bf16 or f16
-    /// and whose input has more than 8 rows: a backend may round the activations to the weight's dtype
-    /// there to use tensor cores. Every other projection uses `f32_math`.
+    /// and whose input has more than 8 rows, and routing scores against bf16 or f16 keys: a backend may
+    /// round the activations (the routing query) to the weight's dtype there to use tensor cores. Every
+    /// other projection uses `f32_math`.
     pub reduced_precision_gemm: f32,
 }
 
@@ -65,6 +66,16 @@ impl Tolerances {
             self.reduced_precision_gemm
         } else {
             self.f32_math
+        }
+    }
+
+    /// The tolerance of routing scores against keys of that dtype: `reduced_precision_gemm` for bf16 or
+    /// f16 keys, else `f32_math`.
+    pub fn routing(&self, keys: DType) -> f32 {
+        if keys == DType::F32 {
+            self.f32_math
+        } else {
+            self.reduced_precision_gemm
         }
     }
 
@@ -608,7 +619,7 @@ pub fn check_routing_scores<B: Backend>(backend: &B, tol: &Tolerances) {
                             &p.cpu
                                 .routing_scores(&cq, &rows, &ck, &offsets, spec)
                                 .unwrap(),
-                            tol.f32_math,
+                            tol.routing(dtype),
                         );
                     }
                 }

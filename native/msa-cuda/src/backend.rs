@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PushKernelArg};
 use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
 use msa_engine::{
     AttentionMask, Backend, Result, RoutingSpec, Scored, rope_table, select_top_k, shapes,
@@ -19,6 +19,12 @@ use crate::device::{CudaOptions, Device, grid_for_threads, grid_for_warps};
 const SMALL_ROWS: usize = 8;
 /// The widest head vector the warp-per-head kernels hold in registers (`32 × MAX_PER_LANE`).
 const MAX_HEAD_DIM: usize = 256;
+/// Routing queries with fewer rows per KV head (tokens × query heads per KV head, 1 per token for a
+/// head mean) are scanned rather than multiplied on tensor cores.
+const ROUTING_GEMM_MIN_ROWS: usize = 4;
+/// Chunks scored per routing GEMM: bounds the temporary dot products (MSA-4B, 16 routing tokens: 8 KV
+/// heads × 16 × 65,536 × 4 B = 32 MB).
+const ROUTING_TILE_CHUNKS: usize = 1 << 16;
 /// Threads per block of the attention kernel (`ATTENTION_WARPS` warps).
 const ATTENTION_THREADS: u32 = 256;
 
@@ -63,6 +69,18 @@ impl CudaWeight {
             DType::F16 => "f16",
         }
     }
+}
+
+/// The shape of a routing GEMM (see [`CudaBackend::routing_gemm`]) and how it reduces.
+struct RoutingGemm {
+    chunks: usize,
+    tokens: usize,
+    per_kv: usize,
+    kv_heads: usize,
+    d: usize,
+    head_mean: u32,
+    head_divisor: f32,
+    query_reduce: u32,
 }
 
 /// Pushes a weight of any dtype as a kernel argument.
@@ -219,20 +237,12 @@ impl CudaBackend {
             }
             WeightData::Half(w) => {
                 // Tensor cores take both operands in the weight's dtype: round the activations once.
-                let (kernel, data_type) = match weight.dtype {
-                    DType::BF16 => ("round_bf16", cudaDataType::CUDA_R_16BF),
-                    _ => ("round_f16", cudaDataType::CUDA_R_16F),
-                };
-                let mut rounded = self.alloc::<u16>(n * inner)?;
-                let total = (n * inner) as u64;
-                let mut args = self.args(kernel);
-                args.arg(x.data.as_ref()).arg(&mut rounded).arg(&total);
-                self.launch(&mut args, grid_for_threads(total))?;
+                let (rounded, data_type) = self.round_to(&x.data, n * inner, weight.dtype)?;
                 let stream = &self.device.stream;
                 let (alpha, beta) = (1.0f32, 0.0f32);
                 let (w_ptr, _w) = w.device_ptr(stream);
                 let (x_ptr, _x) = rounded.device_ptr(stream);
-                let (y_ptr, _y) = y.device_ptr(stream);
+                let (y_ptr, _y) = y.device_ptr_mut(stream);
                 // SAFETY: as above; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
                 unsafe {
                     cudarc::cublas::result::gemm_ex(
@@ -260,6 +270,110 @@ impl CudaBackend {
                 .map_err(blas_error)
             }
         }
+    }
+
+    /// The first `len` elements of `x` rounded to a half `dtype` (bf16 or f16), with cuBLAS's name for
+    /// that dtype.
+    fn round_to(
+        &self,
+        x: &CudaSlice<f32>,
+        len: usize,
+        dtype: DType,
+    ) -> Result<(CudaSlice<u16>, cudaDataType)> {
+        let (kernel, data_type) = match dtype {
+            DType::BF16 => ("round_bf16", cudaDataType::CUDA_R_16BF),
+            _ => ("round_f16", cudaDataType::CUDA_R_16F),
+        };
+        let mut rounded = self.alloc::<u16>(len)?;
+        let total = len as u64;
+        let mut args = self.args(kernel);
+        args.arg(x).arg(&mut rounded).arg(&total);
+        self.launch(&mut args, grid_for_threads(total))?;
+        Ok((rounded, data_type))
+    }
+
+    /// Chunk scores on tensor cores, for half-precision keys: per KV head g, the grouped routing query
+    /// `[rows = tokens × per_kv, d]` (rounded to the keys' dtype) times the keys of a tile of chunks, one
+    /// strided-batched GEMM per tile (the batch runs over g, whose keys sit `d` elements apart in each
+    /// chunk row), then one reduction per chunk. Tiles bound the dot products held at once.
+    fn routing_gemm(
+        &self,
+        query: &CudaSlice<f32>,
+        keys: (&CudaSlice<u16>, DType),
+        chunk_scores: &mut CudaSlice<f32>,
+        dims: RoutingGemm,
+    ) -> Result<()> {
+        let RoutingGemm {
+            chunks,
+            tokens,
+            per_kv,
+            kv_heads,
+            d,
+            head_mean,
+            head_divisor,
+            query_reduce,
+        } = dims;
+        let rows = tokens * per_kv;
+        let (rounded, data_type) = self.round_to(query, kv_heads * rows * d, keys.1)?;
+        let tile = chunks.min(ROUTING_TILE_CHUNKS);
+        let mut dots = self.alloc::<f32>(kv_heads * rows * tile)?;
+        let stream = &self.device.stream;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (tokens32, per_kv32, kv32) = (tokens as u32, per_kv as u32, kv_heads as u32);
+        for first in (0..chunks).step_by(tile) {
+            let n = tile.min(chunks - first);
+            {
+                let (q_ptr, _q) = rounded.device_ptr(stream);
+                let (k_ptr, _k) = keys.0.device_ptr(stream);
+                let (c_ptr, _c) = dots.device_ptr_mut(stream);
+                let k_ptr = k_ptr + (first * kv_heads * d * 2) as u64;
+                // SAFETY: A is [kv_heads][rows][d], B the tile's [n][kv_heads][d] keys, C
+                // [kv_heads][n][rows] f32, all within their allocations; alpha and beta are f32 as
+                // CUBLAS_COMPUTE_32F requires.
+                unsafe {
+                    cudarc::cublas::result::gemm_strided_batched_ex(
+                        *self.device.blas.handle(),
+                        cublasOperation_t::CUBLAS_OP_T,
+                        cublasOperation_t::CUBLAS_OP_N,
+                        rows as i32,
+                        n as i32,
+                        d as i32,
+                        (&alpha as *const f32).cast(),
+                        q_ptr as *const _,
+                        data_type,
+                        d as i32,
+                        (rows * d) as i64,
+                        k_ptr as *const _,
+                        data_type,
+                        (kv_heads * d) as i32,
+                        d as i64,
+                        (&beta as *const f32).cast(),
+                        c_ptr as *mut _,
+                        cudaDataType::CUDA_R_32F,
+                        rows as i32,
+                        (rows * n) as i64,
+                        kv_heads as i32,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|e| self.device.error(e))?;
+            }
+            let (first64, n32) = (first as u64, n as u32);
+            let mut args = self.args("routing_reduce");
+            args.arg(&dots)
+                .arg(&mut *chunk_scores)
+                .arg(&first64)
+                .arg(&n32)
+                .arg(&tokens32)
+                .arg(&per_kv32)
+                .arg(&kv32)
+                .arg(&head_mean)
+                .arg(&head_divisor)
+                .arg(&query_reduce);
+            self.launch(&mut args, grid_for_threads(n as u64))?;
+        }
+        Ok(())
     }
 
     fn elementwise(&self, kernel: &str, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
@@ -596,20 +710,38 @@ impl Backend for CudaBackend {
             ScoreMode::Cosine => (1u32, 1.0f32),
             ScoreMode::ScaledDot => (0u32, 1.0 / (d as f32).sqrt()),
         };
+        // Half-precision keys (a bank's) are scored on tensor cores, with the query grouped per KV
+        // head, once the query has a few rows per head; f32 keys and shorter queries by the f32 scan,
+        // one warp per chunk (a one-row GEMM is a matrix-vector product cuBLAS runs slower).
+        let per_kv = outputs / kv_heads;
+        let half_keys = match &keys.data {
+            WeightData::Half(data) if tokens * per_kv >= ROUTING_GEMM_MIN_ROWS => {
+                Some((data, keys.dtype))
+            }
+            _ => None,
+        };
         let rows = self.upload_u32(routing_rows)?;
         let mut query = self.alloc::<f32>(tokens * outputs * d)?;
-        let (tokens32, heads32, d32, group32) =
-            (tokens as u32, heads as u32, d as u32, group as u32);
+        let (tokens32, heads32, kv32, d32, group32, grouped) = (
+            tokens as u32,
+            heads as u32,
+            kv_heads as u32,
+            d as u32,
+            group as u32,
+            u32::from(half_keys.is_some()),
+        );
         let mut args = self.args("routing_query");
         args.arg(queries.data.as_ref())
             .arg(&rows)
             .arg(&mut query)
             .arg(&tokens32)
             .arg(&heads32)
+            .arg(&kv32)
             .arg(&d32)
             .arg(&group32)
             .arg(&cosine)
-            .arg(&scale);
+            .arg(&scale)
+            .arg(&grouped);
         self.launch(&mut args, grid_for_warps((tokens * outputs) as u64))?;
         // 2. One score per chunk.
         let mut chunk_scores = self.alloc::<f32>(chunks)?;
@@ -620,21 +752,35 @@ impl Backend for CudaBackend {
             QueryReduce::Mean => 1,
             QueryReduce::Last => 2,
         };
-        let (chunks64, outputs32, kv32) = (chunks as u64, outputs as u32, kv_heads as u32);
-        let kernel = format!("routing_chunks_{}", keys.suffix());
-        let mut args = self.args(&kernel);
-        args.arg(&query);
-        weight_arg(&mut args, &keys.data);
-        args.arg(&mut chunk_scores)
-            .arg(&chunks64)
-            .arg(&tokens32)
-            .arg(&outputs32)
-            .arg(&kv32)
-            .arg(&d32)
-            .arg(&head_mean)
-            .arg(&head_divisor)
-            .arg(&query_reduce);
-        self.launch(&mut args, grid_for_warps(chunks as u64))?;
+        if let Some(half) = half_keys {
+            let dims = RoutingGemm {
+                chunks,
+                tokens,
+                per_kv,
+                kv_heads,
+                d,
+                head_mean,
+                head_divisor,
+                query_reduce,
+            };
+            self.routing_gemm(&query, half, &mut chunk_scores, dims)?;
+        } else {
+            let (chunks64, outputs32) = (chunks as u64, outputs as u32);
+            let kernel = format!("routing_chunks_{}", keys.suffix());
+            let mut args = self.args(&kernel);
+            args.arg(&query);
+            weight_arg(&mut args, &keys.data);
+            args.arg(&mut chunk_scores)
+                .arg(&chunks64)
+                .arg(&tokens32)
+                .arg(&outputs32)
+                .arg(&kv32)
+                .arg(&d32)
+                .arg(&head_mean)
+                .arg(&head_divisor)
+                .arg(&query_reduce);
+            self.launch(&mut args, grid_for_warps(chunks as u64))?;
+        }
         // 3. One score per document.
         let offsets = self.upload_u32(doc_chunk_offsets)?;
         let (mut out, shape) = self.tensor(vec![documents])?;

@@ -32,6 +32,7 @@ pub const KERNELS: &[&str] = &[
     "add",
     "chunk_mean_pool",
     "routing_query",
+    "routing_reduce",
     "routing_chunks_f32",
     "routing_chunks_bf16",
     "routing_chunks_f16",

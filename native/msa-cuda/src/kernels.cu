@@ -298,12 +298,15 @@ extern "C" __global__ void chunk_mean_pool(const float* x, float* out, u64 rows,
 
 // ---- Routing --------------------------------------------------------------------------------------
 
-// The routing query, one warp per (token, output head): each query head normalised (cosine) and scaled,
-// then summed over the heads sharing a KV head when heads are averaged (`group` > 1), since
-// mean_h <q_h, k_g(h)> = (1/H) Σ_g <Σ_{h∈g} q_h, k_g>. Output [tokens, heads / group, d].
+// The routing query, one warp per (token, output head r): each query head normalised (cosine) and
+// scaled, then summed over the heads sharing a KV head when heads are averaged (`group` > 1), since
+// mean_h <q_h, k_g(h)> = (1/H) Σ_g <Σ_{h∈g} q_h, k_g>. Output rows: [tokens, outputs, d] (`grouped` 0,
+// for the warp-per-chunk scan), or [kv_heads, tokens × per_kv, d] with row t × per_kv + r % per_kv
+// (`grouped` 1: one GEMM operand per KV head, per_kv = outputs / kv_heads).
 extern "C" __global__ void routing_query(const float* queries, const u32* rows, float* out, u32 tokens,
-                                         u32 heads, u32 d, u32 group, u32 cosine, float scale) {
-    const u32 lane = threadIdx.x % WARP, outputs = heads / group;
+                                         u32 heads, u32 kv_heads, u32 d, u32 group, u32 cosine,
+                                         float scale, u32 grouped) {
+    const u32 lane = threadIdx.x % WARP, outputs = heads / group, per_kv = outputs / kv_heads;
     for (u64 item = global_warp(); item < (u64)tokens * outputs; item += grid_warps()) {
         u32 t = (u32)(item / outputs), r = (u32)(item % outputs);
         float acc[MAX_PER_LANE];
@@ -323,11 +326,35 @@ extern "C" __global__ void routing_query(const float* queries, const u32* rows, 
                 if (col < d) acc[e] += qv[col] / norm * scale;
             }
         }
+        u64 row = grouped ? ((u64)(r / per_kv) * tokens + t) * per_kv + r % per_kv : item;
 #pragma unroll
         for (int e = 0; e < MAX_PER_LANE; e++) {
             u32 col = lane + e * WARP;
-            if (col < d) out[item * d + col] = acc[e];
+            if (col < d) out[row * d + col] = acc[e];
         }
+    }
+}
+
+// Chunk scores from a tile of GEMM results, one thread per chunk: `dots` holds, per KV head g, the
+// [chunks_in_tile, tokens × per_kv] dot products of the grouped routing query with the tile's keys.
+// Heads and tokens are reduced as `routing_chunks` does; the scores land at chunk `first + c`.
+extern "C" __global__ void routing_reduce(const float* dots, float* scores, u64 first, u32 chunks_in_tile,
+                                          u32 tokens, u32 per_kv, u32 kv_heads, u32 head_mean,
+                                          float head_divisor, u32 query_reduce) {
+    const u64 rows = (u64)tokens * per_kv;
+    for (u64 c = global_thread(); c < chunks_in_tile; c += grid_threads()) {
+        float reduced = query_reduce == 1 ? 0.0f : NEG_INF;
+        for (u32 t = query_reduce == 2 ? tokens - 1 : 0; t < tokens; t++) {
+            float token_score = head_mean ? 0.0f : NEG_INF;
+            for (u32 g = 0; g < kv_heads; g++) {
+                const float* row = dots + ((u64)g * chunks_in_tile + c) * rows + (u64)t * per_kv;
+                for (u32 j = 0; j < per_kv; j++)
+                    token_score = head_mean ? token_score + row[j] : fmaxf(token_score, row[j]);
+            }
+            if (head_mean) token_score /= head_divisor;
+            reduced = query_reduce == 1 ? reduced + token_score : fmaxf(reduced, token_score);
+        }
+        scores[first + c] = query_reduce == 1 ? reduced / (float)tokens : reduced;
     }
 }
 
