@@ -5,6 +5,9 @@
 // Decode (one token) uses ROWS = COLS = 1: a GEMV with one invocation per column, as many as possible in
 // flight; a block (prefill) uses COLS = 4 and ROWS = 2. Larger tiles are slower: at 16 accumulators per
 // array lavapipe keeps them in memory instead of registers (measured with `msa bench --kernels`).
+// SPLIT (chosen per adapter, see `Variants`) is how many invocations share one tile: 1 on software
+// adapters (no barriers); 64 on GPUs, where the whole workgroup strides over `inner` together, so
+// consecutive invocations read consecutive weight words, and the partial sums meet in workgroup memory.
 // The weight may be a window of a larger buffer: this dispatch covers columns [col_start, col_start + cols).
 //
 // Specialisations fuse the bandwidth-bound ops around a projection into its one pass over the weights,
@@ -19,6 +22,7 @@ override ROWS: u32 = 2u;       // 1..=2
 override COLS: u32 = 4u;       // 1..=4
 override NORM: u32 = 0u;       // 0 or 1
 override EPILOGUE: u32 = 0u;   // 0, 1 or 2
+override SPLIT: u32 = 1u;      // a power of two, 1..=64
 
 struct Params {
     n: u32,
@@ -48,11 +52,22 @@ fn norm_weight(k: u32) -> f32 {
     return 1.0;
 }
 
+// Per invocation: acc and acc2 ([column][row]) then the squares per row, when SPLIT > 1.
+const PARTIALS: u32 = 4u * 2u * 2u + 2u;
+var<workgroup> partial: array<f32, 1152>;   // [PARTIALS][64]
+
+// Slot of partial value v of invocation `lane`.
+fn slot(v: u32, lane: u32) -> u32 {
+    return v * 64u + lane;
+}
+
 @compute @workgroup_size(64)
 fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
           @builtin(local_invocation_index) lane: u32) {
-    let t = flat_workgroup(wg, groups) * 64u + lane;
-    if t >= p.col_blocks * p.row_blocks { return; }
+    let t = flat_workgroup(wg, groups) * (64u / SPLIT) + lane / SPLIT;
+    let j = lane % SPLIT;   // this invocation's share of the tile
+    // No early return: with SPLIT > 1 every invocation reaches the barriers below.
+    let in_range = t < p.col_blocks * p.row_blocks;
     let col0 = (t % p.col_blocks) * COLS;
     let row0 = (t / p.col_blocks) * ROWS;
     // Rows past n repeat the last row and columns past `cols` the last column; neither is stored.
@@ -69,10 +84,12 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
     var acc: array<array<f32, 2>, 4>;    // [column][row]
     var acc2: array<array<f32, 2>, 4>;   // EPILOGUE 2: x · Uᵀ
     var squares: array<f32, 2>;          // NORM: Σ x² per row
-    var k = 0u;
+    // An inactive invocation (past the last tile) computes nothing but still meets the barriers.
+    var k = select(p.inner, j, in_range);
     if DTYPE != 0u && even {
-        // Packed pairs: one load for two weights (k is even, so g's pair shares a word too).
-        for (; k + 1u < p.inner; k += 2u) {
+        // Packed pairs: one load for two weights (k is even, so g's pair shares a word too). The odd
+        // last element, if any, is left to the one invocation whose next pair would start on it.
+        for (k = select(p.inner, 2u * j, in_range); k + 1u < p.inner; k += 2u * SPLIT) {
             let g0 = norm_weight(k);
             let g1 = norm_weight(k + 1u);
             var a: array<f32, 2>;
@@ -106,7 +123,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
             }
         }
     }
-    for (; k < p.inner; k++) {
+    for (; k < p.inner; k += SPLIT) {
         let gk = norm_weight(k);
         var a: array<f32, 2>;
         for (var r = 0u; r < ROWS; r++) {
@@ -130,6 +147,39 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
                 }
             }
         }
+    }
+    if SPLIT > 1u {
+        // Tree reduction of every partial sum over the SPLIT invocations of the tile.
+        for (var c = 0u; c < COLS; c++) {
+            for (var r = 0u; r < ROWS; r++) {
+                partial[slot(c * 2u + r, lane)] = acc[c][r];
+                partial[slot(8u + c * 2u + r, lane)] = acc2[c][r];
+            }
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            partial[slot(16u + r, lane)] = squares[r];
+        }
+        workgroupBarrier();
+        for (var s = SPLIT / 2u; s > 0u; s /= 2u) {
+            if j < s {
+                for (var v = 0u; v < PARTIALS; v++) {
+                    partial[slot(v, lane)] += partial[slot(v, lane + s)];
+                }
+            }
+            workgroupBarrier();
+        }
+        for (var c = 0u; c < COLS; c++) {
+            for (var r = 0u; r < ROWS; r++) {
+                acc[c][r] = partial[slot(c * 2u + r, lane)];
+                acc2[c][r] = partial[slot(8u + c * 2u + r, lane)];
+            }
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            squares[r] = partial[slot(16u + r, lane)];
+        }
+    }
+    if !in_range || j != 0u {
+        return;
     }
     for (var r = 0u; r < ROWS; r++) {
         let row = row0 + r;

@@ -457,9 +457,10 @@ impl WgpuBackend {
         if n == 0 {
             return Ok(out);
         }
-        // One column per invocation for a single token (a GEMV: as many invocations as columns),
-        // 4 columns × 2 rows (the kernel's maximum) for a block.
+        // One column per tile for a single token (a GEMV: as many tiles as columns), 4 columns × 2
+        // rows (the kernel's maximum) for a block; `split` invocations share each tile.
         let (col_tile, row_tile) = if n == 1 { (1, 1) } else { (4, 2) };
+        let split = self.ctx.caps.variants.matmul_split as usize;
         let row_blocks = n.div_ceil(row_tile);
         let (norm, epilogue, eps) = match fusion {
             Fusion::None => (0, 0, 0.0),
@@ -472,7 +473,8 @@ impl WgpuBackend {
             .with("ROWS", row_tile as u32)
             .with("COLS", col_tile as u32)
             .with("NORM", norm)
-            .with("EPILOGUE", epilogue);
+            .with("EPILOGUE", epilogue)
+            .with("SPLIT", split as u32);
         let windows = self.part_windows(
             "matmul weight",
             &weight.parts,
@@ -532,7 +534,7 @@ impl WgpuBackend {
                     up,
                     bind(6, norm),
                 ],
-                (col_blocks * row_blocks).div_ceil(LANES),
+                (col_blocks * row_blocks * split).div_ceil(LANES),
             )?;
         }
         Ok(out)

@@ -24,6 +24,52 @@ pub struct DeviceOptions {
     /// Caps the buffer size below the adapter's limit (browsers default to 256 MiB). Larger weights
     /// are split by rows into several buffers.
     pub max_buffer_bytes: Option<u64>,
+    /// Kernel variants instead of [`Variants::for_adapter`]'s choice (tests run every variant on one
+    /// adapter; `msa bench --kernels` compares them).
+    pub variants: Option<Variants>,
+}
+
+/// Kernel variants chosen per adapter: what suits a software adapter (no workgroup barriers, one
+/// invocation per tile) loses on a GPU (each invocation streaming its own weight row: no coalescing),
+/// and the reverse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variants {
+    /// Invocations sharing one projection tile (`SPLIT` in matmul.wgsl): a power of two from 1 to 64.
+    pub matmul_split: u32,
+}
+
+impl Variants {
+    /// The table, from `msa bench --kernels` (its "other var" column times the variant not chosen)
+    /// and `msa bench`:
+    /// - CPU adapters (lavapipe, SwiftShader, WARP) run the barrier-free kernels, where a workgroup
+    ///   barrier is a thread synchronisation: lavapipe's decode GEMV took 722 ms split 64 ways
+    ///   against 149 ms alone, its 128-row GEMM 17.9 s against 6.3 s;
+    /// - GPUs split every tile 64 ways. An H100 through Vulkan: decode GEMV 0.19 ms against 0.47 ms,
+    ///   down_proj with its residual 0.16 ms against 1.66 ms; a 128-row GEMM alone prefers one
+    ///   invocation per tile (6.95 ms against 8.68 ms), but the whole pipeline does not: stage 1 at
+    ///   128 tokens/s against 70, a 19-token prefill in 208 ms against 819;
+    /// - an adapter of unknown type keeps the barrier-free kernels: a browser's WebGPU adapter is one
+    ///   (wgpu learns no more than "fallback or not" there), and it may be SwiftShader, a CPU.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
+        use wgpu::DeviceType::{DiscreteGpu, IntegratedGpu, VirtualGpu};
+        let gpu = matches!(info.device_type, DiscreteGpu | IntegratedGpu | VirtualGpu);
+        Variants {
+            matmul_split: if gpu { 64 } else { 1 },
+        }
+    }
+
+    /// The variants the table does not choose for this adapter, for comparison.
+    pub fn other(self) -> Self {
+        Variants {
+            matmul_split: if self.matmul_split == 1 { 64 } else { 1 },
+        }
+    }
+}
+
+impl fmt::Display for Variants {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "projection split {}", self.matmul_split)
+    }
 }
 
 impl DeviceOptions {
@@ -36,6 +82,7 @@ impl DeviceOptions {
             index: None,
             max_binding_bytes: None,
             max_buffer_bytes: None,
+            variants: None,
         }
     }
 }
@@ -55,13 +102,15 @@ pub struct Capabilities {
     pub max_buffer_bytes: u64,
     pub max_workgroups_per_dimension: u32,
     pub storage_offset_alignment: u32,
+    /// The kernel variants in use.
+    pub variants: Variants,
 }
 
 impl fmt::Display for Capabilities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "f16 {}, subgroups {} ({}..={}), timestamps {}, binding {} MiB, buffer {} MiB",
+            "f16 {}, subgroups {} ({}..={}), timestamps {}, binding {} MiB, buffer {} MiB, {}",
             yes_no(self.shader_f16),
             yes_no(self.subgroups),
             self.subgroup_sizes.0,
@@ -69,6 +118,7 @@ impl fmt::Display for Capabilities {
             yes_no(self.timestamps),
             self.max_binding_bytes >> 20,
             self.max_buffer_bytes >> 20,
+            self.variants,
         )
     }
 }
@@ -153,6 +203,16 @@ pub(crate) async fn open_device(
     adapter: &wgpu::Adapter,
     options: &DeviceOptions,
 ) -> Result<(wgpu::Device, wgpu::Queue, Capabilities), WgpuError> {
+    let variants = options
+        .variants
+        .unwrap_or_else(|| Variants::for_adapter(&adapter.get_info()));
+    let split = variants.matmul_split;
+    if !(split.is_power_of_two() && split <= 64) {
+        return Err(WgpuError::RequestDevice {
+            adapter: adapter.get_info().name,
+            reason: format!("a projection split must be a power of two from 1 to 64, not {split}"),
+        });
+    }
     let wanted =
         wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
     let features = adapter.features() & wanted;
@@ -195,6 +255,7 @@ pub(crate) async fn open_device(
         max_buffer_bytes: buffer,
         max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
         storage_offset_alignment: alignment,
+        variants,
     };
     Ok((device, queue, capabilities))
 }

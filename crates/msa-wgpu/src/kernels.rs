@@ -139,7 +139,9 @@ impl PipelineCache {
             entry_point: Some(kernel.entry),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants: &kernel.constants,
-                zero_initialize_workgroup_memory: true,
+                // matmul writes its workgroup memory before reading it; zero-filling it would cost
+                // every workgroup a pass and a barrier, also where SPLIT is 1 and it goes unused.
+                zero_initialize_workgroup_memory: kernel.family != Family::Matmul,
             },
             cache: None,
         });

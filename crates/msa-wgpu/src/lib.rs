@@ -28,7 +28,7 @@ pub mod probe;
 
 pub use backend::{WgpuBackend, WgpuTensor, WgpuWeight};
 pub use context::ExecutionStats;
-pub use device::{Capabilities, DeviceOptions, list_adapters, matching_adapters};
+pub use device::{Capabilities, DeviceOptions, Variants, list_adapters, matching_adapters};
 pub use error::WgpuError;
 /// The wgpu this backend is built on (adapter and device types for embedders).
 pub use wgpu;

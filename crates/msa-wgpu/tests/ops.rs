@@ -11,7 +11,7 @@ use msa_engine::conformance::{
     weight_pair,
 };
 use msa_engine::{Backend, CpuBackend, RoutingSpec};
-use msa_wgpu::{DeviceOptions, WgpuBackend};
+use msa_wgpu::{DeviceOptions, Variants, WgpuBackend};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -36,6 +36,45 @@ fn embedding_and_gather_rows_match() {
 fn matmul_matches_for_every_dtype_and_odd_sizes() {
     let Some(gpu) = gpu() else { return };
     conformance::check_matmul(&gpu, &Tolerances::EXACT_F32);
+}
+
+/// Every projection variant the adapter table can choose, whatever this adapter would get: tiles shared
+/// by 64 invocations (GPUs) and by 32 (two tiles per workgroup), reduced in workgroup memory, against
+/// the CPU reference; plainly and with weights split into buffers and windows.
+#[test]
+fn every_projection_variant_matches() {
+    for split in [64, 32] {
+        let chosen = Variants {
+            matmul_split: split,
+        };
+        let variants = Some(chosen);
+        let Some(gpu) = gpu_with(DeviceOptions {
+            variants,
+            ..DeviceOptions::from_env()
+        }) else {
+            return;
+        };
+        assert_eq!(gpu.capabilities().variants, chosen);
+        conformance::check_matmul(&gpu, &Tolerances::EXACT_F32);
+        conformance::check_fused_ops(&gpu, &Tolerances::EXACT_F32);
+        let small = gpu_with(DeviceOptions {
+            max_binding_bytes: Some(4096),
+            max_buffer_bytes: Some(8192),
+            variants,
+            ..DeviceOptions::from_env()
+        })
+        .expect("the adapter opened once");
+        conformance::check_fused_projections(&small, &Tolerances::EXACT_F32);
+    }
+    // A split the kernel cannot take is refused when the device opens.
+    let refused = pollster::block_on(WgpuBackend::new(DeviceOptions {
+        variants: Some(Variants { matmul_split: 48 }),
+        ..DeviceOptions::from_env()
+    }));
+    match refused {
+        Err(e) => assert!(e.to_string().contains("power of two from 1 to 64"), "{e}"),
+        Ok(_) => panic!("a projection split of 48 was accepted"),
+    }
 }
 
 /// The fused ops against the CPU reference's unfused ops; the projections also on a device whose limits

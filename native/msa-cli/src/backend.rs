@@ -70,10 +70,11 @@ impl Device for WgpuBackend {
     }
 
     fn bandwidths(&self) -> Result<Option<Bandwidths>> {
-        let probe = msa_wgpu::probe::RooflineProbe::new(self)?;
-        let roofline = pollster::block_on(probe.measure())?;
+        use msa_wgpu::probe::{Probe, RooflineProbe};
+        let probe = RooflineProbe::new(self)?;
+        let seconds = pollster::block_on(probe.seconds(Probe::Copy))?;
         Ok(Some(Bandwidths {
-            device_copy: roofline.copy_bytes_per_s,
+            device_copy: probe.work(Probe::Copy) / seconds,
             host_to_device: None,
         }))
     }
@@ -87,8 +88,8 @@ impl Device for CudaBackend {
     fn bandwidths(&self) -> Result<Option<Bandwidths>> {
         let roofline = self.measure_roofline()?;
         Ok(Some(Bandwidths {
-            device_copy: roofline.device_copy_gbps * 1e9,
-            host_to_device: Some(roofline.host_to_device_gbps * 1e9),
+            device_copy: roofline.device_copy_bytes_per_s,
+            host_to_device: Some(roofline.host_to_device_bytes_per_s),
         }))
     }
 }
@@ -136,12 +137,13 @@ pub fn resolve(args: &BackendArgs) -> BackendKind {
 /// `auto`: CUDA where it opens, else wgpu on a real GPU, else the CPU reference (which beats a
 /// software adapter).
 fn auto(args: &BackendArgs) -> BackendKind {
-    match msa_cuda::device_count() {
-        Ok(count) if count > 0 => {
-            tracing::info!("backend auto: cuda ({count} device(s))");
+    // Opened, not only detected: the kernels must compile and load, and cuBLAS start. The kernels are
+    // compiled once per process, so the command's own open is quick.
+    match CudaBackend::new(CudaOptions::default()) {
+        Ok(gpu) => {
+            tracing::info!("backend auto: {}", gpu.describe());
             return BackendKind::Cuda;
         }
-        Ok(_) => tracing::info!("backend auto: the CUDA driver reports no device"),
         Err(e) => tracing::info!("backend auto: no CUDA ({e})"),
     }
     let adapters = pollster::block_on(msa_wgpu::matching_adapters(args.adapter.as_deref()));

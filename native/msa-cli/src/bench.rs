@@ -14,6 +14,7 @@ use msa_core::bank::{Bank, MemoryFingerprint, OpenOptions};
 use msa_core::checkpoint::expected_tensors;
 use msa_core::{ModelConfig, QueryPrompt, TokenRole};
 use msa_engine::{GenerateOptions, Model};
+use msa_wgpu::{DeviceOptions, WgpuBackend};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rayon::prelude::*;
 use serde_json::json;
@@ -439,7 +440,7 @@ fn kernel_bench(args: &BenchArgs) -> Result<()> {
     anyhow::ensure!(
         matches!(args.backend.backend, BackendKind::Auto | BackendKind::Wgpu)
             && args.backend.devices == 1,
-        "--probe and --kernels measure one wgpu device: drop --backend and --devices"
+        "--probe and --kernels measure one wgpu device: use --backend wgpu (or auto) and no --devices"
     );
     let (gpu, _) = backend::open_wgpu(args.backend.adapter.clone(), 1)?;
     let report = if args.probe {
@@ -471,7 +472,14 @@ fn kernel_bench(args: &BenchArgs) -> Result<()> {
                 gb(free)
             );
         }
-        kernels::compare(&gpu, &shapes, args.seed)?
+        // The same adapter with the projection variant its table does not choose, for comparison.
+        let other = pollster::block_on(WgpuBackend::new(DeviceOptions {
+            adapter: args.backend.adapter.clone(),
+            variants: Some(gpu.capabilities().variants.other()),
+            ..DeviceOptions::default()
+        }))
+        .context("opening the adapter a second time, with the other kernel variants")?;
+        kernels::compare(&gpu, &other, &shapes, args.seed)?
     };
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
@@ -594,8 +602,11 @@ impl Job for BenchJob {
 
     fn run<B: Device>(self, device: B, shards: Vec<B>) -> Result<()> {
         let args = &self.args;
-        // Measured first, while the device's memory is free.
-        let bandwidths = device.bandwidths()?;
+        // Measured first, while the device's memory is free; without them the fractions are left out.
+        let bandwidths = device.bandwidths().unwrap_or_else(|e| {
+            tracing::warn!("could not measure the device's copy bandwidths: {e:#}");
+            None
+        });
         let started = Instant::now();
         let model = backend::load_model(&self.model_dir, device)?;
         pollster::block_on(model.backend.synchronize())?;
@@ -721,14 +732,17 @@ fn report<B: Device>(
     let per_token = |bytes: u64| bytes as f64 / memory_tokens.max(1) as f64;
     let per_decoded = |count: u64| (t.decoded > 0).then(|| count as f64 / t.decoded as f64);
     let counted = model.backend.execution_stats().is_some();
-    // Decoding reads every weight once per token: the checkpoint's bytes over the copy bandwidth.
+    // Decoding reads about every weight once per token (all but the embedding rows it does not look
+    // up, when the embedding is not tied): the limit is the copy bandwidth over the checkpoint's bytes.
     let checkpoint_bytes = checkpoint_bytes(&job.model_dir);
     let routing_rate = gb(t.scanned) / t.routing.as_secs_f64().max(1e-9);
     let fetch_rate = gb(t.fetched) / t.fetch.as_secs_f64().max(1e-9);
     let decode_rate = t.decoded as f64 / t.decode.as_secs_f64().max(1e-9);
     let copy = m.bandwidths.map(|b| b.device_copy / 1e9);
     let host_to_device = m.bandwidths.and_then(|b| b.host_to_device).map(|b| b / 1e9);
-    let decode_limit = copy.map(|c| c * 1e9 / checkpoint_bytes.max(1) as f64);
+    let decode_limit = copy
+        .filter(|_| checkpoint_bytes > 0)
+        .map(|c| c * 1e9 / checkpoint_bytes as f64);
     json!({
         "backend": model.backend.describe(),
         "devices": memory.devices(),

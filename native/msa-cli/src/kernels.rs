@@ -101,6 +101,15 @@ impl Op {
     fn fused(self) -> bool {
         matches!(self, Op::MlpIn { .. } | Op::DownResidual { .. })
     }
+
+    /// Whether the op is a projection, whose kernel variant the adapter table chooses; the other
+    /// variant is then timed beside it.
+    fn projects(self) -> bool {
+        matches!(
+            self,
+            Op::GateProj { .. } | Op::MlpIn { .. } | Op::DownResidual { .. }
+        )
+    }
 }
 
 struct Case {
@@ -431,17 +440,26 @@ pub fn roofline_json(r: &Roofline) -> Value {
     })
 }
 
-/// Every case on wgpu and on the CPU reference, side by side; returns the report as JSON.
-pub fn compare(gpu: &WgpuBackend, shapes: &Shapes, seed: u64) -> Result<Value> {
+/// Every case on wgpu and on the CPU reference, side by side; projections also on `other`, the same
+/// adapter with the kernel variants the table would not choose. Returns the report as JSON.
+pub fn compare(
+    gpu: &WgpuBackend,
+    other: &WgpuBackend,
+    shapes: &Shapes,
+    seed: u64,
+) -> Result<Value> {
     let roofline = probe(gpu)?;
     let cpu = CpuBackend::new();
     let inputs = Inputs::new(shapes, seed);
     let cases = cases(shapes);
+    let (variants, other_variants) = (gpu.capabilities().variants, other.capabilities().variants);
+    println!("\nwgpu: {variants} (this adapter's table); other variant: {other_variants}");
     println!(
-        "\n{:<58} {:>10} {:>10} {:>10} {:>8} {:>15} {:>8} {:>8} {:>9}",
+        "\n{:<58} {:>10} {:>10} {:>10} {:>10} {:>8} {:>15} {:>8} {:>8} {:>9}",
         "kernel",
         "CPU ref",
         "naive",
+        "other var",
         "wgpu",
         "vs CPU",
         "wgpu rate",
@@ -456,6 +474,11 @@ pub fn compare(gpu: &WgpuBackend, shapes: &Shapes, seed: u64) -> Result<Value> {
         let (gpu_s, gpu_out) = run_op(gpu, shapes, &inputs, case.op, false)?;
         let naive_s = if case.op.fused() {
             Some(run_op(gpu, shapes, &inputs, case.op, true)?.0)
+        } else {
+            None
+        };
+        let other_s = if case.op.projects() {
+            Some(run_op(other, shapes, &inputs, case.op, false)?.0)
         } else {
             None
         };
@@ -486,9 +509,10 @@ pub fn compare(gpu: &WgpuBackend, shapes: &Shapes, seed: u64) -> Result<Value> {
             rate(case.bytes / gpu_s, "B")
         };
         let diff = max_abs_diff(&gpu_out, &cpu_out);
-        let naive = naive_s.map_or("-".to_string(), |t| format!("{:.3} ms", t * 1e3));
+        let ms = |t: Option<f64>| t.map_or("-".to_string(), |t| format!("{:.3} ms", t * 1e3));
+        let (naive, other_variant) = (ms(naive_s), ms(other_s));
         println!(
-            "{:<58} {:>7.3} ms {naive:>10} {:>7.3} ms {:>7.2}x {:>15} {:>8.2} {:>6} {} {:>9.2e}",
+            "{:<58} {:>7.3} ms {naive:>10} {other_variant:>10} {:>7.3} ms {:>7.2}x {:>15} {:>8.2} {:>6} {} {:>9.2e}",
             case.name,
             cpu_s * 1e3,
             gpu_s * 1e3,
@@ -503,6 +527,7 @@ pub fn compare(gpu: &WgpuBackend, shapes: &Shapes, seed: u64) -> Result<Value> {
             "kernel": case.name,
             "cpu_seconds": cpu_s,
             "wgpu_naive_seconds": naive_s,
+            "wgpu_other_variant_seconds": other_s,
             "wgpu_seconds": gpu_s,
             "bytes": case.bytes,
             "flops": case.flops,
@@ -514,12 +539,15 @@ pub fn compare(gpu: &WgpuBackend, shapes: &Shapes, seed: u64) -> Result<Value> {
         }));
     }
     println!(
-        "\nnaive: a fused op run as its separate ops on wgpu; vs CPU: CPU time over wgpu time; of roof: \
+        "\nnaive: a fused op run as its separate ops on wgpu; other var: a projection with the kernel \
+         variant this adapter's table does not choose; vs CPU: CPU time over wgpu time; of roof: \
          the roofline time (bytes / read bandwidth or FLOPs / FMA rate, whichever is longer) over the \
          measured time; max diff: largest |wgpu - CPU| of the outputs."
     );
     Ok(json!({
         "adapter": gpu.describe(),
+        "variants": variants.to_string(),
+        "other_variants": other_variants.to_string(),
         "roofline": roofline_json(&roofline),
         "kernels": rows,
     }))

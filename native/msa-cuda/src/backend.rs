@@ -4,29 +4,30 @@ use std::future::{Future, ready};
 use std::ops::Range;
 use std::sync::Arc;
 
+use bytemuck::Pod;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
 use msa_engine::{
     AttentionMask, Backend, Result, RoutingSpec, Scored, rope_table, select_top_k, shapes,
 };
 
-use crate::device::{CudaOptions, Device, grid_for_threads, grid_for_warps};
+use crate::device::{
+    ATTENTION_WARPS, CudaOptions, Device, MAX_PER_LANE, SMALL_ROWS, WARP, grid_for_threads,
+    grid_for_warps, guarded,
+};
 
-/// Inputs of at most this many rows are projected by the decode kernel (each weight read once for
-/// every row); larger ones by cuBLAS. Matches `SMALL_ROWS` in kernels.cu.
-const SMALL_ROWS: usize = 8;
-/// The widest head vector the warp-per-head kernels hold in registers (`32 × MAX_PER_LANE`).
-const MAX_HEAD_DIM: usize = 256;
+/// The widest head vector the warp-per-head kernels hold in registers.
+const MAX_HEAD_DIM: usize = WARP as usize * MAX_PER_LANE;
 /// Routing queries with fewer rows per KV head (tokens × query heads per KV head, 1 per token for a
 /// head mean) are scanned rather than multiplied on tensor cores.
 const ROUTING_GEMM_MIN_ROWS: usize = 4;
-/// Chunks scored per routing GEMM: bounds the temporary dot products (MSA-4B, 16 routing tokens: 8 KV
-/// heads × 16 × 65,536 × 4 B = 32 MB).
+/// Chunks scored per routing GEMM: bounds the temporary dot products (MSA-4B, 16 routing tokens, head
+/// mean: 8 KV heads × 2 × 16 rows × 65,536 × 4 B = 64 MB; a head max has 4 times the rows).
 const ROUTING_TILE_CHUNKS: usize = 1 << 16;
-/// Threads per block of the attention kernel (`ATTENTION_WARPS` warps).
-const ATTENTION_THREADS: u32 = 256;
 
 /// The CUDA backend. Cheap to clone: clones share the device.
 #[derive(Clone)]
@@ -95,9 +96,43 @@ impl CudaBackend {
     /// Opens a CUDA device: loads the driver, NVRTC and cuBLAS, and compiles the kernels (once per
     /// process). A missing library or device is an error naming what to install.
     pub fn new(options: CudaOptions) -> Result<Self> {
-        Ok(CudaBackend {
+        let backend = CudaBackend {
             device: Arc::new(Device::open(&options)?),
-        })
+        };
+        guarded(|| backend.warm_up())??;
+        Ok(backend)
+    }
+
+    /// Runs each cuBLAS path once on tiny inputs (the f32 and bf16 GEMMs, the routing GEMM): cudarc
+    /// looks a library's functions up on first use and panics on a missing one, so a library without
+    /// one fails here, as an error, rather than in the middle of a model.
+    fn warm_up(&self) -> Result<()> {
+        let weight = |dtype: DType, shape: &[usize]| {
+            let bytes = vec![0u8; shape.iter().product::<usize>() * dtype.size_in_bytes()];
+            self.upload_weight(TensorView {
+                name: "warm-up",
+                dtype,
+                shape,
+                bytes: &bytes,
+            })
+        };
+        let rows = SMALL_ROWS + 1;
+        let x = self.upload(&vec![1.0; rows * 2], &[rows, 2])?;
+        for dtype in [DType::F32, DType::BF16] {
+            self.matmul(&x, &weight(dtype, &[1, 2])?)?;
+        }
+        let tokens = ROUTING_GEMM_MIN_ROWS;
+        let queries = self.upload(&vec![1.0; tokens * 2], &[tokens, 1, 2])?;
+        let spec = RoutingSpec {
+            score_mode: ScoreMode::ScaledDot,
+            head_reduce: HeadReduce::Mean,
+            query_reduce: QueryReduce::Max,
+            chunk_reduce: ChunkReduce::Max,
+        };
+        let rows: Vec<u32> = (0..tokens as u32).collect();
+        let keys = weight(DType::BF16, &[1, 1, 2])?;
+        self.read_now(&self.routing_scores(&queries, &rows, &keys, &[0, 1], spec)?)?;
+        Ok(())
     }
 
     /// Opens the device, or returns `None` (printing why) when this machine has no usable CUDA device,
@@ -116,7 +151,7 @@ impl CudaBackend {
         }
     }
 
-    fn alloc<T: cudarc::driver::DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+    fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
         // SAFETY: every op writes its whole output before anything reads it. Zero-length tensors
         // (an op over no rows) get one element, since an empty allocation is refused.
         unsafe { self.device.stream.alloc::<T>(len.max(1)) }.map_err(|e| self.device.error(e))
@@ -140,12 +175,23 @@ impl CudaBackend {
         }
     }
 
-    fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>> {
-        let values = if values.is_empty() { &[0][..] } else { values };
+    /// Copies host values to a new allocation (one zero element for none, as every allocation).
+    fn upload_slice<T: DeviceRepr + Default>(&self, values: &[T]) -> Result<CudaSlice<T>> {
+        let none = [T::default()];
+        let values = if values.is_empty() { &none[..] } else { values };
         self.device
             .stream
             .clone_htod(values)
             .map_err(|e| self.device.error(e))
+    }
+
+    /// Copies little-endian elements to the device: straight from `bytes` when they are aligned for `T`
+    /// (a mapped checkpoint, a page buffer), else through one aligned copy.
+    fn upload_bytes<T: Pod + DeviceRepr + Default>(&self, bytes: &[u8]) -> Result<CudaSlice<T>> {
+        match bytemuck::try_cast_slice(bytes) {
+            Ok(values) => self.upload_slice(values),
+            Err(_) => self.upload_slice(&bytemuck::pod_collect_to_vec::<u8, T>(bytes)),
+        }
     }
 
     /// The launch builder of a kernel, on the device's stream.
@@ -192,7 +238,7 @@ impl CudaBackend {
         shape: Vec<usize>,
     ) -> Result<CudaTensor> {
         let (mut out, shape) = self.tensor(shape)?;
-        let ids_device = self.upload_u32(ids)?;
+        let ids_device = self.upload_slice(ids)?;
         let total = (ids.len() * width) as u64;
         let width = width as u32;
         let mut args = self.args(kernel);
@@ -237,7 +283,7 @@ impl CudaBackend {
             }
             WeightData::Half(w) => {
                 // Tensor cores take both operands in the weight's dtype: round the activations once.
-                let (rounded, data_type) = self.round_to(&x.data, n * inner, weight.dtype)?;
+                let (rounded, data_type) = self.to_half(&x.data, n * inner, weight.dtype, None)?;
                 let stream = &self.device.stream;
                 let (alpha, beta) = (1.0f32, 0.0f32);
                 let (w_ptr, _w) = w.device_ptr(stream);
@@ -272,30 +318,43 @@ impl CudaBackend {
         }
     }
 
-    /// The first `len` elements of `x` rounded to a half `dtype` (bf16 or f16), with cuBLAS's name for
-    /// that dtype.
-    fn round_to(
+    /// The first `len` elements of `x` in a half `dtype` (bf16 or f16), rounded, or `split` into hi and
+    /// lo parts per `group` elements (see `split_half`); with cuBLAS's name for that dtype.
+    fn to_half(
         &self,
         x: &CudaSlice<f32>,
         len: usize,
         dtype: DType,
+        split: Option<usize>,
     ) -> Result<(CudaSlice<u16>, cudaDataType)> {
-        let (kernel, data_type) = match dtype {
-            DType::BF16 => ("round_bf16", cudaDataType::CUDA_R_16BF),
-            _ => ("round_f16", cudaDataType::CUDA_R_16F),
+        let (f16, data_type) = match dtype {
+            DType::BF16 => (0u32, cudaDataType::CUDA_R_16BF),
+            DType::F16 => (1u32, cudaDataType::CUDA_R_16F),
+            DType::F32 => unreachable!("only bf16 and f16 weights take half-precision operands"),
         };
-        let mut rounded = self.alloc::<u16>(len)?;
         let total = len as u64;
-        let mut args = self.args(kernel);
-        args.arg(x).arg(&mut rounded).arg(&total);
+        let mut out = self.alloc::<u16>(len * if split.is_some() { 2 } else { 1 })?;
+        let mut args = self.args(if split.is_some() {
+            "split_half"
+        } else {
+            "round_half"
+        });
+        args.arg(x).arg(&mut out).arg(&total);
+        let group = split.map(|g| g as u64);
+        if let Some(group) = &group {
+            args.arg(group);
+        }
+        args.arg(&f16);
         self.launch(&mut args, grid_for_threads(total))?;
-        Ok((rounded, data_type))
+        Ok((out, data_type))
     }
 
     /// Chunk scores on tensor cores, for half-precision keys: per KV head g, the grouped routing query
-    /// `[rows = tokens × per_kv, d]` (rounded to the keys' dtype) times the keys of a tile of chunks, one
-    /// strided-batched GEMM per tile (the batch runs over g, whose keys sit `d` elements apart in each
-    /// chunk row), then one reduction per chunk. Tiles bound the dot products held at once.
+    /// `[rows = tokens × per_kv, d]` times the keys of a tile of chunks, one strided-batched GEMM per
+    /// tile (the batch runs over g, whose keys sit `d` elements apart in each chunk row), then one
+    /// reduction per chunk. The query enters as two half-precision parts (hi, then lo: 2 × rows rows),
+    /// whose dot products the reduction adds: 16 significant bits of query against exact keys, at the
+    /// cost of a few more rows in a GEMM bound by reading the keys. Tiles bound the dot products held.
     fn routing_gemm(
         &self,
         query: &CudaSlice<f32>,
@@ -314,35 +373,37 @@ impl CudaBackend {
             query_reduce,
         } = dims;
         let rows = tokens * per_kv;
-        let (rounded, data_type) = self.round_to(query, kv_heads * rows * d, keys.1)?;
+        let (parts, data_type) =
+            self.to_half(query, kv_heads * rows * d, keys.1, Some(rows * d))?;
+        let gemm_rows = 2 * rows;
         let tile = chunks.min(ROUTING_TILE_CHUNKS);
-        let mut dots = self.alloc::<f32>(kv_heads * rows * tile)?;
+        let mut dots = self.alloc::<f32>(kv_heads * gemm_rows * tile)?;
         let stream = &self.device.stream;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (tokens32, per_kv32, kv32) = (tokens as u32, per_kv as u32, kv_heads as u32);
         for first in (0..chunks).step_by(tile) {
             let n = tile.min(chunks - first);
             {
-                let (q_ptr, _q) = rounded.device_ptr(stream);
+                let (q_ptr, _q) = parts.device_ptr(stream);
                 let (k_ptr, _k) = keys.0.device_ptr(stream);
                 let (c_ptr, _c) = dots.device_ptr_mut(stream);
                 let k_ptr = k_ptr + (first * kv_heads * d * 2) as u64;
-                // SAFETY: A is [kv_heads][rows][d], B the tile's [n][kv_heads][d] keys, C
-                // [kv_heads][n][rows] f32, all within their allocations; alpha and beta are f32 as
+                // SAFETY: A is [kv_heads][2 × rows][d], B the tile's [n][kv_heads][d] keys, C
+                // [kv_heads][n][2 × rows] f32, all within their allocations; alpha and beta are f32 as
                 // CUBLAS_COMPUTE_32F requires.
                 unsafe {
                     cudarc::cublas::result::gemm_strided_batched_ex(
                         *self.device.blas.handle(),
                         cublasOperation_t::CUBLAS_OP_T,
                         cublasOperation_t::CUBLAS_OP_N,
-                        rows as i32,
+                        gemm_rows as i32,
                         n as i32,
                         d as i32,
                         (&alpha as *const f32).cast(),
                         q_ptr as *const _,
                         data_type,
                         d as i32,
-                        (rows * d) as i64,
+                        (gemm_rows * d) as i64,
                         k_ptr as *const _,
                         data_type,
                         (kv_heads * d) as i32,
@@ -350,8 +411,8 @@ impl CudaBackend {
                         (&beta as *const f32).cast(),
                         c_ptr as *mut _,
                         cudaDataType::CUDA_R_32F,
-                        rows as i32,
-                        (rows * n) as i64,
+                        gemm_rows as i32,
+                        (gemm_rows * n) as i64,
                         kv_heads as i32,
                         cublasComputeType_t::CUBLAS_COMPUTE_32F,
                         cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -422,37 +483,14 @@ impl Backend for CudaBackend {
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CudaTensor> {
         shapes::check_fill("upload", data.len(), &[data.len()], shape)?;
-        let values = if data.is_empty() { &[0.0][..] } else { data };
-        let slice = self
-            .device
-            .stream
-            .clone_htod(values)
-            .map_err(|e| self.device.error(e))?;
-        Ok(Self::wrap(slice, shape.to_vec()))
+        Ok(Self::wrap(self.upload_slice(data)?, shape.to_vec()))
     }
 
     fn upload_weight(&self, view: TensorView<'_>) -> Result<CudaWeight> {
         shapes::check_weight_bytes(&view)?;
-        let stream = &self.device.stream;
         let data = match view.dtype {
-            DType::F32 => {
-                let values: Vec<f32> = bytemuck::pod_collect_to_vec(view.bytes);
-                let values = if values.is_empty() { vec![0.0] } else { values };
-                WeightData::F32(Arc::new(
-                    stream
-                        .clone_htod(&values)
-                        .map_err(|e| self.device.error(e))?,
-                ))
-            }
-            DType::BF16 | DType::F16 => {
-                let values: Vec<u16> = bytemuck::pod_collect_to_vec(view.bytes);
-                let values = if values.is_empty() { vec![0] } else { values };
-                WeightData::Half(
-                    stream
-                        .clone_htod(&values)
-                        .map_err(|e| self.device.error(e))?,
-                )
-            }
+            DType::F32 => WeightData::F32(Arc::new(self.upload_bytes(view.bytes)?)),
+            DType::BF16 | DType::F16 => WeightData::Half(self.upload_bytes(view.bytes)?),
         };
         Ok(CudaWeight {
             data,
@@ -587,7 +625,7 @@ impl Backend for CudaBackend {
                 [keys.start as u32, keys.end as u32]
             })
             .collect();
-        let ranges = self.upload_u32(&ranges)?;
+        let ranges = self.upload_slice(&ranges)?;
         let scale = 1.0 / (d as f32).sqrt();
         let (heads32, kv32, d32) = (heads as u32, kv_heads as u32, d as u32);
         let mut args = self.args("attention");
@@ -602,7 +640,7 @@ impl Backend for CudaBackend {
             .arg(&scale);
         let config = LaunchConfig {
             grid_dim: (nq as u32, heads as u32, 1),
-            block_dim: (ATTENTION_THREADS, 1, 1),
+            block_dim: (ATTENTION_WARPS * WARP, 1, 1),
             shared_mem_bytes: 0,
         };
         self.launch(&mut args, config)?;
@@ -720,7 +758,7 @@ impl Backend for CudaBackend {
             }
             _ => None,
         };
-        let rows = self.upload_u32(routing_rows)?;
+        let rows = self.upload_slice(routing_rows)?;
         let mut query = self.alloc::<f32>(tokens * outputs * d)?;
         let (tokens32, heads32, kv32, d32, group32, grouped) = (
             tokens as u32,
@@ -782,7 +820,7 @@ impl Backend for CudaBackend {
             self.launch(&mut args, grid_for_warps(chunks as u64))?;
         }
         // 3. One score per document.
-        let offsets = self.upload_u32(doc_chunk_offsets)?;
+        let offsets = self.upload_slice(doc_chunk_offsets)?;
         let (mut out, shape) = self.tensor(vec![documents])?;
         let (documents32, mean) = (
             documents as u32,

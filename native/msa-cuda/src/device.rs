@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig};
-use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
 use msa_engine::{Error, Result};
 
 /// The CUDA source of every kernel.
@@ -20,8 +20,8 @@ pub const KERNELS: &[&str] = &[
     "matmul_small_f32",
     "matmul_small_bf16",
     "matmul_small_f16",
-    "round_bf16",
-    "round_f16",
+    "round_half",
+    "split_half",
     "rms_norm_f32",
     "rms_norm_bf16",
     "rms_norm_f16",
@@ -101,7 +101,7 @@ fn unavailable(message: impl Into<String>) -> Error {
 }
 
 /// Runs a CUDA call that cudarc may turn into a panic (a library without an expected symbol).
-fn guarded<T>(call: impl FnOnce() -> T) -> Result<T> {
+pub(crate) fn guarded<T>(call: impl FnOnce() -> T) -> Result<T> {
     catch_unwind(AssertUnwindSafe(call)).map_err(|panic| {
         let detail = panic
             .downcast_ref::<String>()
@@ -112,10 +112,49 @@ fn guarded<T>(call: impl FnOnce() -> T) -> Result<T> {
     })
 }
 
-/// Compiles every kernel to PTX for compute capability `major.minor`. Compiled once per process and
-/// architecture; NVRTC alone is needed (no GPU), so the kernels can be checked on any machine with it.
-pub fn compile_kernels(major: u32, minor: u32) -> Result<String> {
-    static CACHE: Mutex<Option<HashMap<(u32, u32), String>>> = Mutex::new(None);
+/// Threads of a warp (every NVIDIA GPU).
+pub(crate) const WARP: u32 = 32;
+/// The decode projection keeps one accumulator per input row: inputs of at most this many rows use it.
+pub(crate) const SMALL_ROWS: usize = 8;
+/// Registers per lane for one head vector: head_dim ≤ 32 × MAX_PER_LANE.
+pub(crate) const MAX_PER_LANE: usize = 8;
+/// Warps per attention block.
+pub(crate) const ATTENTION_WARPS: u32 = 8;
+
+/// The kernels compiled for one architecture: machine code (CUBIN) where NVRTC knows the architecture,
+/// which loads on any driver of NVRTC's CUDA major version; else PTX for the newest architecture NVRTC
+/// knows, which the driver compiles (and which needs a driver at least as new as NVRTC).
+#[derive(Clone, Debug)]
+pub enum CompiledKernels {
+    Cubin(Vec<u8>),
+    Ptx(String),
+}
+
+impl CompiledKernels {
+    /// Whether the compiled code defines the kernel `entry` (its name is in the PTX or the CUBIN's
+    /// symbol table).
+    pub fn defines(&self, entry: &str) -> bool {
+        match self {
+            CompiledKernels::Cubin(bytes) => {
+                let name = format!("{entry}\0");
+                bytes.windows(name.len()).any(|w| w == name.as_bytes())
+            }
+            CompiledKernels::Ptx(text) => text.contains(&format!(".entry {entry}(")),
+        }
+    }
+
+    fn module(self) -> Ptx {
+        match self {
+            CompiledKernels::Cubin(bytes) => Ptx::from_binary(bytes),
+            CompiledKernels::Ptx(text) => Ptx::from_src(text),
+        }
+    }
+}
+
+/// Compiles every kernel for compute capability `major.minor`, once per process and architecture.
+/// NVRTC alone is needed (no GPU), so the kernels can be checked on any machine with it.
+pub fn compile_kernels(major: u32, minor: u32) -> Result<CompiledKernels> {
+    static CACHE: Mutex<Option<HashMap<(u32, u32), CompiledKernels>>> = Mutex::new(None);
     if !nvrtc_present() {
         return Err(unavailable(
             "CUDA's run-time compiler libnvrtc.so could not be loaded",
@@ -125,32 +164,104 @@ pub fn compile_kernels(major: u32, minor: u32) -> Result<String> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let cache = cache.get_or_insert_with(HashMap::new);
-    if let Some(ptx) = cache.get(&(major, minor)) {
-        return Ok(ptx.clone());
+    if let Some(compiled) = cache.get(&(major, minor)) {
+        return Ok(compiled.clone());
     }
     let started = std::time::Instant::now();
-    let options = CompileOptions {
-        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
-        name: Some("msa_kernels.cu".into()),
-        ..Default::default()
+    let arch = (major * 10 + minor) as i32;
+    let supported = guarded(supported_architectures)??;
+    let (target, cubin) = if supported.contains(&arch) {
+        (format!("sm_{arch}"), true)
+    } else {
+        let newest = supported
+            .iter()
+            .copied()
+            .filter(|&a| a <= arch)
+            .max()
+            .ok_or_else(|| {
+                unavailable(format!(
+                    "this NVRTC compiles for sm_{:?}, none of them sm_{arch} or older",
+                    supported
+                ))
+            })?;
+        (format!("compute_{newest}"), false)
     };
-    let ptx = guarded(|| cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options))?
-        .map_err(|e| {
-            let detail = match e {
-                CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-                other => other.to_string(),
-            };
-            unavailable(format!(
-                "NVRTC could not compile the kernels for sm_{major}{minor}: {detail}"
-            ))
-        })?
-        .to_src();
+    let options = vec![
+        format!("--gpu-architecture={target}"),
+        format!("-DSMALL_ROWS={SMALL_ROWS}"),
+        format!("-DMAX_PER_LANE={MAX_PER_LANE}"),
+        format!("-DATTENTION_WARPS={ATTENTION_WARPS}"),
+    ];
+    let compiled = guarded(|| compile(&options, cubin))?.map_err(|detail| {
+        unavailable(format!(
+            "NVRTC could not compile the kernels for {target}: {detail}"
+        ))
+    })?;
     tracing::debug!(
-        "compiled the CUDA kernels for sm_{major}{minor} in {:.2} s",
+        "compiled the CUDA kernels for {target} in {:.2} s",
         started.elapsed().as_secs_f64()
     );
-    cache.insert((major, minor), ptx.clone());
-    Ok(ptx)
+    cache.insert((major, minor), compiled.clone());
+    Ok(compiled)
+}
+
+/// The architectures this NVRTC compiles for, as 10 × major + minor.
+fn supported_architectures() -> Result<Vec<i32>> {
+    let error =
+        |e: nvrtc::NvrtcError| unavailable(format!("asking NVRTC for its architectures: {e}"));
+    let mut count = 0;
+    // SAFETY: NVRTC writes one count, then that many architectures into a buffer of that size.
+    unsafe { nvrtc_sys::nvrtcGetNumSupportedArchs(&mut count) }
+        .result()
+        .map_err(error)?;
+    let mut architectures = vec![0; count.max(0) as usize];
+    unsafe { nvrtc_sys::nvrtcGetSupportedArchs(architectures.as_mut_ptr()) }
+        .result()
+        .map_err(error)?;
+    Ok(architectures)
+}
+
+/// One NVRTC compilation of [`SOURCE`]: CUBIN or PTX, or the compiler's log.
+fn compile(options: &[String], cubin: bool) -> std::result::Result<CompiledKernels, String> {
+    let text = |chars: Vec<std::ffi::c_char>| -> String {
+        let bytes: Vec<u8> = chars
+            .iter()
+            .map(|&c| c as u8)
+            .take_while(|&b| b != 0)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let source = std::ffi::CString::new(SOURCE).expect("the kernel source has no NUL");
+    let name = std::ffi::CString::new("msa_kernels.cu").expect("no NUL");
+    let program = nvrtc::create_program(&source, Some(&name)).map_err(|e| e.to_string())?;
+    // SAFETY: `program` lives until destroy_program; the buffers are sized by NVRTC's own answers.
+    let compiled = unsafe {
+        match nvrtc::compile_program(program, options) {
+            Err(e) => Err(match nvrtc::get_program_log(program) {
+                Ok(log) => format!("{e}: {}", text(log)),
+                Err(_) => e.to_string(),
+            }),
+            Ok(()) if cubin => {
+                let mut size = 0;
+                nvrtc_sys::nvrtcGetCUBINSize(program, &mut size)
+                    .result()
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        let mut bytes = vec![0u8; size];
+                        nvrtc_sys::nvrtcGetCUBIN(program, bytes.as_mut_ptr().cast())
+                            .result()
+                            .map(|()| CompiledKernels::Cubin(bytes))
+                            .map_err(|e| e.to_string())
+                    })
+            }
+            Ok(()) => nvrtc::get_ptx(program)
+                .map(|ptx| CompiledKernels::Ptx(text(ptx)))
+                .map_err(|e| e.to_string()),
+        }
+    };
+    // SAFETY: created above and destroyed once.
+    let _ = unsafe { nvrtc::destroy_program(program) };
+    compiled
 }
 
 /// An open device: one context, one stream every op is queued on, cuBLAS bound to it, the kernels.
@@ -182,13 +293,20 @@ impl Device {
         let (major, minor) = ctx.compute_capability().map_err(started)?;
         let device_name = ctx.name().map_err(started)?;
         let name = format!("{device_name} (sm_{major}{minor}, CUDA device {ordinal})");
-        let ptx = compile_kernels(major as u32, minor as u32)?;
-        let module = ctx.load_module(Ptx::from_src(ptx)).map_err(started)?;
+        let compiled = compile_kernels(major as u32, minor as u32)?;
+        let module = ctx.load_module(compiled.module()).map_err(|e| {
+            unavailable(format!(
+                "loading the CUDA kernels on device {ordinal}: {e} (kernels compiled to PTX need a \
+                 driver at least as new as NVRTC)"
+            ))
+        })?;
         let kernels = KERNELS
             .iter()
             .map(|&kernel| Ok((kernel, module.load_function(kernel).map_err(started)?)))
             .collect::<Result<_>>()?;
-        let stream = ctx.default_stream();
+        // A stream of its own: with one context per GPU (Memory Parallel), no op or free can land on
+        // another GPU's legacy default stream.
+        let stream = ctx.new_stream().map_err(started)?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| unavailable(format!("starting cuBLAS on CUDA device {ordinal}: {e}")))?;
         tracing::info!("opened {name}");
@@ -222,7 +340,7 @@ impl Device {
 }
 
 /// Threads per block of the grid-stride and warp-per-item kernels.
-pub(crate) const BLOCK: u32 = 256;
+const BLOCK: u32 = 256;
 
 /// Enough blocks for `threads` threads of a grid-stride loop (capped: the loop covers the rest).
 pub(crate) fn grid_for_threads(threads: u64) -> LaunchConfig {
@@ -236,5 +354,5 @@ pub(crate) fn grid_for_threads(threads: u64) -> LaunchConfig {
 
 /// One warp per item.
 pub(crate) fn grid_for_warps(items: u64) -> LaunchConfig {
-    grid_for_threads(items * 32)
+    grid_for_threads(items * u64::from(WARP))
 }

@@ -1,4 +1,6 @@
 // Every msa-cuda kernel, compiled once per process by NVRTC for the device's architecture.
+// SMALL_ROWS, MAX_PER_LANE and ATTENTION_WARPS are defined by the compiler options (device.rs), so the
+// launch shapes on the host and the kernels agree.
 //
 // No CUDA headers: NVRTC may not ship them, so half-precision conversions are written out (bf16) or
 // taken from PTX (f16). Weight-reading kernels are templates over a loader (F32, BF16, F16) and are
@@ -10,10 +12,6 @@ typedef unsigned short u16;
 typedef unsigned long long u64;
 
 #define WARP 32
-// Per-lane registers for one head vector: head_dim ≤ 32 × MAX_PER_LANE (checked on the host).
-#define MAX_PER_LANE 8
-// The small-batch matmul keeps one accumulator per input row (decode, or a few routing tokens).
-#define SMALL_ROWS 8
 // -∞ without math.h.
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -145,23 +143,33 @@ __device__ void matmul_small(const float* x, const typename W::T* w, float* y, u
     }
 }
 
-// Activations rounded to a weight's half dtype (nearest, ties to even) for a tensor-core GEMM.
-extern "C" __global__ void round_bf16(const float* x, u16* out, u64 total) {
-    for (u64 i = global_thread(); i < total; i += grid_threads()) {
-        u32 u = __float_as_uint(x[i]);
-        if ((u & 0x7fffffffu) > 0x7f800000u) {
-            out[i] = 0x7fc0;  // NaN stays NaN
-        } else {
-            out[i] = (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        }
+// f32 to bf16 (`f16` 0) or f16 (1), to nearest, ties to even; NaN stays NaN.
+__device__ __forceinline__ u16 to_half(float x, u32 f16) {
+    if (f16) {
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+        return h;
     }
+    u32 u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-extern "C" __global__ void round_f16(const float* x, u16* out, u64 total) {
+__device__ __forceinline__ float from_half(u16 h, u32 f16) { return f16 ? f16_to_f32(h) : bf16_to_f32(h); }
+
+// Activations rounded to a weight's half dtype for a tensor-core GEMM.
+extern "C" __global__ void round_half(const float* x, u16* out, u64 total, u32 f16) {
+    for (u64 i = global_thread(); i < total; i += grid_threads()) out[i] = to_half(x[i], f16);
+}
+
+// x as the sum of two half-precision parts, hi = half(x) and lo = half(x − hi) (16 significant bits
+// for bf16): within each group of `group` elements, the hi parts, then the lo parts.
+extern "C" __global__ void split_half(const float* x, u16* out, u64 total, u64 group, u32 f16) {
     for (u64 i = global_thread(); i < total; i += grid_threads()) {
-        u16 h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x[i]));
-        out[i] = h;
+        u16 hi = to_half(x[i], f16);
+        u64 at = i / group * 2 * group + i % group;
+        out[at] = hi;
+        out[at + group] = to_half(x[i] - from_half(hi, f16), f16);
     }
 }
 
@@ -211,8 +219,8 @@ extern "C" __global__ void rope(const float* x, const float* cos_sin, float* out
 
 // Softmax attention with GQA, one block per (query, head): each warp runs an online softmax over a
 // stripe of the query's visible keys [ranges[2i], ranges[2i+1]) (the mask, resolved on the host), and
-// the warps' partial results are merged at the end.
-#define ATTENTION_WARPS 8
+// the warps' partial results are merged at the end. A warp without keys has l == 0 and is skipped; a
+// NaN score makes l NaN, which the merge keeps, as the reference's softmax does.
 extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP)
 attention(const float* q, const float* k, const float* v, const u32* ranges, float* out,
           u32 heads, u32 kv_heads, u32 d, float scale) {
@@ -261,13 +269,13 @@ attention(const float* q, const float* k, const float* v, const u32* ranges, flo
     for (int w = 0; w < ATTENTION_WARPS; w++) total_m = fmaxf(total_m, warp_m[w]);
     float total_l = 0.0f;
     for (int w = 0; w < ATTENTION_WARPS; w++)
-        if (warp_l[w] > 0.0f) total_l += warp_l[w] * expf(warp_m[w] - total_m);
+        if (warp_l[w] != 0.0f) total_l += warp_l[w] * expf(warp_m[w] - total_m);
     float* o = out + ((u64)i * heads + h) * d;
     for (u32 col = threadIdx.x; col < d; col += blockDim.x) {
         float sum = 0.0f;
         for (int w = 0; w < ATTENTION_WARPS; w++)
-            if (warp_l[w] > 0.0f) sum += warp_acc[w][col] * expf(warp_m[w] - total_m);
-        o[col] = total_l > 0.0f ? sum / total_l : 0.0f;
+            if (warp_l[w] != 0.0f) sum += warp_acc[w][col] * expf(warp_m[w] - total_m);
+        o[col] = total_l != 0.0f ? sum / total_l : 0.0f;
     }
 }
 
@@ -297,6 +305,15 @@ extern "C" __global__ void chunk_mean_pool(const float* x, float* out, u64 rows,
 }
 
 // ---- Routing --------------------------------------------------------------------------------------
+
+// The reductions of a routing score, as the CPU reference folds them: heads and chunks by a sum (then
+// divided) or a max, tokens by max (0), mean (1) or the last token (2). fmaxf ignores a NaN as Rust's
+// f32::max does.
+__device__ __forceinline__ float fold_start(u32 sum) { return sum ? 0.0f : NEG_INF; }
+__device__ __forceinline__ float fold(float acc, float value, u32 sum) { return sum ? acc + value : fmaxf(acc, value); }
+__device__ __forceinline__ float fold_token(float acc, float score, u32 query_reduce) {
+    return query_reduce == 2 ? score : fold(acc, score, query_reduce == 1);
+}
 
 // The routing query, one warp per (token, output head r): each query head normalised (cosine) and
 // scaled, then summed over the heads sharing a KV head when heads are averaged (`group` > 1), since
@@ -335,24 +352,24 @@ extern "C" __global__ void routing_query(const float* queries, const u32* rows, 
     }
 }
 
-// Chunk scores from a tile of GEMM results, one thread per chunk: `dots` holds, per KV head g, the
-// [chunks_in_tile, tokens × per_kv] dot products of the grouped routing query with the tile's keys.
-// Heads and tokens are reduced as `routing_chunks` does; the scores land at chunk `first + c`.
+// Chunk scores from a tile of GEMM results, one thread per chunk: `dots` holds, per KV head g and chunk
+// c, the 2 × rows dot products of the split routing query (rows = tokens × per_kv hi parts, then as many
+// lo parts) with the chunk's keys; a query row's dot product is its two parts' sum. The scores land at
+// chunk `first + c`.
 extern "C" __global__ void routing_reduce(const float* dots, float* scores, u64 first, u32 chunks_in_tile,
                                           u32 tokens, u32 per_kv, u32 kv_heads, u32 head_mean,
                                           float head_divisor, u32 query_reduce) {
     const u64 rows = (u64)tokens * per_kv;
     for (u64 c = global_thread(); c < chunks_in_tile; c += grid_threads()) {
-        float reduced = query_reduce == 1 ? 0.0f : NEG_INF;
+        float reduced = fold_start(query_reduce == 1);
         for (u32 t = query_reduce == 2 ? tokens - 1 : 0; t < tokens; t++) {
-            float token_score = head_mean ? 0.0f : NEG_INF;
+            float token_score = fold_start(head_mean);
             for (u32 g = 0; g < kv_heads; g++) {
-                const float* row = dots + ((u64)g * chunks_in_tile + c) * rows + (u64)t * per_kv;
-                for (u32 j = 0; j < per_kv; j++)
-                    token_score = head_mean ? token_score + row[j] : fmaxf(token_score, row[j]);
+                const float* row = dots + ((u64)g * chunks_in_tile + c) * 2 * rows + (u64)t * per_kv;
+                for (u32 j = 0; j < per_kv; j++) token_score = fold(token_score, row[j] + row[rows + j], head_mean);
             }
             if (head_mean) token_score /= head_divisor;
-            reduced = query_reduce == 1 ? reduced + token_score : fmaxf(reduced, token_score);
+            reduced = fold_token(reduced, token_score, query_reduce);
         }
         scores[first + c] = query_reduce == 1 ? reduced / (float)tokens : reduced;
     }
@@ -368,19 +385,18 @@ __device__ void routing_chunks(const float* query, const typename W::T* keys, fl
     const u32 lane = threadIdx.x % WARP, per_kv = outputs / kv_heads;
     for (u64 c = global_warp(); c < chunks; c += grid_warps()) {
         const u64 base = c * kv_heads * d;
-        float reduced = query_reduce == 1 ? 0.0f : NEG_INF;
+        float reduced = fold_start(query_reduce == 1);
         for (u32 t = query_reduce == 2 ? tokens - 1 : 0; t < tokens; t++) {
-            float token_score = head_mean ? 0.0f : NEG_INF;
+            float token_score = fold_start(head_mean);
             for (u32 r = 0; r < outputs; r++) {
                 const float* qv = query + ((u64)t * outputs + r) * d;
                 const u64 key = base + (u64)(r / per_kv) * d;
                 float s = 0.0f;
                 for (u32 col = lane; col < d; col += WARP) s += qv[col] * W::at(keys, key + col);
-                s = warp_sum(s);
-                token_score = head_mean ? token_score + s : fmaxf(token_score, s);
+                token_score = fold(token_score, warp_sum(s), head_mean);
             }
             if (head_mean) token_score /= head_divisor;
-            reduced = query_reduce == 1 ? reduced + token_score : fmaxf(reduced, token_score);
+            reduced = fold_token(reduced, token_score, query_reduce);
         }
         if (lane == 0) scores[c] = query_reduce == 1 ? reduced / (float)tokens : reduced;
     }
@@ -391,8 +407,8 @@ extern "C" __global__ void routing_documents(const float* chunk_scores, const u3
                                              u32 documents, u32 mean) {
     for (u64 doc = global_thread(); doc < documents; doc += grid_threads()) {
         u32 first = offsets[doc], last = offsets[doc + 1];
-        float acc = mean ? 0.0f : NEG_INF;
-        for (u32 c = first; c < last; c++) acc = mean ? acc + chunk_scores[c] : fmaxf(acc, chunk_scores[c]);
+        float acc = fold_start(mean);
+        for (u32 c = first; c < last; c++) acc = fold(acc, chunk_scores[c], mean);
         out[doc] = mean ? acc / (float)(last - first) : acc;
     }
 }

@@ -9,10 +9,10 @@ use crate::CudaBackend;
 /// Bandwidths measured on one device.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CudaRoofline {
-    /// A device-to-device copy, counting the bytes read and written (what HBM moves), GB/s.
-    pub device_copy_gbps: f64,
-    /// A copy from pinned host memory to the device, GB/s.
-    pub host_to_device_gbps: f64,
+    /// A device-to-device copy, counting the bytes read and written (what HBM moves), in bytes/s.
+    pub device_copy_bytes_per_s: f64,
+    /// A copy from pinned host memory to the device, in bytes/s.
+    pub host_to_device_bytes_per_s: f64,
 }
 
 /// Bytes each probe moves per repetition: large enough to leave the caches (an H200 has 60 MB of L2).
@@ -43,8 +43,8 @@ impl CudaBackend {
             stream.memcpy_htod(&pinned, &mut target).map_err(error)
         })?;
         Ok(CudaRoofline {
-            device_copy_gbps: 2.0 * PROBE_BYTES as f64 / device_copy / 1e9,
-            host_to_device_gbps: PROBE_BYTES as f64 / host_copy / 1e9,
+            device_copy_bytes_per_s: 2.0 * PROBE_BYTES as f64 / device_copy,
+            host_to_device_bytes_per_s: PROBE_BYTES as f64 / host_copy,
         })
     }
 }
