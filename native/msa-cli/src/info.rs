@@ -26,7 +26,8 @@ pub struct InfoArgs {
     json: bool,
 }
 
-/// List the GPU adapters wgpu finds, with their backend, type, limits and features.
+/// List the GPU adapters wgpu finds, with their backend, type, limits and features, then the CUDA devices
+/// (or why CUDA is not available).
 #[derive(Args)]
 pub struct DevicesArgs {
     /// Print JSON instead of text.
@@ -212,17 +213,30 @@ pub fn devices(args: DevicesArgs) -> Result<()> {
             })
         })
         .collect();
+    // CUDA devices follow the wgpu adapters, with "backend": "CUDA"; none where CUDA is unavailable.
+    let wgpu_adapters = reports.len();
+    let cuda = msa_cuda::devices();
+    let mut reports = reports;
+    for device in cuda.iter().flatten() {
+        let (major, minor) = device.compute_capability;
+        reports.push(json!({
+            "index": device.ordinal,
+            "name": device.name,
+            "backend": "CUDA",
+            "compute capability": format!("{major}.{minor}"),
+            "memory MiB": device.memory_bytes >> 20,
+        }));
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
         return Ok(());
     }
-    if reports.is_empty() {
+    if wgpu_adapters == 0 {
         println!(
             "no wgpu adapters found: install your GPU's Vulkan/Metal/DX12 driver, or Mesa's lavapipe \
              (Debian: apt-get install mesa-vulkan-drivers libvulkan1) for a software adapter; \
              `--backend cpu` runs without one"
         );
-        return Ok(());
     }
     for report in &reports {
         let map = report.as_object().expect("an object");
@@ -233,6 +247,9 @@ pub fn devices(args: DevicesArgs) -> Result<()> {
                 other => println!("    {key}: {other}"),
             }
         }
+    }
+    if let Err(e) = &cuda {
+        println!("{e}");
     }
     Ok(())
 }

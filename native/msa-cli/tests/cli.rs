@@ -240,6 +240,13 @@ fn devices_lists_adapters_as_text_and_json() {
             .success()
             .stdout(contains(name));
     }
+    // Then the CUDA devices, or why there are none.
+    let text = msa().arg("devices").assert().success();
+    let stdout = String::from_utf8_lossy(&text.get_output().stdout).into_owned();
+    assert!(
+        stdout.contains("backend: CUDA") || stdout.contains("cuda: "),
+        "{stdout}"
+    );
 }
 
 #[test]

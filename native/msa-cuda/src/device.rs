@@ -93,6 +93,36 @@ pub fn device_count() -> Result<usize> {
     Ok(count as usize)
 }
 
+/// One CUDA device as the driver reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaDeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// (major, minor), e.g. (9, 0) for Hopper.
+    pub compute_capability: (i32, i32),
+    pub memory_bytes: usize,
+}
+
+/// Every CUDA device, or why there are none usable (`msa devices` lists them).
+pub fn devices() -> Result<Vec<CudaDeviceInfo>> {
+    let count = device_count()?;
+    let describe = |ordinal: usize| -> std::result::Result<CudaDeviceInfo, DriverError> {
+        let ctx = CudaContext::new(ordinal)?;
+        Ok(CudaDeviceInfo {
+            ordinal,
+            name: ctx.name()?,
+            compute_capability: ctx.compute_capability()?,
+            memory_bytes: ctx.total_mem()?,
+        })
+    };
+    guarded(|| {
+        (0..count)
+            .map(describe)
+            .collect::<std::result::Result<Vec<_>, _>>()
+    })?
+    .map_err(|e| unavailable(format!("reading the CUDA devices' properties: {e}")))
+}
+
 fn unavailable(message: impl Into<String>) -> Error {
     Error::Device {
         backend: "cuda".into(),

@@ -26,7 +26,7 @@ mod probe;
 
 pub use backend::{CudaBackend, CudaTensor, CudaWeight};
 pub use device::{
-    CompiledKernels, CudaOptions, KERNELS, compile_kernels, device_count, libraries_missing,
-    nvrtc_present,
+    CompiledKernels, CudaDeviceInfo, CudaOptions, KERNELS, compile_kernels, device_count, devices,
+    libraries_missing, nvrtc_present,
 };
 pub use probe::CudaRoofline;

@@ -36,15 +36,25 @@ fn a_missing_driver_or_device_is_a_clear_error() {
             .map(|e| e.to_string())
     };
     match msa_cuda::device_count() {
-        // No library, or a driver that reports no device: opening fails with the same message.
+        // No library, or a driver that reports no device: opening and listing fail with the same
+        // message.
         Err(e) => {
             let error = opened(0).expect("no usable CUDA device, yet the backend opened");
             assert_eq!(error, e.to_string());
+            let listed = msa_cuda::devices().expect_err("no usable CUDA device, yet some listed");
+            assert_eq!(listed.to_string(), error);
             if let Some(missing) = msa_cuda::libraries_missing() {
                 assert!(error.contains(&missing), "{error}");
             }
         }
         Ok(count) => {
+            let listed = msa_cuda::devices().unwrap();
+            assert_eq!(listed.len(), count);
+            assert!(
+                listed
+                    .iter()
+                    .all(|d| !d.name.is_empty() && d.memory_bytes > 0)
+            );
             let error = opened(count).expect("a device past the last one opened");
             assert!(
                 error.contains(&format!("CUDA device {count} asked for, {count} found")),
