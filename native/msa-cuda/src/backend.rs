@@ -368,9 +368,7 @@ impl CudaBackend {
             per_kv,
             kv_heads,
             d,
-            head_mean,
-            head_divisor,
-            query_reduce,
+            ..
         } = dims;
         let rows = tokens * per_kv;
         let (parts, data_type) =
@@ -429,9 +427,9 @@ impl CudaBackend {
                 .arg(&tokens32)
                 .arg(&per_kv32)
                 .arg(&kv32)
-                .arg(&head_mean)
-                .arg(&head_divisor)
-                .arg(&query_reduce);
+                .arg(&dims.head_mean)
+                .arg(&dims.head_divisor)
+                .arg(&dims.query_reduce);
             self.launch(&mut args, grid_for_threads(n as u64))?;
         }
         Ok(())
