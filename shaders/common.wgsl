@@ -31,6 +31,25 @@ fn f16_bits_to_f32(h: u32) -> f32 {
     return bitcast<f32>(sign | ((exponent + 112u) << 23u) | (mantissa << 13u));
 }
 
+// Elements of the stored dtype in one 16-byte word (a vec4<u32>).
+fn per_vector() -> u32 {
+    return select(8u, 4u, DTYPE == 0u);
+}
+
+// The 4 elements of a 16-byte word's half `part` (0 or 1), widened exactly; an f32 word holds 4
+// (part 0).
+fn widen4(word: vec4<u32>, part: u32) -> vec4<f32> {
+    if DTYPE == 0u {
+        return bitcast<vec4<f32>>(word);
+    }
+    let a = select(word.x, word.z, part == 1u);
+    let b = select(word.y, word.w, part == 1u);
+    if DTYPE == 1u {
+        return bitcast<vec4<f32>>(vec4<u32>(a << 16u, a & 0xffff0000u, b << 16u, b & 0xffff0000u));
+    }
+    return vec4<f32>(widen(a, 0u), widen(a, 1u), widen(b, 0u), widen(b, 1u));
+}
+
 // Index of the u32 word holding element `i`.
 fn word_of(i: u32) -> u32 {
     return select(i, i >> 1u, DTYPE != 0u);

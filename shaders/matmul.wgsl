@@ -34,20 +34,38 @@ struct Params {
     row_blocks: u32,  // ceil(n / ROWS)
     eps: f32,         // NORM
     col_blocks: u32,  // ceil(cols / COLS)
+    vectors: u32,     // 1: inner and w_base are multiples of a 16-byte word's elements
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> residual: array<f32>;   // EPILOGUE 1: [n, out_features]
-@group(0) @binding(5) var<storage, read> w2: array<u32>;         // EPILOGUE 2: packed like W
-@group(0) @binding(6) var<storage, read> g: array<u32>;          // NORM: [inner], packed like W
+@group(0) @binding(5) var<storage, read> w2: array<vec4<u32>>;   // EPILOGUE 2: packed like W
+@group(0) @binding(6) var<storage, read> g: array<vec4<u32>>;    // NORM: [inner], packed like W
+
+// Element i of x, and element i of W, U (w2) and g, widened: the scalar path, for shapes whose rows do
+// not start on 16-byte words.
+fn x_at(i: u32) -> f32 {
+    return x[i >> 2u][i & 3u];
+}
+
+fn w_at(i: u32) -> f32 {
+    let word = word_of(i);
+    return widen(w[word >> 2u][word & 3u], i);
+}
+
+fn w2_at(i: u32) -> f32 {
+    let word = word_of(i);
+    return widen(w2[word >> 2u][word & 3u], i);
+}
 
 // g_k under NORM, 1 otherwise.
 fn norm_weight(k: u32) -> f32 {
     if NORM == 1u {
-        return widen(g[word_of(k)], k);
+        let word = word_of(k);
+        return widen(g[word >> 2u][word & 3u], k);
     }
     return 1.0;
 }
@@ -76,48 +94,66 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         x_row[r] = min(row0 + r, p.n - 1u) * p.inner;
     }
     var w_row: array<u32, 4>;
-    var even = true;
     for (var c = 0u; c < COLS; c++) {
         w_row[c] = p.w_base + min(col0 + c, p.cols - 1u) * p.inner;
-        even = even && (w_row[c] & 1u) == 0u;
     }
     var acc: array<array<f32, 2>, 4>;    // [column][row]
     var acc2: array<array<f32, 2>, 4>;   // EPILOGUE 2: x · Uᵀ
     var squares: array<f32, 2>;          // NORM: Σ x² per row
     // An inactive invocation (past the last tile) computes nothing but still meets the barriers.
     var k = select(p.inner, j, in_range);
-    if DTYPE != 0u && even {
-        // Packed pairs: one load for two weights (k is even, so g's pair shares a word too). The odd
-        // last element, if any, is left to the one invocation whose next pair would start on it.
-        for (k = select(p.inner, 2u * j, in_range); k + 1u < p.inner; k += 2u * SPLIT) {
-            let g0 = norm_weight(k);
-            let g1 = norm_weight(k + 1u);
-            var a: array<f32, 2>;
-            var b: array<f32, 2>;
+    if p.vectors == 1u {
+        // 16-byte words: 8 packed halves (or 4 f32) of each weight row per load, and the x values
+        // (and norm weights) they meet in as many vec4s.
+        let pv = per_vector();
+        for (k = select(p.inner, pv * j, in_range); k < p.inner; k += pv * SPLIT) {
+            var g_lo = vec4<f32>(1.0);
+            var g_hi = vec4<f32>(1.0);
+            if NORM == 1u {
+                let word = g[k / pv];
+                g_lo = widen4(word, 0u);
+                g_hi = widen4(word, 1u);
+            }
+            var x_lo: array<vec4<f32>, 2>;
+            var x_hi: array<vec4<f32>, 2>;
             for (var r = 0u; r < ROWS; r++) {
-                let xa = x[x_row[r] + k];
-                let xb = x[x_row[r] + k + 1u];
-                a[r] = xa * g0;
-                b[r] = xb * g1;
-                if NORM == 1u {
-                    squares[r] += xa * xa + xb * xb;
+                let i = (x_row[r] + k) >> 2u;
+                let lo = x[i];
+                var hi = vec4<f32>(0.0);
+                if DTYPE != 0u {
+                    hi = x[i + 1u];
                 }
+                if NORM == 1u {
+                    squares[r] += dot(lo, lo) + dot(hi, hi);
+                }
+                x_lo[r] = lo * g_lo;
+                x_hi[r] = hi * g_hi;
             }
             for (var c = 0u; c < COLS; c++) {
-                let word = w[(w_row[c] + k) >> 1u];
-                let w0 = widen(word, 0u);
-                let w1 = widen(word, 1u);
-                var u0 = 0.0;
-                var u1 = 0.0;
+                let i = (w_row[c] + k) / pv;
+                let word = w[i];
+                let w_lo = widen4(word, 0u);
+                let w_hi = widen4(word, 1u);
+                var u_lo = vec4<f32>(0.0);
+                var u_hi = vec4<f32>(0.0);
                 if EPILOGUE == 2u {
-                    let word2 = w2[(w_row[c] + k) >> 1u];
-                    u0 = widen(word2, 0u);
-                    u1 = widen(word2, 1u);
+                    let word2 = w2[i];
+                    u_lo = widen4(word2, 0u);
+                    u_hi = widen4(word2, 1u);
                 }
                 for (var r = 0u; r < ROWS; r++) {
-                    acc[c][r] += a[r] * w0 + b[r] * w1;
+                    var a = dot(x_lo[r], w_lo);
+                    var b = 0.0;
+                    if DTYPE != 0u {
+                        a += dot(x_hi[r], w_hi);
+                    }
+                    acc[c][r] += a;
                     if EPILOGUE == 2u {
-                        acc2[c][r] += a[r] * u0 + b[r] * u1;
+                        b = dot(x_lo[r], u_lo);
+                        if DTYPE != 0u {
+                            b += dot(x_hi[r], u_hi);
+                        }
+                        acc2[c][r] += b;
                     }
                 }
             }
@@ -127,7 +163,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         let gk = norm_weight(k);
         var a: array<f32, 2>;
         for (var r = 0u; r < ROWS; r++) {
-            let xa = x[x_row[r] + k];
+            let xa = x_at(x_row[r] + k);
             a[r] = xa * gk;
             if NORM == 1u {
                 squares[r] += xa * xa;
@@ -135,10 +171,10 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         }
         for (var c = 0u; c < COLS; c++) {
             let i = w_row[c] + k;
-            let wk = widen(w[word_of(i)], i);
+            let wk = w_at(i);
             var uk = 0.0;
             if EPILOGUE == 2u {
-                uk = widen(w2[word_of(i)], i);
+                uk = w2_at(i);
             }
             for (var r = 0u; r < ROWS; r++) {
                 acc[c][r] += a[r] * wk;

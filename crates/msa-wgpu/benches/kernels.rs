@@ -91,10 +91,11 @@ fn mean_ns(group: &str, id: &str) -> Option<f64> {
 
 const GROUP: &str = "wgpu_kernels";
 
-const PROBES: [(&str, Probe); 3] = [
+const PROBES: [(&str, Probe); 4] = [
     ("probe_copy", Probe::Copy),
     ("probe_read", Probe::Read),
     ("probe_f32_fma", Probe::FmaF32),
+    ("probe_f16_fma", Probe::FmaF16),
 ];
 
 fn main() {
@@ -122,9 +123,10 @@ fn main() {
     let ran: RefCell<Vec<&'static str>> = RefCell::default();
     let mut group = criterion.benchmark_group(GROUP);
 
-    // The roofline probes (msa_wgpu::probe): buffer copy, a bandwidth-bound read kernel, f32 FMA rate.
+    // The roofline probes (msa_wgpu::probe): buffer copy, a bandwidth-bound read kernel, f32 FMA rate
+    // (and f16 where the device has shader-f16).
     let probe = RooflineProbe::new(&gpu).unwrap();
-    for (id, kind) in PROBES {
+    for (id, kind) in PROBES.into_iter().filter(|&(_, kind)| probe.supports(kind)) {
         group.throughput(Throughput::Bytes(probe.work(kind) as u64));
         group.bench_function(id, |bench| {
             ran.borrow_mut().push(id);

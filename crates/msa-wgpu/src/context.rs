@@ -186,10 +186,10 @@ impl GpuContext {
         }
     }
 
-    /// The size of a storage buffer for `bytes` (at least 4: WebGPU bindings cannot be empty), checked
-    /// against the adapter's largest buffer before anything is allocated.
+    /// The size of a storage buffer for `bytes`, in whole 16-byte words (kernels may read any buffer as
+    /// vec4s; WebGPU bindings cannot be empty), checked against the adapter's largest buffer before anything is allocated.
     fn buffer_size(&self, bytes: u64, label: &str) -> Result<u64> {
-        let size = bytes.max(4).next_multiple_of(4);
+        let size = bytes.max(16).next_multiple_of(16);
         if size > self.caps.max_buffer_bytes {
             return Err(self.limit_error(format!(
                 "{label}: {size} bytes exceed the largest buffer of {} bytes",
@@ -213,7 +213,7 @@ impl GpuContext {
         }))
     }
 
-    /// A storage buffer holding `bytes`, padded to a multiple of 4.
+    /// A storage buffer holding `bytes`, zero-padded to a multiple of 16.
     pub fn storage_with(&self, bytes: &[u8], label: &str) -> Result<wgpu::Buffer> {
         let size = self.buffer_size(bytes.len() as u64, label)?;
         let mut padded;
@@ -283,7 +283,10 @@ impl GpuContext {
             let end = (first + rows_per_window).min(rows);
             let start_byte = first as u64 * row_bytes;
             let offset = start_byte / align * align;
-            let end_byte = (end as u64 * row_bytes).next_multiple_of(4);
+            // Whole 16-byte words, so kernels may read the window as vec4s.
+            let end_byte = (end as u64 * row_bytes)
+                .next_multiple_of(16)
+                .min(buffer_bytes);
             windows.push(Window {
                 rows: first..end,
                 offset,

@@ -36,6 +36,10 @@ pub struct DeviceOptions {
 pub struct Variants {
     /// Invocations sharing one projection tile (`SPLIT` in matmul.wgsl): a power of two from 1 to 64.
     pub matmul_split: u32,
+    /// Output columns per tile of a one-token projection (decode; `COLS` in matmul.wgsl): 1 to 4.
+    pub decode_columns: u32,
+    /// Chunks each routing-scan invocation scores (`CHUNKS` in routing.wgsl): 1, 2, 4 or 8.
+    pub routing_chunks: u32,
 }
 
 impl Variants {
@@ -50,11 +54,21 @@ impl Variants {
     ///   128 tokens/s against 70, a 19-token prefill in 208 ms against 819;
     /// - an adapter of unknown type keeps the barrier-free kernels: a browser's WebGPU adapter is one
     ///   (wgpu learns no more than "fallback or not" there), and it may be SwiftShader, a CPU.
+    ///
+    /// On CPU adapters every load an invocation makes costs about the same, whether all invocations
+    /// read the same address or not (lavapipe runs a load as one load per lane), so operands every
+    /// invocation reads are shared through registers instead: a decode projection takes 4 columns
+    /// per tile (each x value serves 4 weight rows; lavapipe's gate_proj GEMV 69 ms against 131 ms),
+    /// and the routing scan scores 8 chunks per invocation (the query loaded once per 8 chunks: 39 ms
+    /// against 91 ms per router layer at 1M memory tokens). GPUs broadcast such loads from cache and
+    /// want every invocation they can get: one column, one chunk.
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
         use wgpu::DeviceType::{DiscreteGpu, IntegratedGpu, VirtualGpu};
         let gpu = matches!(info.device_type, DiscreteGpu | IntegratedGpu | VirtualGpu);
         Variants {
             matmul_split: if gpu { 64 } else { 1 },
+            decode_columns: if gpu { 1 } else { 4 },
+            routing_chunks: if gpu { 1 } else { 8 },
         }
     }
 
@@ -62,13 +76,23 @@ impl Variants {
     pub fn other(self) -> Self {
         Variants {
             matmul_split: if self.matmul_split == 1 { 64 } else { 1 },
+            decode_columns: if self.decode_columns == 1 { 4 } else { 1 },
+            routing_chunks: if self.routing_chunks == 1 { 8 } else { 1 },
         }
     }
 }
 
 impl fmt::Display for Variants {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "projection split {}", self.matmul_split)
+        write!(
+            f,
+            "projection split {}, {} decode column{} per tile, routing {} chunk{} per invocation",
+            self.matmul_split,
+            self.decode_columns,
+            if self.decode_columns == 1 { "" } else { "s" },
+            self.routing_chunks,
+            if self.routing_chunks == 1 { "" } else { "s" }
+        )
     }
 }
 
@@ -211,6 +235,22 @@ pub(crate) async fn open_device(
         return Err(WgpuError::RequestDevice {
             adapter: adapter.get_info().name,
             reason: format!("a projection split must be a power of two from 1 to 64, not {split}"),
+        });
+    }
+    let columns = variants.decode_columns;
+    if !(1..=4).contains(&columns) {
+        return Err(WgpuError::RequestDevice {
+            adapter: adapter.get_info().name,
+            reason: format!("decode columns per tile must be from 1 to 4, not {columns}"),
+        });
+    }
+    let chunks = variants.routing_chunks;
+    if !(chunks.is_power_of_two() && chunks <= 8) {
+        return Err(WgpuError::RequestDevice {
+            adapter: adapter.get_info().name,
+            reason: format!(
+                "routing chunks per invocation must be a power of two from 1 to 8, not {chunks}"
+            ),
         });
     }
     let wanted =

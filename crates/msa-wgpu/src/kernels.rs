@@ -21,10 +21,12 @@ pub enum Family {
     Routing,
     TopK,
     Probe,
+    /// Compiled only on devices with `shader-f16`.
+    ProbeF16,
 }
 
 impl Family {
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 11] = [
         Family::Gather,
         Family::Matmul,
         Family::Norm,
@@ -35,6 +37,7 @@ impl Family {
         Family::Routing,
         Family::TopK,
         Family::Probe,
+        Family::ProbeF16,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -49,6 +52,7 @@ impl Family {
             Family::Routing => "routing.wgsl",
             Family::TopK => "topk.wgsl",
             Family::Probe => "probe.wgsl",
+            Family::ProbeF16 => "probe_f16.wgsl",
         }
     }
 
@@ -64,12 +68,24 @@ impl Family {
             Family::Routing => include_str!("../../../shaders/routing.wgsl"),
             Family::TopK => include_str!("../../../shaders/topk.wgsl"),
             Family::Probe => include_str!("../../../shaders/probe.wgsl"),
+            Family::ProbeF16 => include_str!("../../../shaders/probe_f16.wgsl"),
         }
     }
 
-    /// The complete WGSL the device compiles: the shared helpers, then the family.
+    /// Whether the family uses f16 arithmetic (the `shader-f16` feature).
+    pub fn needs_f16(self) -> bool {
+        self == Family::ProbeF16
+    }
+
+    /// The complete WGSL the device compiles: the extensions it enables, the shared helpers, then
+    /// the family.
     pub fn source(self) -> String {
-        format!("{COMMON}\n{}", self.body())
+        let enables = if self.needs_f16() {
+            "enable f16;\n"
+        } else {
+            ""
+        };
+        format!("{enables}{COMMON}\n{}", self.body())
     }
 }
 

@@ -1,5 +1,5 @@
 //! The adapter's roofline: buffer-copy bandwidth, a bandwidth-bound read kernel and the peak f32 FMA
-//! rate, each timed as recorded work plus one wait for the device (device time on a GPU; on a CPU
+//! rate (and the f16 rate on devices with `shader-f16`), each timed as recorded work plus one wait for the device (device time on a GPU; on a CPU
 //! adapter such as lavapipe, the machine's). Kernel benchmarks print their figures as fractions of
 //! these, measured in the same run, so a figure reads the same on lavapipe, a browser or an H100.
 
@@ -32,16 +32,19 @@ pub enum Probe {
     Read,
     /// Independent f32 vec4 FMA chains: FLOPs (an FMA is 2).
     FmaF32,
+    /// The same in f16, on devices with `shader-f16`.
+    FmaF16,
 }
 
 impl Probe {
-    pub const ALL: [Probe; 3] = [Probe::Copy, Probe::Read, Probe::FmaF32];
+    pub const ALL: [Probe; 4] = [Probe::Copy, Probe::Read, Probe::FmaF32, Probe::FmaF16];
 
     pub fn name(self) -> &'static str {
         match self {
             Probe::Copy => "buffer copy",
             Probe::Read => "read kernel",
             Probe::FmaF32 => "f32 FMA",
+            Probe::FmaF16 => "f16 FMA",
         }
     }
 }
@@ -55,6 +58,8 @@ pub struct Roofline {
     pub read_bytes_per_s: f64,
     /// f32 FMA rate in FLOPs per second: the ceiling of a compute-bound kernel.
     pub f32_flops_per_s: f64,
+    /// f16 FMA rate in FLOPs per second; `None` where the device has no `shader-f16`.
+    pub f16_flops_per_s: Option<f64>,
 }
 
 /// The probes' buffers on one device.
@@ -86,35 +91,68 @@ impl RooflineProbe {
         match probe {
             Probe::Copy => 2.0 * self.bytes as f64,
             Probe::Read => self.bytes as f64,
-            Probe::FmaF32 => 32.0 * f64::from(FMA_INVOCATIONS) * f64::from(FMA_ITERATIONS),
+            Probe::FmaF32 | Probe::FmaF16 => {
+                32.0 * f64::from(FMA_INVOCATIONS) * f64::from(FMA_ITERATIONS)
+            }
         }
     }
 
-    /// Records one run of `probe` (submitted with the next wait).
+    /// Whether the device can run `probe` (the f16 probe needs `shader-f16`).
+    pub fn supports(&self, probe: Probe) -> bool {
+        probe != Probe::FmaF16 || self.gpu.ctx.caps.shader_f16
+    }
+
+    /// Records one run of `probe` (submitted with the next wait). A probe the device cannot run
+    /// is an error naming the missing feature.
     pub fn record(&self, probe: Probe) -> Result<()> {
         let ctx = &self.gpu.ctx;
+        if !self.supports(probe) {
+            return Err(msa_engine::Error::Device {
+                backend: "wgpu".into(),
+                message: format!(
+                    "the {} probe needs shader-f16, which `{}` does not offer",
+                    probe.name(),
+                    ctx.info.name
+                ),
+            });
+        }
         let words = (self.bytes / 16) as u32;
         let sink = bind(2, &self.sink);
-        let dispatch = |entry: &'static str, invocations: u32, iterations: u32, bindings| {
-            ctx.dispatch(
-                &Kernel::new(Family::Probe, entry),
-                &[words, iterations, invocations],
-                bindings,
-                invocations.div_ceil(WG) as usize,
-            )
-        };
+        let dispatch =
+            |family, entry: &'static str, invocations: u32, iterations: u32, bindings| {
+                ctx.dispatch(
+                    &Kernel::new(family, entry),
+                    &[words, iterations, invocations],
+                    bindings,
+                    invocations.div_ceil(WG) as usize,
+                )
+            };
         match probe {
             Probe::Copy => {
                 ctx.copy(&self.src, 0, &self.dst, 0, self.bytes);
                 Ok(())
             }
             Probe::Read => dispatch(
+                Family::Probe,
                 "read_rate",
                 (u64::from(words) / WORDS_PER_INVOCATION).max(1) as u32,
                 0,
                 &[bind(1, &self.src), sink],
             ),
-            Probe::FmaF32 => dispatch("fma_rate", FMA_INVOCATIONS, FMA_ITERATIONS, &[sink]),
+            Probe::FmaF32 => dispatch(
+                Family::Probe,
+                "fma_rate",
+                FMA_INVOCATIONS,
+                FMA_ITERATIONS,
+                &[sink],
+            ),
+            Probe::FmaF16 => dispatch(
+                Family::ProbeF16,
+                "fma_rate_f16",
+                FMA_INVOCATIONS,
+                FMA_ITERATIONS,
+                &[sink],
+            ),
         }
     }
 
@@ -143,17 +181,18 @@ impl RooflineProbe {
         Ok(start.elapsed())
     }
 
-    /// Every probe, measured now.
+    /// Every probe the device supports, measured now.
     pub async fn measure(&self) -> Result<Roofline> {
-        let mut rates = [0.0; 3];
-        for (rate, probe) in rates.iter_mut().zip(Probe::ALL) {
-            *rate = self.work(probe) / self.seconds(probe).await?;
-        }
-        let [copy_bytes_per_s, read_bytes_per_s, f32_flops_per_s] = rates;
+        let rate =
+            async |probe| Ok::<_, msa_engine::Error>(self.work(probe) / self.seconds(probe).await?);
         Ok(Roofline {
-            copy_bytes_per_s,
-            read_bytes_per_s,
-            f32_flops_per_s,
+            copy_bytes_per_s: rate(Probe::Copy).await?,
+            read_bytes_per_s: rate(Probe::Read).await?,
+            f32_flops_per_s: rate(Probe::FmaF32).await?,
+            f16_flops_per_s: match self.supports(Probe::FmaF16) {
+                true => Some(rate(Probe::FmaF16).await?),
+                false => None,
+            },
         })
     }
 }

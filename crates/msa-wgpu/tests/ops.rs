@@ -38,15 +38,26 @@ fn matmul_matches_for_every_dtype_and_odd_sizes() {
     conformance::check_matmul(&gpu, &Tolerances::EXACT_F32);
 }
 
-/// Every projection variant the adapter table can choose, whatever this adapter would get: tiles shared
-/// by 64 invocations (GPUs) and by 32 (two tiles per workgroup), reduced in workgroup memory, against
-/// the CPU reference; plainly and with weights split into buffers and windows.
+/// Kernel variants the adapter table can choose, whatever this adapter would get, against the CPU
+/// reference: the GPU row (projection tiles shared by 64 invocations and reduced in workgroup memory,
+/// one decode column per tile, one routing chunk per invocation) and odd ones (32 invocations: two
+/// tiles per workgroup; 3 decode columns; 2 routing chunks); projections also with weights split into
+/// buffers and windows. The CPU row is what lavapipe runs in every other test.
 #[test]
-fn every_projection_variant_matches() {
-    for split in [64, 32] {
-        let chosen = Variants {
-            matmul_split: split,
-        };
+fn every_kernel_variant_matches() {
+    let rows = [
+        Variants {
+            matmul_split: 64,
+            decode_columns: 1,
+            routing_chunks: 1,
+        },
+        Variants {
+            matmul_split: 32,
+            decode_columns: 3,
+            routing_chunks: 2,
+        },
+    ];
+    for chosen in rows {
         let variants = Some(chosen);
         let Some(gpu) = gpu_with(DeviceOptions {
             variants,
@@ -57,6 +68,7 @@ fn every_projection_variant_matches() {
         assert_eq!(gpu.capabilities().variants, chosen);
         conformance::check_matmul(&gpu, &Tolerances::EXACT_F32);
         conformance::check_fused_ops(&gpu, &Tolerances::EXACT_F32);
+        conformance::check_routing_scores(&gpu, &Tolerances::EXACT_F32);
         let small = gpu_with(DeviceOptions {
             max_binding_bytes: Some(4096),
             max_buffer_bytes: Some(8192),
@@ -66,14 +78,43 @@ fn every_projection_variant_matches() {
         .expect("the adapter opened once");
         conformance::check_fused_projections(&small, &Tolerances::EXACT_F32);
     }
-    // A split the kernel cannot take is refused when the device opens.
-    let refused = pollster::block_on(WgpuBackend::new(DeviceOptions {
-        variants: Some(Variants { matmul_split: 48 }),
-        ..DeviceOptions::from_env()
-    }));
-    match refused {
-        Err(e) => assert!(e.to_string().contains("power of two from 1 to 64"), "{e}"),
-        Ok(_) => panic!("a projection split of 48 was accepted"),
+    // Variants the kernels cannot take are refused when the device opens.
+    let table = Variants {
+        matmul_split: 1,
+        decode_columns: 4,
+        routing_chunks: 8,
+    };
+    for (variants, message) in [
+        (
+            Variants {
+                matmul_split: 48,
+                ..table
+            },
+            "power of two from 1 to 64",
+        ),
+        (
+            Variants {
+                decode_columns: 5,
+                ..table
+            },
+            "decode columns per tile must be from 1 to 4",
+        ),
+        (
+            Variants {
+                routing_chunks: 3,
+                ..table
+            },
+            "power of two from 1 to 8",
+        ),
+    ] {
+        let refused = pollster::block_on(WgpuBackend::new(DeviceOptions {
+            variants: Some(variants),
+            ..DeviceOptions::from_env()
+        }));
+        match refused {
+            Err(e) => assert!(e.to_string().contains(message), "{e}"),
+            Ok(_) => panic!("{variants:?} was accepted"),
+        }
     }
 }
 

@@ -4,22 +4,37 @@
 use msa_wgpu::kernels::Family;
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 
-fn validate(name: &str, source: &str) -> Result<naga::valid::ModuleInfo, String> {
+fn validate(
+    name: &str,
+    source: &str,
+    capabilities: Capabilities,
+) -> Result<naga::valid::ModuleInfo, String> {
     let module = naga::front::wgsl::parse_str(source)
         .map_err(|e| e.emit_to_string_with_path(source, name))?;
-    // No optional capability: the kernels must run on every WebGPU adapter (no f16, no subgroups).
-    Validator::new(ValidationFlags::all(), Capabilities::empty())
+    Validator::new(ValidationFlags::all(), capabilities)
         .validate(&module)
         .map_err(|e| e.emit_to_string_with_path(source, name))
 }
 
+/// No optional capability: the kernels must run on every WebGPU adapter (no f16, no subgroups). The
+/// f16 probe alone needs `shader-f16` (it runs only where the device has it).
 #[test]
 fn every_kernel_family_validates_with_naga() {
     let failures: Vec<String> = Family::ALL
         .iter()
-        .filter_map(|family| validate(family.file_name(), &family.source()).err())
+        .filter_map(|family| {
+            let capabilities = if family.needs_f16() {
+                Capabilities::SHADER_FLOAT16
+            } else {
+                Capabilities::empty()
+            };
+            validate(family.file_name(), &family.source(), capabilities).err()
+        })
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Without the capability the f16 family is refused: it must stay behind the feature.
+    let f16 = Family::ProbeF16;
+    assert!(validate(f16.file_name(), &f16.source(), Capabilities::empty()).is_err());
 }
 
 #[test]
@@ -43,7 +58,12 @@ fn families_are_the_shader_files_plus_the_shared_helpers() {
     let common = std::fs::read_to_string(dir.join("common.wgsl")).unwrap();
     for family in Family::ALL {
         let body = std::fs::read_to_string(dir.join(family.file_name())).unwrap();
-        assert_eq!(family.source(), format!("{common}\n{body}"));
+        let enables = if family.needs_f16() {
+            "enable f16;\n"
+        } else {
+            ""
+        };
+        assert_eq!(family.source(), format!("{enables}{common}\n{body}"));
     }
 }
 
@@ -52,6 +72,6 @@ fn a_broken_shader_is_reported_with_its_location() {
     let broken = Family::Matmul
         .source()
         .replace("acc[c][r] += ", "acc[c][r] += 1u + ");
-    let err = validate("matmul.wgsl", &broken).unwrap_err();
+    let err = validate("matmul.wgsl", &broken, Capabilities::empty()).unwrap_err();
     assert!(err.contains("matmul.wgsl"), "{err}");
 }

@@ -102,12 +102,15 @@ impl Op {
         matches!(self, Op::MlpIn { .. } | Op::DownResidual { .. })
     }
 
-    /// Whether the op is a projection, whose kernel variant the adapter table chooses; the other
-    /// variant is then timed beside it.
-    fn projects(self) -> bool {
+    /// Whether the adapter table chooses the op's kernel variant (projections, the routing scan);
+    /// the other variant is then timed beside it.
+    fn has_variants(self) -> bool {
         matches!(
             self,
-            Op::GateProj { .. } | Op::MlpIn { .. } | Op::DownResidual { .. }
+            Op::RoutingScan { .. }
+                | Op::GateProj { .. }
+                | Op::MlpIn { .. }
+                | Op::DownResidual { .. }
         )
     }
 }
@@ -288,10 +291,12 @@ fn time<B: Backend, T>(b: &B, mut op: impl FnMut() -> Result<T>) -> Result<(f64,
         pollster::block_on(b.synchronize())?;
         Ok((start.elapsed(), out))
     };
-    // The first call warms up (pipelines, first touch); when it is long, it is the measurement.
-    let (first, out) = timed(1)?;
+    // The first call warms up (pipeline compilation, first touch); when it is long, the second is
+    // the measurement.
+    let (first, _) = timed(1)?;
     if first >= 4 * MIN_TIMING {
-        return Ok((first.as_secs_f64(), out));
+        let (second, out) = timed(1)?;
+        return Ok((second.as_secs_f64(), out));
     }
     let mut runs = 1;
     loop {
@@ -426,6 +431,13 @@ pub fn probe(gpu: &WgpuBackend) -> Result<Roofline> {
         ),
         (Probe::Read, rate(roofline.read_bytes_per_s, "B")),
         (Probe::FmaF32, rate(roofline.f32_flops_per_s, "FLOP")),
+        (
+            Probe::FmaF16,
+            roofline.f16_flops_per_s.map_or_else(
+                || "- (no shader-f16 on this adapter)".to_string(),
+                |f16| rate(f16, "FLOP"),
+            ),
+        ),
     ] {
         println!("  {:<12} {figure}", probe.name());
     }
@@ -437,6 +449,7 @@ pub fn roofline_json(r: &Roofline) -> Value {
         "copy_bytes_per_s": r.copy_bytes_per_s,
         "read_bytes_per_s": r.read_bytes_per_s,
         "f32_flops_per_s": r.f32_flops_per_s,
+        "f16_flops_per_s": r.f16_flops_per_s,
     })
 }
 
@@ -477,7 +490,7 @@ pub fn compare(
         } else {
             None
         };
-        let other_s = if case.op.projects() {
+        let other_s = if case.op.has_variants() {
             Some(run_op(other, shapes, &inputs, case.op, false)?.0)
         } else {
             None
@@ -539,8 +552,8 @@ pub fn compare(
         }));
     }
     println!(
-        "\nnaive: a fused op run as its separate ops on wgpu; other var: a projection with the kernel \
-         variant this adapter's table does not choose; vs CPU: CPU time over wgpu time; of roof: \
+        "\nnaive: a fused op run as its separate ops on wgpu; other var: the op with the kernel \
+         variants this adapter's table does not choose; vs CPU: CPU time over wgpu time; of roof: \
          the roofline time (bytes / read bandwidth or FLOPs / FMA rate, whichever is longer) over the \
          measured time; max diff: largest |wgpu - CPU| of the outputs."
     );

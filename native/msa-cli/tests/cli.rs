@@ -633,6 +633,9 @@ fn bench_probes_the_adapter_and_compares_kernels_with_the_cpu_reference() {
             "{report:#}"
         );
     }
+    // The f16 rate where the adapter has shader-f16 (lavapipe does), null where it has not.
+    let f16 = &report["roofline"]["f16_flops_per_s"];
+    assert!(f16.is_null() || f16.as_f64().unwrap() > 0.0, "{report:#}");
 
     // Every kernel at the tiny shape over a small memory (31 whole documents): wgpu and the CPU
     // reference agree.
