@@ -52,10 +52,14 @@ fn prefill_submits_once_per_router_layer_and_decode_once_per_token() {
     );
     let per_token = decode.dispatches / steps;
     // Per layer: q, k and v projections with the input norm fused in, per-head norm + RoPE for q and k,
-    // attention (one split over this short context), o_proj + residual, norm + gate/up + SwiGLU,
-    // down_proj + residual; then the embedding, the final norm, the LM head and the argmax.
+    // attention, o_proj + residual, norm + gate/up + SwiGLU, down_proj + residual; then the embedding,
+    // the final norm, the LM head and the argmax. Attention over more than one tile of keys (64) is
+    // split, and its splits merged by one more dispatch: at most one per layer.
     let layers = model.config.num_hidden_layers as u64;
-    assert_eq!(decode.dispatches, steps * (9 * layers + 4), "{decode:?}");
+    assert!(
+        (steps * (9 * layers + 4)..=steps * (10 * layers + 4)).contains(&decode.dispatches),
+        "{decode:?}"
+    );
     eprintln!(
         "{}: {per_token} dispatches, 1 submit, 8 bytes read back per decoded token",
         gpu.describe()

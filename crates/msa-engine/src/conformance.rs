@@ -478,8 +478,8 @@ pub fn check_rope<B: Backend>(backend: &B, tol: &Tolerances) {
     }
 }
 
-/// `attention` with causal, full and packed masks: prefill, a KV prefix and long decodes, GQA groups 1,
-/// 2, 4 and 1 (MHA), head dims 16, 128 and 256.
+/// `attention` with causal, full and packed masks: prefill, a KV prefix and long decodes, GQA groups 1
+/// (MHA), 2, 4, 6 and 8, head dims 16, 40, 72, 128 and 256.
 pub fn check_attention<B: Backend>(backend: &B, tol: &Tolerances) {
     let p = Pair::new(backend);
     let mut rng = StdRng::seed_from_u64(5);
@@ -498,6 +498,9 @@ pub fn check_attention<B: Backend>(backend: &B, tol: &Tolerances) {
         (3, 1000, 4, 2, 16),
         // The largest head dim.
         (2, 513, 8, 8, 256),
+        // Groups 8 and 6 (a backend may take part of a group per workgroup), odd head dims.
+        (5, 300, 16, 2, 40),
+        (3, 200, 6, 1, 72),
     ];
     for (nq, nk, heads, kv_heads, d) in cases {
         let q = random(&mut rng, nq * heads * d);

@@ -22,9 +22,12 @@ const TOP_K_BLOCK: usize = 1024;
 const MAX_DEVICE_K: usize = 256;
 /// Largest head dim of the attention kernel (WG × DIMS in attention.wgsl).
 const MAX_HEAD_DIM: usize = 256;
-/// Keys per split of split-KV attention; splits are used when rows × heads alone are few.
-const KEYS_PER_SPLIT: usize = 256;
+/// Split-KV attention: when rows × head groups give fewer workgroups than this, the keys are split
+/// (a split at least one tile of keys) until they do, up to `MAX_SPLITS`.
+const ATTENTION_WORKGROUPS: usize = 256;
 const MAX_SPLITS: usize = 32;
+/// Query heads sharing a KV head that one attention workgroup takes at once (`GROUP`, at most).
+const MAX_ATTENTION_GROUP: usize = 4;
 const INVALID_INDEX: u32 = u32::MAX;
 
 /// An f32 tensor in a device buffer; clones share the buffer.
@@ -831,12 +834,18 @@ impl Backend for WgpuBackend {
         if nq == 0 {
             return Ok(out);
         }
-        // Split the keys when rows × heads alone leave the device idle (decode).
-        let splits = if nq * heads < 256 {
-            nk.div_ceil(KEYS_PER_SPLIT).clamp(1, MAX_SPLITS)
-        } else {
-            1
-        };
+        // A workgroup takes the largest power of two of query heads (up to 4) that divides a KV
+        // head's group, reading each key and value once for all of them.
+        let group = 1
+            << (heads / kv_heads)
+                .trailing_zeros()
+                .min(MAX_ATTENTION_GROUP.ilog2());
+        let head_groups = heads / group;
+        // Split the keys when rows × head groups alone leave the device idle (decode).
+        let splits = ATTENTION_WORKGROUPS
+            .div_ceil(nq * head_groups)
+            .clamp(1, MAX_SPLITS)
+            .min(nk.div_ceil(LANES));
         let split_len = nk.div_ceil(splits).next_multiple_of(LANES);
         let splits = nk.div_ceil(split_len);
         let params = [
@@ -861,7 +870,8 @@ impl Backend for WgpuBackend {
             }
             _ => self.ctx.placeholder.clone(),
         };
-        let workgroups = nq * heads * splits;
+        let workgroups = nq * head_groups * splits;
+        let partials = nq * heads * splits;
         // One split writes the output directly (its `stats` binding unused: any small buffer); several
         // write partial accumulators and (m, l) for `combine`.
         let (target, stats) = if splits == 1 {
@@ -872,13 +882,14 @@ impl Backend for WgpuBackend {
         } else {
             (
                 self.ctx
-                    .storage((workgroups * d * 4) as u64, "attention partial")?,
-                self.ctx
-                    .storage((workgroups * 8) as u64, "attention stats")?,
+                    .storage((partials * d * 4) as u64, "attention partial")?,
+                self.ctx.storage((partials * 8) as u64, "attention stats")?,
             )
         };
         self.ctx.dispatch(
-            &Kernel::new(Family::Attention, "attend"),
+            &Kernel::new(Family::Attention, "attend")
+                .with("GROUP", group as u32)
+                .with("DIMS", d.div_ceil(LANES) as u32),
             &params,
             &[
                 bind(1, &q.buffer),
