@@ -1,13 +1,21 @@
 // y = x · Wᵀ for x [n, inner] f32 and a packed weight W [out, inner] (f32 / bf16 / f16, widened exactly),
-// f32 accumulation. One invocation per block of COLS output columns × ROWS rows of x (register tiling):
-// each weight word it loads serves ROWS rows and each x value COLS columns. No workgroup barriers,
-// which software adapters (lavapipe, SwiftShader) execute very slowly.
-// Decode (one token) uses ROWS = COLS = 1: a GEMV with one invocation per column, as many as possible in
-// flight; a block (prefill) uses COLS = 4 and ROWS = 2. Larger tiles are slower: at 16 accumulators per
-// array lavapipe keeps them in memory instead of registers (measured with `msa bench --kernels`).
+// f32 accumulation. Two entry points share the specialisations below:
+//
+// `matmul`: one invocation per block of COLS output columns × ROWS rows of x (register tiling): each
+// weight word it loads serves ROWS rows and each x value COLS columns. No workgroup barriers, which
+// software adapters (lavapipe, SwiftShader) execute very slowly. Where every weight row starts on a
+// 16-byte word (`vectors`), weights, x and norm weights are read as vec4s (8 packed halves or 4 f32 per
+// weight load), else one element at a time. Decode (one token) uses ROWS = 1 and the adapter's decode
+// columns: 1 on GPUs (a GEMV with one tile per column, as many as possible in flight), 4 on CPU adapters,
+// where an x value loaded once then serves 4 weight rows. A block (prefill) uses COLS = 4 and ROWS = 2.
+// Larger tiles are slower there: at 16 accumulators per array lavapipe keeps them in memory instead of
+// registers (measured with `msa bench --kernels`).
 // SPLIT (chosen per adapter, see `Variants`) is how many invocations share one tile: 1 on software
 // adapters (no barriers); 64 on GPUs, where the whole workgroup strides over `inner` together, so
 // consecutive invocations read consecutive weight words, and the partial sums meet in workgroup memory.
+//
+// `matmul_tiled` (further below): the workgroup-tiled GEMM for blocks of rows on GPUs.
+//
 // The weight may be a window of a larger buffer: this dispatch covers columns [col_start, col_start + cols).
 //
 // Specialisations fuse the bandwidth-bound ops around a projection into its one pass over the weights,
@@ -222,22 +230,155 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         if row >= p.n {
             continue;
         }
-        var inv = 1.0;
-        if NORM == 1u {
-            inv = 1.0 / sqrt(squares[r] / f32(p.inner) + p.eps);
-        }
+        let inv = inverse_rms(squares[r]);
         for (var c = 0u; c < COLS; c++) {
-            let col = col0 + c;
-            if col >= p.cols {
-                continue;
+            store(row, col0 + c, acc[c][r] * inv, acc2[c][r] * inv);
+        }
+    }
+}
+
+// 1 / sqrt(mean(x²) + eps) of a row from its sum of squares under NORM, 1 otherwise.
+fn inverse_rms(squares: f32) -> f32 {
+    if NORM == 1u {
+        return 1.0 / sqrt(squares / f32(p.inner) + p.eps);
+    }
+    return 1.0;
+}
+
+// Writes output (row, col) of this dispatch from x · Wᵀ (`gate`) and, under EPILOGUE 2, x · Uᵀ (`up`),
+// both already normalised; columns past `cols` are not stored.
+fn store(row: u32, col: u32, gate: f32, up: f32) {
+    if col >= p.cols {
+        return;
+    }
+    let out = row * p.out_features + p.col_start + col;
+    switch EPILOGUE {
+        case 1u: { y[out] = residual[out] + gate; }
+        case 2u: { y[out] = silu(gate) * up; }
+        default: { y[out] = gate; }
+    }
+}
+
+// `matmul_tiled`, for blocks of rows on GPUs (`Variants::matmul_tiles`): the classic workgroup-tiled
+// GEMM. A workgroup computes TILE rows × TILE columns; for each step of TILE along `inner` it loads the
+// x block and the weight block (widened to f32, U's too under EPILOGUE 2) into workgroup memory, once
+// for the whole workgroup, and each invocation accumulates a 4 × 4 sub-block from there: each value
+// loaded from memory serves TILE / 4 × 4 FMAs instead of ROWS or COLS. Needs inner a multiple of
+// TILE and every weight row on a 16-byte word (`vectors`).
+const TILE: u32 = 32u;
+var<workgroup> x_tile: array<f32, 1024>;    // [TILE k][TILE rows], scaled by g under NORM
+var<workgroup> w_tile: array<f32, 1024>;    // [TILE k][TILE columns]
+var<workgroup> u_tile: array<f32, 1024>;    // EPILOGUE 2
+
+@compute @workgroup_size(64)
+fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+                @builtin(local_invocation_index) lane: u32) {
+    let block = flat_workgroup(wg, groups);
+    if block >= p.col_blocks * p.row_blocks { return; }
+    let col0 = (block % p.col_blocks) * TILE;
+    let row0 = (block / p.col_blocks) * TILE;
+    // This invocation's outputs: rows ty + 8r and columns tx + 8c of the block (r, c < 4), so the
+    // invocations of a row of 8 read consecutive columns of w_tile.
+    let tx = lane % 8u;
+    let ty = lane / 8u;
+    // What it loads: the x quad `lane % 8` of rows lane / 8 + 8i (i < 4), every step; its squares
+    // accumulate per row across steps.
+    var squares: array<f32, 4>;
+    var acc: array<f32, 16>;    // [c][r]
+    var acc2: array<f32, 16>;   // EPILOGUE 2
+    let pv = per_vector();
+    let words_per_row = TILE / pv;
+    for (var k0 = 0u; k0 < p.inner; k0 += TILE) {
+        let quad = lane % 8u;
+        var g4 = vec4<f32>(1.0);
+        if NORM == 1u {
+            let e = k0 + quad * 4u;
+            g4 = widen4(g[e / pv], (e % pv) / 4u);
+        }
+        for (var i = 0u; i < 4u; i++) {
+            let r = lane / 8u + 8u * i;
+            let row = min(row0 + r, p.n - 1u);
+            let xv = x[(row * p.inner + k0) / 4u + quad];
+            if NORM == 1u {
+                squares[i] += dot(xv, xv);
             }
-            let gate = acc[c][r] * inv;
-            let out = row * p.out_features + p.col_start + col;
-            switch EPILOGUE {
-                case 1u: { y[out] = residual[out] + gate; }
-                case 2u: { y[out] = silu(gate) * (acc2[c][r] * inv); }
-                default: { y[out] = gate; }
+            let scaled = xv * g4;
+            for (var t = 0u; t < 4u; t++) {
+                x_tile[(quad * 4u + t) * TILE + r] = scaled[t];
             }
+        }
+        for (var e = lane; e < TILE * words_per_row; e += 64u) {
+            let c = e / words_per_row;
+            let part = e % words_per_row;
+            let index = (p.w_base + min(col0 + c, p.cols - 1u) * p.inner + k0) / pv + part;
+            let k = part * pv;
+            let word = w[index];
+            let lo = widen4(word, 0u);
+            let hi = widen4(word, 1u);
+            var u_lo = vec4<f32>(0.0);
+            var u_hi = vec4<f32>(0.0);
+            if EPILOGUE == 2u {
+                let word2 = w2[index];
+                u_lo = widen4(word2, 0u);
+                u_hi = widen4(word2, 1u);
+            }
+            for (var t = 0u; t < 4u; t++) {
+                w_tile[(k + t) * TILE + c] = lo[t];
+                if EPILOGUE == 2u {
+                    u_tile[(k + t) * TILE + c] = u_lo[t];
+                }
+                if DTYPE != 0u {
+                    w_tile[(k + 4u + t) * TILE + c] = hi[t];
+                    if EPILOGUE == 2u {
+                        u_tile[(k + 4u + t) * TILE + c] = u_hi[t];
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+        for (var k = 0u; k < TILE; k++) {
+            var xr: array<f32, 4>;
+            for (var r = 0u; r < 4u; r++) {
+                xr[r] = x_tile[k * TILE + ty + 8u * r];
+            }
+            for (var c = 0u; c < 4u; c++) {
+                let wk = w_tile[k * TILE + tx + 8u * c];
+                var uk = 0.0;
+                if EPILOGUE == 2u {
+                    uk = u_tile[k * TILE + tx + 8u * c];
+                }
+                for (var r = 0u; r < 4u; r++) {
+                    acc[c * 4u + r] += xr[r] * wk;
+                    if EPILOGUE == 2u {
+                        acc2[c * 4u + r] += xr[r] * uk;
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    // Each row's sum of squares is spread over the 8 invocations that loaded its quads: meet in
+    // x_tile (free after the last barrier) as [row][quad].
+    if NORM == 1u {
+        for (var i = 0u; i < 4u; i++) {
+            x_tile[(lane / 8u + 8u * i) * 8u + lane % 8u] = squares[i];
+        }
+        workgroupBarrier();
+    }
+    for (var r = 0u; r < 4u; r++) {
+        let row = ty + 8u * r;
+        if row0 + row >= p.n {
+            continue;
+        }
+        var sum = 0.0;
+        if NORM == 1u {
+            for (var q = 0u; q < 8u; q++) {
+                sum += x_tile[row * 8u + q];
+            }
+        }
+        let inv = inverse_rms(sum);
+        for (var c = 0u; c < 4u; c++) {
+            store(row0 + row, col0 + tx + 8u * c, acc[c * 4u + r] * inv, acc2[c * 4u + r] * inv);
         }
     }
 }

@@ -341,6 +341,10 @@ pub fn check_matmul<B: Backend>(backend: &B, tol: &Tolerances) {
             (65, 130, 9),
             (63, 1, 3),
             (0, 8, 4),
+            // Several blocks of 32 rows and columns (with remainders) over an inner dimension of
+            // whole 32-element steps, for kernels that tile the GEMM.
+            (37, 96, 45),
+            (70, 256, 33),
         ] {
             let (bw, cw) = weight_pair(p.backend, &p.cpu, &mut rng, &[out, inner], dtype);
             let x = random(&mut rng, n * inner);
@@ -396,7 +400,13 @@ pub fn check_fused_projections<B: Backend>(backend: &B, tol: &Tolerances) {
 
 fn fused_projections<B: Backend>(p: &Pair<'_, B>, rng: &mut StdRng, tol: &Tolerances) {
     for dtype in DTYPES {
-        for (n, inner, out) in [(1, 45, 37), (3, 64, 33), (6, 1, 5), (1, 300, 129)] {
+        for (n, inner, out) in [
+            (1, 45, 37),
+            (3, 64, 33),
+            (6, 1, 5),
+            (1, 300, 129),
+            (10, 96, 40),
+        ] {
             let tol = tol.gemm(dtype, n);
             let x = random(rng, n * inner);
             let (bx, cx) = p.tensors(&x, &[n, inner]);

@@ -22,6 +22,9 @@ const TOP_K_BLOCK: usize = 1024;
 const MAX_DEVICE_K: usize = 256;
 /// Largest head dim of the attention kernel (WG × DIMS in attention.wgsl).
 const MAX_HEAD_DIM: usize = 256;
+/// Rows and columns of a block of the workgroup-tiled GEMM, and its step along `inner` (`TILE` in
+/// matmul.wgsl).
+const MATMUL_TILE: usize = 32;
 /// Split-KV attention: when rows × head groups give fewer workgroups than this, the keys are split
 /// (a split at least one tile of keys) until they do, up to `MAX_SPLITS`.
 const ATTENTION_WORKGROUPS: usize = 256;
@@ -497,7 +500,6 @@ impl WgpuBackend {
         } else {
             (4, 2)
         };
-        let row_blocks = n.div_ceil(row_tile);
         let (norm, epilogue, eps) = match fusion {
             Fusion::None => (0, 0, 0.0),
             Fusion::Add(_) => (0, 1, 0.0),
@@ -511,6 +513,10 @@ impl WgpuBackend {
             .with("NORM", norm)
             .with("EPILOGUE", epilogue)
             .with("SPLIT", split as u32);
+        let tiled_kernel = Kernel::new(Family::Matmul, "matmul_tiled")
+            .with("DTYPE", dtype_code(weight.dtype))
+            .with("NORM", norm)
+            .with("EPILOGUE", epilogue);
         let windows = self.part_windows(
             "matmul weight",
             &weight.parts,
@@ -539,7 +545,20 @@ impl WgpuBackend {
         };
         for (i, (buffer, window)) in windows.iter().enumerate() {
             let cols = window.rows.len();
-            let col_blocks = cols.div_ceil(col_tile);
+            let on_words = on_words(weight.dtype, inner, window.base);
+            // Blocks of rows take the workgroup-tiled GEMM where the adapter's table says so and
+            // the shape allows it (see matmul.wgsl).
+            let tiled =
+                variants.matmul_tiles && n > 1 && on_words && inner.is_multiple_of(MATMUL_TILE);
+            let (kernel, col_tile, row_tile) = match tiled {
+                true => (&tiled_kernel, MATMUL_TILE, MATMUL_TILE),
+                false => (&kernel, col_tile, row_tile),
+            };
+            let (col_blocks, row_blocks) = (cols.div_ceil(col_tile), n.div_ceil(row_tile));
+            let workgroups = match tiled {
+                true => col_blocks * row_blocks,
+                false => (col_blocks * row_blocks * split).div_ceil(LANES),
+            };
             let params = [
                 n as u32,
                 inner as u32,
@@ -551,7 +570,7 @@ impl WgpuBackend {
                 eps.to_bits(),
                 col_blocks as u32,
                 // Every weight row starts on a 16-byte word (and so does `up`'s, split alike).
-                u32::from(on_words(weight.dtype, inner, window.base)),
+                u32::from(on_words),
             ];
             let weight_window = bind(2, buffer).window(window.offset, window.size);
             let up = match &up_windows {
@@ -562,7 +581,7 @@ impl WgpuBackend {
                 None => bind(5, placeholder),
             };
             self.ctx.dispatch(
-                &kernel,
+                kernel,
                 &params,
                 &[
                     bind(1, &x.buffer),
@@ -572,7 +591,7 @@ impl WgpuBackend {
                     up,
                     bind(6, norm),
                 ],
-                (col_blocks * row_blocks * split).div_ceil(LANES),
+                workgroups,
             )?;
         }
         Ok(out)

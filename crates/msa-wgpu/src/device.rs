@@ -36,6 +36,9 @@ pub struct DeviceOptions {
 pub struct Variants {
     /// Invocations sharing one projection tile (`SPLIT` in matmul.wgsl): a power of two from 1 to 64.
     pub matmul_split: u32,
+    /// Blocks of rows (prefill, stage 1) take the workgroup-tiled GEMM (`matmul_tiled` in
+    /// matmul.wgsl) where their shape allows it.
+    pub matmul_tiles: bool,
     /// Output columns per tile of a one-token projection (decode; `COLS` in matmul.wgsl): 1 to 4.
     pub decode_columns: u32,
     /// Chunks each routing-scan invocation scores (`CHUNKS` in routing.wgsl): 1, 2, 4 or 8.
@@ -67,6 +70,7 @@ impl Variants {
         let gpu = matches!(info.device_type, DiscreteGpu | IntegratedGpu | VirtualGpu);
         Variants {
             matmul_split: if gpu { 64 } else { 1 },
+            matmul_tiles: gpu,
             decode_columns: if gpu { 1 } else { 4 },
             routing_chunks: if gpu { 1 } else { 8 },
         }
@@ -76,6 +80,7 @@ impl Variants {
     pub fn other(self) -> Self {
         Variants {
             matmul_split: if self.matmul_split == 1 { 64 } else { 1 },
+            matmul_tiles: !self.matmul_tiles,
             decode_columns: if self.decode_columns == 1 { 4 } else { 1 },
             routing_chunks: if self.routing_chunks == 1 { 8 } else { 1 },
         }
@@ -86,8 +91,13 @@ impl fmt::Display for Variants {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "projection split {}, {} decode column{} per tile, routing {} chunk{} per invocation",
+            "projection split {}{}, {} decode column{} per tile, routing {} chunk{} per invocation",
             self.matmul_split,
+            if self.matmul_tiles {
+                ", tiled GEMM"
+            } else {
+                ""
+            },
             self.decode_columns,
             if self.decode_columns == 1 { "" } else { "s" },
             self.routing_chunks,

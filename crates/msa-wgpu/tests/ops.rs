@@ -48,11 +48,13 @@ fn every_kernel_variant_matches() {
     let rows = [
         Variants {
             matmul_split: 64,
+            matmul_tiles: true,
             decode_columns: 1,
             routing_chunks: 1,
         },
         Variants {
             matmul_split: 32,
+            matmul_tiles: false,
             decode_columns: 3,
             routing_chunks: 2,
         },
@@ -81,6 +83,7 @@ fn every_kernel_variant_matches() {
     // Variants the kernels cannot take are refused when the device opens.
     let table = Variants {
         matmul_split: 1,
+        matmul_tiles: false,
         decode_columns: 4,
         routing_chunks: 8,
     };
