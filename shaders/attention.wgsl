@@ -10,7 +10,6 @@
 // accumulator and (m, l) of its key range per head, and `combine` merges the splits.
 
 const WG: u32 = 64u;
-const MAX_HEAD_DIM: u32 = 256u;
 
 override GROUP: u32 = 1u;   // query heads per workgroup: 1, 2 or 4, dividing heads / kv_heads
 override DIMS: u32 = 2u;    // output dims per invocation: ceil(d / WG), 1..=4
@@ -36,7 +35,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> stats: array<vec2<f32>>;   // (m, l) per (row, head, split)
 @group(0) @binding(9) var<storage, read> row_first: array<u32>;           // [nq] when packed, else unused
 
-var<workgroup> q_tile: array<f32, 1024>;   // [GROUP][d], scaled
+var<workgroup> q_tile: array<f32, 1024>;   // [GROUP][d], scaled: d <= 256
 var<workgroup> scores: array<f32, 512>;    // [2][GROUP][WG]: two tiles' scores, alternately
 
 // Per tile of WG keys: each invocation scores one key for the GROUP heads and writes the scores to

@@ -39,9 +39,9 @@ struct Params {
     col_start: u32,   // first output column of this dispatch
     out_features: u32,
     w_base: u32,      // element offset of column col_start's row inside the bound window (W and w2)
-    row_blocks: u32,  // ceil(n / ROWS)
+    row_blocks: u32,  // ceil(n / ROWS) (matmul), ceil(n / TILE) (matmul_tiled)
     eps: f32,         // NORM
-    col_blocks: u32,  // ceil(cols / COLS)
+    col_blocks: u32,  // ceil(cols / COLS) (matmul), ceil(cols / TILE) (matmul_tiled)
     vectors: u32,     // 1: inner and w_base are multiples of a 16-byte word's elements
 }
 
@@ -81,6 +81,17 @@ fn norm_weight(k: u32) -> f32 {
 // Per invocation: acc and acc2 ([column][row]) then the squares per row, when SPLIT > 1.
 const PARTIALS: u32 = 4u * 2u * 2u + 2u;
 var<workgroup> partial: array<f32, 1152>;   // [PARTIALS][64]
+
+// Whether this specialisation computes partial value v: acc[c][r] is v = 2c + r, acc2 8 + 2c + r (under
+// EPILOGUE 2), the squares of row r 16 + r (under NORM). A decode GEMV reduces 1 of the 18.
+fn used(v: u32) -> bool {
+    if v >= 16u {
+        return NORM == 1u && v - 16u < ROWS;
+    }
+    let c = (v % 8u) / 2u;
+    let r = v % 2u;
+    return c < COLS && r < ROWS && (v < 8u || EPILOGUE == 2u);
+}
 
 // Slot of partial value v of invocation `lane`.
 fn slot(v: u32, lane: u32) -> u32 {
@@ -207,7 +218,9 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         for (var s = SPLIT / 2u; s > 0u; s /= 2u) {
             if j < s {
                 for (var v = 0u; v < PARTIALS; v++) {
-                    partial[slot(v, lane)] += partial[slot(v, lane + s)];
+                    if used(v) {
+                        partial[slot(v, lane)] += partial[slot(v, lane + s)];
+                    }
                 }
             }
             workgroupBarrier();

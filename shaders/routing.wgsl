@@ -1,6 +1,6 @@
 // Routing scores (MSA-SPEC §3.3 a), fused: no [heads × tokens × chunks] tensor is ever written.
 //
-// `score_chunks`: one invocation per pooled chunk. The routing query q [tokens, heads, d] (already
+// `score_chunks`: CHUNKS pooled chunks per invocation (see `Variants`). The routing query q [tokens, heads, d] (already
 // L2-normalised per head in cosine mode) is scored against the chunk's routing keys [kv_heads, d]
 // (query head h reads KV head h / group), reduced over heads (mean or max), then over routing tokens
 // (max or mean). The keys are packed in their stored dtype (DTYPE: f32, bf16 or f16) and widened exactly.

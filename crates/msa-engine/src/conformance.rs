@@ -405,7 +405,7 @@ fn fused_projections<B: Backend>(p: &Pair<'_, B>, rng: &mut StdRng, tol: &Tolera
             (3, 64, 33),
             (6, 1, 5),
             (1, 300, 129),
-            (10, 96, 40),
+            (16, 64, 40),
         ] {
             let tol = tol.gemm(dtype, n);
             let x = random(rng, n * inner);

@@ -20,7 +20,7 @@ const LANES: usize = 64;
 const TOP_K_BLOCK: usize = 1024;
 /// Largest k selected on the device; larger selections sort on the host.
 const MAX_DEVICE_K: usize = 256;
-/// Largest head dim of the attention kernel (WG × DIMS in attention.wgsl).
+/// Largest head dim of the attention kernel (WG × DIMS, and GROUP × d in q_tile, in attention.wgsl).
 const MAX_HEAD_DIM: usize = 256;
 /// Rows and columns of a block of the workgroup-tiled GEMM, and its step along `inner` (`TILE` in
 /// matmul.wgsl).
@@ -547,9 +547,12 @@ impl WgpuBackend {
             let cols = window.rows.len();
             let on_words = on_words(weight.dtype, inner, window.base);
             // Blocks of rows take the workgroup-tiled GEMM where the adapter's table says so and
-            // the shape allows it (see matmul.wgsl).
-            let tiled =
-                variants.matmul_tiles && n > 1 && on_words && inner.is_multiple_of(MATMUL_TILE);
+            // the shape allows it (see matmul.wgsl); under half a tile of rows would waste most of
+            // each block.
+            let tiled = variants.matmul_tiles
+                && n >= MATMUL_TILE / 2
+                && on_words
+                && inner.is_multiple_of(MATMUL_TILE);
             let (kernel, col_tile, row_tile) = match tiled {
                 true => (&tiled_kernel, MATMUL_TILE, MATMUL_TILE),
                 false => (&kernel, col_tile, row_tile),
@@ -850,7 +853,7 @@ impl Backend for WgpuBackend {
         }
         self.fits(&[q, k, v], "attention")?;
         let out = self.tensor(nq * heads * d, vec![nq, heads, d], "attention")?;
-        if nq == 0 {
+        if nq == 0 || heads == 0 {
             return Ok(out);
         }
         // A workgroup takes the largest power of two of query heads (up to 4) that divides a KV

@@ -280,17 +280,19 @@ pub(crate) async fn open_device(
             adapter: info.name.clone(),
             reason: e.to_string(),
         })?;
-    let alignment = limits.min_storage_buffer_offset_alignment;
+    // Windows start on 16-byte words even where the adapter allows less (RADV: 4), so kernels can
+    // read every window as vec4s (both are powers of two).
+    let alignment = limits.min_storage_buffer_offset_alignment.max(16);
     let adapter_binding = limits.max_storage_buffer_binding_size;
-    // Buffers are padded to whole words, so a usable buffer size is a multiple of 4; and a binding
-    // never spans more than one buffer.
+    // Buffers are padded to whole 16-byte words, so a usable buffer size is a multiple of 16; and a
+    // binding never spans more than one buffer.
     let buffer = options
         .max_buffer_bytes
         .map_or(limits.max_buffer_size, |cap| {
             cap.min(limits.max_buffer_size)
         })
-        / 4
-        * 4;
+        / 16
+        * 16;
     let binding = options
         .max_binding_bytes
         .map_or(adapter_binding, |cap| cap.min(adapter_binding))
