@@ -508,3 +508,83 @@ pub fn rope_table(positions: &[u32], theta: f64, d: usize) -> Vec<[f32; 2]> {
         })
         .collect()
 }
+
+/// The last [`rope_table`] a device backend uploaded, kept under what it was computed from: a decode
+/// step rotates q and k of every layer at the same positions, so one upload serves the whole step.
+pub struct RopeTableCache<T> {
+    last: std::sync::Mutex<Option<(RopeKey, T)>>,
+}
+
+/// What a [`rope_table`] is computed from.
+#[derive(PartialEq)]
+struct RopeKey {
+    positions: Vec<u32>,
+    theta: u64,
+    d: usize,
+}
+
+impl<T> Default for RopeTableCache<T> {
+    fn default() -> Self {
+        RopeTableCache {
+            last: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<T: Clone> RopeTableCache<T> {
+    /// The table of (`positions`, `theta`, `d`): the cached one when it matches, else `upload`ed now
+    /// (from the `[positions, d / 2]` cos/sin pairs) and cached instead.
+    pub fn get(
+        &self,
+        positions: &[u32],
+        theta: f64,
+        d: usize,
+        upload: impl FnOnce(&[[f32; 2]]) -> Result<T>,
+    ) -> Result<T> {
+        let key = RopeKey {
+            positions: positions.to_vec(),
+            theta: theta.to_bits(),
+            d,
+        };
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((cached, table)) = last.as_ref()
+            && *cached == key
+        {
+            return Ok(table.clone());
+        }
+        let table = upload(&rope_table(positions, theta, d))?;
+        *last = Some((key, table.clone()));
+        Ok(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One upload per (positions, theta, d) in a row; any change uploads the new table.
+    #[test]
+    fn rope_table_cache_uploads_once_per_position_list() {
+        let cache = RopeTableCache::default();
+        let uploads = std::cell::Cell::new(0);
+        let get = |positions: &[u32], theta: f64, d: usize| {
+            cache
+                .get(positions, theta, d, |table| {
+                    uploads.set(uploads.get() + 1);
+                    Ok(table.to_vec())
+                })
+                .unwrap()
+        };
+        let first = get(&[7], 1e6, 8);
+        assert_eq!(first, rope_table(&[7], 1e6, 8));
+        assert_eq!(get(&[7], 1e6, 8), first);
+        assert_eq!(uploads.get(), 1);
+        for (positions, theta, d) in [(&[8][..], 1e6, 8), (&[8], 1e4, 8), (&[8], 1e4, 16)] {
+            assert_eq!(get(positions, theta, d), rope_table(positions, theta, d));
+        }
+        assert_eq!(uploads.get(), 4);
+    }
+}

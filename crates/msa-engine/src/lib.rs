@@ -27,7 +27,7 @@ pub mod shapes;
 pub use backend::{AttentionMask, Backend, RoutingSpec, Scored};
 #[cfg(not(target_arch = "wasm32"))]
 pub use bank::{BankEncodeOptions, BankEncodeReport, SourceDocument};
-pub use cpu::{CpuBackend, CpuTensor, rope_table, select_top_k};
+pub use cpu::{CpuBackend, CpuTensor, RopeTableCache, rope_table, select_top_k};
 pub use error::{Error, Result};
 pub use interleave::{
     InterleaveEvent, InterleaveFinish, InterleaveOptions, InterleaveOutcome, Phase, RetrievalEnd,

@@ -2,12 +2,12 @@
 
 use std::future::Future;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
 use msa_engine::backend::{AttentionMask, Backend, RoutingSpec, Scored};
 use msa_engine::shapes::{self, AttentionDims, RoutingDims};
-use msa_engine::{Error, Result, rope_table, select_top_k};
+use msa_engine::{Error, Result, RopeTableCache, select_top_k};
 
 use crate::context::{ExecutionStats, GpuContext, Window, bind};
 use crate::device::{self, Capabilities, DeviceOptions};
@@ -98,19 +98,11 @@ fn dtype_code(dtype: DType) -> u32 {
     }
 }
 
-/// The cos/sin table of the last position list (shared by q and k of every layer of a forward).
-struct RopeTable {
-    positions: Vec<u32>,
-    theta: u64,
-    d: usize,
-    buffer: wgpu::Buffer,
-}
-
 /// The wgpu backend. Cheap to clone; clones share the device.
 #[derive(Clone)]
 pub struct WgpuBackend {
     pub(crate) ctx: Arc<GpuContext>,
-    rope: Arc<Mutex<Option<RopeTable>>>,
+    rope: Arc<RopeTableCache<wgpu::Buffer>>,
 }
 
 impl WgpuBackend {
@@ -306,25 +298,10 @@ impl WgpuBackend {
     }
 
     fn rope_buffer(&self, positions: &[u32], theta: f64, d: usize) -> Result<wgpu::Buffer> {
-        let mut cached = self.rope.lock().expect("rope lock");
-        if let Some(table) = cached.as_ref()
-            && table.positions == positions
-            && table.theta == theta.to_bits()
-            && table.d == d
-        {
-            return Ok(table.buffer.clone());
-        }
-        let table = rope_table(positions, theta, d);
-        let buffer = self
-            .ctx
-            .storage_with(bytemuck::cast_slice(&table), "rope cos/sin")?;
-        *cached = Some(RopeTable {
-            positions: positions.to_vec(),
-            theta: theta.to_bits(),
-            d,
-            buffer: buffer.clone(),
-        });
-        Ok(buffer)
+        self.rope.get(positions, theta, d, |table| {
+            self.ctx
+                .storage_with(bytemuck::cast_slice(table), "rope cos/sin")
+        })
     }
 
     /// Scores chunks then documents, as `routing_scores` describes; `q` is the prepared routing query

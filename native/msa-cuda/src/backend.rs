@@ -12,7 +12,7 @@ use cudarc::driver::{
 };
 use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
 use msa_engine::{
-    AttentionMask, Backend, Result, RoutingSpec, Scored, rope_table, select_top_k, shapes,
+    AttentionMask, Backend, Result, RopeTableCache, RoutingSpec, Scored, select_top_k, shapes,
 };
 
 use crate::device::{
@@ -33,6 +33,7 @@ const ROUTING_TILE_CHUNKS: usize = 1 << 16;
 #[derive(Clone)]
 pub struct CudaBackend {
     pub(crate) device: Arc<Device>,
+    rope: Arc<RopeTableCache<CudaTensor>>,
 }
 
 /// An f32 tensor in device memory. Clones and reshapes share the allocation.
@@ -98,6 +99,7 @@ impl CudaBackend {
     pub fn new(options: CudaOptions) -> Result<Self> {
         let backend = CudaBackend {
             device: Arc::new(Device::open(&options)?),
+            rope: Arc::default(),
         };
         guarded(|| backend.warm_up())??;
         Ok(backend)
@@ -578,11 +580,10 @@ impl Backend for CudaBackend {
 
     fn rope(&self, x: &CudaTensor, positions: &[u32], theta: f64) -> Result<CudaTensor> {
         let (n, heads, d) = shapes::rope_dims(&x.shape, positions.len())?;
-        let table: Vec<f32> = rope_table(positions, theta, d)
-            .into_iter()
-            .flatten()
-            .collect();
-        let table = self.upload(&table, &[table.len()])?;
+        let table = self.rope.get(positions, theta, d, |table| {
+            let table = table.as_flattened();
+            self.upload(table, &[table.len()])
+        })?;
         let (mut out, shape) = self.tensor(x.shape.clone())?;
         let (n32, heads32, d32) = (n as u32, heads as u32, d as u32);
         let mut args = self.args("rope");
