@@ -56,7 +56,8 @@ impl Variants {
     ///   invocation per tile (6.95 ms against 8.68 ms), but the whole pipeline does not: stage 1 at
     ///   128 tokens/s against 70, a 19-token prefill in 208 ms against 819;
     /// - an adapter of unknown type keeps the barrier-free kernels: a browser's WebGPU adapter is one
-    ///   (wgpu learns no more than "fallback or not" there), and it may be SwiftShader, a CPU.
+    ///   (wgpu learns no more than "fallback or not" there), and it may be SwiftShader, a CPU; the
+    ///   browser names the vendor to [`Variants::for_web_adapter`].
     ///
     /// On CPU adapters every load an invocation makes costs about the same, whether all invocations
     /// read the same address or not (lavapipe runs a load as one load per lane), so operands every
@@ -67,7 +68,33 @@ impl Variants {
     /// want every invocation they can get: one column, one chunk.
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
         use wgpu::DeviceType::{DiscreteGpu, IntegratedGpu, VirtualGpu};
-        let gpu = matches!(info.device_type, DiscreteGpu | IntegratedGpu | VirtualGpu);
+        Self::row(matches!(
+            info.device_type,
+            DiscreteGpu | IntegratedGpu | VirtualGpu
+        ))
+    }
+
+    /// The table for a browser's WebGPU adapter, from what WebGPU's `GPUAdapterInfo` names: GPU
+    /// variants for a GPU maker's `vendor`, CPU ones for anything else (SwiftShader reports vendor
+    /// `google`, architecture `swiftshader`; an empty vendor says nothing).
+    pub fn for_web_adapter(vendor: &str, architecture: &str) -> Self {
+        const GPU_VENDORS: [&str; 8] = [
+            "nvidia",
+            "amd",
+            "intel",
+            "apple",
+            "qualcomm",
+            "arm",
+            "imagination",
+            "samsung",
+        ];
+        let vendor = vendor.trim().to_ascii_lowercase();
+        let software = architecture.to_ascii_lowercase().contains("swiftshader");
+        Self::row(!software && GPU_VENDORS.iter().any(|v| vendor.starts_with(v)))
+    }
+
+    /// The GPU row or the CPU row of the table.
+    fn row(gpu: bool) -> Self {
         Variants {
             matmul_split: if gpu { 64 } else { 1 },
             matmul_tiles: gpu,
@@ -310,4 +337,36 @@ pub(crate) async fn open_device(
         variants,
     };
     Ok((device, queue, capabilities))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn browser_adapters_get_the_row_of_their_vendor() {
+        let gpu = Variants::row(true);
+        let cpu = Variants::row(false);
+        for (vendor, architecture, row) in [
+            ("nvidia", "ampere", gpu),
+            ("apple", "metal-3", gpu),
+            ("Intel", "gen-12lp", gpu),
+            ("amd", "rdna-3", gpu),
+            ("google", "swiftshader", cpu),
+            ("", "", cpu),
+            ("microsoft", "", cpu),
+        ] {
+            assert_eq!(
+                Variants::for_web_adapter(vendor, architecture),
+                row,
+                "{vendor} {architecture}"
+            );
+        }
+        assert_eq!(gpu.matmul_split, 64);
+        assert!(gpu.matmul_tiles);
+        assert_eq!(
+            (cpu.matmul_split, cpu.decode_columns, cpu.routing_chunks),
+            (1, 4, 8)
+        );
+    }
 }

@@ -83,6 +83,8 @@ export interface Stats {
   adapter: string;
   /** The limits the engine works within (the adapter's, or the caps given to `load`). */
   limits: Required<Limits>;
+  /** The kernel variants chosen for the adapter (GPU ones for a GPU maker's vendor). */
+  variants: string;
 }
 
 /** Whether the page has WebGPU at all (`navigator.gpu`). */

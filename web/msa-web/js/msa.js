@@ -87,10 +87,14 @@ export class Msa {
       bytesOf(tokenizer, "tokenizer.json", report("tokenizer")),
     ]);
     const text = (bytes) => new TextDecoder().decode(bytes);
-    const engine = await MsaEngine.load(text(configBytes), weightBytes, text(tokenizerBytes), limits);
-    const msa = new Msa(engine);
-    // wgpu sees little of a browser adapter; WebGPU's own info names it.
+    // wgpu sees little of a browser adapter; WebGPU's own info names it, and its vendor chooses the
+    // kernel variants (a GPU maker's get the GPU ones).
     const info = adapter.info;
+    const engine = await MsaEngine.load(text(configBytes), weightBytes, text(tokenizerBytes), limits, {
+      vendor: info?.vendor ?? "",
+      architecture: info?.architecture ?? "",
+    });
+    const msa = new Msa(engine);
     msa.#adapter = [info?.vendor, info?.architecture, info?.description].filter((s) => s).join(" ");
     return msa;
   }

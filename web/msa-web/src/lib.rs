@@ -21,7 +21,7 @@ use msa_engine::{
     Backend, EncodeProgress, FinishReason, GenerateOptions, InterleaveEvent, InterleaveFinish,
     InterleaveOptions, LayerRouting, Memory, Model, Phase, RetrievalEnd, Trace,
 };
-use msa_wgpu::{DeviceOptions, WgpuBackend, WgpuError};
+use msa_wgpu::{DeviceOptions, Variants, WgpuBackend, WgpuError};
 use serde_json::{Value, json};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
@@ -41,9 +41,26 @@ fn options_json(options: &JsValue) -> Result<Value, JsValue> {
     serde_json::from_str(&String::from(text)).map_err(error)
 }
 
-/// `load`'s limits: caps below the adapter's own, as WebGPU names them.
-fn device_options(limits: &JsValue) -> Result<DeviceOptions, JsValue> {
+/// `load`'s limits (caps below the adapter's own, as WebGPU names them) and adapter (WebGPU's
+/// `GPUAdapterInfo` vendor and architecture, which choose the kernel variants).
+fn device_options(limits: &JsValue, adapter: &JsValue) -> Result<DeviceOptions, JsValue> {
     let value = options_json(limits)?;
+    let adapter = options_json(adapter)?;
+    let name = |key: &str| -> Result<&str, JsValue> {
+        match &adapter[key] {
+            Value::Null => Ok(""),
+            Value::String(s) => Ok(s),
+            v => Err(error(format!("adapter.{key} must be a string, not {v}"))),
+        }
+    };
+    // Without an adapter description wgpu's adapter type decides (a browser's: unknown, CPU row).
+    let variants = match adapter.is_null() {
+        true => None,
+        false => Some(Variants::for_web_adapter(
+            name("vendor")?,
+            name("architecture")?,
+        )),
+    };
     let cap = |key: &str| -> Result<Option<u64>, JsValue> {
         match &value[key] {
             Value::Null => Ok(None),
@@ -57,6 +74,7 @@ fn device_options(limits: &JsValue) -> Result<DeviceOptions, JsValue> {
     Ok(DeviceOptions {
         max_buffer_bytes: cap("maxBufferSize")?,
         max_binding_bytes: cap("maxStorageBufferBindingSize")?,
+        variants,
         ..DeviceOptions::default()
     })
 }
@@ -156,10 +174,18 @@ impl MsaEngine {
     /// `limits` (optional): `{maxBufferSize, maxStorageBufferBindingSize}` in bytes, caps below the
     /// adapter's (to run as on a device with WebGPU's default 256 MiB / 128 MiB). Weights larger than
     /// a buffer are split across buffers and bound in windows; a weight row no binding can hold is a
-    /// "model exceeds this device's buffer limits" error naming the limit.
-    pub fn load(config: String, weights: Vec<u8>, tokenizer: String, limits: JsValue) -> Promise {
+    /// "model exceeds this device's buffer limits" error naming the limit. `adapter` (optional):
+    /// `{vendor, architecture}` of the adapter as WebGPU's `GPUAdapterInfo` names it, which chooses
+    /// the kernel variants (`Variants::for_web_adapter`: a GPU maker's vendor gets the GPU row).
+    pub fn load(
+        config: String,
+        weights: Vec<u8>,
+        tokenizer: String,
+        limits: JsValue,
+        adapter: JsValue,
+    ) -> Promise {
         future_to_promise(async move {
-            let options = device_options(&limits)?;
+            let options = device_options(&limits, &adapter)?;
             let gpu = WgpuBackend::new(options).await.map_err(|e| match e {
                 WgpuError::NoAdapter { .. } => error(
                     "WebGPU unavailable: this browser offers no WebGPU adapter. Use a browser \
@@ -265,8 +291,8 @@ impl MsaEngine {
         })
     }
 
-    /// `{documents, chunks, adapter, limits: {maxBufferSize, maxStorageBufferBindingSize}}`: the limits
-    /// the engine works within.
+    /// `{documents, chunks, adapter, limits: {maxBufferSize, maxStorageBufferBindingSize}, variants}`:
+    /// the limits the engine works within and its kernel variants.
     pub fn stats(&self) -> Result<JsValue, JsValue> {
         let memory = self.state.memory.try_borrow().map_err(error)?;
         let gpu = &self.state.model.backend;
@@ -279,6 +305,7 @@ impl MsaEngine {
                 "maxBufferSize": caps.max_buffer_bytes,
                 "maxStorageBufferBindingSize": caps.max_binding_bytes,
             },
+            "variants": caps.variants.to_string(),
         }))
     }
 

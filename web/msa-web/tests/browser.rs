@@ -75,11 +75,17 @@ fn js(text: &str) -> JsValue {
 }
 
 async fn load(limits: JsValue) -> MsaEngine {
+    load_on(limits, JsValue::UNDEFINED).await
+}
+
+/// Loads with `adapter` as WebGPU's `GPUAdapterInfo` would name it.
+async fn load_on(limits: JsValue, adapter: JsValue) -> MsaEngine {
     let engine = resolve(MsaEngine::load(
         CONFIG.into(),
         WEIGHTS.to_vec(),
         TOKENIZER.into(),
         limits,
+        adapter,
     ))
     .await;
     wasm_bindgen::convert::TryFromJsValue::try_from_js_value(engine)
@@ -154,6 +160,29 @@ async fn the_tiny_model_routes_and_generates_like_the_reference() {
 }
 
 #[wasm_bindgen_test]
+async fn a_gpu_vendors_kernel_variants_answer_the_same() {
+    // What a browser on an NVIDIA GPU would report; SwiftShader then runs the GPU variants (projection
+    // tiles split 64 ways, the tiled GEMM, one routing chunk per invocation).
+    let engine = load_on(
+        JsValue::UNDEFINED,
+        js(r#"{"vendor": "nvidia", "architecture": "ampere"}"#),
+    )
+    .await;
+    let stats = json(&engine.stats().unwrap());
+    let variants = stats["variants"].as_str().unwrap();
+    assert!(variants.contains("split 64, tiled GEMM"), "{variants}");
+    add_fixture_documents(&engine).await;
+    assert_answers_like_the_reference(&engine).await;
+    // Without a vendor the adapter type decides: SwiftShader is a CPU.
+    let engine = load(JsValue::UNDEFINED).await;
+    let variants = json(&engine.stats().unwrap())["variants"].clone();
+    assert!(
+        variants.as_str().unwrap().contains("split 1,"),
+        "{variants}"
+    );
+}
+
+#[wasm_bindgen_test]
 async fn weights_past_the_buffer_limit_are_split_and_answer_the_same() {
     // The tiny model's 128 KiB embedding against 112 KiB buffers and 104 KiB bindings, as MSA-4B's
     // 778 MB embedding against WebGPU's default 256 MiB / 128 MiB.
@@ -176,6 +205,7 @@ async fn a_model_past_the_device_limits_is_refused_naming_the_limit() {
         WEIGHTS.to_vec(),
         TOKENIZER.into(),
         js(r#"{"maxStorageBufferBindingSize": 256}"#),
+        JsValue::UNDEFINED,
     ))
     .await;
     for part in [
