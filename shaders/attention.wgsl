@@ -77,7 +77,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
     var buffer = 0u;
     for (var t0 = first; t0 < end; t0 += WG) {
         let j = t0 + lane;
-        var s: array<f32, 4>;        // [GROUP]
+        var s = array<f32, 4>();     // [GROUP], zeroed explicitly (see routing.wgsl)
         if j < end {
             let key = (j * p.kv_heads + g) * p.d;
             for (var c = 0u; c < p.d; c++) {

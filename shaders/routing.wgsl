@@ -73,7 +73,9 @@ fn score_chunks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) g
         for (var h = 0u; h < p.q_heads; h++) {
             let kh = (h / group) * p.d;
             let qh = h * p.d;
-            var s: array<f32, 16>;   // [CHUNKS × TOKENS]
+            // [CHUNKS × TOKENS], zeroed explicitly: Chromium's WebGPU on SwiftShader kept the
+            // previous head's sums in a loop-body `var` declared without an initializer.
+            var s = array<f32, 16>();
             if p.vectors == 1u {
                 for (var i = 0u; i < p.d; i += per_vector()) {
                     var q_lo: array<vec4<f32>, 8>;   // [TOKENS]
