@@ -95,7 +95,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         for (var jj = 0u; jj < count; jj++) {
             // Dims past d read the last one; they are not stored.
             let value = ((t0 + jj) * p.kv_heads + g) * p.d;
-            var vd: array<f32, 4>;   // [DIMS]
+            var vd = array<f32, 4>();   // [DIMS]
             for (var c = 0u; c < DIMS; c++) {
                 vd[c] = v[value + min(lane + c * WG, p.d - 1u)];
             }

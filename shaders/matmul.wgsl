@@ -133,8 +133,8 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
                 g_lo = widen4(word, 0u);
                 g_hi = widen4(word, 1u);
             }
-            var x_lo: array<vec4<f32>, 2>;
-            var x_hi: array<vec4<f32>, 2>;
+            var x_lo = array<vec4<f32>, 2>();
+            var x_hi = array<vec4<f32>, 2>();
             for (var r = 0u; r < ROWS; r++) {
                 let i = (x_row[r] + k) >> 2u;
                 let lo = x[i];
@@ -180,7 +180,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
     }
     for (; k < p.inner; k += SPLIT) {
         let gk = norm_weight(k);
-        var a: array<f32, 2>;
+        var a = array<f32, 2>();
         for (var r = 0u; r < ROWS; r++) {
             let xa = x_at(x_row[r] + k);
             a[r] = xa * gk;
@@ -350,7 +350,7 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) g
         }
         workgroupBarrier();
         for (var k = 0u; k < TILE; k++) {
-            var xr: array<f32, 4>;
+            var xr = array<f32, 4>();
             for (var r = 0u; r < 4u; r++) {
                 xr[r] = x_tile[k * TILE + ty + 8u * r];
             }

@@ -62,11 +62,11 @@ fn score_chunks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) g
         token_acc[c] = select(LOWEST, 0.0, p.query_mean == 1u);
     }
     for (var t0 = 0u; t0 < p.tokens; t0 += TOKENS) {
-        var q_row: array<u32, 8>;   // [TOKENS]
+        var q_row = array<u32, 8>();   // [TOKENS]
         for (var t = 0u; t < TOKENS; t++) {
             q_row[t] = min(t0 + t, p.tokens - 1u) * p.q_heads * p.d;
         }
-        var head_acc: array<f32, 16>;   // [CHUNKS × TOKENS]
+        var head_acc = array<f32, 16>();   // [CHUNKS × TOKENS]
         for (var ct = 0u; ct < CHUNKS * TOKENS; ct++) {
             head_acc[ct] = select(LOWEST, 0.0, p.head_mean == 1u);
         }
@@ -78,8 +78,8 @@ fn score_chunks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) g
             var s = array<f32, 16>();
             if p.vectors == 1u {
                 for (var i = 0u; i < p.d; i += per_vector()) {
-                    var q_lo: array<vec4<f32>, 8>;   // [TOKENS]
-                    var q_hi: array<vec4<f32>, 8>;
+                    var q_lo = array<vec4<f32>, 8>();   // [TOKENS]
+                    var q_hi = array<vec4<f32>, 8>();
                     for (var t = 0u; t < TOKENS; t++) {
                         let qi = (q_row[t] + qh + i) >> 2u;
                         q_lo[t] = q[qi];
@@ -102,7 +102,7 @@ fn score_chunks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) g
                 }
             } else {
                 for (var i = 0u; i < p.d; i++) {
-                    var q_i: array<f32, 8>;   // [TOKENS]
+                    var q_i = array<f32, 8>();   // [TOKENS]
                     for (var t = 0u; t < TOKENS; t++) {
                         q_i[t] = q_at(q_row[t] + qh + i);
                     }

@@ -37,6 +37,35 @@ fn every_kernel_family_validates_with_naga() {
     assert!(validate(f16.file_name(), &f16.source(), Capabilities::empty()).is_err());
 }
 
+/// A `var` declared inside a block (a loop body, a branch) without an initializer must be zero each
+/// time the declaration runs, but Chromium's WebGPU on SwiftShader kept the previous iteration's
+/// values (routing scores went wrong in the browser tests). Every such declaration is therefore
+/// initialised explicitly; one at the top of a function body (4 spaces deep) runs once and may rely on
+/// zero-initialisation.
+#[test]
+fn block_local_variables_are_initialised_explicitly() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shaders");
+    let mut bare = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let source = std::fs::read_to_string(&path).unwrap();
+        for (number, line) in source.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or_default();
+            let depth = code.len() - code.trim_start().len();
+            let declaration = code.trim();
+            if depth > 4 && declaration.starts_with("var ") && !declaration.contains('=') {
+                let name = path.file_name().unwrap().to_string_lossy();
+                bare.push(format!("{name} line {}: {}", number + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        bare.is_empty(),
+        "declare with `= T()`:\n{}",
+        bare.join("\n")
+    );
+}
+
 #[test]
 fn families_are_the_shader_files_plus_the_shared_helpers() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shaders");
