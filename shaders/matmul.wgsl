@@ -69,6 +69,26 @@ fn w2_at(i: u32) -> f32 {
     return widen(w2[word >> 2u][word & 3u], i);
 }
 
+// The weights of 16-byte word `i` of W and, under EPILOGUE 2, of U, widened: elements 0-3 in `lo`,
+// 4-7 in `hi` (halves; an f32 word holds 4, in `lo`).
+struct Words {
+    w_lo: vec4<f32>,
+    w_hi: vec4<f32>,
+    u_lo: vec4<f32>,
+    u_hi: vec4<f32>,
+}
+
+fn weight_words(i: u32) -> Words {
+    let word = w[i];
+    var words = Words(widen4(word, 0u), widen4(word, 1u), vec4<f32>(0.0), vec4<f32>(0.0));
+    if EPILOGUE == 2u {
+        let up = w2[i];
+        words.u_lo = widen4(up, 0u);
+        words.u_hi = widen4(up, 1u);
+    }
+    return words;
+}
+
 // g_k under NORM, 1 otherwise.
 fn norm_weight(k: u32) -> f32 {
     if NORM == 1u {
@@ -149,28 +169,17 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
                 x_hi[r] = hi * g_hi;
             }
             for (var c = 0u; c < COLS; c++) {
-                let i = (w_row[c] + k) / pv;
-                let word = w[i];
-                let w_lo = widen4(word, 0u);
-                let w_hi = widen4(word, 1u);
-                var u_lo = vec4<f32>(0.0);
-                var u_hi = vec4<f32>(0.0);
-                if EPILOGUE == 2u {
-                    let word2 = w2[i];
-                    u_lo = widen4(word2, 0u);
-                    u_hi = widen4(word2, 1u);
-                }
+                let words = weight_words((w_row[c] + k) / pv);
                 for (var r = 0u; r < ROWS; r++) {
-                    var a = dot(x_lo[r], w_lo);
-                    var b = 0.0;
+                    var a = dot(x_lo[r], words.w_lo);
                     if DTYPE != 0u {
-                        a += dot(x_hi[r], w_hi);
+                        a += dot(x_hi[r], words.w_hi);
                     }
                     acc[c][r] += a;
                     if EPILOGUE == 2u {
-                        b = dot(x_lo[r], u_lo);
+                        var b = dot(x_lo[r], words.u_lo);
                         if DTYPE != 0u {
-                            b += dot(x_hi[r], u_hi);
+                            b += dot(x_hi[r], words.u_hi);
                         }
                         acc2[c][r] += b;
                     }
@@ -325,25 +334,16 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) g
             let part = e % words_per_row;
             let index = (p.w_base + min(col0 + c, p.cols - 1u) * p.inner + k0) / pv + part;
             let k = part * pv;
-            let word = w[index];
-            let lo = widen4(word, 0u);
-            let hi = widen4(word, 1u);
-            var u_lo = vec4<f32>(0.0);
-            var u_hi = vec4<f32>(0.0);
-            if EPILOGUE == 2u {
-                let word2 = w2[index];
-                u_lo = widen4(word2, 0u);
-                u_hi = widen4(word2, 1u);
-            }
+            let words = weight_words(index);
             for (var t = 0u; t < 4u; t++) {
-                w_tile[(k + t) * TILE + c] = lo[t];
+                w_tile[(k + t) * TILE + c] = words.w_lo[t];
                 if EPILOGUE == 2u {
-                    u_tile[(k + t) * TILE + c] = u_lo[t];
+                    u_tile[(k + t) * TILE + c] = words.u_lo[t];
                 }
                 if DTYPE != 0u {
-                    w_tile[(k + 4u + t) * TILE + c] = hi[t];
+                    w_tile[(k + 4u + t) * TILE + c] = words.w_hi[t];
                     if EPILOGUE == 2u {
-                        u_tile[(k + 4u + t) * TILE + c] = u_hi[t];
+                        u_tile[(k + 4u + t) * TILE + c] = words.u_hi[t];
                     }
                 }
             }
