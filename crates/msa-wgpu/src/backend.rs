@@ -477,23 +477,12 @@ impl WgpuBackend {
         } else {
             (4, 2)
         };
-        let (norm, epilogue, eps) = match fusion {
+        let (prologue, epilogue, eps) = match fusion {
             Fusion::None => (0, 0, 0.0),
             Fusion::Add(_) => (0, 1, 0.0),
             Fusion::Norm { eps, .. } => (1, 0, eps),
             Fusion::NormSwiglu { eps, .. } => (1, 2, eps),
         };
-        let kernel = Kernel::new(Family::Matmul, "matmul")
-            .with("DTYPE", dtype_code(weight.dtype))
-            .with("ROWS", row_tile as u32)
-            .with("COLS", col_tile as u32)
-            .with("NORM", norm)
-            .with("EPILOGUE", epilogue)
-            .with("SPLIT", split as u32);
-        let tiled_kernel = Kernel::new(Family::Matmul, "matmul_tiled")
-            .with("DTYPE", dtype_code(weight.dtype))
-            .with("NORM", norm)
-            .with("EPILOGUE", epilogue);
         let windows = self.part_windows(
             "matmul weight",
             &weight.parts,
@@ -530,15 +519,24 @@ impl WgpuBackend {
                 && n >= MATMUL_TILE / 2
                 && on_words
                 && inner.is_multiple_of(MATMUL_TILE);
-            let (kernel, col_tile, row_tile) = match tiled {
-                true => (&tiled_kernel, MATMUL_TILE, MATMUL_TILE),
-                false => (&kernel, col_tile, row_tile),
+            let (kernel, col_tile, row_tile) = if tiled {
+                let kernel = Kernel::new(Family::Matmul, "matmul_tiled");
+                (kernel, MATMUL_TILE, MATMUL_TILE)
+            } else {
+                let kernel = Kernel::new(Family::Matmul, "matmul")
+                    .with("ROWS", row_tile as u32)
+                    .with("COLS", col_tile as u32)
+                    .with("SPLIT", split as u32);
+                (kernel, col_tile, row_tile)
             };
+            let kernel = kernel
+                .with("DTYPE", dtype_code(weight.dtype))
+                .with("NORM", prologue)
+                .with("EPILOGUE", epilogue);
             let (col_blocks, row_blocks) = (cols.div_ceil(col_tile), n.div_ceil(row_tile));
-            let workgroups = match tiled {
-                true => col_blocks * row_blocks,
-                false => (col_blocks * row_blocks * split).div_ceil(LANES),
-            };
+            // A tiled block is one workgroup; otherwise `split` invocations take each tile.
+            let invocations_per_block = if tiled { LANES } else { split };
+            let workgroups = (col_blocks * row_blocks * invocations_per_block).div_ceil(LANES);
             let params = [
                 n as u32,
                 inner as u32,
@@ -561,7 +559,7 @@ impl WgpuBackend {
                 None => bind(5, placeholder),
             };
             self.ctx.dispatch(
-                kernel,
+                &kernel,
                 &params,
                 &[
                     bind(1, &x.buffer),

@@ -189,9 +189,10 @@ impl RooflineProbe {
             copy_bytes_per_s: rate(Probe::Copy).await?,
             read_bytes_per_s: rate(Probe::Read).await?,
             f32_flops_per_s: rate(Probe::FmaF32).await?,
-            f16_flops_per_s: match self.supports(Probe::FmaF16) {
-                true => Some(rate(Probe::FmaF16).await?),
-                false => None,
+            f16_flops_per_s: if self.supports(Probe::FmaF16) {
+                Some(rate(Probe::FmaF16).await?)
+            } else {
+                None
             },
         })
     }

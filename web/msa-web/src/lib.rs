@@ -54,12 +54,13 @@ fn device_options(limits: &JsValue, adapter: &JsValue) -> Result<DeviceOptions, 
         }
     };
     // Without an adapter description wgpu's adapter type decides (a browser's: unknown, CPU row).
-    let variants = match adapter.is_null() {
-        true => None,
-        false => Some(Variants::for_web_adapter(
+    let variants = if adapter.is_null() {
+        None
+    } else {
+        Some(Variants::for_web_adapter(
             name("vendor")?,
             name("architecture")?,
-        )),
+        ))
     };
     let cap = |key: &str| -> Result<Option<u64>, JsValue> {
         match &value[key] {
