@@ -511,6 +511,10 @@ pub fn check_attention<B: Backend>(backend: &B, tol: &Tolerances) {
         // Groups 8 and 6 (a backend may take part of a group per workgroup), odd head dims.
         (5, 300, 16, 2, 40),
         (3, 200, 6, 1, 72),
+        // An odd count of 4-element words (a backend may hold two per thread), a head dim that is
+        // no multiple of 4 (rows off 16-byte words).
+        (4, 150, 4, 1, 20),
+        (2, 333, 2, 1, 18),
     ];
     for (nq, nk, heads, kv_heads, d) in cases {
         let q = random(&mut rng, nq * heads * d);

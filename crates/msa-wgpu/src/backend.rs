@@ -838,12 +838,15 @@ impl Backend for WgpuBackend {
                 .trailing_zeros()
                 .min(MAX_ATTENTION_GROUP.ilog2());
         let head_groups = heads / group;
+        let variants = self.ctx.caps.variants;
+        // A tile is the keys one pass of the workgroup scores; splits are whole tiles.
+        let tile = LANES * variants.attention_keys as usize;
         // Split the keys when rows × head groups alone leave the device idle (decode).
         let splits = ATTENTION_WORKGROUPS
             .div_ceil(nq * head_groups)
             .clamp(1, MAX_SPLITS)
-            .min(nk.div_ceil(LANES));
-        let split_len = nk.div_ceil(splits).next_multiple_of(LANES);
+            .min(nk.div_ceil(tile));
+        let split_len = nk.div_ceil(splits).next_multiple_of(tile);
         let splits = nk.div_ceil(split_len);
         let params = [
             nq as u32,
@@ -886,7 +889,9 @@ impl Backend for WgpuBackend {
         self.ctx.dispatch(
             &Kernel::new(Family::Attention, "attend")
                 .with("GROUP", group as u32)
-                .with("DIMS", d.div_ceil(LANES) as u32),
+                .with("KEYS", variants.attention_keys)
+                .with("WORDS", variants.attention_words)
+                .with("VECTORS", u32::from(d % 4 == 0)),
             &params,
             &[
                 bind(1, &q.buffer),

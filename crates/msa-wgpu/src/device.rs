@@ -43,6 +43,11 @@ pub struct Variants {
     pub decode_columns: u32,
     /// Chunks each routing-scan invocation scores (`CHUNKS` in routing.wgsl): 1, 2, 4 or 8.
     pub routing_chunks: u32,
+    /// Keys each attention invocation scores per tile (`KEYS` in attention.wgsl): 1, 2 or 4.
+    pub attention_keys: u32,
+    /// 16-byte words of the output dims each attention invocation accumulates (`WORDS` in
+    /// attention.wgsl): 1 or 2.
+    pub attention_words: u32,
 }
 
 impl Variants {
@@ -64,8 +69,10 @@ impl Variants {
     /// invocation reads are shared through registers instead: a decode projection takes 4 columns
     /// per tile (each x value serves 4 weight rows; lavapipe's gate_proj GEMV 69 ms against 131 ms),
     /// and the routing scan scores 8 chunks per invocation (the query loaded once per 8 chunks: 39 ms
-    /// against 91 ms per router layer at 1M memory tokens). GPUs broadcast such loads from cache and
-    /// want every invocation they can get: one column, one chunk.
+    /// against 91 ms per router layer at 1M memory tokens), attention 4 keys per invocation and 2
+    /// output words (each query word loaded once per 4 keys, each probability once per 8 dims:
+    /// lavapipe's decode attention over 324 keys 1.7 ms against 4.1 ms). GPUs broadcast such loads
+    /// from cache and want every invocation they can get: one column, one chunk, one key, one word.
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
         use wgpu::DeviceType::{DiscreteGpu, IntegratedGpu, VirtualGpu};
         Self::row(matches!(
@@ -100,6 +107,8 @@ impl Variants {
             matmul_tiles: gpu,
             decode_columns: if gpu { 1 } else { 4 },
             routing_chunks: if gpu { 1 } else { 8 },
+            attention_keys: if gpu { 1 } else { 4 },
+            attention_words: if gpu { 1 } else { 2 },
         }
     }
 
@@ -110,7 +119,47 @@ impl Variants {
             matmul_tiles: !self.matmul_tiles,
             decode_columns: if self.decode_columns == 1 { 4 } else { 1 },
             routing_chunks: if self.routing_chunks == 1 { 8 } else { 1 },
+            attention_keys: if self.attention_keys == 1 { 4 } else { 1 },
+            attention_words: if self.attention_words == 1 { 2 } else { 1 },
         }
+    }
+
+    /// Why the kernels cannot take these variants, if they cannot.
+    pub fn check(&self) -> Result<(), String> {
+        let Variants {
+            matmul_split,
+            decode_columns,
+            routing_chunks,
+            attention_keys,
+            attention_words,
+            ..
+        } = *self;
+        if !(matmul_split.is_power_of_two() && matmul_split <= 64) {
+            return Err(format!(
+                "a projection split must be a power of two from 1 to 64, not {matmul_split}"
+            ));
+        }
+        if !(1..=4).contains(&decode_columns) {
+            return Err(format!(
+                "decode columns per tile must be from 1 to 4, not {decode_columns}"
+            ));
+        }
+        if !(routing_chunks.is_power_of_two() && routing_chunks <= 8) {
+            return Err(format!(
+                "routing chunks per invocation must be a power of two from 1 to 8, not {routing_chunks}"
+            ));
+        }
+        if !(attention_keys.is_power_of_two() && attention_keys <= 4) {
+            return Err(format!(
+                "attention keys per invocation must be 1, 2 or 4, not {attention_keys}"
+            ));
+        }
+        if !(1..=2).contains(&attention_words) {
+            return Err(format!(
+                "attention words per invocation must be 1 or 2, not {attention_words}"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -118,7 +167,8 @@ impl fmt::Display for Variants {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "projection split {}{}, {} decode column{} per tile, routing {} chunk{} per invocation",
+            "projection split {}{}, {} decode column{} per tile, routing {} chunk{} per invocation, \
+             attention {} key{} and {} output word{} per invocation",
             self.matmul_split,
             if self.matmul_tiles {
                 ", tiled GEMM"
@@ -128,7 +178,11 @@ impl fmt::Display for Variants {
             self.decode_columns,
             if self.decode_columns == 1 { "" } else { "s" },
             self.routing_chunks,
-            if self.routing_chunks == 1 { "" } else { "s" }
+            if self.routing_chunks == 1 { "" } else { "s" },
+            self.attention_keys,
+            if self.attention_keys == 1 { "" } else { "s" },
+            self.attention_words,
+            if self.attention_words == 1 { "" } else { "s" },
         )
     }
 }
@@ -267,29 +321,12 @@ pub(crate) async fn open_device(
     let variants = options
         .variants
         .unwrap_or_else(|| Variants::for_adapter(&adapter.get_info()));
-    let split = variants.matmul_split;
-    if !(split.is_power_of_two() && split <= 64) {
-        return Err(WgpuError::RequestDevice {
+    variants
+        .check()
+        .map_err(|reason| WgpuError::RequestDevice {
             adapter: adapter.get_info().name,
-            reason: format!("a projection split must be a power of two from 1 to 64, not {split}"),
-        });
-    }
-    let columns = variants.decode_columns;
-    if !(1..=4).contains(&columns) {
-        return Err(WgpuError::RequestDevice {
-            adapter: adapter.get_info().name,
-            reason: format!("decode columns per tile must be from 1 to 4, not {columns}"),
-        });
-    }
-    let chunks = variants.routing_chunks;
-    if !(chunks.is_power_of_two() && chunks <= 8) {
-        return Err(WgpuError::RequestDevice {
-            adapter: adapter.get_info().name,
-            reason: format!(
-                "routing chunks per invocation must be a power of two from 1 to 8, not {chunks}"
-            ),
-        });
-    }
+            reason,
+        })?;
     let wanted =
         wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
     let features = adapter.features() & wanted;
@@ -365,8 +402,14 @@ mod tests {
         assert_eq!(gpu.matmul_split, 64);
         assert!(gpu.matmul_tiles);
         assert_eq!(
-            (cpu.matmul_split, cpu.decode_columns, cpu.routing_chunks),
-            (1, 4, 8)
+            (
+                cpu.matmul_split,
+                cpu.decode_columns,
+                cpu.routing_chunks,
+                cpu.attention_keys,
+                cpu.attention_words
+            ),
+            (1, 4, 8, 4, 2)
         );
     }
 }

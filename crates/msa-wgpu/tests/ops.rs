@@ -40,9 +40,10 @@ fn matmul_matches_for_every_dtype_and_odd_sizes() {
 
 /// Kernel variants the adapter table can choose, whatever this adapter would get, against the CPU
 /// reference: the GPU row (projection tiles shared by 64 invocations and reduced in workgroup memory,
-/// one decode column per tile, one routing chunk per invocation) and odd ones (32 invocations: two
-/// tiles per workgroup; 3 decode columns; 2 routing chunks); projections also with weights split into
-/// buffers and windows. The CPU row is what lavapipe runs in every other test.
+/// one decode column per tile, one routing chunk, attention key and output word per invocation) and
+/// odd ones (32 invocations: two tiles per workgroup; 3 decode columns; 2 routing chunks; 2 attention
+/// keys); projections also with weights split into buffers and windows. The CPU row is what lavapipe
+/// runs in every other test.
 #[test]
 fn every_kernel_variant_matches() {
     let rows = [
@@ -51,12 +52,16 @@ fn every_kernel_variant_matches() {
             matmul_tiles: true,
             decode_columns: 1,
             routing_chunks: 1,
+            attention_keys: 1,
+            attention_words: 1,
         },
         Variants {
             matmul_split: 32,
             matmul_tiles: false,
             decode_columns: 3,
             routing_chunks: 2,
+            attention_keys: 2,
+            attention_words: 1,
         },
     ];
     for chosen in rows {
@@ -71,6 +76,7 @@ fn every_kernel_variant_matches() {
         conformance::check_matmul(&gpu, &Tolerances::EXACT_F32);
         conformance::check_fused_ops(&gpu, &Tolerances::EXACT_F32);
         conformance::check_routing_scores(&gpu, &Tolerances::EXACT_F32);
+        conformance::check_attention(&gpu, &Tolerances::EXACT_F32);
         let small = gpu_with(DeviceOptions {
             max_binding_bytes: Some(4096),
             max_buffer_bytes: Some(8192),
@@ -86,6 +92,8 @@ fn every_kernel_variant_matches() {
         matmul_tiles: false,
         decode_columns: 4,
         routing_chunks: 8,
+        attention_keys: 4,
+        attention_words: 2,
     };
     for (variants, message) in [
         (
@@ -108,6 +116,20 @@ fn every_kernel_variant_matches() {
                 ..table
             },
             "power of two from 1 to 8",
+        ),
+        (
+            Variants {
+                attention_keys: 3,
+                ..table
+            },
+            "attention keys per invocation must be 1, 2 or 4",
+        ),
+        (
+            Variants {
+                attention_words: 4,
+                ..table
+            },
+            "attention words per invocation must be 1 or 2",
         ),
     ] {
         let refused = pollster::block_on(WgpuBackend::new(DeviceOptions {

@@ -99,6 +99,9 @@ pub struct BenchArgs {
     /// its target.
     #[arg(long, conflicts_with_all = ["model", "bank"])]
     kernels: bool,
+    /// With --kernels: only the kernels whose name contains TEXT (case-insensitive), e.g. `attention`.
+    #[arg(long, value_name = "TEXT", requires = "kernels")]
+    only: Option<String>,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -479,7 +482,7 @@ fn kernel_bench(args: &BenchArgs) -> Result<()> {
             ..DeviceOptions::default()
         }))
         .context("opening the adapter a second time, with the other kernel variants")?;
-        kernels::compare(&gpu, &other, &shapes, args.seed)?
+        kernels::compare(&gpu, &other, &shapes, args.only.as_deref(), args.seed)?
     };
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
