@@ -7,9 +7,10 @@
 // 16-byte word (`vectors`), weights, x and norm weights are read as vec4s (8 packed halves or 4 f32 per
 // weight load), else one element at a time. Decode (one token) uses ROWS = 1 and the adapter's decode
 // columns: 1 on GPUs (a GEMV with one tile per column, as many as possible in flight), 4 on CPU adapters,
-// where an x value loaded once then serves 4 weight rows. A block (prefill) uses COLS = 4 and ROWS = 2.
-// Larger tiles are slower there: at 16 accumulators per array lavapipe keeps them in memory instead of
-// registers (measured with `msa bench --kernels`).
+// where an x value loaded once then serves 4 weight rows. A block (prefill) uses COLS = 4 and ROWS = 4
+// (2 where SPLIT > 1). The accumulators are named matrices, not arrays indexed in loops: lavapipe keeps
+// such arrays in memory, and at 16 accumulators that made a 4 × 4 tile slower than 4 × 2 (measured
+// with `msa bench --kernels`).
 // SPLIT (chosen per adapter, see `Variants`) is how many invocations share one tile: 1 on software
 // adapters (no barriers); 64 on GPUs, where the whole workgroup strides over `inner` together, so
 // consecutive invocations read consecutive weight words, and the partial sums meet in workgroup memory.
@@ -26,7 +27,7 @@
 // EPILOGUE 2: y = silu(x · Gᵀ) ⊙ (x · Uᵀ), G = W and U = `w2` (gate_proj and up_proj with SwiGLU).
 // Bindings a specialisation does not use are bound to any small buffer.
 
-override ROWS: u32 = 2u;       // 1..=2
+override ROWS: u32 = 2u;       // 1..=4
 override COLS: u32 = 4u;       // 1..=4
 override NORM: u32 = 0u;       // 0 or 1
 override EPILOGUE: u32 = 0u;   // 0, 1 or 2
@@ -98,22 +99,65 @@ fn norm_weight(k: u32) -> f32 {
     return 1.0;
 }
 
-// Per invocation: acc and acc2 ([column][row]) then the squares per row, when SPLIT > 1.
-const PARTIALS: u32 = 4u * 2u * 2u + 2u;
-var<workgroup> partial: array<f32, 1152>;   // [PARTIALS][64]
+// The sums of a tile's column c live in a mat2x4, one component per row of the tile: [0] x · Wᵀ, [1]
+// x · Uᵀ (EPILOGUE 2). The hot loops keep the COLS of them as named variables, not an array: lavapipe
+// keeps an array indexed in a loop in memory, and a load from memory costs it dozens of FMAs.
 
-// Whether this specialisation computes partial value v: acc[c][r] is v = 2c + r, acc2 8 + 2c + r (under
-// EPILOGUE 2), the squares of row r 16 + r (under NORM). A decode GEMV reduces 1 of the 18.
-fn used(v: u32) -> bool {
-    if v >= 16u {
-        return NORM == 1u && v - 16u < ROWS;
+// Raw x values k..k+7 of the row starting at element `row` (`lo`, `hi`; `hi` zero for f32 weights,
+// whose 16-byte word holds 4): 16-byte words.
+fn x_words(row: u32, k: u32) -> mat2x4<f32> {
+    let i = (row + k) >> 2u;
+    var hi = vec4<f32>(0.0);
+    if DTYPE != 0u {
+        hi = x[i + 1u];
     }
-    let c = (v % 8u) / 2u;
-    let r = v % 2u;
-    return c < COLS && r < ROWS && (v < 8u || EPILOGUE == 2u);
+    return mat2x4<f32>(x[i], hi);
 }
 
-// Slot of partial value v of invocation `lane`.
+fn sum_squares(words: mat2x4<f32>) -> f32 {
+    return dot(words[0], words[0]) + dot(words[1], words[1]);
+}
+
+// A column's dots with the tile's rows for weight word `i` (and U's); x_lo column r holds row r's
+// values k..k+3, x_hi k+4..k+7.
+fn column_dots(i: u32, x_lo: mat4x4<f32>, x_hi: mat4x4<f32>) -> mat2x4<f32> {
+    let words = weight_words(i);
+    var dots = mat2x4<f32>(words.w_lo * x_lo, vec4<f32>(0.0));
+    if DTYPE != 0u {
+        dots[0] += words.w_hi * x_hi;
+    }
+    if EPILOGUE == 2u {
+        dots[1] = words.u_lo * x_lo;
+        if DTYPE != 0u {
+            dots[1] += words.u_hi * x_hi;
+        }
+    }
+    return dots;
+}
+
+// A column's products with the tile's rows' values `xs` for element `i` of W (and U): the scalar path.
+fn column_products(i: u32, xs: vec4<f32>) -> mat2x4<f32> {
+    var products = mat2x4<f32>(xs * w_at(i), vec4<f32>(0.0));
+    if EPILOGUE == 2u {
+        products[1] = xs * w2_at(i);
+    }
+    return products;
+}
+
+// Partial sums per invocation, for the SPLIT reduction: each column's two sum vectors (2c, 2c + 1),
+// then the squares per row (8).
+const PARTIALS: u32 = 9u;
+var<workgroup> partial: array<vec4<f32>, 576>;   // [PARTIALS][64]
+
+// Whether this specialisation computes partial vector v: a decode GEMV reduces 1 of the 9.
+fn used(v: u32) -> bool {
+    if v == 8u {
+        return NORM == 1u;
+    }
+    return v / 2u < COLS && (v % 2u == 0u || EPILOGUE == 2u);
+}
+
+// Slot of partial vector v of invocation `lane`.
 fn slot(v: u32, lane: u32) -> u32 {
     return v * 64u + lane;
 }
@@ -128,17 +172,14 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
     let col0 = (t % p.col_blocks) * COLS;
     let row0 = (t / p.col_blocks) * ROWS;
     // Rows past n repeat the last row and columns past `cols` the last column; neither is stored.
-    var x_row: array<u32, 2>;
-    for (var r = 0u; r < ROWS; r++) {
-        x_row[r] = min(row0 + r, p.n - 1u) * p.inner;
-    }
-    var w_row: array<u32, 4>;
-    for (var c = 0u; c < COLS; c++) {
-        w_row[c] = p.w_base + min(col0 + c, p.cols - 1u) * p.inner;
-    }
-    var acc: array<array<f32, 2>, 4>;    // [column][row]
-    var acc2: array<array<f32, 2>, 4>;   // EPILOGUE 2: x · Uᵀ
-    var squares: array<f32, 2>;          // NORM: Σ x² per row
+    let x_rows = min(vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.n - 1u)) * p.inner;
+    let w_rows = vec4<u32>(p.w_base)
+        + min(vec4<u32>(col0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.cols - 1u)) * p.inner;
+    var a0 = mat2x4<f32>();
+    var a1 = mat2x4<f32>();
+    var a2 = mat2x4<f32>();
+    var a3 = mat2x4<f32>();
+    var squares = vec4<f32>(0.0);   // NORM: Σ x² per row
     // An inactive invocation (past the last tile) computes nothing but still meets the barriers.
     var k = select(p.inner, j, in_range);
     if p.vectors == 1u {
@@ -153,76 +194,67 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
                 g_lo = widen4(word, 0u);
                 g_hi = widen4(word, 1u);
             }
-            var x_lo = array<vec4<f32>, 2>();
-            var x_hi = array<vec4<f32>, 2>();
-            for (var r = 0u; r < ROWS; r++) {
-                let i = (x_row[r] + k) >> 2u;
-                let lo = x[i];
-                var hi = vec4<f32>(0.0);
-                if DTYPE != 0u {
-                    hi = x[i + 1u];
-                }
-                if NORM == 1u {
-                    squares[r] += dot(lo, lo) + dot(hi, hi);
-                }
-                x_lo[r] = lo * g_lo;
-                x_hi[r] = hi * g_hi;
+            let r0 = x_words(x_rows[0], k);
+            var r1 = mat2x4<f32>();
+            var r2 = mat2x4<f32>();
+            var r3 = mat2x4<f32>();
+            if ROWS > 1u {
+                r1 = x_words(x_rows[1], k);
             }
-            for (var c = 0u; c < COLS; c++) {
-                let words = weight_words((w_row[c] + k) / pv);
-                for (var r = 0u; r < ROWS; r++) {
-                    var a = dot(x_lo[r], words.w_lo);
-                    if DTYPE != 0u {
-                        a += dot(x_hi[r], words.w_hi);
-                    }
-                    acc[c][r] += a;
-                    if EPILOGUE == 2u {
-                        var b = dot(x_lo[r], words.u_lo);
-                        if DTYPE != 0u {
-                            b += dot(x_hi[r], words.u_hi);
-                        }
-                        acc2[c][r] += b;
-                    }
-                }
+            if ROWS > 2u {
+                r2 = x_words(x_rows[2], k);
+                r3 = x_words(x_rows[3], k);
+            }
+            if NORM == 1u {
+                squares += vec4<f32>(sum_squares(r0), sum_squares(r1), sum_squares(r2), sum_squares(r3));
+            }
+            let x_lo = mat4x4<f32>(r0[0] * g_lo, r1[0] * g_lo, r2[0] * g_lo, r3[0] * g_lo);
+            let x_hi = mat4x4<f32>(r0[1] * g_hi, r1[1] * g_hi, r2[1] * g_hi, r3[1] * g_hi);
+            a0 += column_dots((w_rows[0] + k) / pv, x_lo, x_hi);
+            if COLS > 1u {
+                a1 += column_dots((w_rows[1] + k) / pv, x_lo, x_hi);
+            }
+            if COLS > 2u {
+                a2 += column_dots((w_rows[2] + k) / pv, x_lo, x_hi);
+            }
+            if COLS > 3u {
+                a3 += column_dots((w_rows[3] + k) / pv, x_lo, x_hi);
             }
         }
     }
     for (; k < p.inner; k += SPLIT) {
-        let gk = norm_weight(k);
-        var a = array<f32, 2>();
-        for (var r = 0u; r < ROWS; r++) {
-            let xa = x_at(x_row[r] + k);
-            a[r] = xa * gk;
-            if NORM == 1u {
-                squares[r] += xa * xa;
-            }
+        var xs = vec4<f32>(x_at(x_rows[0] + k), 0.0, 0.0, 0.0);
+        if ROWS > 1u {
+            xs.y = x_at(x_rows[1] + k);
         }
-        for (var c = 0u; c < COLS; c++) {
-            let i = w_row[c] + k;
-            let wk = w_at(i);
-            var uk = 0.0;
-            if EPILOGUE == 2u {
-                uk = w2_at(i);
-            }
-            for (var r = 0u; r < ROWS; r++) {
-                acc[c][r] += a[r] * wk;
-                if EPILOGUE == 2u {
-                    acc2[c][r] += a[r] * uk;
-                }
-            }
+        if ROWS > 2u {
+            xs.z = x_at(x_rows[2] + k);
+            xs.w = x_at(x_rows[3] + k);
+        }
+        if NORM == 1u {
+            squares += xs * xs;
+        }
+        xs *= norm_weight(k);
+        a0 += column_products(w_rows[0] + k, xs);
+        if COLS > 1u {
+            a1 += column_products(w_rows[1] + k, xs);
+        }
+        if COLS > 2u {
+            a2 += column_products(w_rows[2] + k, xs);
+        }
+        if COLS > 3u {
+            a3 += column_products(w_rows[3] + k, xs);
         }
     }
+    // Past the hot loops an array is fine: what remains runs once.
+    var acc = array<mat2x4<f32>, 4>(a0, a1, a2, a3);
     if SPLIT > 1u {
         // Tree reduction of every partial sum over the SPLIT invocations of the tile.
         for (var c = 0u; c < COLS; c++) {
-            for (var r = 0u; r < ROWS; r++) {
-                partial[slot(c * 2u + r, lane)] = acc[c][r];
-                partial[slot(8u + c * 2u + r, lane)] = acc2[c][r];
-            }
+            partial[slot(2u * c, lane)] = acc[c][0];
+            partial[slot(2u * c + 1u, lane)] = acc[c][1];
         }
-        for (var r = 0u; r < ROWS; r++) {
-            partial[slot(16u + r, lane)] = squares[r];
-        }
+        partial[slot(8u, lane)] = squares;
         workgroupBarrier();
         for (var s = SPLIT / 2u; s > 0u; s /= 2u) {
             if j < s {
@@ -235,14 +267,9 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
             workgroupBarrier();
         }
         for (var c = 0u; c < COLS; c++) {
-            for (var r = 0u; r < ROWS; r++) {
-                acc[c][r] = partial[slot(c * 2u + r, lane)];
-                acc2[c][r] = partial[slot(8u + c * 2u + r, lane)];
-            }
+            acc[c] = mat2x4<f32>(partial[slot(2u * c, lane)], partial[slot(2u * c + 1u, lane)]);
         }
-        for (var r = 0u; r < ROWS; r++) {
-            squares[r] = partial[slot(16u + r, lane)];
-        }
+        squares = partial[slot(8u, lane)];
     }
     if !in_range || j != 0u {
         return;
@@ -254,7 +281,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         }
         let inv = inverse_rms(squares[r]);
         for (var c = 0u; c < COLS; c++) {
-            store(row, col0 + c, acc[c][r] * inv, acc2[c][r] * inv);
+            store(row, col0 + c, acc[c][0][r] * inv, acc[c][1][r] * inv);
         }
     }
 }
