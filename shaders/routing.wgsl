@@ -15,8 +15,8 @@
 // `sum_groups` prepares the head mean: (1/H) Σ_h <q_h, k_{h/group}> = (1/H) Σ_g <Σ_{h in g} q_h, k_g>, so
 // the query heads sharing a KV head are summed once and each key is read with one dot per KV head.
 
-override TOKENS: u32 = 1u;   // query tokens per pass over the keys: 1, 2, 4 or 8
-override CHUNKS: u32 = 1u;   // chunks per invocation: 1, 2, 4 or 8; CHUNKS × TOKENS <= 16
+override TOKENS: u32 = 1u;   // query tokens per pass over the keys: 1, 2 or 4
+override CHUNKS: u32 = 1u;   // chunks per invocation: 1, 2, 4 or 8
 
 struct Params {
     chunks: u32,
@@ -48,6 +48,51 @@ fn key_word(i: u32) -> u32 {
     return keys[i >> 2u][i & 3u];
 }
 
+// An invocation's sums live in two mat4x4s, a column per chunk (chunks 0-3, then 4-7) and a component
+// per token of the pass, named rather than in arrays indexed in loops: lavapipe keeps such arrays in
+// memory, where every access costs dozens of FMAs.
+
+// Query values i..i+7 (`lo`, `hi`; `hi` zero for f32 keys, whose 16-byte word holds 4) of the head row
+// starting at element `i`: 16-byte words.
+fn query_words(i: u32) -> mat2x4<f32> {
+    var hi = vec4<f32>(0.0);
+    if DTYPE != 0u {
+        hi = q[(i >> 2u) + 1u];
+    }
+    return mat2x4<f32>(q[i >> 2u], hi);
+}
+
+// A chunk's key word (`lo`, `hi`: its elements i..i+7, or i..i+3 for f32 keys) against the pass's
+// query words (`q_lo`, `q_hi`, a column per token): a dot per token.
+fn token_dots(lo: vec4<f32>, hi: vec4<f32>, q_lo: mat4x4<f32>, q_hi: mat4x4<f32>) -> vec4<f32> {
+    if TOKENS == 1u {
+        var one = dot(lo, q_lo[0]);
+        if DTYPE != 0u {
+            one += dot(hi, q_hi[0]);
+        }
+        return vec4<f32>(one, 0.0, 0.0, 0.0);
+    }
+    var dots = lo * q_lo;
+    if DTYPE != 0u {
+        dots += hi * q_hi;
+    }
+    return dots;
+}
+
+// The token dots of the key word at element `i` of a chunk's head row starting at element `key`.
+fn chunk_dots(key: u32, i: u32, q_lo: mat4x4<f32>, q_hi: mat4x4<f32>) -> vec4<f32> {
+    let word = keys[(key + i) / per_vector()];
+    return token_dots(widen4(word, 0u), widen4(word, 1u), q_lo, q_hi);
+}
+
+// The head reduction of a pass's scores: running max or sum, column by column.
+fn reduce_heads(acc: mat4x4<f32>, s: mat4x4<f32>) -> mat4x4<f32> {
+    if p.head_mean == 1u {
+        return acc + s;
+    }
+    return mat4x4<f32>(max(acc[0], s[0]), max(acc[1], s[1]), max(acc[2], s[2]), max(acc[3], s[3]));
+}
+
 @compute @workgroup_size(64)
 fn score_chunks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
                 @builtin(local_invocation_index) lane: u32) {
@@ -55,74 +100,80 @@ fn score_chunks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) g
     if first >= p.chunks { return; }
     let group = p.q_heads / p.kv_heads;
     // Chunks past the last repeat it and rows past the last token repeat it; neither is counted.
-    var key: array<u32, 8>;   // [CHUNKS]
-    var token_acc: array<f32, 8>;   // [CHUNKS]
+    let chunk = vec4<u32>(0u, 1u, 2u, 3u);
+    let row = p.kv_heads * p.d;
+    let keys_lo = vec4<u32>(p.key_base) + min(vec4<u32>(first) + chunk, vec4<u32>(p.chunks - 1u)) * row;
+    let keys_hi = vec4<u32>(p.key_base) + min(vec4<u32>(first + 4u) + chunk, vec4<u32>(p.chunks - 1u)) * row;
+    var token_acc: array<f32, 8>;   // [CHUNKS]: the token reduction, once per pass
     for (var c = 0u; c < CHUNKS; c++) {
-        key[c] = p.key_base + min(first + c, p.chunks - 1u) * p.kv_heads * p.d;
         token_acc[c] = select(LOWEST, 0.0, p.query_mean == 1u);
     }
     for (var t0 = 0u; t0 < p.tokens; t0 += TOKENS) {
-        var q_row = array<u32, 8>();   // [TOKENS]
-        for (var t = 0u; t < TOKENS; t++) {
-            q_row[t] = min(t0 + t, p.tokens - 1u) * p.q_heads * p.d;
-        }
-        var head_acc = array<f32, 16>();   // [CHUNKS × TOKENS]
-        for (var ct = 0u; ct < CHUNKS * TOKENS; ct++) {
-            head_acc[ct] = select(LOWEST, 0.0, p.head_mean == 1u);
-        }
+        let q_rows = min(vec4<u32>(t0) + chunk, vec4<u32>(p.tokens - 1u)) * p.q_heads * p.d;
+        let start = select(LOWEST, 0.0, p.head_mean == 1u);
+        var head_lo = mat4x4<f32>(vec4<f32>(start), vec4<f32>(start), vec4<f32>(start), vec4<f32>(start));
+        var head_hi = head_lo;
         for (var h = 0u; h < p.q_heads; h++) {
             let kh = (h / group) * p.d;
             let qh = h * p.d;
-            // [CHUNKS × TOKENS], zeroed explicitly: Chromium's WebGPU on SwiftShader kept the
-            // previous head's sums in a loop-body `var` declared without an initializer.
-            var s = array<f32, 16>();
+            // Zeroed explicitly: Chromium's WebGPU on SwiftShader kept the previous head's sums in a
+            // loop-body `var` declared without an initializer.
+            var s_lo = mat4x4<f32>();
+            var s_hi = mat4x4<f32>();
             if p.vectors == 1u {
                 for (var i = 0u; i < p.d; i += per_vector()) {
-                    var q_lo = array<vec4<f32>, 8>();   // [TOKENS]
-                    var q_hi = array<vec4<f32>, 8>();
-                    for (var t = 0u; t < TOKENS; t++) {
-                        let qi = (q_row[t] + qh + i) >> 2u;
-                        q_lo[t] = q[qi];
-                        if DTYPE != 0u {
-                            q_hi[t] = q[qi + 1u];
-                        }
+                    let q0 = query_words(q_rows[0] + qh + i);
+                    var q1 = mat2x4<f32>();
+                    var q2 = mat2x4<f32>();
+                    var q3 = mat2x4<f32>();
+                    if TOKENS > 1u {
+                        q1 = query_words(q_rows[1] + qh + i);
                     }
-                    for (var c = 0u; c < CHUNKS; c++) {
-                        let word = keys[(key[c] + kh + i) / per_vector()];
-                        let lo = widen4(word, 0u);
-                        let hi = widen4(word, 1u);
-                        for (var t = 0u; t < TOKENS; t++) {
-                            var dot_t = dot(q_lo[t], lo);
-                            if DTYPE != 0u {
-                                dot_t += dot(q_hi[t], hi);
-                            }
-                            s[c * TOKENS + t] += dot_t;
-                        }
+                    if TOKENS > 2u {
+                        q2 = query_words(q_rows[2] + qh + i);
+                        q3 = query_words(q_rows[3] + qh + i);
+                    }
+                    let q_lo = mat4x4<f32>(q0[0], q1[0], q2[0], q3[0]);
+                    let q_hi = mat4x4<f32>(q0[1], q1[1], q2[1], q3[1]);
+                    s_lo[0] += chunk_dots(keys_lo[0] + kh, i, q_lo, q_hi);
+                    if CHUNKS > 1u {
+                        s_lo[1] += chunk_dots(keys_lo[1] + kh, i, q_lo, q_hi);
+                    }
+                    if CHUNKS > 2u {
+                        s_lo[2] += chunk_dots(keys_lo[2] + kh, i, q_lo, q_hi);
+                        s_lo[3] += chunk_dots(keys_lo[3] + kh, i, q_lo, q_hi);
+                    }
+                    if CHUNKS > 4u {
+                        s_hi[0] += chunk_dots(keys_hi[0] + kh, i, q_lo, q_hi);
+                        s_hi[1] += chunk_dots(keys_hi[1] + kh, i, q_lo, q_hi);
+                        s_hi[2] += chunk_dots(keys_hi[2] + kh, i, q_lo, q_hi);
+                        s_hi[3] += chunk_dots(keys_hi[3] + kh, i, q_lo, q_hi);
                     }
                 }
             } else {
                 for (var i = 0u; i < p.d; i++) {
-                    var q_i = array<f32, 8>();   // [TOKENS]
+                    var q_i = vec4<f32>(0.0);
                     for (var t = 0u; t < TOKENS; t++) {
-                        q_i[t] = q_at(q_row[t] + qh + i);
+                        q_i[t] = q_at(q_rows[t] + qh + i);
                     }
                     for (var c = 0u; c < CHUNKS; c++) {
-                        let ki = key[c] + kh + i;
+                        let ki = select(keys_lo[c & 3u], keys_hi[c & 3u], c >= 4u) + kh + i;
                         let k = widen(key_word(word_of(ki)), ki);
-                        for (var t = 0u; t < TOKENS; t++) {
-                            s[c * TOKENS + t] += q_i[t] * k;
+                        if c < 4u {
+                            s_lo[c] += q_i * k;
+                        } else {
+                            s_hi[c - 4u] += q_i * k;
                         }
                     }
                 }
             }
-            for (var ct = 0u; ct < CHUNKS * TOKENS; ct++) {
-                let v = s[ct] * p.scale;
-                head_acc[ct] = select(max(head_acc[ct], v), head_acc[ct] + v, p.head_mean == 1u);
-            }
+            head_lo = reduce_heads(head_lo, s_lo * p.scale);
+            head_hi = reduce_heads(head_hi, s_hi * p.scale);
         }
         for (var c = 0u; c < CHUNKS; c++) {
+            let heads = select(head_lo[c & 3u], head_hi[c & 3u], c >= 4u);
             for (var t = 0u; t < min(TOKENS, p.tokens - t0); t++) {
-                var v = head_acc[c * TOKENS + t];
+                var v = heads[t];
                 if p.head_mean == 1u {
                     v *= p.inv_heads;
                 }

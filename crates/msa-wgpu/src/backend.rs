@@ -359,7 +359,7 @@ impl WgpuBackend {
         };
         // Keys stay in their stored dtype and are widened in the kernel. Window offsets are multiples
         // of 16 bytes, so element parity (which half of a packed word) is the same in a window as in
-        // the buffer, and `window.base` counts elements of the stored dtype. Up to 8 query tokens
+        // the buffer, and `window.base` counts elements of the stored dtype. Up to 4 query tokens
         // share each pass over the keys.
         let (chunks_per_invocation, tokens_per_pass) =
             routing_tile(self.ctx.caps.variants.routing_chunks, tokens);
@@ -405,16 +405,10 @@ fn on_words(dtype: DType, row_elements: usize, base: u32) -> bool {
 }
 
 /// Chunks per invocation and query tokens per pass of the routing scan (`CHUNKS`, `TOKENS` in
-/// routing.wgsl), at most 16 partial sums per invocation. One chunk per invocation takes up to 8
-/// tokens per pass; several chunks take a 1-token query (up to 8 chunks) or 4 tokens (4 chunks:
-/// 0.38 s for a 16-token query over 1M memory tokens on lavapipe, against 0.44 s with 2 × 4).
+/// routing.wgsl): the adapter's chunks, up to 4 tokens per pass (lavapipe, 16-token query over 1M
+/// memory tokens: 8 chunks × 4 tokens 34–39 ms against 58 ms with 4 × 4).
 fn routing_tile(routing_chunks: u32, tokens: usize) -> (usize, usize) {
-    let tokens = tokens.next_power_of_two();
-    match routing_chunks as usize {
-        1 => (1, tokens.min(8)),
-        chunks if tokens == 1 => (chunks, 1),
-        chunks => (chunks.min(4), tokens.min(4)),
-    }
+    (routing_chunks as usize, tokens.next_power_of_two().min(4))
 }
 
 /// Which row norm (see norm.wgsl).
