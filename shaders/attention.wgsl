@@ -82,7 +82,8 @@ fn outer(value: vec4<f32>, prob: vec4<f32>) -> mat4x4<f32> {
 }
 
 // Row (element index of k or v) of the tile's key `key`, clamped into the keys to visit: a clamped
-// key's scores are computed but never used, and need no bounds branch.
+// key repeats the last key's scores, harmless to the tile's max, and its probability is never read;
+// no bounds branch needed.
 fn key_row(key: u32, last: u32, g: u32) -> u32 {
     return (min(key, last) * p.kv_heads + g) * p.d;
 }
@@ -128,8 +129,9 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
 
     let tile = WG * KEYS;
     // Output words are grouped WORDS to an invocation; the WG invocations form `streams` copies of the
-    // groups, stream r taking keys r, r + streams, ... of each tile, so every invocation has work (a
-    // software adapter runs idle invocations as slowly as busy ones). The streams are summed at the end.
+    // groups, stream r taking keys r, r + streams, ... of each tile, so (nearly) every invocation has
+    // work (a software adapter runs idle invocations as slowly as busy ones). The streams are summed
+    // at the end.
     let word_groups = (words + WORDS - 1u) / WORDS;
     let streams = WG / word_groups;
     let stream = lane / word_groups;
@@ -222,7 +224,9 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
                     probs[4u * w0 + 4u + h] = acc1[h];
                 }
             }
-            scores[r] = l;
+            if lane % word_groups == 0u {
+                scores[r] = l;
+            }
         }
         workgroupBarrier();
         if stream == 0u {

@@ -489,7 +489,7 @@ pub fn check_rope<B: Backend>(backend: &B, tol: &Tolerances) {
 }
 
 /// `attention` with causal, full and packed masks: prefill, a KV prefix and long decodes, GQA groups 1
-/// (MHA), 2, 4, 6 and 8, head dims 16, 40, 72, 128 and 256.
+/// (MHA), 2, 4, 6 and 8, head dims 6, 16, 18, 20, 40, 72, 128 and 256.
 pub fn check_attention<B: Backend>(backend: &B, tol: &Tolerances) {
     let p = Pair::new(backend);
     let mut rng = StdRng::seed_from_u64(5);
@@ -511,10 +511,11 @@ pub fn check_attention<B: Backend>(backend: &B, tol: &Tolerances) {
         // Groups 8 and 6 (a backend may take part of a group per workgroup), odd head dims.
         (5, 300, 16, 2, 40),
         (3, 200, 6, 1, 72),
-        // An odd count of 4-element words (a backend may hold two per thread), a head dim that is
-        // no multiple of 4 (rows off 16-byte words).
+        // An odd count of 4-element words (a backend may hold two per thread), head dims that are
+        // no multiple of 4 (rows off 16-byte words), a head dim under 8.
         (4, 150, 4, 1, 20),
-        (2, 333, 2, 1, 18),
+        (2, 333, 4, 1, 18),
+        (3, 90, 4, 1, 6),
     ];
     for (nq, nk, heads, kv_heads, d) in cases {
         let q = random(&mut rng, nq * heads * d);

@@ -20,7 +20,8 @@ const LANES: usize = 64;
 const TOP_K_BLOCK: usize = 1024;
 /// Largest k selected on the device; larger selections sort on the host.
 const MAX_DEVICE_K: usize = 256;
-/// Largest head dim of the attention kernel (WG × DIMS, and GROUP × d in q_tile, in attention.wgsl).
+/// Largest head dim of the attention kernel (its 16-byte words at most WG, GROUP × them in q_tile, in
+/// attention.wgsl).
 const MAX_HEAD_DIM: usize = 256;
 /// Rows and columns of a block of the workgroup-tiled GEMM, and its step along `inner` (`TILE` in
 /// matmul.wgsl).

@@ -42,7 +42,7 @@ fn matmul_matches_for_every_dtype_and_odd_sizes() {
 /// reference: the GPU row (projection tiles shared by 64 invocations and reduced in workgroup memory,
 /// one decode column per tile, one routing chunk, attention key and output word per invocation) and
 /// odd ones (32 invocations: two tiles per workgroup; 3 decode columns; 2 routing chunks; 2 attention
-/// keys); projections also with weights split into buffers and windows. The CPU row is what lavapipe
+/// keys and 2 output words); projections also with weights split into buffers and windows. The CPU row is what lavapipe
 /// runs in every other test.
 #[test]
 fn every_kernel_variant_matches() {
@@ -61,7 +61,7 @@ fn every_kernel_variant_matches() {
             decode_columns: 3,
             routing_chunks: 2,
             attention_keys: 2,
-            attention_words: 1,
+            attention_words: 2,
         },
     ];
     for chosen in rows {

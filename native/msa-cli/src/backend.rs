@@ -101,10 +101,34 @@ pub trait Job {
     fn run<B: Device>(self, backend: B, shards: Vec<B>) -> Result<Self::Output>;
 }
 
-/// Opens the chosen backend (and its shards) and runs `job` on it.
+/// Opens the chosen backend (and its shards) and runs `job` on it. `auto` tries CUDA first, opening
+/// it (kernels compiled, cuBLAS started) once: the device it opened is the one the job runs on.
 pub fn run<J: Job>(args: &BackendArgs, job: J) -> Result<J::Output> {
     let devices = usize::from(args.devices);
-    match resolve(args) {
+    let kind = match args.backend {
+        // The first GPU decides; once it has opened, a shard that fails to is an error.
+        BackendKind::Auto => match open_cuda_primary() {
+            Ok(primary) => {
+                tracing::info!("backend auto: {}", primary.describe());
+                let shards = cuda_shards(&primary, devices)?;
+                return job.run(primary, shards);
+            }
+            Err(e) => {
+                // A device the driver reports but that fails to open is worth a warning: the run
+                // was sized for it (see `resolve`).
+                if msa_cuda::device_count().is_ok_and(|gpus| gpus > 0) {
+                    tracing::warn!(
+                        "backend auto: the CUDA device failed to open ({e:#}); not using CUDA"
+                    );
+                } else {
+                    tracing::info!("backend auto: no CUDA ({e:#})");
+                }
+                auto_without_cuda(args)
+            }
+        },
+        kind => kind,
+    };
+    match kind {
         BackendKind::Cpu => {
             let cpu = CpuBackend::new();
             let shards = if devices > 1 {
@@ -126,26 +150,22 @@ pub fn run<J: Job>(args: &BackendArgs, job: J) -> Result<J::Output> {
     }
 }
 
-/// The backend `args` asks for, with `auto` decided: never [`BackendKind::Auto`].
+/// The backend `args` asks for, with `auto` decided without opening anything (to size a run before
+/// it starts): CUDA where the driver reports a device. Never [`BackendKind::Auto`]; [`run`] decides
+/// `auto` the same way unless the CUDA device then fails to open.
 pub fn resolve(args: &BackendArgs) -> BackendKind {
     match args.backend {
-        BackendKind::Auto => auto(args),
+        BackendKind::Auto => match msa_cuda::device_count() {
+            Ok(gpus) if gpus > 0 => BackendKind::Cuda,
+            _ => auto_without_cuda(args),
+        },
         kind => kind,
     }
 }
 
-/// `auto`: CUDA where it opens, else wgpu on a real GPU, else the CPU reference (which beats a
+/// `auto` where CUDA is not available: wgpu on a real GPU, else the CPU reference (which beats a
 /// software adapter).
-fn auto(args: &BackendArgs) -> BackendKind {
-    // Opened, not only detected: the kernels must compile and load, and cuBLAS start. The kernels are
-    // compiled once per process, so the command's own open is quick.
-    match CudaBackend::new(CudaOptions::default()) {
-        Ok(gpu) => {
-            tracing::info!("backend auto: {}", gpu.describe());
-            return BackendKind::Cuda;
-        }
-        Err(e) => tracing::info!("backend auto: no CUDA ({e})"),
-    }
+fn auto_without_cuda(args: &BackendArgs) -> BackendKind {
     let adapters = pollster::block_on(msa_wgpu::matching_adapters(args.adapter.as_deref()));
     let gpu = adapters
         .iter()
@@ -209,14 +229,29 @@ pub fn open_wgpu(
 /// The primary CUDA device and, for Memory Parallel, one per shard: shard i on GPU i, cycling when
 /// there are fewer GPUs than shards. Shard 0 is the primary device itself.
 pub fn open_cuda(devices: usize) -> Result<(CudaBackend, Vec<CudaBackend>)> {
+    let primary = open_cuda_primary()?;
+    let shards = cuda_shards(&primary, devices)?;
+    Ok((primary, shards))
+}
+
+fn open_cuda_device(ordinal: usize) -> Result<CudaBackend> {
+    CudaBackend::new(CudaOptions { ordinal }).context("opening a CUDA device")
+}
+
+/// GPU 0, the primary device.
+fn open_cuda_primary() -> Result<CudaBackend> {
     let gpus = msa_cuda::device_count().context("opening a CUDA device")?;
     anyhow::ensure!(gpus > 0, "the CUDA driver reports no device");
-    let open =
-        |ordinal: usize| CudaBackend::new(CudaOptions { ordinal }).context("opening a CUDA device");
-    let primary = open(0)?;
+    open_cuda_device(0)
+}
+
+/// The Memory Parallel shards beside `primary` (shard 0 is the primary itself), cycling over the GPUs;
+/// none for one device.
+fn cuda_shards(primary: &CudaBackend, devices: usize) -> Result<Vec<CudaBackend>> {
     if devices == 1 {
-        return Ok((primary, Vec::new()));
+        return Ok(Vec::new());
     }
+    let gpus = msa_cuda::device_count().context("opening a CUDA device")?;
     if gpus < devices {
         tracing::warn!(
             "{devices} devices asked for, {gpus} CUDA GPU(s) found: several shards share a GPU"
@@ -224,9 +259,9 @@ pub fn open_cuda(devices: usize) -> Result<(CudaBackend, Vec<CudaBackend>)> {
     }
     let mut shards = vec![primary.clone()];
     for shard in 1..devices {
-        shards.push(open(shard % gpus)?);
+        shards.push(open_cuda_device(shard % gpus)?);
     }
-    Ok((primary, shards))
+    Ok(shards)
 }
 
 /// Loads a model directory onto `backend`, naming the directory in errors.
