@@ -98,9 +98,9 @@ fn families_are_the_shader_files_plus_the_shared_helpers() {
 
 #[test]
 fn a_broken_shader_is_reported_with_its_location() {
-    let broken = Family::Matmul
-        .source()
-        .replace("acc[c][r] += ", "acc[c][r] += 1u + ");
+    let source = Family::Matmul.source();
+    let broken = source.replace("a0 += column_dots(", "a0 += 1u + column_dots(");
+    assert_ne!(broken, source, "the line to break is gone from matmul.wgsl");
     let err = validate("matmul.wgsl", &broken, Capabilities::empty()).unwrap_err();
     assert!(err.contains("matmul.wgsl"), "{err}");
 }
