@@ -7,8 +7,8 @@
 // 16-byte word (`vectors`), weights, x and norm weights are read as vec4s (8 packed halves or 4 f32 per
 // weight load), else one element at a time. Decode (one token) uses ROWS = 1 and the adapter's decode
 // columns: 1 on GPUs (a GEMV with one tile per column, as many as possible in flight), 4 on CPU adapters,
-// where an x value loaded once then serves 4 weight rows. A block (prefill) uses COLS = 4 and ROWS = 4
-// (2 where SPLIT > 1). The accumulators are named matrices, not arrays indexed in loops: lavapipe keeps
+// where an x value loaded once then serves 4 weight rows. A block (prefill) uses COLS = 8 and ROWS = 4
+// (4 × 2 where SPLIT > 1). The accumulators are named matrices, not arrays indexed in loops: lavapipe keeps
 // such arrays in memory, and at 16 accumulators that made a 4 × 4 tile slower than 4 × 2 (measured
 // with `msa bench --kernels`).
 // SPLIT (chosen per adapter, see `Variants`) is how many invocations share one tile: 1 on software
@@ -28,7 +28,7 @@
 // Bindings a specialisation does not use are bound to any small buffer.
 
 override ROWS: u32 = 2u;       // 1..=4
-override COLS: u32 = 4u;       // 1..=4
+override COLS: u32 = 4u;       // 1..=4 or 8; at most 4 where SPLIT > 1 (the partial sums below)
 override NORM: u32 = 0u;       // 0 or 1
 override EPILOGUE: u32 = 0u;   // 0, 1 or 2
 override SPLIT: u32 = 1u;      // a power of two, 1..=64
@@ -144,8 +144,8 @@ fn column_products(i: u32, xs: vec4<f32>) -> mat2x4<f32> {
     return products;
 }
 
-// Partial sums per invocation, for the SPLIT reduction: each column's two sum vectors (2c, 2c + 1),
-// then the squares per row (8).
+// Partial sums per invocation, for the SPLIT reduction (COLS <= 4): each column's two sum vectors
+// (2c, 2c + 1), then the squares per row (8).
 const PARTIALS: u32 = 9u;
 var<workgroup> partial: array<vec4<f32>, 576>;   // [PARTIALS][64]
 
@@ -179,6 +179,12 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
     var a1 = mat2x4<f32>();
     var a2 = mat2x4<f32>();
     var a3 = mat2x4<f32>();
+    var a4 = mat2x4<f32>();
+    var a5 = mat2x4<f32>();
+    var a6 = mat2x4<f32>();
+    var a7 = mat2x4<f32>();
+    let w_rows_hi = vec4<u32>(p.w_base)
+        + min(vec4<u32>(col0 + 4u) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.cols - 1u)) * p.inner;   // COLS 8
     var squares = vec4<f32>(0.0);   // NORM: Σ x² per row
     // An inactive invocation (past the last tile) computes nothing but still meets the barriers.
     var k = select(p.inner, j, in_range);
@@ -220,6 +226,12 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
             if COLS > 3u {
                 a3 += column_dots((w_rows[3] + k) / pv, x_lo, x_hi);
             }
+            if COLS > 4u {
+                a4 += column_dots((w_rows_hi[0] + k) / pv, x_lo, x_hi);
+                a5 += column_dots((w_rows_hi[1] + k) / pv, x_lo, x_hi);
+                a6 += column_dots((w_rows_hi[2] + k) / pv, x_lo, x_hi);
+                a7 += column_dots((w_rows_hi[3] + k) / pv, x_lo, x_hi);
+            }
         }
     }
     for (; k < p.inner; k += SPLIT) {
@@ -245,9 +257,15 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         if COLS > 3u {
             a3 += column_products(w_rows[3] + k, xs);
         }
+        if COLS > 4u {
+            a4 += column_products(w_rows_hi[0] + k, xs);
+            a5 += column_products(w_rows_hi[1] + k, xs);
+            a6 += column_products(w_rows_hi[2] + k, xs);
+            a7 += column_products(w_rows_hi[3] + k, xs);
+        }
     }
     // Past the hot loops an array is fine: what remains runs once.
-    var acc = array<mat2x4<f32>, 4>(a0, a1, a2, a3);
+    var acc = array<mat2x4<f32>, 8>(a0, a1, a2, a3, a4, a5, a6, a7);
     if SPLIT > 1u {
         // Tree reduction of every partial sum over the SPLIT invocations of the tile.
         for (var c = 0u; c < COLS; c++) {
