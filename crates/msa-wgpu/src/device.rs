@@ -124,42 +124,40 @@ impl Variants {
         }
     }
 
-    /// Why the kernels cannot take these variants, if they cannot.
+    /// Why the kernels cannot take these variants, if they cannot: the first field out of range.
     pub fn check(&self) -> Result<(), String> {
-        let Variants {
-            matmul_split,
-            decode_columns,
-            routing_chunks,
-            attention_keys,
-            attention_words,
-            ..
-        } = *self;
-        if !(matmul_split.is_power_of_two() && matmul_split <= 64) {
-            return Err(format!(
-                "a projection split must be a power of two from 1 to 64, not {matmul_split}"
-            ));
+        let power_of_two_to = |value: u32, max: u32| value.is_power_of_two() && value <= max;
+        let rules = [
+            (
+                power_of_two_to(self.matmul_split, 64),
+                "a projection split must be a power of two from 1 to 64",
+                self.matmul_split,
+            ),
+            (
+                (1..=4).contains(&self.decode_columns),
+                "decode columns per tile must be from 1 to 4",
+                self.decode_columns,
+            ),
+            (
+                power_of_two_to(self.routing_chunks, 8),
+                "routing chunks per invocation must be a power of two from 1 to 8",
+                self.routing_chunks,
+            ),
+            (
+                power_of_two_to(self.attention_keys, 4),
+                "attention keys per invocation must be 1, 2 or 4",
+                self.attention_keys,
+            ),
+            (
+                (1..=2).contains(&self.attention_words),
+                "attention words per invocation must be 1 or 2",
+                self.attention_words,
+            ),
+        ];
+        match rules.iter().find(|(ok, _, _)| !ok) {
+            Some((_, rule, value)) => Err(format!("{rule}, not {value}")),
+            None => Ok(()),
         }
-        if !(1..=4).contains(&decode_columns) {
-            return Err(format!(
-                "decode columns per tile must be from 1 to 4, not {decode_columns}"
-            ));
-        }
-        if !(routing_chunks.is_power_of_two() && routing_chunks <= 8) {
-            return Err(format!(
-                "routing chunks per invocation must be a power of two from 1 to 8, not {routing_chunks}"
-            ));
-        }
-        if !(attention_keys.is_power_of_two() && attention_keys <= 4) {
-            return Err(format!(
-                "attention keys per invocation must be 1, 2 or 4, not {attention_keys}"
-            ));
-        }
-        if !(1..=2).contains(&attention_words) {
-            return Err(format!(
-                "attention words per invocation must be 1 or 2, not {attention_words}"
-            ));
-        }
-        Ok(())
     }
 }
 
