@@ -42,7 +42,7 @@ struct Params {
 // Per-head values travel as vec4s, one component per head of the GROUP (at most 4): a key's scores, its
 // probabilities, the running max and sum. An output word's accumulators are a mat4x4, a column per head.
 var<workgroup> q_tile: array<vec4<f32>, 256>;   // [GROUP][words of d], scaled, zero past d: d <= 256
-var<workgroup> scores: array<vec4<f32>, WG>;    // per invocation, the max of its keys' scores
+var<workgroup> scores: array<vec4<f32>, WG>;    // per subgroup, its keys' max score (then the streams' sums)
 var<workgroup> probs: array<vec4<f32>, TILE>;   // per key of the tile, exp(score - running max)
 var<workgroup> tile_max: vec4<f32>;
 
@@ -176,10 +176,15 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         if KEYS > 2u {
             top = max(top, max(s2, s3));
         }
-        scores[lane] = top;
+        // The tile's max: within subgroups in registers, then over the WG / SUBGROUP subgroups by one
+        // invocation (serially: a software adapter runs a barrier-free loop faster than a tree).
+        top = span_max4(top, SUBGROUP);
+        if lane % SUBGROUP == 0u {
+            scores[lane / SUBGROUP] = top;
+        }
         workgroupBarrier();
         if lane == 0u {
-            for (var jj = 1u; jj < min(WG, count); jj++) {
+            for (var jj = 1u; jj < WG / SUBGROUP; jj++) {
                 top = max(top, scores[jj]);
             }
             tile_max = top;
@@ -213,30 +218,40 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
         }
     }
 
-    // Streams 1.. hand their accumulators (at probs[4·word + head]) and sums (at scores[stream]) to
-    // stream 0, one at a time.
-    for (var r = 1u; r < streams; r++) {
+    // The streams fold in halves (log2(streams) rounds, not streams - 1): while more than one remains,
+    // each stream s of the upper half hands its accumulators and its sum to stream s - half, at that
+    // stream's slots: probs[4·WORDS·((s - half)·word_groups + group) + 4·word + head] and
+    // scores[s - half].
+    let group = lane % word_groups;
+    var remaining = streams;
+    loop {
+        if remaining <= 1u {
+            break;
+        }
+        let half = (remaining + 1u) / 2u;
         workgroupBarrier();
-        if stream == r {
+        if stream >= half && stream < remaining {
+            let slot = 4u * WORDS * ((stream - half) * word_groups + group);
             for (var h = 0u; h < 4u; h++) {
-                probs[4u * w0 + h] = acc0[h];
+                probs[slot + h] = acc0[h];
                 if WORDS > 1u {
-                    probs[4u * w0 + 4u + h] = acc1[h];
+                    probs[slot + 4u + h] = acc1[h];
                 }
             }
-            if lane % word_groups == 0u {
-                scores[r] = l;
+            if group == 0u {
+                scores[stream - half] = l;
             }
         }
         workgroupBarrier();
-        if stream == 0u {
-            acc0 += mat4x4<f32>(probs[4u * w0], probs[4u * w0 + 1u], probs[4u * w0 + 2u], probs[4u * w0 + 3u]);
+        if stream < remaining - half {
+            let slot = 4u * WORDS * (stream * word_groups + group);
+            acc0 += mat4x4<f32>(probs[slot], probs[slot + 1u], probs[slot + 2u], probs[slot + 3u]);
             if WORDS > 1u {
-                acc1 += mat4x4<f32>(probs[4u * w0 + 4u], probs[4u * w0 + 5u], probs[4u * w0 + 6u],
-                                    probs[4u * w0 + 7u]);
+                acc1 += mat4x4<f32>(probs[slot + 4u], probs[slot + 5u], probs[slot + 6u], probs[slot + 7u]);
             }
-            l += scores[r];
+            l += scores[stream];
         }
+        remaining = half;
     }
 
     if stream != 0u { return; }

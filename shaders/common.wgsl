@@ -50,6 +50,31 @@ fn widen4(word: vec4<u32>, part: u32) -> vec4<f32> {
     return vec4<f32>(widen(a, 0u), widen(a, 1u), widen(b, 0u), widen(b, 1u));
 }
 
+// Invocations whose values a reduction exchanges in registers before it turns to workgroup memory: a
+// power of two, 1 (no exchange) where the device has no subgroup operations, else the adapter's smallest
+// subgroup size (at most 64, a workgroup). Where subgroups are consecutive runs of invocations (checked
+// on one pipeline when the device opens), aligned runs of SUBGROUP invocations lie in one subgroup
+// whatever size the driver picks for a pipeline.
+override SUBGROUP: u32 = 1u;
+
+// v summed (or maxed) over each aligned run of `span` invocations (a power of two, at most SUBGROUP),
+// every invocation of the run receiving the result: a butterfly of register exchanges.
+fn span_sum4(v: vec4<f32>, span: u32) -> vec4<f32> {
+    var s = v;
+    for (var mask = 1u; mask < span; mask <<= 1u) {
+        s += exchange4(s, mask);
+    }
+    return s;
+}
+
+fn span_max4(v: vec4<f32>, span: u32) -> vec4<f32> {
+    var s = v;
+    for (var mask = 1u; mask < span; mask <<= 1u) {
+        s = max(s, exchange4(s, mask));
+    }
+    return s;
+}
+
 // Index of the u32 word holding element `i`.
 fn word_of(i: u32) -> u32 {
     return select(i, i >> 1u, DTYPE != 0u);

@@ -13,7 +13,8 @@
 // with `msa bench --kernels`).
 // SPLIT (chosen per adapter, see `Variants`) is how many invocations share one tile: 1 on software
 // adapters (no barriers); 64 on GPUs, where the whole workgroup strides over `inner` together, so
-// consecutive invocations read consecutive weight words, and the partial sums meet in workgroup memory.
+// consecutive invocations read consecutive weight words, and the partial sums meet in registers within
+// a subgroup (SUBGROUP, see common.wgsl) and in workgroup memory across subgroups.
 //
 // `matmul_tiled` (further below): the workgroup-tiled GEMM for blocks of rows on GPUs.
 //
@@ -267,27 +268,41 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups:
     // Past the hot loops an array is fine: what remains runs once.
     var acc = array<mat2x4<f32>, 8>(a0, a1, a2, a3, a4, a5, a6, a7);
     if SPLIT > 1u {
-        // Tree reduction of every partial sum over the SPLIT invocations of the tile.
+        // Every partial sum over the SPLIT invocations of the tile: first over the runs of them that
+        // share a subgroup, in registers; then, where the tile spans subgroups, a tree over the runs
+        // in workgroup memory.
+        let run = min(SPLIT, SUBGROUP);
         for (var c = 0u; c < COLS; c++) {
-            partial[slot(2u * c, lane)] = acc[c][0];
-            partial[slot(2u * c + 1u, lane)] = acc[c][1];
+            acc[c][0] = span_sum4(acc[c][0], run);
+            if EPILOGUE == 2u {
+                acc[c][1] = span_sum4(acc[c][1], run);
+            }
         }
-        partial[slot(8u, lane)] = squares;
-        workgroupBarrier();
-        for (var s = SPLIT / 2u; s > 0u; s /= 2u) {
-            if j < s {
-                for (var v = 0u; v < PARTIALS; v++) {
-                    if used(v) {
-                        partial[slot(v, lane)] += partial[slot(v, lane + s)];
+        if NORM == 1u {
+            squares = span_sum4(squares, run);
+        }
+        if run < SPLIT {
+            for (var c = 0u; c < COLS; c++) {
+                partial[slot(2u * c, lane)] = acc[c][0];
+                partial[slot(2u * c + 1u, lane)] = acc[c][1];
+            }
+            partial[slot(8u, lane)] = squares;
+            workgroupBarrier();
+            for (var s = SPLIT / 2u; s >= run; s /= 2u) {
+                if j < s {
+                    for (var v = 0u; v < PARTIALS; v++) {
+                        if used(v) {
+                            partial[slot(v, lane)] += partial[slot(v, lane + s)];
+                        }
                     }
                 }
+                workgroupBarrier();
             }
-            workgroupBarrier();
+            for (var c = 0u; c < COLS; c++) {
+                acc[c] = mat2x4<f32>(partial[slot(2u * c, lane)], partial[slot(2u * c + 1u, lane)]);
+            }
+            squares = partial[slot(8u, lane)];
         }
-        for (var c = 0u; c < COLS; c++) {
-            acc[c] = mat2x4<f32>(partial[slot(2u * c, lane)], partial[slot(2u * c + 1u, lane)]);
-        }
-        squares = partial[slot(8u, lane)];
     }
     if !in_range || j != 0u {
         return;

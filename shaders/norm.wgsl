@@ -32,8 +32,12 @@ fn norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
     for (var i = lane; i < p.width; i += WG) {
         sum += x[base + i] * x[base + i];
     }
-    partial[lane] = sum;
-    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+    // Summed within subgroups in registers, then over the WG / SUBGROUP subgroups in workgroup memory.
+    let subgroup_sum = span_sum4(vec4<f32>(sum, 0.0, 0.0, 0.0), SUBGROUP).x;
+    if lane % SUBGROUP == 0u {
+        partial[lane / SUBGROUP] = subgroup_sum;
+    }
+    for (var stride = WG / SUBGROUP / 2u; stride > 0u; stride /= 2u) {
         workgroupBarrier();
         if lane < stride {
             partial[lane] += partial[lane + stride];

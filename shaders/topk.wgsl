@@ -69,10 +69,22 @@ fn select_top_k(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) g
                 index = c_index;
             }
         }
-        best_key[lane] = key;
-        best_raw[lane] = raw;
-        best_index[lane] = index;
-        for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+        // The best within each subgroup by register exchanges, then over the WG / SUBGROUP subgroups'
+        // bests in workgroup memory.
+        for (var mask = 1u; mask < SUBGROUP; mask <<= 1u) {
+            let other = exchange4u(vec4<u32>(key, raw, index, 0u), mask);
+            if ranks_before(other.x, other.z, key, index) {
+                key = other.x;
+                raw = other.y;
+                index = other.z;
+            }
+        }
+        if lane % SUBGROUP == 0u {
+            best_key[lane / SUBGROUP] = key;
+            best_raw[lane / SUBGROUP] = raw;
+            best_index[lane / SUBGROUP] = index;
+        }
+        for (var stride = WG / SUBGROUP / 2u; stride > 0u; stride /= 2u) {
             workgroupBarrier();
             if lane < stride && ranks_before(best_key[lane + stride], best_index[lane + stride],
                                              best_key[lane], best_index[lane]) {

@@ -99,6 +99,55 @@ fn dtype_code(dtype: DType) -> u32 {
     }
 }
 
+/// Checks what the reductions' register exchanges assume (shaders/subgroup_layout.wgsl), on one
+/// pipeline: that an invocation's subgroup lane is its index in the workgroup modulo a subgroup size of
+/// at least `SUBGROUP`, and that the exchange sums each aligned run of `SUBGROUP` invocations. WebGPU
+/// does not promise the layout; where a device differs, or cannot compile the check, the reductions
+/// keep to workgroup memory, with a warning.
+async fn check_subgroup_layout(ctx: &mut GpuContext) -> Result<()> {
+    let width = ctx.caps.subgroup_width;
+    if width == 1 {
+        return Ok(());
+    }
+    let kernel = Kernel::new(Family::SubgroupLayout, "subgroup_layout");
+    let problem = match ctx.try_pipeline(&kernel).await {
+        Err(e) => Some(format!("the subgroup check does not compile ({e})")),
+        Ok(()) => {
+            const LANES: u32 = 64;
+            let bytes = u64::from(LANES) * 16;
+            let lanes = ctx.storage(bytes, "subgroup layout")?;
+            ctx.dispatch(&kernel, &[LANES], &[bind(2, &lanes)], 1)?;
+            let words: Vec<u32> =
+                bytemuck::pod_collect_to_vec(&ctx.read_bytes(&lanes, bytes).await?);
+            misplaced_lane(&words, width).map(|(index, lane, size, sum)| {
+                format!(
+                    "invocation {index} of a workgroup is lane {lane} of a subgroup of {size} and its \
+                     run of {width} sums to {sum}"
+                )
+            })
+        }
+    };
+    if let Some(problem) = problem {
+        tracing::warn!("{problem}: reductions use workgroup memory only");
+        ctx.caps.subgroup_width = 1;
+        ctx.caps.variants.subgroups = false;
+    }
+    Ok(())
+}
+
+/// The first invocation of `lanes` ((lane, size, run sum, 0) by invocation index) that breaks what the
+/// reductions assume for runs of `width`: (index, lane, size, run sum).
+fn misplaced_lane(lanes: &[u32], width: u32) -> Option<(u32, u32, u32, u32)> {
+    (0u32..)
+        .zip(lanes.chunks_exact(4))
+        .map(|(index, word)| (index, word[0], word[1], word[2]))
+        .find(|&(index, lane, size, sum)| {
+            let first = index / width * width;
+            let run_sum = width * first + width * (width - 1) / 2;
+            !(size >= width && size.is_power_of_two() && lane == index % size && sum == run_sum)
+        })
+}
+
 /// The wgpu backend. Cheap to clone; clones share the device.
 #[derive(Clone)]
 pub struct WgpuBackend {
@@ -114,9 +163,16 @@ impl WgpuBackend {
     pub async fn new(options: DeviceOptions) -> std::result::Result<Self, WgpuError> {
         let adapter = device::select_adapter(&options).await?;
         let (device, queue, caps) = device::open_device(&adapter, &options).await?;
-        tracing::info!(adapter = %adapter.get_info().name, %caps, "wgpu device opened");
+        let mut ctx = GpuContext::new(device, queue, adapter.get_info(), caps);
+        check_subgroup_layout(&mut ctx)
+            .await
+            .map_err(|e| WgpuError::RequestDevice {
+                adapter: adapter.get_info().name,
+                reason: format!("checking the subgroup layout: {e}"),
+            })?;
+        tracing::info!(adapter = %adapter.get_info().name, caps = %ctx.caps, "wgpu device opened");
         Ok(WgpuBackend {
-            ctx: Arc::new(GpuContext::new(device, queue, adapter.get_info(), caps)),
+            ctx: Arc::new(ctx),
             rope: Arc::default(),
         })
     }
@@ -1076,5 +1132,46 @@ impl WgpuBackend {
             count = blocks * k;
             pairs = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::misplaced_lane;
+
+    /// (lane, size, run sum, 0) of 64 invocations whose subgroup lane is `lane_of(index)` and whose
+    /// runs of `width` sum as consecutive indices do.
+    fn layout(size: u32, width: u32, lane_of: impl Fn(u32) -> u32) -> Vec<u32> {
+        (0..64)
+            .flat_map(|i| {
+                let first = i / width * width;
+                [lane_of(i), size, (first..first + width).sum(), 0]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_subgroup_layout_check_accepts_aligned_runs_only() {
+        // Consecutive runs, as every known driver lays them out, of the width or wider.
+        assert_eq!(misplaced_lane(&layout(8, 8, |i| i % 8), 8), None);
+        assert_eq!(misplaced_lane(&layout(32, 8, |i| i % 32), 8), None);
+        // Interleaved subgroups (invocation i in subgroup i % 8), a smaller size than the width, a
+        // size that is no power of two.
+        assert_eq!(
+            misplaced_lane(&layout(8, 8, |i| i / 8), 8),
+            Some((1, 0, 8, 28))
+        );
+        assert_eq!(
+            misplaced_lane(&layout(4, 8, |i| i % 4), 8),
+            Some((0, 0, 4, 28))
+        );
+        assert_eq!(
+            misplaced_lane(&layout(12, 8, |i| i % 12), 8),
+            Some((0, 0, 12, 28))
+        );
+        // The right layout, but an exchange that sums something else.
+        let mut wrong_sum = layout(8, 8, |i| i % 8);
+        wrong_sum[4 * 9 + 2] += 1;
+        assert_eq!(misplaced_lane(&wrong_sum, 8), Some((9, 1, 8, 93)));
     }
 }

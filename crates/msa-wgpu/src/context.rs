@@ -298,6 +298,21 @@ impl GpuContext {
         Ok(windows)
     }
 
+    /// Compiles `kernel`'s pipeline now, returning what validation or the driver reports instead of
+    /// keeping it as the device's fault: for optional paths the device can do without.
+    pub async fn try_pipeline(&self, kernel: &Kernel) -> std::result::Result<(), String> {
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
+        self.pipelines
+            .get(&self.device, kernel, self.caps.subgroup_width);
+        // Scopes pop innermost first; the guards are not held across the awaits.
+        let (internal, validation) = (internal.pop(), validation.pop());
+        match (internal.await, validation.await) {
+            (Some(e), _) | (None, Some(e)) => Err(e.to_string()),
+            (None, None) => Ok(()),
+        }
+    }
+
     /// Records one dispatch of `kernel` over `workgroups` workgroups (tiled into 2-D past the
     /// per-dimension limit) with a uniform block of `params` at binding 0.
     pub fn dispatch(
@@ -320,7 +335,9 @@ impl GpuContext {
                 kernel.entry
             )));
         }
-        let pipeline = self.pipelines.get(&self.device, kernel);
+        let pipeline = self
+            .pipelines
+            .get(&self.device, kernel, self.caps.subgroup_width);
         // Uniform blocks are padded to 16 bytes.
         let mut words = params.to_vec();
         words.resize(params.len().next_multiple_of(4).max(4), 0);

@@ -48,6 +48,10 @@ pub struct Variants {
     /// 16-byte words of the output dims each attention invocation accumulates (`WORDS` in
     /// attention.wgsl): 1 or 2.
     pub attention_words: u32,
+    /// Reductions (projection splits, norms, attention's tile max, top-k) exchange values within
+    /// subgroups in registers before they turn to workgroup memory, where the device has subgroup
+    /// operations (`SUBGROUP` in common.wgsl).
+    pub subgroups: bool,
 }
 
 impl Variants {
@@ -73,6 +77,12 @@ impl Variants {
     /// output words (each query word loaded once per 4 keys, each probability once per 8 dims:
     /// lavapipe's decode attention over 324 keys 1.7 ms against 4.1 ms). GPUs broadcast such loads
     /// from cache and want every invocation they can get: one column, one chunk, one key, one word.
+    ///
+    /// Both rows use subgroup reductions where the device has subgroups: a split projection's partial
+    /// sums meet in registers within each subgroup, and only across subgroups in workgroup memory,
+    /// so 64-way splits take log2(64 / subgroup size) barrier rounds instead of 6 (lavapipe, 8 lanes:
+    /// the split-64 gate_proj GEMV 35–39 ms against 41–45 ms); the CPU row's kernels barely reduce
+    /// across invocations and time the same either way.
     pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
         use wgpu::DeviceType::{DiscreteGpu, IntegratedGpu, VirtualGpu};
         Self::row(matches!(
@@ -109,10 +119,12 @@ impl Variants {
             routing_chunks: if gpu { 1 } else { 8 },
             attention_keys: if gpu { 1 } else { 4 },
             attention_words: if gpu { 1 } else { 2 },
+            subgroups: true,
         }
     }
 
-    /// The variants the table does not choose for this adapter, for comparison.
+    /// The variants the table does not choose for this adapter (the other row, subgroups as they
+    /// are), for comparison.
     pub fn other(self) -> Self {
         Variants {
             matmul_split: if self.matmul_split == 1 { 64 } else { 1 },
@@ -121,6 +133,8 @@ impl Variants {
             routing_chunks: if self.routing_chunks == 1 { 8 } else { 1 },
             attention_keys: if self.attention_keys == 1 { 4 } else { 1 },
             attention_words: if self.attention_words == 1 { 2 } else { 1 },
+            // Not a choice of the table: both rows use subgroups where the device has them.
+            subgroups: self.subgroups,
         }
     }
 
@@ -166,7 +180,7 @@ impl fmt::Display for Variants {
         write!(
             f,
             "projection split {}{}, {} decode column{} per tile, routing {} chunk{} per invocation, \
-             attention {} key{} and {} output word{} per invocation",
+             attention {} key{} and {} output word{} per invocation, {} reductions",
             self.matmul_split,
             if self.matmul_tiles {
                 ", tiled GEMM"
@@ -181,6 +195,11 @@ impl fmt::Display for Variants {
             if self.attention_keys == 1 { "" } else { "s" },
             self.attention_words,
             if self.attention_words == 1 { "" } else { "s" },
+            if self.subgroups {
+                "subgroup"
+            } else {
+                "workgroup-memory"
+            },
         )
     }
 }
@@ -208,6 +227,10 @@ pub struct Capabilities {
     /// Subgroup operations are available (enabled on the device), with the adapter's subgroup sizes.
     pub subgroups: bool,
     pub subgroup_sizes: (u32, u32),
+    /// Invocations the reductions exchange values among in registers (`SUBGROUP` in common.wgsl):
+    /// the smallest subgroup size where [`Variants::subgroups`] is on and the device has subgroups
+    /// laid out as the kernels assume, else 1.
+    pub subgroup_width: u32,
     /// Timestamp queries are available (enabled on the device).
     pub timestamps: bool,
     /// Largest storage-buffer binding the kernels use (the adapter limit, or a smaller cap).
@@ -223,11 +246,13 @@ impl fmt::Display for Capabilities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "f16 {}, subgroups {} ({}..={}), timestamps {}, binding {} MiB, buffer {} MiB, {}",
+            "f16 {}, subgroups {} ({}..={}, reductions exchange among {}), timestamps {}, \
+             binding {} MiB, buffer {} MiB, {}",
             yes_no(self.shader_f16),
             yes_no(self.subgroups),
             self.subgroup_sizes.0,
             self.subgroup_sizes.1,
+            self.subgroup_width,
             yes_no(self.timestamps),
             self.max_binding_bytes >> 20,
             self.max_buffer_bytes >> 20,
@@ -359,17 +384,29 @@ pub(crate) async fn open_device(
         .max_binding_bytes
         .map_or(adapter_binding, |cap| cap.min(adapter_binding))
         .min(buffer);
+    let subgroups = features.contains(wgpu::Features::SUBGROUP);
+    // The smallest subgroup size, capped at a workgroup (64): every pipeline's subgroups hold whole
+    // aligned runs of it. A size that is no power of two leaves the reductions alone; the backend
+    // checks the layout before kernels use it.
+    let subgroup_width = match info.subgroup_min_size.min(64) {
+        width if variants.subgroups && subgroups && width > 1 && width.is_power_of_two() => width,
+        _ => 1,
+    };
     let capabilities = Capabilities {
         shader_f16: features.contains(wgpu::Features::SHADER_F16),
-        subgroups: features.contains(wgpu::Features::SUBGROUP),
+        subgroups,
         subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+        subgroup_width,
         timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
         // Windows start at aligned offsets, so the usable size is a multiple of the alignment.
         max_binding_bytes: binding / u64::from(alignment) * u64::from(alignment),
         max_buffer_bytes: buffer,
         max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
         storage_offset_alignment: alignment,
-        variants,
+        variants: Variants {
+            subgroups: subgroup_width > 1,
+            ..variants
+        },
     };
     Ok((device, queue, capabilities))
 }

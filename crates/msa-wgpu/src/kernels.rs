@@ -1,12 +1,16 @@
 //! The kernel families (one `.wgsl` file each under `shaders/`) and the pipeline cache.
 //!
-//! Each family's source is `shaders/common.wgsl` followed by the family file; a pipeline is specialised by
-//! its entry point and its `override` constants, and cached under exactly those inputs.
+//! Each family's source is the device's subgroup prelude (`shaders/subgroups.wgsl` or
+//! `shaders/no_subgroups.wgsl`), `shaders/common.wgsl`, then the family file; a pipeline is specialised by
+//! its entry point and its `override` constants (`SUBGROUP` among them, the same for a whole device), and
+//! cached under exactly those inputs.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 const COMMON: &str = include_str!("../../../shaders/common.wgsl");
+const SUBGROUPS: &str = include_str!("../../../shaders/subgroups.wgsl");
+const NO_SUBGROUPS: &str = include_str!("../../../shaders/no_subgroups.wgsl");
 
 /// A kernel family: one WGSL file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -23,10 +27,12 @@ pub enum Family {
     Probe,
     /// Compiled only on devices with `shader-f16`.
     ProbeF16,
+    /// Compiled only on devices with subgroup operations.
+    SubgroupLayout,
 }
 
 impl Family {
-    pub const ALL: [Family; 11] = [
+    pub const ALL: [Family; 12] = [
         Family::Gather,
         Family::Matmul,
         Family::Norm,
@@ -38,6 +44,7 @@ impl Family {
         Family::TopK,
         Family::Probe,
         Family::ProbeF16,
+        Family::SubgroupLayout,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -53,6 +60,7 @@ impl Family {
             Family::TopK => "topk.wgsl",
             Family::Probe => "probe.wgsl",
             Family::ProbeF16 => "probe_f16.wgsl",
+            Family::SubgroupLayout => "subgroup_layout.wgsl",
         }
     }
 
@@ -69,6 +77,7 @@ impl Family {
             Family::TopK => include_str!("../../../shaders/topk.wgsl"),
             Family::Probe => include_str!("../../../shaders/probe.wgsl"),
             Family::ProbeF16 => include_str!("../../../shaders/probe_f16.wgsl"),
+            Family::SubgroupLayout => include_str!("../../../shaders/subgroup_layout.wgsl"),
         }
     }
 
@@ -77,15 +86,23 @@ impl Family {
         self == Family::ProbeF16
     }
 
-    /// The complete WGSL the device compiles: the extensions it enables, the shared helpers, then
-    /// the family.
-    pub fn source(self) -> String {
+    /// Whether the family uses subgroup built-ins itself (not only through the prelude).
+    pub fn needs_subgroups(self) -> bool {
+        self == Family::SubgroupLayout
+    }
+
+    /// The complete WGSL the device compiles: the extensions it enables, the subgroup prelude (the
+    /// register exchange with `subgroups`, its stand-in without), the shared helpers, then the family.
+    pub fn source(self, subgroups: bool) -> String {
+        // Subgroups need no `enable` (naga refuses `enable subgroups;` and takes the device feature);
+        // only native devices have them: wgpu's WebGPU backend reports none in a browser.
         let enables = if self.needs_f16() {
             "enable f16;\n"
         } else {
             ""
         };
-        format!("{enables}{COMMON}\n{}", self.body())
+        let prelude = if subgroups { SUBGROUPS } else { NO_SUBGROUPS };
+        format!("{enables}{prelude}\n{COMMON}\n{}", self.body())
     }
 }
 
@@ -126,25 +143,38 @@ type PipelineKey = (Family, &'static str, Vec<(&'static str, u64)>);
 /// Shader modules and compute pipelines, created on first use.
 #[derive(Default)]
 pub struct PipelineCache {
-    modules: Mutex<HashMap<Family, wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<(Family, bool), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }
 
 impl PipelineCache {
-    pub fn get(&self, device: &wgpu::Device, kernel: &Kernel) -> wgpu::ComputePipeline {
+    /// The pipeline of `kernel` with `SUBGROUP = subgroup` (see common.wgsl), compiled with the subgroup
+    /// prelude where that is above 1 (1 is the default: there the pipeline's constants are the
+    /// kernel's own).
+    pub fn get(
+        &self,
+        device: &wgpu::Device,
+        kernel: &Kernel,
+        subgroup: u32,
+    ) -> wgpu::ComputePipeline {
+        let mut kernel = kernel.clone();
+        if subgroup > 1 {
+            kernel = kernel.with("SUBGROUP", subgroup);
+        }
         let key = kernel.key();
         if let Some(pipeline) = self.pipelines.lock().expect("cache lock").get(&key) {
             return pipeline.clone();
         }
+        let subgroups = subgroup > 1;
         let module = self
             .modules
             .lock()
             .expect("cache lock")
-            .entry(kernel.family)
+            .entry((kernel.family, subgroups))
             .or_insert_with(|| {
                 device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(kernel.family.file_name()),
-                    source: wgpu::ShaderSource::Wgsl(kernel.family.source().into()),
+                    source: wgpu::ShaderSource::Wgsl(kernel.family.source(subgroups).into()),
                 })
             })
             .clone();

@@ -39,11 +39,13 @@ fn matmul_matches_for_every_dtype_and_odd_sizes() {
 }
 
 /// Kernel variants the adapter table can choose, whatever this adapter would get, against the CPU
-/// reference: the GPU row (projection tiles shared by 64 invocations and reduced in workgroup memory,
-/// one decode column per tile, one routing chunk, attention key and output word per invocation) and
-/// odd ones (32 invocations: two tiles per workgroup; 3 decode columns; 2 routing chunks; 2 attention
-/// keys and 2 output words); projections also with weights split into buffers and windows. The CPU row is what lavapipe
-/// runs in every other test.
+/// reference: the GPU row (projection tiles shared by 64 invocations and reduced in registers and
+/// workgroup memory, one decode column per tile, one routing chunk, attention key and output word per
+/// invocation) and odd ones (32 invocations: two tiles per workgroup; 3 decode columns; 2 routing
+/// chunks; 2 attention keys and 2 output words; reductions in workgroup memory only; and 8 invocations
+/// per tile, which reduce in registers alone where subgroups have 8 lanes or more); projections also
+/// with weights split into buffers and windows. The CPU row, with subgroup reductions where the adapter
+/// has them (lavapipe: 8 lanes), is what every other test runs.
 #[test]
 fn every_kernel_variant_matches() {
     let rows = [
@@ -54,6 +56,7 @@ fn every_kernel_variant_matches() {
             routing_chunks: 1,
             attention_keys: 1,
             attention_words: 1,
+            subgroups: true,
         },
         Variants {
             matmul_split: 32,
@@ -62,6 +65,17 @@ fn every_kernel_variant_matches() {
             routing_chunks: 2,
             attention_keys: 2,
             attention_words: 2,
+            subgroups: false,
+        },
+        // A split no wider than lavapipe's subgroups: tiles reduce in registers alone.
+        Variants {
+            matmul_split: 8,
+            matmul_tiles: false,
+            decode_columns: 2,
+            routing_chunks: 4,
+            attention_keys: 4,
+            attention_words: 1,
+            subgroups: true,
         },
     ];
     for chosen in rows {
@@ -72,8 +86,24 @@ fn every_kernel_variant_matches() {
         }) else {
             return;
         };
-        assert_eq!(gpu.capabilities().variants, chosen);
+        let caps = gpu.capabilities();
+        // Subgroup reductions stay on only where the device has subgroups laid out as they need.
+        let expected = Variants {
+            subgroups: chosen.subgroups && caps.subgroup_width > 1,
+            ..chosen
+        };
+        assert_eq!(caps.variants, expected);
+        // lavapipe (CI) has them, 8 lanes: the subgroup path is what these rows test there.
+        if gpu.adapter_info().name.contains("llvmpipe") {
+            assert_eq!(
+                caps.subgroup_width,
+                if chosen.subgroups { 8 } else { 1 },
+                "{caps}"
+            );
+        }
         conformance::check_matmul(&gpu, &Tolerances::EXACT_F32);
+        conformance::check_norms(&gpu, &Tolerances::EXACT_F32);
+        conformance::check_top_k(&gpu, &Tolerances::EXACT_F32);
         conformance::check_fused_ops(&gpu, &Tolerances::EXACT_F32);
         conformance::check_routing_scores(&gpu, &Tolerances::EXACT_F32);
         conformance::check_attention(&gpu, &Tolerances::EXACT_F32);
@@ -94,6 +124,7 @@ fn every_kernel_variant_matches() {
         routing_chunks: 8,
         attention_keys: 4,
         attention_words: 2,
+        subgroups: true,
     };
     for (variants, message) in [
         (

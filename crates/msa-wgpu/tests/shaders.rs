@@ -16,25 +16,37 @@ fn validate(
         .map_err(|e| e.emit_to_string_with_path(source, name))
 }
 
-/// No optional capability: the kernels must run on every WebGPU adapter (no f16, no subgroups). The
-/// f16 probe alone needs `shader-f16` (it runs only where the device has it).
+/// Every family, with the subgroup prelude and without. Without, no optional capability: the kernels
+/// must run on every WebGPU adapter (no f16, no subgroups). The f16 probe alone needs `shader-f16` and
+/// the subgroup layout check subgroups (each runs only where the device has it).
 #[test]
 fn every_kernel_family_validates_with_naga() {
-    let failures: Vec<String> = Family::ALL
-        .iter()
-        .filter_map(|family| {
-            let capabilities = if family.needs_f16() {
-                Capabilities::SHADER_FLOAT16
-            } else {
-                Capabilities::empty()
-            };
-            validate(family.file_name(), &family.source(), capabilities).err()
-        })
-        .collect();
+    let mut failures = Vec::new();
+    for subgroups in [false, true] {
+        for family in Family::ALL {
+            if family.needs_subgroups() && !subgroups {
+                continue;
+            }
+            let mut capabilities = Capabilities::empty();
+            if family.needs_f16() {
+                capabilities |= Capabilities::SHADER_FLOAT16;
+            }
+            if subgroups {
+                capabilities |= Capabilities::SUBGROUP;
+            }
+            let source = family.source(subgroups);
+            if let Err(e) = validate(family.file_name(), &source, capabilities) {
+                failures.push(format!("subgroups {subgroups}: {e}"));
+            }
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    // Without the capability the f16 family is refused: it must stay behind the feature.
+    // Without the capability the f16 family and the subgroup prelude are refused: they must stay
+    // behind their features.
     let f16 = Family::ProbeF16;
-    assert!(validate(f16.file_name(), &f16.source(), Capabilities::empty()).is_err());
+    assert!(validate(f16.file_name(), &f16.source(false), Capabilities::empty()).is_err());
+    let norm = Family::Norm;
+    assert!(validate(norm.file_name(), &norm.source(true), Capabilities::empty()).is_err());
 }
 
 /// A `var` declared inside a block (a loop body, a branch) without an initializer must be zero each
@@ -72,7 +84,7 @@ fn families_are_the_shader_files_plus_the_shared_helpers() {
     let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.ends_with(".wgsl") && name != "common.wgsl")
+        .filter(|name| name.ends_with(".wgsl") && !PRELUDES.contains(&name.as_str()))
         .collect();
     on_disk.sort();
     let mut families: Vec<String> = Family::ALL
@@ -84,21 +96,31 @@ fn families_are_the_shader_files_plus_the_shared_helpers() {
         on_disk, families,
         "every shader file is a family and vice versa"
     );
-    let common = std::fs::read_to_string(dir.join("common.wgsl")).unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let common = read("common.wgsl");
     for family in Family::ALL {
-        let body = std::fs::read_to_string(dir.join(family.file_name())).unwrap();
+        let body = read(family.file_name());
         let enables = if family.needs_f16() {
             "enable f16;\n"
         } else {
             ""
         };
-        assert_eq!(family.source(), format!("{enables}{common}\n{body}"));
+        for (subgroups, prelude) in [(false, "no_subgroups.wgsl"), (true, "subgroups.wgsl")] {
+            let prelude = read(prelude);
+            assert_eq!(
+                family.source(subgroups),
+                format!("{enables}{prelude}\n{common}\n{body}")
+            );
+        }
     }
 }
 
+/// Shader files prepended to every family rather than families themselves.
+const PRELUDES: [&str; 3] = ["common.wgsl", "subgroups.wgsl", "no_subgroups.wgsl"];
+
 #[test]
 fn a_broken_shader_is_reported_with_its_location() {
-    let source = Family::Matmul.source();
+    let source = Family::Matmul.source(false);
     let broken = source.replace("a0 += column_dots(", "a0 += 1u + column_dots(");
     assert_ne!(broken, source, "the line to break is gone from matmul.wgsl");
     let err = validate("matmul.wgsl", &broken, Capabilities::empty()).unwrap_err();
