@@ -89,14 +89,16 @@ pub struct BenchArgs {
     /// Seed of the random weights, documents and questions.
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Only measure the wgpu adapter's roofline: buffer-copy and kernel read bandwidth, f32 FMA rate.
+    /// Only measure the wgpu adapter's roofline: buffer-copy and kernel read bandwidth, f32 FMA rate
+    /// (and, with CUDA, the GPU's device-to-device and pinned host-to-device copy rates).
     #[arg(long, conflicts_with_all = ["model", "bank", "kernels"])]
     probe: bool,
     /// Compare every performance-critical kernel at the preset's shapes (routing scan over
     /// --memory-tokens with 1 and --query-tokens query tokens, top-k, decode GEMV, prefill GEMM, the
     /// fused MLP halves beside their unfused ops, decode attention): wgpu against the CPU reference on
     /// the same inputs, each wgpu figure as a fraction of the roofline measured in the same run, with
-    /// its target.
+    /// its target. With `--backend cuda` (or `auto` on an NVIDIA machine) each kernel also runs on
+    /// CUDA, as a fraction of the GPU's device-to-device copy rate.
     #[arg(long, conflicts_with_all = ["model", "bank"])]
     kernels: bool,
     /// With --kernels: only the kernels whose name contains TEXT (case-insensitive), e.g. `attention`.
@@ -438,18 +440,35 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     )
 }
 
-/// `--probe` and `--kernels`: always on wgpu (the CPU reference is the comparison).
+/// `--probe` and `--kernels`: always on wgpu (the CPU reference is the comparison), and on the same
+/// machine's first CUDA GPU too with `--backend cuda` (required) or `auto` (where it opens).
 fn kernel_bench(args: &BenchArgs) -> Result<()> {
     anyhow::ensure!(
-        matches!(args.backend.backend, BackendKind::Auto | BackendKind::Wgpu)
-            && args.backend.devices == 1,
-        "--probe and --kernels measure one wgpu device: use --backend wgpu (or auto) and no --devices"
+        args.backend.backend != BackendKind::Cpu && args.backend.devices == 1,
+        "--probe and --kernels measure one GPU: use --backend wgpu, cuda or auto, and no --devices"
     );
     let (gpu, _) = backend::open_wgpu(args.backend.adapter.clone(), 1)?;
+    let cuda = match args.backend.backend {
+        BackendKind::Cuda => Some(backend::open_cuda(1)?.0),
+        BackendKind::Auto => backend::open_cuda(1)
+            .inspect_err(|e| tracing::info!("no CUDA figures: {e:#}"))
+            .ok()
+            .map(|(cuda, _)| cuda),
+        BackendKind::Wgpu | BackendKind::Cpu => None,
+    };
     let report = if args.probe {
+        let roofline = kernels::roofline_json(&kernels::probe(&gpu)?);
+        let cuda = match &cuda {
+            Some(cuda) => Some(kernels::cuda_roofline_json(
+                cuda,
+                &kernels::probe_cuda(cuda)?,
+            )),
+            None => None,
+        };
         json!({
             "adapter": msa_engine::Backend::describe(&gpu),
-            "roofline": kernels::roofline_json(&kernels::probe(&gpu)?),
+            "roofline": roofline,
+            "cuda": cuda,
         })
     } else {
         let text = serde_json::to_string(&preset_config(args.preset))?;
@@ -482,7 +501,14 @@ fn kernel_bench(args: &BenchArgs) -> Result<()> {
             ..DeviceOptions::default()
         }))
         .context("opening the adapter a second time, with the other kernel variants")?;
-        kernels::compare(&gpu, &other, &shapes, args.only.as_deref(), args.seed)?
+        kernels::compare(
+            &gpu,
+            &other,
+            cuda.as_ref(),
+            &shapes,
+            args.only.as_deref(),
+            args.seed,
+        )?
     };
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")

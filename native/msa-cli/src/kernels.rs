@@ -1,13 +1,15 @@
 //! `msa bench --probe` and `msa bench --kernels`: the adapter's roofline, and every performance-critical
-//! kernel at the preset's shapes, on wgpu and on the CPU reference with the same inputs in the same run.
-//! Each wgpu figure is printed as a fraction of the roofline measured in that run, so the table reads the
-//! same on lavapipe, a browser's adapter or an H100.
+//! kernel at the preset's shapes, on wgpu and on the CPU reference with the same inputs in the same run
+//! (and on CUDA where it opens). Each wgpu figure is printed as a fraction of the roofline measured in
+//! that run, so the table reads the same on lavapipe, a browser's adapter or an H100; each CUDA figure as
+//! a fraction of the GPU's device-to-device copy rate.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use half::bf16;
 use msa_core::{ChunkReduce, DType, HeadReduce, ModelConfig, QueryReduce, ScoreMode, TensorView};
+use msa_cuda::{CudaBackend, CudaRoofline};
 use msa_engine::{AttentionMask, Backend, CpuBackend, RoutingSpec};
 use msa_wgpu::WgpuBackend;
 use msa_wgpu::probe::{Probe, Roofline, RooflineProbe};
@@ -454,12 +456,38 @@ pub fn roofline_json(r: &Roofline) -> Value {
     })
 }
 
+/// Measures and prints what a CUDA device can move: the denominator of its kernels' fractions.
+pub fn probe_cuda(cuda: &CudaBackend) -> Result<CudaRoofline> {
+    let roofline = cuda.measure_roofline()?;
+    println!("roofline of {}", cuda.describe());
+    println!(
+        "  {:<12} {} (read + write)",
+        "device copy",
+        rate(roofline.device_copy_bytes_per_s, "B")
+    );
+    println!(
+        "  {:<12} {}",
+        "pinned H2D",
+        rate(roofline.host_to_device_bytes_per_s, "B")
+    );
+    Ok(roofline)
+}
+
+pub fn cuda_roofline_json(cuda: &CudaBackend, r: &CudaRoofline) -> Value {
+    json!({
+        "device": cuda.describe(),
+        "device_copy_bytes_per_s": r.device_copy_bytes_per_s,
+        "host_to_device_bytes_per_s": r.host_to_device_bytes_per_s,
+    })
+}
+
 /// Every case (or those whose name contains `only`) on wgpu and on the CPU reference, side by side;
-/// projections also on `other`, the same adapter with the kernel variants the table would not choose.
-/// Returns the report as JSON.
+/// projections also on `other`, the same adapter with the kernel variants the table would not choose;
+/// and on `cuda` where given (the same GPU through CUDA). Returns the report as JSON.
 pub fn compare(
     gpu: &WgpuBackend,
     other: &WgpuBackend,
+    cuda: Option<&CudaBackend>,
     shapes: &Shapes,
     only: Option<&str>,
     seed: u64,
@@ -479,11 +507,15 @@ pub fn compare(
         );
     }
     let roofline = probe(gpu)?;
+    let cuda = match cuda {
+        Some(cuda) => Some((cuda, probe_cuda(cuda)?)),
+        None => None,
+    };
     let cpu = CpuBackend::new();
     let inputs = Inputs::new(shapes, seed);
     let (variants, other_variants) = (gpu.capabilities().variants, other.capabilities().variants);
     println!("\nwgpu: {variants} (this adapter's table); other variant: {other_variants}");
-    println!(
+    print!(
         "\n{:<58} {:>10} {:>10} {:>10} {:>10} {:>8} {:>15} {:>8} {:>8} {:>9}",
         "kernel",
         "CPU ref",
@@ -496,11 +528,25 @@ pub fn compare(
         "target",
         "max diff"
     );
+    if cuda.is_some() {
+        print!(" {:>10} {:>8} {:>9}", "cuda", "of HBM", "cuda diff");
+    }
+    println!();
     let mut rows = Vec::new();
     let mut times: Vec<(&str, f64)> = Vec::new();
     for case in &cases {
         let (cpu_s, cpu_out) = run_op(&cpu, shapes, &inputs, case.op, false)?;
         let (gpu_s, gpu_out) = run_op(gpu, shapes, &inputs, case.op, false)?;
+        // CUDA: seconds, the bytes it moved per second over a device-to-device copy's, and its
+        // largest difference from the CPU reference.
+        let on_cuda = match &cuda {
+            Some((cuda, roofline)) => {
+                let (seconds, out) = run_op(*cuda, shapes, &inputs, case.op, false)?;
+                let of_copy = case.bytes / seconds / roofline.device_copy_bytes_per_s;
+                Some((seconds, of_copy, max_abs_diff(&out, &cpu_out)))
+            }
+            None => None,
+        };
         let naive_s = if case.op.fused() {
             Some(run_op(gpu, shapes, &inputs, case.op, true)?.0)
         } else {
@@ -540,7 +586,7 @@ pub fn compare(
         let diff = max_abs_diff(&gpu_out, &cpu_out);
         let ms = |t: Option<f64>| t.map_or("-".to_string(), |t| format!("{:.3} ms", t * 1e3));
         let (naive, other_variant) = (ms(naive_s), ms(other_s));
-        println!(
+        print!(
             "{:<58} {:>7.3} ms {naive:>10} {other_variant:>10} {:>7.3} ms {:>7.2}x {:>15} {:>8.2} {:>6} {} {:>9.2e}",
             case.name,
             cpu_s * 1e3,
@@ -552,6 +598,10 @@ pub fn compare(
             if met { "ok" } else { "--" },
             diff,
         );
+        if let Some((seconds, of_copy, diff)) = on_cuda {
+            print!(" {:>7.3} ms {of_copy:>8.2} {diff:>9.2e}", seconds * 1e3);
+        }
+        println!();
         rows.push(json!({
             "kernel": case.name,
             "cpu_seconds": cpu_s,
@@ -565,6 +615,9 @@ pub fn compare(
             "target": target,
             "target_met": met,
             "max_abs_diff": diff,
+            "cuda_seconds": on_cuda.map(|c| c.0),
+            "cuda_fraction_of_device_copy": on_cuda.map(|c| c.1),
+            "cuda_max_abs_diff": on_cuda.map(|c| c.2),
         }));
     }
     println!(
@@ -573,11 +626,20 @@ pub fn compare(
          the roofline time (bytes / read bandwidth or FLOPs / FMA rate, whichever is longer) over the \
          measured time; max diff: largest |wgpu - CPU| of the outputs."
     );
+    if cuda.is_some() {
+        println!(
+            "cuda: the op on the CUDA backend; of HBM: its bytes per \
+             second over a device-to-device copy's (bytes read + written) measured in the same run; \
+             cuda diff: largest |cuda - CPU| (projections of many rows round activations to bf16 for \
+             tensor cores)."
+        );
+    }
     Ok(json!({
         "adapter": gpu.describe(),
         "variants": variants.to_string(),
         "other_variants": other_variants.to_string(),
         "roofline": roofline_json(&roofline),
+        "cuda": cuda.map(|(cuda, r)| cuda_roofline_json(cuda, &r)),
         "kernels": rows,
     }))
 }

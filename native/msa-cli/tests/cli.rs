@@ -669,12 +669,32 @@ fn bench_probes_the_adapter_and_compares_kernels_with_the_cpu_reference() {
         );
         assert!(kernel["fraction_of_roofline"].as_f64().unwrap() > 0.0);
     }
+    // Without CUDA (CI's machines) the report says so, rather than leaving figures out silently.
+    if msa_cuda::device_count().unwrap_or(0) == 0 {
+        assert!(report["cuda"].is_null(), "{report:#}");
+        assert!(kernels[0]["cuda_seconds"].is_null(), "{report:#}");
+        msa()
+            .args(["bench", "--probe", "--backend", "cuda"])
+            .assert()
+            .failure()
+            .stderr(contains("opening a CUDA device").or(contains("reports no device")));
+    } else {
+        // On an NVIDIA machine `auto` adds the CUDA column: every kernel ran there too.
+        assert!(report["cuda"]["device_copy_bytes_per_s"].as_f64().unwrap() > 0.0);
+        for kernel in kernels {
+            assert!(kernel["cuda_seconds"].as_f64().unwrap() > 0.0, "{kernel:#}");
+            assert!(
+                kernel["cuda_max_abs_diff"].as_f64().unwrap().is_finite(),
+                "{kernel:#}"
+            );
+        }
+    }
     // A CPU run has nothing to probe.
     msa()
         .args(["bench", "--probe", "--backend", "cpu"])
         .assert()
         .failure()
-        .stderr(contains("one wgpu device"));
+        .stderr(contains("measure one GPU"));
 }
 
 /// A running `msa serve`, killed on drop.
