@@ -85,6 +85,24 @@ struct RoutingGemm {
     query_reduce: u32,
 }
 
+/// What a small projection fuses around `x · Wᵀ` (see `matmul_small` in kernels.cu).
+enum SmallFusion<'a> {
+    None,
+    /// `residual + x · Wᵀ`.
+    Residual(&'a CudaTensor),
+    /// `rms_norm(x, norm, eps) · Wᵀ`.
+    Norm {
+        norm: &'a CudaWeight,
+        eps: f32,
+    },
+    /// `silu(n · Wᵀ) ⊙ (n · Uᵀ)`, `n = rms_norm(x, norm, eps)`.
+    NormSwiglu {
+        norm: &'a CudaWeight,
+        eps: f32,
+        up: &'a CudaWeight,
+    },
+}
+
 /// Pushes a weight of any dtype as a kernel argument.
 fn weight_arg<'a>(args: &mut LaunchArgs<'a>, weight: &'a WeightData) {
     match weight {
@@ -437,6 +455,56 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// rope's `[n, d/2]` (cos, sin) table of `positions`, uploaded once for a run of calls at the
+    /// same positions.
+    fn rope_table(&self, positions: &[u32], theta: f64, d: usize) -> Result<CudaTensor> {
+        self.rope.get(positions, theta, d, |table| {
+            let table = table.as_flattened();
+            self.upload(table, &[table.len()])
+        })
+    }
+
+    /// `x · Wᵀ` for at most [`SMALL_ROWS`] rows by `matmul_small` (kernels.cu) in the specialisation
+    /// `fusion` names: one warp per output feature, each weight row read once. The caller has checked
+    /// that a fusion's weights share the projection's dtype.
+    fn small_projection(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        fusion: SmallFusion<'_>,
+    ) -> Result<CudaTensor> {
+        let (n, inner, out_features) = shapes::matmul_dims(&x.shape, &weight.shape)?;
+        let (mut y, shape) = self.tensor(vec![n, out_features])?;
+        if n == 0 {
+            return Ok(Self::wrap(y, shape));
+        }
+        // The arguments a specialisation does not read are bound to the projection's own.
+        let (name, up, norm, residual, eps) = match fusion {
+            SmallFusion::None => ("matmul_small", weight, weight, x, 0.0),
+            SmallFusion::Residual(residual) => ("matmul_residual", weight, weight, residual, 0.0),
+            SmallFusion::Norm { norm, eps } => ("matmul_norm", weight, norm, x, eps),
+            SmallFusion::NormSwiglu { norm, eps, up } => ("norm_swiglu", up, norm, x, eps),
+        };
+        let kernel = format!("{name}_{}", weight.suffix());
+        // 16-byte loads need every weight row to start on a 16-byte boundary.
+        let vectorised = u32::from((inner * weight.dtype.size_in_bytes()).is_multiple_of(16));
+        let (rows, inner, outs) = (n as u32, inner as u32, out_features as u32);
+        let mut args = self.args(&kernel);
+        args.arg(x.data.as_ref());
+        weight_arg(&mut args, &weight.data);
+        weight_arg(&mut args, &up.data);
+        weight_arg(&mut args, &norm.data);
+        args.arg(residual.data.as_ref())
+            .arg(&mut y)
+            .arg(&rows)
+            .arg(&inner)
+            .arg(&outs)
+            .arg(&vectorised)
+            .arg(&eps);
+        self.launch(&mut args, grid_for_warps(out_features as u64))?;
+        Ok(Self::wrap(y, shape))
+    }
+
     fn elementwise(&self, kernel: &str, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
         let (mut out, shape) = self.tensor(a.shape.clone())?;
         let total = a.len() as u64;
@@ -540,28 +608,89 @@ impl Backend for CudaBackend {
 
     fn matmul(&self, x: &CudaTensor, weight: &CudaWeight) -> Result<CudaTensor> {
         let (n, inner, out_features) = shapes::matmul_dims(&x.shape, &weight.shape)?;
-        let (mut y, shape) = self.tensor(vec![n, out_features])?;
-        if n == 0 {
-            return Ok(Self::wrap(y, shape));
-        }
         if n <= SMALL_ROWS {
-            let kernel = format!("matmul_small_{}", weight.suffix());
-            // 16-byte loads need every weight row to start on a 16-byte boundary.
-            let vectorised = u32::from((inner * weight.dtype.size_in_bytes()).is_multiple_of(16));
-            let (rows, inner, outs) = (n as u32, inner as u32, out_features as u32);
-            let mut args = self.args(&kernel);
-            args.arg(x.data.as_ref());
-            weight_arg(&mut args, &weight.data);
-            args.arg(&mut y)
-                .arg(&rows)
-                .arg(&inner)
-                .arg(&outs)
-                .arg(&vectorised);
-            self.launch(&mut args, grid_for_warps(out_features as u64))?;
-        } else {
-            self.gemm(x, weight, &mut y, (n, inner, out_features))?;
+            return self.small_projection(x, weight, SmallFusion::None);
         }
+        let (mut y, shape) = self.tensor(vec![n, out_features])?;
+        self.gemm(x, weight, &mut y, (n, inner, out_features))?;
         Ok(Self::wrap(y, shape))
+    }
+
+    fn norm_matmul(
+        &self,
+        x: &CudaTensor,
+        norm: &CudaWeight,
+        eps: f32,
+        weight: &CudaWeight,
+    ) -> Result<CudaTensor> {
+        if norm.dtype != weight.dtype || shapes::rows_and_width(&x.shape).0 > SMALL_ROWS {
+            return self.matmul(&self.rms_norm(x, norm, eps)?, weight);
+        }
+        shapes::rms_norm_width(&x.shape, &norm.shape)?;
+        self.small_projection(x, weight, SmallFusion::Norm { norm, eps })
+    }
+
+    fn norm_rope(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        eps: f32,
+        positions: &[u32],
+        theta: f64,
+    ) -> Result<CudaTensor> {
+        let width = shapes::rms_norm_width(&x.shape, &weight.shape)?;
+        let (n, heads, d) = shapes::rope_dims(&x.shape, positions.len())?;
+        debug_assert_eq!(width, d);
+        let table = self.rope_table(positions, theta, d)?;
+        let (mut out, shape) = self.tensor(x.shape.clone())?;
+        let (rows, heads32, d32) = ((n * heads) as u64, heads as u32, d as u32);
+        let kernel = format!("norm_rope_{}", weight.suffix());
+        let mut args = self.args(&kernel);
+        args.arg(x.data.as_ref());
+        weight_arg(&mut args, &weight.data);
+        args.arg(table.data.as_ref())
+            .arg(&mut out)
+            .arg(&rows)
+            .arg(&heads32)
+            .arg(&d32)
+            .arg(&eps);
+        self.launch(&mut args, grid_for_warps(rows))?;
+        Ok(Self::wrap(out, shape))
+    }
+
+    fn matmul_add(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaWeight,
+        residual: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let (n, _, out_features) = shapes::matmul_dims(&x.shape, &weight.shape)?;
+        shapes::same_shape("matmul_add", &residual.shape, &[n, out_features])?;
+        if n > SMALL_ROWS {
+            return self.add(residual, &self.matmul(x, weight)?);
+        }
+        self.small_projection(x, weight, SmallFusion::Residual(residual))
+    }
+
+    fn norm_swiglu(
+        &self,
+        x: &CudaTensor,
+        norm: &CudaWeight,
+        eps: f32,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+    ) -> Result<CudaTensor> {
+        // One pass reads the three weights with one loader: they must share a dtype.
+        let fusable = norm.dtype == gate.dtype
+            && up.dtype == gate.dtype
+            && up.shape == gate.shape
+            && shapes::rows_and_width(&x.shape).0 <= SMALL_ROWS;
+        if !fusable {
+            let normed = self.rms_norm(x, norm, eps)?;
+            return self.silu_mul(&self.matmul(&normed, gate)?, &self.matmul(&normed, up)?);
+        }
+        shapes::rms_norm_width(&x.shape, &norm.shape)?;
+        self.small_projection(x, gate, SmallFusion::NormSwiglu { norm, eps, up })
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaWeight, eps: f32) -> Result<CudaTensor> {
@@ -580,10 +709,7 @@ impl Backend for CudaBackend {
 
     fn rope(&self, x: &CudaTensor, positions: &[u32], theta: f64) -> Result<CudaTensor> {
         let (n, heads, d) = shapes::rope_dims(&x.shape, positions.len())?;
-        let table = self.rope.get(positions, theta, d, |table| {
-            let table = table.as_flattened();
-            self.upload(table, &[table.len()])
-        })?;
+        let table = self.rope_table(positions, theta, d)?;
         let (mut out, shape) = self.tensor(x.shape.clone())?;
         let (n32, heads32, d32) = (n as u32, heads as u32, d as u32);
         let mut args = self.args("rope");

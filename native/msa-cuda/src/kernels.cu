@@ -87,58 +87,85 @@ __device__ void gather(const typename W::T* table, const u32* ids, float* out, u
 
 // ---- Projections ----------------------------------------------------------------------------------
 
+// What a small projection does around x · Wᵀ: nothing, add a residual (o_proj, down_proj), or SwiGLU
+// with a second weight U (gate_proj and up_proj: silu(x · Wᵀ) ⊙ (x · Uᵀ)).
+enum Epilogue { PLAIN = 0, RESIDUAL = 1, SWIGLU = 2 };
+
+// V elements of a weight row from element k, widened: one, or a 16-byte vector (V == W::VEC).
+template <class W, int V>
+__device__ __forceinline__ void load(const typename W::T* p, u64 k, float* out) {
+    if constexpr (V == 1) {
+        out[0] = W::at(p, k);
+    } else {
+        W::vec(p, k, out);
+    }
+}
+
+// One step of a small projection: V elements of the weight row(s) from element k against every
+// input row; under NORM each x value is also squared into `squares` and scaled by the norm weight g.
+template <class W, bool NORM, int EPILOGUE, int V>
+__device__ __forceinline__ void accumulate(const float* x, const typename W::T* row, const typename W::T* row2,
+                                           const typename W::T* g, u32 n, u32 inner, u32 k, float* acc,
+                                           float* acc2, float* squares) {
+    float a[V], a2[V], gv[V];
+    load<W, V>(row, k, a);
+    if (EPILOGUE == SWIGLU) load<W, V>(row2, k, a2);
+    if (NORM) load<W, V>(g, k, gv);
+#pragma unroll
+    for (int r = 0; r < SMALL_ROWS; r++) {
+        if (r >= n) break;
+        const float* xr = x + (u64)r * inner + k;
+#pragma unroll
+        for (int e = 0; e < V; e++) {
+            float xv = xr[e];
+            if (NORM) {
+                squares[r] += xv * xv;
+                xv *= gv[e];
+            }
+            acc[r] += xv * a[e];
+            if (EPILOGUE == SWIGLU) acc2[r] += xv * a2[e];
+        }
+    }
+}
+
 // y[n, out] = x[n, inner] · W[out, inner]ᵀ for n ≤ SMALL_ROWS: one warp per output feature reads its
 // weight row once for every input row, so decoding streams each weight exactly once. With `vectorised`
 // (inner a multiple of W::VEC, so every row starts 16-byte aligned) each lane loads 16 bytes at a
-// time, two vectors in flight; otherwise one element.
-template <class W>
-__device__ void matmul_small(const float* x, const typename W::T* w, float* y, u32 n, u32 inner, u32 out,
-                             u32 vectorised) {
+// time, two vectors in flight; otherwise one element. The layer's bandwidth-bound neighbours ride
+// along in the same pass (one launch instead of two to four): NORM, an RMSNorm of x with weight g
+// (dtype of W), whose sum of squares accumulates in the same loop, so y = (Σ g x W) / rms(x); and the
+// EPILOGUE. Arguments a specialisation does not read may be any buffer.
+template <class W, bool NORM, int EPILOGUE>
+__device__ void matmul_small(const float* x, const typename W::T* w, const typename W::T* w2,
+                             const typename W::T* g, const float* residual, float* y, u32 n, u32 inner,
+                             u32 out, u32 vectorised, float eps) {
     const u32 lane = threadIdx.x % WARP;
     for (u64 o = global_warp(); o < out; o += grid_warps()) {
         const typename W::T* row = w + o * inner;
-        float acc[SMALL_ROWS];
+        const typename W::T* row2 = w2 + o * inner;
+        float acc[SMALL_ROWS], acc2[SMALL_ROWS], squares[SMALL_ROWS];
 #pragma unroll
-        for (int r = 0; r < SMALL_ROWS; r++) acc[r] = 0.0f;
-        u32 k = 0;
+        for (int r = 0; r < SMALL_ROWS; r++) acc[r] = acc2[r] = squares[r] = 0.0f;
         if (vectorised) {
             const u32 step = WARP * W::VEC;
-            for (k = lane * W::VEC; k + step < inner; k += 2 * step) {
-                float a[W::VEC], b[W::VEC];
-                W::vec(row, k, a);
-                W::vec(row, k + step, b);
-#pragma unroll
-                for (int r = 0; r < SMALL_ROWS; r++) {
-                    if (r >= n) break;
-                    const float* xr = x + (u64)r * inner;
-#pragma unroll
-                    for (int e = 0; e < W::VEC; e++) acc[r] += xr[k + e] * a[e] + xr[k + step + e] * b[e];
-                }
+            u32 k = lane * W::VEC;
+            for (; k + step < inner; k += 2 * step) {
+                accumulate<W, NORM, EPILOGUE, W::VEC>(x, row, row2, g, n, inner, k, acc, acc2, squares);
+                accumulate<W, NORM, EPILOGUE, W::VEC>(x, row, row2, g, n, inner, k + step, acc, acc2, squares);
             }
-            if (k < inner) {
-                float a[W::VEC];
-                W::vec(row, k, a);
-#pragma unroll
-                for (int r = 0; r < SMALL_ROWS; r++) {
-                    if (r >= n) break;
-#pragma unroll
-                    for (int e = 0; e < W::VEC; e++) acc[r] += x[(u64)r * inner + k + e] * a[e];
-                }
-            }
+            if (k < inner) accumulate<W, NORM, EPILOGUE, W::VEC>(x, row, row2, g, n, inner, k, acc, acc2, squares);
         } else {
-            for (k = lane; k < inner; k += WARP) {
-                float wv = W::at(row, k);
-#pragma unroll
-                for (int r = 0; r < SMALL_ROWS; r++)
-                    if (r < n) acc[r] += x[(u64)r * inner + k] * wv;
-            }
+            for (u32 k = lane; k < inner; k += WARP)
+                accumulate<W, NORM, EPILOGUE, 1>(x, row, row2, g, n, inner, k, acc, acc2, squares);
         }
 #pragma unroll
         for (int r = 0; r < SMALL_ROWS; r++) {
-            if (r < n) {
-                float s = warp_sum(acc[r]);
-                if (lane == 0) y[(u64)r * out + o] = s;
-            }
+            if (r >= n) break;
+            float inv = NORM ? 1.0f / sqrtf(warp_sum(squares[r]) / (float)inner + eps) : 1.0f;
+            float s = warp_sum(acc[r]) * inv;
+            if (EPILOGUE == SWIGLU) s = s / (1.0f + expf(-s)) * (warp_sum(acc2[r]) * inv);
+            if (EPILOGUE == RESIDUAL) s += residual[(u64)r * out + o];
+            if (lane == 0) y[(u64)r * out + o] = s;
         }
     }
 }
@@ -185,6 +212,27 @@ __device__ void rms_norm(const float* x, const typename W::T* w, float* out, u64
         for (u32 i = lane; i < width; i += WARP) sum += row[i] * row[i];
         float inv = 1.0f / sqrtf(warp_sum(sum) / (float)width + eps);
         for (u32 i = lane; i < width; i += WARP) out[r * width + i] = W::at(w, i) * (row[i] * inv);
+    }
+}
+
+// RMSNorm per head row (q_norm, k_norm) then NeoX RoPE with rope's table, one warp per row of
+// [n, heads, d]: each lane takes pairs (j, j + d/2), so the rotation needs nothing from other lanes.
+template <class W>
+__device__ void norm_rope(const float* x, const typename W::T* w, const float* cos_sin, float* out, u64 rows,
+                          u32 heads, u32 d, float eps) {
+    const u32 lane = threadIdx.x % WARP, half = d / 2;
+    for (u64 r = global_warp(); r < rows; r += grid_warps()) {
+        const float* row = x + r * d;
+        float sum = 0.0f;
+        for (u32 i = lane; i < d; i += WARP) sum += row[i] * row[i];
+        float inv = 1.0f / sqrtf(warp_sum(sum) / (float)d + eps);
+        const float* table = cos_sin + r / heads * half * 2;
+        for (u32 j = lane; j < half; j += WARP) {
+            float a = W::at(w, j) * (row[j] * inv), b = W::at(w, j + half) * (row[j + half] * inv);
+            float c = table[2 * j], s = table[2 * j + 1];
+            out[r * d + j] = a * c - b * s;
+            out[r * d + j + half] = b * c + a * s;
+        }
     }
 }
 
@@ -417,18 +465,30 @@ extern "C" __global__ void routing_documents(const float* chunk_scores, const u3
 
 #define FOR_EACH_DTYPE(M) M(f32, F32) M(bf16, BF16) M(f16, F16)
 
+// The small projections share one signature (see matmul_small).
+#define PROJECTION(name, W, NORM, EPILOGUE)                                                               \
+    extern "C" __global__ void name(const float* x, const W::T* w, const W::T* w2, const W::T* g,         \
+                                    const float* residual, float* y, u32 n, u32 inner, u32 out,          \
+                                    u32 vectorised, float eps) {                                         \
+        matmul_small<W, NORM, EPILOGUE>(x, w, w2, g, residual, y, n, inner, out, vectorised, eps);       \
+    }
+
 #define INSTANTIATE(suffix, W)                                                                            \
     extern "C" __global__ void gather_##suffix(const W::T* table, const u32* ids, float* out, u64 total,   \
                                                u32 width) {                                              \
         gather<W>(table, ids, out, total, width);                                                        \
     }                                                                                                    \
-    extern "C" __global__ void matmul_small_##suffix(const float* x, const W::T* w, float* y, u32 n,      \
-                                                     u32 inner, u32 out, u32 vectorised) {               \
-        matmul_small<W>(x, w, y, n, inner, out, vectorised);                                             \
-    }                                                                                                    \
+    PROJECTION(matmul_small_##suffix, W, false, PLAIN)                                                   \
+    PROJECTION(matmul_residual_##suffix, W, false, RESIDUAL)                                             \
+    PROJECTION(matmul_norm_##suffix, W, true, PLAIN)                                                     \
+    PROJECTION(norm_swiglu_##suffix, W, true, SWIGLU)                                                    \
     extern "C" __global__ void rms_norm_##suffix(const float* x, const W::T* w, float* out, u64 rows,     \
                                                  u32 width, float eps) {                                 \
         rms_norm<W>(x, w, out, rows, width, eps);                                                        \
+    }                                                                                                    \
+    extern "C" __global__ void norm_rope_##suffix(const float* x, const W::T* w, const float* cos_sin,    \
+                                                  float* out, u64 rows, u32 heads, u32 d, float eps) {   \
+        norm_rope<W>(x, w, cos_sin, out, rows, heads, d, eps);                                           \
     }                                                                                                    \
     extern "C" __global__ void routing_chunks_##suffix(const float* query, const W::T* keys,              \
                                                        float* scores, u64 chunks, u32 tokens,            \
