@@ -25,6 +25,8 @@ const MAX_HEAD_DIM: usize = WARP as usize * MAX_PER_LANE;
 /// Routing queries with fewer rows per KV head (tokens × query heads per KV head, 1 per token for a
 /// head mean) are scanned rather than multiplied on tensor cores.
 const ROUTING_GEMM_MIN_ROWS: usize = 4;
+/// Keys each split of split-KV attention takes at least, so its warps have several keys each.
+const MIN_SPLIT_KEYS: usize = 256;
 /// Chunks scored per routing GEMM: bounds the temporary dot products (MSA-4B, 16 routing tokens, head
 /// mean: 8 KV heads × 2 × 16 rows × 65,536 × 4 B = 64 MB; a head max has 4 times the rows).
 const ROUTING_TILE_CHUNKS: usize = 1 << 16;
@@ -530,6 +532,20 @@ impl CudaBackend {
         Ok(host)
     }
 
+    /// Splits of each (query, head)'s keys for attention over `blocks` (query, head) pairs whose
+    /// longest key range is `longest`: enough blocks for two per multiprocessor where the pairs alone
+    /// are fewer (decoding: one query), each split at least [`MIN_SPLIT_KEYS`] keys.
+    fn attention_splits(&self, blocks: usize, longest: usize) -> usize {
+        let wanted = 2 * self.device.multiprocessors;
+        if blocks == 0 || blocks >= wanted {
+            return 1;
+        }
+        wanted
+            .div_ceil(blocks)
+            .min(longest.div_ceil(MIN_SPLIT_KEYS))
+            .clamp(1, u16::MAX as usize)
+    }
+
     fn check_head_dim(&self, op: &'static str, d: usize) -> Result<()> {
         if d > MAX_HEAD_DIM {
             return Err(msa_engine::Error::shape(
@@ -750,25 +766,45 @@ impl Backend for CudaBackend {
                 [keys.start as u32, keys.end as u32]
             })
             .collect();
+        let longest = ranges.chunks_exact(2).map(|r| r[1] - r[0]).max();
+        let splits = self.attention_splits(nq * heads, longest.unwrap_or(0) as usize);
         let ranges = self.upload_slice(&ranges)?;
         let scale = 1.0 / (d as f32).sqrt();
         let (heads32, kv32, d32) = (heads as u32, kv_heads as u32, d as u32);
+        // Split-KV: each split's unnormalised sums and (m, l), merged by attention_combine. One split
+        // writes the output itself and leaves these untouched.
+        let parts = if splits > 1 { nq * heads * splits } else { 0 };
+        let mut partial = self.alloc::<f32>(parts * d)?;
+        let mut stats = self.alloc::<f32>(parts * 2)?;
         let mut args = self.args("attention");
         args.arg(q.data.as_ref())
             .arg(k.data.as_ref())
             .arg(v.data.as_ref())
             .arg(&ranges)
             .arg(&mut out)
+            .arg(&mut partial)
+            .arg(&mut stats)
             .arg(&heads32)
             .arg(&kv32)
             .arg(&d32)
             .arg(&scale);
         let config = LaunchConfig {
-            grid_dim: (nq as u32, heads as u32, 1),
+            grid_dim: (nq as u32, heads as u32, splits as u32),
             block_dim: (ATTENTION_WARPS * WARP, 1, 1),
             shared_mem_bytes: 0,
         };
         self.launch(&mut args, config)?;
+        if splits > 1 {
+            let (rows, splits32) = ((nq * heads) as u64, splits as u32);
+            let mut args = self.args("attention_combine");
+            args.arg(&partial)
+                .arg(&stats)
+                .arg(&mut out)
+                .arg(&rows)
+                .arg(&d32)
+                .arg(&splits32);
+            self.launch(&mut args, grid_for_threads(rows * d as u64))?;
+        }
         Ok(Self::wrap(out, shape))
     }
 

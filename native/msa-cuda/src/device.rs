@@ -5,6 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig};
 use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
 use msa_engine::{Error, Result};
@@ -40,6 +41,7 @@ pub const KERNELS: &[&str] = &[
     "l2_normalize",
     "rope",
     "attention",
+    "attention_combine",
     "silu_mul",
     "add",
     "chunk_mean_pool",
@@ -309,6 +311,8 @@ fn compile(options: &[String], cubin: bool) -> std::result::Result<CompiledKerne
 /// An open device: one context, one stream every op is queued on, cuBLAS bound to it, the kernels.
 pub(crate) struct Device {
     pub(crate) name: String,
+    /// Streaming multiprocessors: how many blocks the GPU runs side by side, in units.
+    pub(crate) multiprocessors: usize,
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) blas: CudaBlas,
     kernels: HashMap<&'static str, CudaFunction>,
@@ -334,6 +338,9 @@ impl Device {
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(started)?;
         let device_name = ctx.name().map_err(started)?;
+        let multiprocessors = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(started)? as usize;
         let name = format!("{device_name} (sm_{major}{minor}, CUDA device {ordinal})");
         let compiled = compile_kernels(major as u32, minor as u32)?;
         let module = ctx.load_module(compiled.module()).map_err(|e| {
@@ -354,6 +361,7 @@ impl Device {
         tracing::info!("opened {name}");
         Ok(Device {
             name,
+            multiprocessors,
             stream,
             blas,
             kernels,

@@ -265,16 +265,22 @@ extern "C" __global__ void rope(const float* x, const float* cos_sin, float* out
 
 // ---- Attention ------------------------------------------------------------------------------------
 
-// Softmax attention with GQA, one block per (query, head): each warp runs an online softmax over a
-// stripe of the query's visible keys [ranges[2i], ranges[2i+1]) (the mask, resolved on the host), and
-// the warps' partial results are merged at the end. A warp without keys has l == 0 and is skipped; a
-// NaN score makes l NaN, which the merge keeps, as the reference's softmax does.
+// Softmax attention with GQA, one block per (query, head, split): each warp runs an online softmax
+// over a stripe of the split's share of the query's visible keys [ranges[2i], ranges[2i+1]) (the mask,
+// resolved on the host), and the warps' partial results are merged at the end. A warp without keys has
+// l == 0 and is skipped; a NaN score makes l NaN, which the merge keeps, as the reference's softmax
+// does. With one split the block writes the output; with several (decoding, where queries × heads
+// blocks alone leave most of the GPU idle) it writes its unnormalised sums and (m, l) for
+// attention_combine, which merges the splits the same way.
 extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP)
-attention(const float* q, const float* k, const float* v, const u32* ranges, float* out,
-          u32 heads, u32 kv_heads, u32 d, float scale) {
+attention(const float* q, const float* k, const float* v, const u32* ranges, float* out, float* partial,
+          float* stats, u32 heads, u32 kv_heads, u32 d, float scale) {
     const u32 i = blockIdx.x, h = blockIdx.y, g = h / (heads / kv_heads);
+    const u32 split = blockIdx.z, splits = gridDim.z;
     const u32 warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const u32 start = ranges[2 * i], end = ranges[2 * i + 1];
+    const u32 first = ranges[2 * i], last = ranges[2 * i + 1];
+    const u32 share = (last - first + splits - 1) / splits;
+    const u32 start = min(first + split * share, last), end = min(start + share, last);
     const float* qv = q + ((u64)i * heads + h) * d;
     float qr[MAX_PER_LANE], acc[MAX_PER_LANE];
 #pragma unroll
@@ -318,12 +324,41 @@ attention(const float* q, const float* k, const float* v, const u32* ranges, flo
     float total_l = 0.0f;
     for (int w = 0; w < ATTENTION_WARPS; w++)
         if (warp_l[w] != 0.0f) total_l += warp_l[w] * expf(warp_m[w] - total_m);
-    float* o = out + ((u64)i * heads + h) * d;
+    const u64 row = (u64)i * heads + h, part = row * splits + split;
     for (u32 col = threadIdx.x; col < d; col += blockDim.x) {
         float sum = 0.0f;
         for (int w = 0; w < ATTENTION_WARPS; w++)
             if (warp_l[w] != 0.0f) sum += warp_acc[w][col] * expf(warp_m[w] - total_m);
-        o[col] = total_l != 0.0f ? sum / total_l : 0.0f;
+        if (splits == 1) {
+            out[row * d + col] = total_l != 0.0f ? sum / total_l : 0.0f;
+        } else {
+            partial[part * d + col] = sum;
+        }
+    }
+    if (splits > 1 && threadIdx.x == 0) {
+        stats[2 * part] = total_m;
+        stats[2 * part + 1] = total_l;
+    }
+}
+
+// Merges attention's splits, one thread per output element of [rows = queries × heads, d], as the
+// block merges its warps: rescaled to the largest max, splits without keys (l == 0) skipped.
+extern "C" __global__ void attention_combine(const float* partial, const float* stats, float* out, u64 rows,
+                                             u32 d, u32 splits) {
+    for (u64 e = global_thread(); e < rows * d; e += grid_threads()) {
+        const u64 row = e / d, col = e % d;
+        const float* st = stats + row * splits * 2;
+        float m = NEG_INF;
+        for (u32 s = 0; s < splits; s++) m = fmaxf(m, st[2 * s]);
+        float l = 0.0f, sum = 0.0f;
+        for (u32 s = 0; s < splits; s++) {
+            if (st[2 * s + 1] != 0.0f) {
+                float weight = expf(st[2 * s] - m);
+                l += st[2 * s + 1] * weight;
+                sum += partial[(row * splits + s) * d + col] * weight;
+            }
+        }
+        out[e] = l != 0.0f ? sum / l : 0.0f;
     }
 }
 
