@@ -438,6 +438,28 @@ fn fused_projections<B: Backend>(p: &Pair<'_, B>, rng: &mut StdRng, tol: &Tolera
                 .unwrap();
             p.compare(&format!("norm_swiglu {what}"), &b, &c, tol);
         }
+        // Heads flattened into the projection ([n, heads, d] against a [out, heads·d] weight): the
+        // norm is per head, not over the projection's whole row.
+        let (n, heads, d, out) = (2, 3, 8, 5);
+        let tol = tol.gemm(dtype, n);
+        let x = random(rng, n * heads * d);
+        let (bx, cx) = p.tensors(&x, &[n, heads, d]);
+        let (bn, cn) = weight_pair(p.backend, &p.cpu, rng, &[d], dtype);
+        let (bw, cw) = weight_pair(p.backend, &p.cpu, rng, &[out, heads * d], dtype);
+        let (bu, cu) = weight_pair(p.backend, &p.cpu, rng, &[out, heads * d], dtype);
+        let normed = p.cpu.rms_norm(&cx, &cn, 1e-6).unwrap();
+        let b = p.backend.norm_matmul(&bx, &bn, 1e-6, &bw).unwrap();
+        let c = p.cpu.matmul(&normed, &cw).unwrap();
+        p.compare(&format!("norm_matmul {dtype} per head"), &b, &c, tol);
+        let b = p.backend.norm_swiglu(&bx, &bn, 1e-6, &bw, &bu).unwrap();
+        let c = p
+            .cpu
+            .silu_mul(
+                &p.cpu.matmul(&normed, &cw).unwrap(),
+                &p.cpu.matmul(&normed, &cu).unwrap(),
+            )
+            .unwrap();
+        p.compare(&format!("norm_swiglu {dtype} per head"), &b, &c, tol);
     }
 }
 

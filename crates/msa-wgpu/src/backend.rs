@@ -775,7 +775,8 @@ impl Backend for WgpuBackend {
         eps: f32,
         weight: &WgpuWeight,
     ) -> Result<WgpuTensor> {
-        if norm.dtype != weight.dtype {
+        // The fused norm runs over the whole row: only a [rows, width] input has the norm's width.
+        if norm.dtype != weight.dtype || x.shape.len() != 2 {
             return self.matmul(&self.rms_norm(x, norm, eps)?, weight);
         }
         shapes::rms_norm_width(&x.shape, &norm.shape)?;
@@ -823,10 +824,12 @@ impl Backend for WgpuBackend {
         gate: &WgpuWeight,
         up: &WgpuWeight,
     ) -> Result<WgpuTensor> {
-        // One pass needs the three weights packed alike (the kernel has one DTYPE) and split alike.
+        // One pass needs the three weights packed alike (the kernel has one DTYPE) and split alike, and
+        // a [rows, width] input: the fused norm runs over the whole row.
         let fusable = norm.dtype == gate.dtype
             && up.dtype == gate.dtype
             && up.shape == gate.shape
+            && x.shape.len() == 2
             && up
                 .parts
                 .iter()

@@ -25,7 +25,8 @@ const MAX_HEAD_DIM: usize = WARP as usize * MAX_PER_LANE;
 /// Routing queries with fewer rows per KV head (tokens × query heads per KV head, 1 per token for a
 /// head mean) are scanned rather than multiplied on tensor cores.
 const ROUTING_GEMM_MIN_ROWS: usize = 4;
-/// Keys each split of split-KV attention takes at least, so its warps have several keys each.
+/// Keys per split of split-KV attention, at least on average over the longest query's keys: its 8
+/// warps get several keys each.
 const MIN_SPLIT_KEYS: usize = 256;
 /// Chunks scored per routing GEMM: bounds the temporary dot products (MSA-4B, 16 routing tokens, head
 /// mean: 8 KV heads × 2 × 16 rows × 65,536 × 4 B = 64 MB; a head max has 4 times the rows).
@@ -534,7 +535,7 @@ impl CudaBackend {
 
     /// Splits of each (query, head)'s keys for attention over `blocks` (query, head) pairs whose
     /// longest key range is `longest`: enough blocks for two per multiprocessor where the pairs alone
-    /// are fewer (decoding: one query), each split at least [`MIN_SPLIT_KEYS`] keys.
+    /// are fewer (decoding: one query), and no more splits than `longest` holds [`MIN_SPLIT_KEYS`].
     fn attention_splits(&self, blocks: usize, longest: usize) -> usize {
         let wanted = 2 * self.device.multiprocessors;
         if blocks == 0 || blocks >= wanted {
@@ -639,7 +640,8 @@ impl Backend for CudaBackend {
         eps: f32,
         weight: &CudaWeight,
     ) -> Result<CudaTensor> {
-        if norm.dtype != weight.dtype || shapes::rows_and_width(&x.shape).0 > SMALL_ROWS {
+        // The fused norm runs over the whole row: only a [rows, width] input has the norm's width.
+        if norm.dtype != weight.dtype || x.shape.len() != 2 || x.shape[0] > SMALL_ROWS {
             return self.matmul(&self.rms_norm(x, norm, eps)?, weight);
         }
         shapes::rms_norm_width(&x.shape, &norm.shape)?;
@@ -696,11 +698,13 @@ impl Backend for CudaBackend {
         gate: &CudaWeight,
         up: &CudaWeight,
     ) -> Result<CudaTensor> {
-        // One pass reads the three weights with one loader: they must share a dtype.
+        // One pass reads the three weights with one loader: they must share a dtype. The fused norm
+        // runs over the whole row: only a [rows, width] input has the norm's width.
         let fusable = norm.dtype == gate.dtype
             && up.dtype == gate.dtype
             && up.shape == gate.shape
-            && shapes::rows_and_width(&x.shape).0 <= SMALL_ROWS;
+            && x.shape.len() == 2
+            && x.shape[0] <= SMALL_ROWS;
         if !fusable {
             let normed = self.rms_norm(x, norm, eps)?;
             return self.silu_mul(&self.matmul(&normed, gate)?, &self.matmul(&normed, up)?);
