@@ -16,8 +16,8 @@ use msa_engine::{
 };
 
 use crate::device::{
-    ATTENTION_WARPS, CudaOptions, Device, MAX_PER_LANE, SMALL_ROWS, WARP, grid_for_threads,
-    grid_for_warps, guarded,
+    ATTENTION_WARPS, CudaOptions, Device, MAX_PER_LANE, SMALL_ROWS, STAGED_MAX, WARP,
+    grid_for_threads, grid_for_warps, guarded,
 };
 
 /// The widest head vector the warp-per-head kernels hold in registers.
@@ -198,14 +198,23 @@ impl CudaBackend {
         }
     }
 
-    /// Copies host values to a new allocation (one zero element for none, as every allocation).
-    fn upload_slice<T: DeviceRepr + Default>(&self, values: &[T]) -> Result<CudaSlice<T>> {
+    /// Copies host values to a new allocation (one zero element for none, as every allocation):
+    /// small ones queued through the device's pinned ring, larger ones (weights, fetched pages)
+    /// straight from pageable memory (where the driver may wait for the stream first).
+    fn upload_slice<T: DeviceRepr + Pod + Default>(&self, values: &[T]) -> Result<CudaSlice<T>> {
         let none = [T::default()];
         let values = if values.is_empty() { &none[..] } else { values };
-        self.device
-            .stream
-            .clone_htod(values)
-            .map_err(|e| self.device.error(e))
+        let bytes: &[u8] = bytemuck::cast_slice(values);
+        if bytes.len() > STAGED_MAX {
+            return self
+                .device
+                .stream
+                .clone_htod(values)
+                .map_err(|e| self.device.error(e));
+        }
+        let mut dst = self.alloc::<T>(values.len())?;
+        self.device.copy_staged(bytes, &mut dst)?;
+        Ok(dst)
     }
 
     /// Copies little-endian elements to the device: straight from `bytes` when they are aligned for `T`

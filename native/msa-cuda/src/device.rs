@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DriverError, LaunchConfig,
+    PinnedHostSlice,
+};
 use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
 use msa_engine::{Error, Result};
 
@@ -308,6 +311,23 @@ fn compile(options: &[String], cubin: bool) -> std::result::Result<CompiledKerne
     compiled
 }
 
+/// Bytes of the pinned ring small host-to-device copies pass through (see [`Device::copy_staged`]).
+const STAGING_BYTES: usize = 4 << 20;
+/// Host-to-device copies of at most this many bytes go through the ring.
+pub(crate) const STAGED_MAX: usize = 1 << 20;
+
+/// Page-locked memory that small host-to-device copies pass through.
+struct Staging {
+    /// Owns the page-locked memory `base` points into.
+    _ring: PinnedHostSlice<u8>,
+    base: *mut u8,
+    /// Where the next copy's bytes go: copies queued since the ring last wrapped read below it.
+    next: usize,
+}
+
+// SAFETY: `base` points into `_ring`, which the struct owns, and is only used under the device's lock.
+unsafe impl Send for Staging {}
+
 /// An open device: one context, one stream every op is queued on, cuBLAS bound to it, the kernels.
 pub(crate) struct Device {
     pub(crate) name: String,
@@ -316,6 +336,7 @@ pub(crate) struct Device {
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) blas: CudaBlas,
     kernels: HashMap<&'static str, CudaFunction>,
+    staging: Mutex<Staging>,
 }
 
 impl Device {
@@ -358,6 +379,9 @@ impl Device {
         let stream = ctx.new_stream().map_err(started)?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| unavailable(format!("starting cuBLAS on CUDA device {ordinal}: {e}")))?;
+        // SAFETY: the ring's bytes are written before any copy reads them.
+        let mut ring = unsafe { ctx.alloc_pinned::<u8>(STAGING_BYTES) }.map_err(started)?;
+        let base = ring.as_mut_ptr().map_err(started)?;
         tracing::info!("opened {name}");
         Ok(Device {
             name,
@@ -365,7 +389,40 @@ impl Device {
             stream,
             blas,
             kernels,
+            staging: Mutex::new(Staging {
+                _ring: ring,
+                base,
+                next: 0,
+            }),
         })
+    }
+
+    /// Queues a copy of `bytes` (at most [`STAGED_MAX`]) into `dst` on the stream, through the pinned
+    /// ring: a copy from page-locked memory is queued like a kernel, where for one from pageable
+    /// memory the driver may first wait for everything queued before it (CUDA's "API synchronization
+    /// behavior"): the host would stall once per upload, for the attention ranges of every layer while
+    /// decoding and routing's rows and offsets.
+    pub(crate) fn copy_staged<T>(&self, bytes: &[u8], dst: &mut CudaSlice<T>) -> Result<()> {
+        assert!(bytes.len() <= STAGED_MAX && bytes.len() <= dst.num_bytes());
+        let mut staging = self.staging.lock().expect("staging lock");
+        let mut start = staging.next.next_multiple_of(16);
+        if start + bytes.len() > STAGING_BYTES {
+            // The copies queued since the last wrap read the bytes about to be overwritten.
+            self.stream.synchronize().map_err(|e| self.error(e))?;
+            start = 0;
+        }
+        // SAFETY: [start, start + len) lies inside the ring (STAGED_MAX < STAGING_BYTES), and no
+        // queued copy reads it: those queued since the last wrap read below `start`.
+        let region =
+            unsafe { std::slice::from_raw_parts_mut(staging.base.add(start), bytes.len()) };
+        region.copy_from_slice(bytes);
+        let (ptr, _record) = dst.device_ptr_mut(&self.stream);
+        // SAFETY: `dst` holds at least `bytes.len()` bytes, and the region is left alone until the
+        // copy has run (above).
+        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, region, self.stream.cu_stream()) }
+            .map_err(|e| self.error(e))?;
+        staging.next = start + bytes.len();
+        Ok(())
     }
 
     pub(crate) fn kernel(&self, name: &str) -> &CudaFunction {
