@@ -978,6 +978,9 @@ impl Backend for CudaBackend {
             self.routing_gemm(&query, half, &mut chunk_scores, dims)?;
         } else {
             let (chunks64, outputs32) = (chunks as u64, outputs as u32);
+            // Whole 16-byte vectors per chunk row (8 halves or 4 f32): every row starts on one.
+            let per_vector = 16 / keys.dtype.size_in_bytes();
+            let vectorised = u32::from((kv_heads * d).is_multiple_of(per_vector));
             let kernel = format!("routing_chunks_{}", keys.suffix());
             let mut args = self.args(&kernel);
             args.arg(&query);
@@ -990,7 +993,8 @@ impl Backend for CudaBackend {
                 .arg(&d32)
                 .arg(&head_mean)
                 .arg(&head_divisor)
-                .arg(&query_reduce);
+                .arg(&query_reduce)
+                .arg(&vectorised);
             self.launch(&mut args, grid_for_warps(chunks as u64))?;
         }
         // 3. One score per document.

@@ -460,23 +460,38 @@ extern "C" __global__ void routing_reduce(const float* dots, float* scores, u64 
 
 // Chunk scores, one warp per chunk: the routing query [tokens, outputs, d] against the chunk's keys
 // [kv_heads, d]; heads reduced by sum / `head_divisor` (mean) or max, then tokens by max (0), mean (1)
-// or the last token (2).
+// or the last token (2). For a head mean the query, summed per KV group, has the layout of a chunk's
+// keys ([tokens, kv_heads, d]), so a token's score is one dot product over the chunk's row: with
+// `vectorised` (rows of whole 16-byte vectors) each lane reads 16 bytes of keys at a time and the warp
+// reduces once per token, instead of once per head with one element per lane.
 template <class W>
 __device__ void routing_chunks(const float* query, const typename W::T* keys, float* scores, u64 chunks,
                                u32 tokens, u32 outputs, u32 kv_heads, u32 d, u32 head_mean,
-                               float head_divisor, u32 query_reduce) {
-    const u32 lane = threadIdx.x % WARP, per_kv = outputs / kv_heads;
+                               float head_divisor, u32 query_reduce, u32 vectorised) {
+    const u32 lane = threadIdx.x % WARP, per_kv = outputs / kv_heads, width = kv_heads * d;
     for (u64 c = global_warp(); c < chunks; c += grid_warps()) {
-        const u64 base = c * kv_heads * d;
+        const u64 base = c * width;
         float reduced = fold_start(query_reduce == 1);
         for (u32 t = query_reduce == 2 ? tokens - 1 : 0; t < tokens; t++) {
             float token_score = fold_start(head_mean);
-            for (u32 r = 0; r < outputs; r++) {
-                const float* qv = query + ((u64)t * outputs + r) * d;
-                const u64 key = base + (u64)(r / per_kv) * d;
+            if (head_mean && vectorised) {
+                const float* qv = query + (u64)t * width;
                 float s = 0.0f;
-                for (u32 col = lane; col < d; col += WARP) s += qv[col] * W::at(keys, key + col);
-                token_score = fold(token_score, warp_sum(s), head_mean);
+                for (u32 k = lane * W::VEC; k < width; k += WARP * W::VEC) {
+                    float key[W::VEC];
+                    W::vec(keys, base + k, key);
+#pragma unroll
+                    for (int e = 0; e < W::VEC; e++) s += qv[k + e] * key[e];
+                }
+                token_score = warp_sum(s);
+            } else {
+                for (u32 r = 0; r < outputs; r++) {
+                    const float* qv = query + ((u64)t * outputs + r) * d;
+                    const u64 key = base + (u64)(r / per_kv) * d;
+                    float s = 0.0f;
+                    for (u32 col = lane; col < d; col += WARP) s += qv[col] * W::at(keys, key + col);
+                    token_score = fold(token_score, warp_sum(s), head_mean);
+                }
             }
             if (head_mean) token_score /= head_divisor;
             reduced = fold_token(reduced, token_score, query_reduce);
@@ -528,9 +543,10 @@ extern "C" __global__ void routing_documents(const float* chunk_scores, const u3
     extern "C" __global__ void routing_chunks_##suffix(const float* query, const W::T* keys,              \
                                                        float* scores, u64 chunks, u32 tokens,            \
                                                        u32 outputs, u32 kv_heads, u32 d, u32 head_mean,  \
-                                                       float head_divisor, u32 query_reduce) {           \
+                                                       float head_divisor, u32 query_reduce,             \
+                                                       u32 vectorised) {                                 \
         routing_chunks<W>(query, keys, scores, chunks, tokens, outputs, kv_heads, d, head_mean,          \
-                          head_divisor, query_reduce);                                                   \
+                          head_divisor, query_reduce, vectorised);                                       \
     }
 
 FOR_EACH_DTYPE(INSTANTIATE)
