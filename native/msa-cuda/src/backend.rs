@@ -199,8 +199,8 @@ impl CudaBackend {
     }
 
     /// Copies host values to a new allocation (one zero element for none, as every allocation):
-    /// small ones queued through the device's pinned ring, larger ones (weights, fetched pages)
-    /// straight from pageable memory (where the driver may wait for the stream first).
+    /// up to [`STAGED_MAX`] bytes queued through the device's pinned ring, larger ones (most weights,
+    /// fetched pages) straight from pageable memory (where the driver may wait for the stream first).
     fn upload_slice<T: DeviceRepr + Pod + Default>(&self, values: &[T]) -> Result<CudaSlice<T>> {
         let none = [T::default()];
         let values = if values.is_empty() { &none[..] } else { values };

@@ -328,6 +328,15 @@ struct Staging {
 // SAFETY: `base` points into `_ring`, which the struct owns, and is only used under the device's lock.
 unsafe impl Send for Staging {}
 
+impl Drop for Device {
+    /// Copies out of the staging ring may still be queued: they must run before the ring is freed.
+    fn drop(&mut self) {
+        if let Err(e) = self.stream.synchronize() {
+            tracing::warn!("closing {}: {e}", self.name);
+        }
+    }
+}
+
 /// An open device: one context, one stream every op is queued on, cuBLAS bound to it, the kernels.
 pub(crate) struct Device {
     pub(crate) name: String,
@@ -404,6 +413,11 @@ impl Device {
     /// decoding and routing's rows and offsets.
     pub(crate) fn copy_staged<T>(&self, bytes: &[u8], dst: &mut CudaSlice<T>) -> Result<()> {
         assert!(bytes.len() <= STAGED_MAX && bytes.len() <= dst.num_bytes());
+        // The raw copy below does not make the context current itself.
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| self.error(e))?;
         let mut staging = self.staging.lock().expect("staging lock");
         let mut start = staging.next.next_multiple_of(16);
         if start + bytes.len() > STAGING_BYTES {
