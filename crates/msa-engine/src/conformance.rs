@@ -417,50 +417,47 @@ fn fused_projections<B: Backend>(p: &Pair<'_, B>, rng: &mut StdRng, tol: &Tolera
             let b = p.backend.matmul_add(&bx, &bw, &br).unwrap();
             let c = p.cpu.add(&cr, &p.cpu.matmul(&cx, &cw).unwrap()).unwrap();
             p.compare(&format!("matmul_add {what}"), &b, &c, tol);
-
-            let (bn, cn) = weight_pair(p.backend, &p.cpu, rng, &[inner], dtype);
-            let b = p.backend.norm_matmul(&bx, &bn, 1e-6, &bw).unwrap();
-            let c = p
-                .cpu
-                .matmul(&p.cpu.rms_norm(&cx, &cn, 1e-6).unwrap(), &cw)
-                .unwrap();
-            p.compare(&format!("norm_matmul {what}"), &b, &c, tol);
-
-            let (bu, cu) = weight_pair(p.backend, &p.cpu, rng, &[out, inner], dtype);
-            let b = p.backend.norm_swiglu(&bx, &bn, 1e-6, &bw, &bu).unwrap();
-            let normed = p.cpu.rms_norm(&cx, &cn, 1e-6).unwrap();
-            let c = p
-                .cpu
-                .silu_mul(
-                    &p.cpu.matmul(&normed, &cw).unwrap(),
-                    &p.cpu.matmul(&normed, &cu).unwrap(),
-                )
-                .unwrap();
-            p.compare(&format!("norm_swiglu {what}"), &b, &c, tol);
+            norm_projections(p, rng, dtype, (&bx, &cx), out, tol, &what);
         }
         // Heads flattened into the projection ([n, heads, d] against a [out, heads·d] weight): the
         // norm is per head, not over the projection's whole row.
-        let (n, heads, d, out) = (2, 3, 8, 5);
-        let tol = tol.gemm(dtype, n);
+        let (n, heads, d) = (2, 3, 8);
         let x = random(rng, n * heads * d);
         let (bx, cx) = p.tensors(&x, &[n, heads, d]);
-        let (bn, cn) = weight_pair(p.backend, &p.cpu, rng, &[d], dtype);
-        let (bw, cw) = weight_pair(p.backend, &p.cpu, rng, &[out, heads * d], dtype);
-        let (bu, cu) = weight_pair(p.backend, &p.cpu, rng, &[out, heads * d], dtype);
-        let normed = p.cpu.rms_norm(&cx, &cn, 1e-6).unwrap();
-        let b = p.backend.norm_matmul(&bx, &bn, 1e-6, &bw).unwrap();
-        let c = p.cpu.matmul(&normed, &cw).unwrap();
-        p.compare(&format!("norm_matmul {dtype} per head"), &b, &c, tol);
-        let b = p.backend.norm_swiglu(&bx, &bn, 1e-6, &bw, &bu).unwrap();
-        let c = p
-            .cpu
-            .silu_mul(
-                &p.cpu.matmul(&normed, &cw).unwrap(),
-                &p.cpu.matmul(&normed, &cu).unwrap(),
-            )
-            .unwrap();
-        p.compare(&format!("norm_swiglu {dtype} per head"), &b, &c, tol);
+        let what = format!("{dtype} {n}x{heads}x{d} per head");
+        norm_projections(p, rng, dtype, (&bx, &cx), 5, tol.gemm(dtype, n), &what);
     }
+}
+
+/// `norm_matmul` and `norm_swiglu` of `x` (normed over its last dimension, projected over all but
+/// its first) to `out` features, against the reference's unfused ops.
+fn norm_projections<B: Backend>(
+    p: &Pair<'_, B>,
+    rng: &mut StdRng,
+    dtype: DType,
+    (bx, cx): (&B::Tensor, &CpuTensor),
+    out: usize,
+    tol: f32,
+    what: &str,
+) {
+    let shape = p.backend.shape(bx);
+    let (width, inner) = (shape[shape.len() - 1], shape[1..].iter().product());
+    let (bn, cn) = weight_pair(p.backend, &p.cpu, rng, &[width], dtype);
+    let (bw, cw) = weight_pair(p.backend, &p.cpu, rng, &[out, inner], dtype);
+    let (bu, cu) = weight_pair(p.backend, &p.cpu, rng, &[out, inner], dtype);
+    let normed = p.cpu.rms_norm(cx, &cn, 1e-6).unwrap();
+    let b = p.backend.norm_matmul(bx, &bn, 1e-6, &bw).unwrap();
+    let c = p.cpu.matmul(&normed, &cw).unwrap();
+    p.compare(&format!("norm_matmul {what}"), &b, &c, tol);
+    let b = p.backend.norm_swiglu(bx, &bn, 1e-6, &bw, &bu).unwrap();
+    let c = p
+        .cpu
+        .silu_mul(
+            &p.cpu.matmul(&normed, &cw).unwrap(),
+            &p.cpu.matmul(&normed, &cu).unwrap(),
+        )
+        .unwrap();
+    p.compare(&format!("norm_swiglu {what}"), &b, &c, tol);
 }
 
 /// `rms_norm` per head (`[rows, 1, width]`, like q_norm / k_norm) with every weight dtype, and
