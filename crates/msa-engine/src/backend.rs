@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::ops::Range;
 
-use msa_core::{ChunkReduce, HeadReduce, QueryReduce, ScoreMode, TensorView};
+use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
 
 use crate::error::Result;
 
@@ -50,6 +50,29 @@ pub struct RoutingSpec {
     pub chunk_reduce: ChunkReduce,
 }
 
+/// Produces a weight's bytes in order, handing each piece to the sink it is given (see
+/// [`Backend::upload_weight_from`]).
+pub type PieceWriter<'a> = dyn FnMut(&mut dyn FnMut(&[u8])) + 'a;
+
+/// [`Backend::upload_weight_from`] through one host buffer and [`Backend::upload_weight`]: the default,
+/// and a GPU backend's way for weights its direct path does not take.
+pub fn upload_through_host<B: Backend + ?Sized>(
+    b: &B,
+    name: &str,
+    dtype: DType,
+    shape: &[usize],
+    write: &mut PieceWriter<'_>,
+) -> Result<B::Weight> {
+    let mut bytes = Vec::with_capacity(shape.iter().product::<usize>() * dtype.size_in_bytes());
+    write(&mut |piece| bytes.extend_from_slice(piece));
+    b.upload_weight(TensorView {
+        name,
+        dtype,
+        shape,
+        bytes: &bytes,
+    })
+}
+
 /// A document picked by [`Backend::top_k`]: its index in the scored list and its score.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Scored {
@@ -77,6 +100,20 @@ pub trait Backend {
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
     fn upload_weight(&self, view: TensorView<'_>) -> Result<Self::Weight>;
+    /// A weight of `dtype` and `shape` whose bytes `write` produces in order, handing each piece to
+    /// the sink it is given (memory pages fetched from a bank, gathered from its mapped segments). A
+    /// GPU backend may land the pieces in memory the device copies from directly (pinned, or a mapped
+    /// staging buffer), sparing the host buffer [`Backend::upload_weight`] needs; by default it is
+    /// that buffer. Pieces that do not add up to the weight's size are an error.
+    fn upload_weight_from(
+        &self,
+        name: &str,
+        dtype: DType,
+        shape: &[usize],
+        write: &mut PieceWriter<'_>,
+    ) -> Result<Self::Weight> {
+        upload_through_host(self, name, dtype, shape, write)
+    }
     /// An f32 weight holding the same elements, with the same shape, as `tensor` (for ops that take
     /// weights, such as the routing keys of [`Backend::routing_scores`]). Cheap: a GPU backend shares
     /// the tensor's buffer without copying; the CPU backend copies.

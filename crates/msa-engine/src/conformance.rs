@@ -261,6 +261,7 @@ impl<'a, B: Backend> Pair<'a, B> {
 /// Every check below, in order.
 pub fn check_all<B: Backend>(backend: &B, tol: &Tolerances) {
     check_embedding_and_gather_rows(backend, tol);
+    check_weights_from_pieces(backend, tol);
     check_matmul(backend, tol);
     check_fused_ops(backend, tol);
     check_norms(backend, tol);
@@ -270,6 +271,58 @@ pub fn check_all<B: Backend>(backend: &B, tol: &Tolerances) {
     check_routing_scores(backend, tol);
     check_top_k(backend, tol);
     check_malformed_inputs(backend, tol);
+}
+
+/// `upload_weight_from` (how fetched memory pages arrive, in pieces of any size) holds what
+/// `upload_weight` of the same bytes holds, read back through `embedding`, for every dtype: small
+/// weights and ones past 1 MiB (where a GPU backend may gather into pinned or mapped memory). Pieces
+/// that fall short of the weight's size, or run past it, are refused as the reference refuses them.
+pub fn check_weights_from_pieces<B: Backend>(backend: &B, _tol: &Tolerances) {
+    let p = Pair::new(backend);
+    let mut rng = StdRng::seed_from_u64(13);
+    for dtype in DTYPES {
+        for (rows, width) in [(3, 5), (4100, 130)] {
+            let values = random(&mut rng, rows * width);
+            let bytes = weight_bytes(&values, dtype);
+            let shape = [rows, width];
+            // Uneven pieces, as a document's rows arrive from a bank's segments.
+            let mut pieces = |sink: &mut dyn FnMut(&[u8])| {
+                bytes.chunks(1237).for_each(&mut *sink);
+            };
+            let b = p
+                .backend
+                .upload_weight_from("pieces", dtype, &shape, &mut pieces)
+                .unwrap();
+            let (_, c) = weights_of(p.backend, &p.cpu, &values, &shape, dtype);
+            let ids: Vec<u32> = [0, rows - 1, rows / 2, 1].map(|i| i as u32).to_vec();
+            p.compare(
+                &format!("upload_weight_from {dtype} {rows}x{width}"),
+                &p.backend.embedding(&b, &ids).unwrap(),
+                &p.cpu.embedding(&c, &ids).unwrap(),
+                0.0,
+            );
+            for len in [bytes.len() - 2, bytes.len() + 2] {
+                let mut short_or_long = |sink: &mut dyn FnMut(&[u8])| {
+                    sink(&bytes[..len.min(bytes.len())]);
+                    if len > bytes.len() {
+                        sink(&[0, 0]);
+                    }
+                };
+                let be = refused(
+                    "pieces of the wrong size",
+                    p.backend
+                        .upload_weight_from("pieces", dtype, &shape, &mut short_or_long),
+                );
+                let ce = refused(
+                    "the reference's pieces of the wrong size",
+                    p.cpu
+                        .upload_weight_from("pieces", dtype, &shape, &mut short_or_long),
+                );
+                assert_eq!(be, ce);
+                assert!(be.contains(&format!("{len} bytes for shape")), "{be}");
+            }
+        }
+    }
 }
 
 /// `embedding` of every dtype (with subnormals, extremes, signed zero and infinities) and `gather_rows`,

@@ -5,9 +5,9 @@
 use std::ops::Range;
 
 #[cfg(not(target_arch = "wasm32"))]
-use msa_core::bank::{Bank, BankTensor};
+use msa_core::DType;
 #[cfg(not(target_arch = "wasm32"))]
-use msa_core::{DType, TensorView};
+use msa_core::bank::{Bank, BankTensor};
 
 use crate::backend::{Backend, RoutingSpec};
 use crate::cpu::select_top_k;
@@ -155,18 +155,21 @@ impl<B: Backend> Memory<B> {
             .map(|&d| self.documents()[d].chunks.clone())
             .collect();
         let chunks: usize = ranges.iter().map(|r| r.len()).sum();
-        let mut bytes = Vec::with_capacity(2 * chunks * fp.row_bytes());
-        for tensor in [BankTensor::K, BankTensor::V] {
-            for range in &ranges {
-                bank.read_rows(slot, tensor, range.clone(), &mut bytes);
+        // The selected rows, K then V, handed to the backend piece by piece from the mapped segments.
+        let mut gather = |sink: &mut dyn FnMut(&[u8])| {
+            for tensor in [BankTensor::K, BankTensor::V] {
+                for range in &ranges {
+                    bank.row_slices(slot, tensor, range.clone())
+                        .for_each(&mut *sink);
+                }
             }
-        }
-        let pages = b.upload_weight(TensorView {
-            name: "fetched memory pages",
-            dtype: DType::BF16,
-            shape: &[2 * chunks, fp.num_key_value_heads * fp.head_dim],
-            bytes: &bytes,
-        })?;
+        };
+        let pages = b.upload_weight_from(
+            "fetched memory pages",
+            DType::BF16,
+            &[2 * chunks, fp.num_key_value_heads * fp.head_dim],
+            &mut gather,
+        )?;
         let shape = [chunks, fp.num_key_value_heads, fp.head_dim];
         let rows = |range: Range<u32>| -> Result<B::Tensor> {
             b.reshape(&b.embedding(&pages, &range.collect::<Vec<_>>())?, &shape)
@@ -176,7 +179,7 @@ impl<B: Backend> Memory<B> {
             k: rows(0..n)?,
             v: rows(n..2 * n)?,
             chunks,
-            host_bytes: bytes.len() as u64,
+            host_bytes: (2 * chunks * fp.row_bytes()) as u64,
         })
     }
 }

@@ -84,16 +84,20 @@ pub fn norm_width(op: &'static str, x: &[usize]) -> Result<usize> {
 
 /// The bytes of a weight fill its shape in its dtype.
 pub fn check_weight_bytes(view: &msa_core::TensorView<'_>) -> Result<()> {
-    if view.bytes.len() != view.element_count() * view.dtype.size_in_bytes() {
+    check_weight_len(view.name, view.dtype, view.shape, view.bytes.len())
+}
+
+/// That `len` bytes are exactly a weight `name` of `shape` in `dtype`.
+pub fn check_weight_len(
+    name: &str,
+    dtype: msa_core::DType,
+    shape: &[usize],
+    len: usize,
+) -> Result<()> {
+    if len != shape.iter().product::<usize>() * dtype.size_in_bytes() {
         return Err(Error::shape(
             "upload_weight",
-            format!(
-                "`{}`: {} bytes for shape {:?} of {}",
-                view.name,
-                view.bytes.len(),
-                view.shape,
-                view.dtype
-            ),
+            format!("`{name}`: {len} bytes for shape {shape:?} of {dtype}"),
         ));
     }
     Ok(())

@@ -11,6 +11,7 @@ use cudarc::driver::{
     CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
+use msa_engine::backend::{PieceWriter, upload_through_host};
 use msa_engine::{
     AttentionMask, Backend, Result, RopeTableCache, RoutingSpec, Scored, select_top_k, shapes,
 };
@@ -590,6 +591,37 @@ impl Backend for CudaBackend {
             data,
             dtype: view.dtype,
             shape: view.shape.to_vec(),
+        })
+    }
+
+    fn upload_weight_from(
+        &self,
+        name: &str,
+        dtype: DType,
+        shape: &[usize],
+        write: &mut PieceWriter<'_>,
+    ) -> Result<CudaWeight> {
+        let total = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if total <= STAGED_MAX {
+            return upload_through_host(self, name, dtype, shape, write);
+        }
+        let (data, written) = match dtype {
+            DType::F32 => {
+                let mut data = self.alloc::<f32>(total / 4)?;
+                let written = self.device.copy_gathered(total, write, &mut data)?;
+                (WeightData::F32(Arc::new(data)), written)
+            }
+            DType::BF16 | DType::F16 => {
+                let mut data = self.alloc::<u16>(total / 2)?;
+                let written = self.device.copy_gathered(total, write, &mut data)?;
+                (WeightData::Half(data), written)
+            }
+        };
+        shapes::check_weight_len(name, dtype, shape, written)?;
+        Ok(CudaWeight {
+            data,
+            dtype,
+            shape: shape.to_vec(),
         })
     }
 

@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DriverError, LaunchConfig,
-    PinnedHostSlice,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DriverError,
+    LaunchConfig, PinnedHostSlice,
 };
 use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
+use msa_engine::backend::PieceWriter;
 use msa_engine::{Error, Result};
 
 /// The CUDA source of every kernel.
@@ -346,6 +347,9 @@ pub(crate) struct Device {
     pub(crate) blas: CudaBlas,
     kernels: HashMap<&'static str, CudaFunction>,
     staging: Mutex<Staging>,
+    /// Page-locked memory larger uploads gathered piece by piece land in (grown to the largest), and
+    /// the event after the last copy out of it.
+    pages: Mutex<Option<(PinnedHostSlice<u8>, CudaEvent)>>,
 }
 
 impl Device {
@@ -403,7 +407,62 @@ impl Device {
                 base,
                 next: 0,
             }),
+            pages: Mutex::new(None),
         })
+    }
+
+    /// Queues a copy into `dst` of the `total` bytes `write` hands over in pieces (fetched memory
+    /// pages), gathered into page-locked memory: the copy is queued like a kernel and the host
+    /// never holds the bytes in a buffer of its own. Returns how many bytes `write` handed over; past
+    /// `total` nothing is copied, and the caller refuses the weight.
+    pub(crate) fn copy_gathered<T>(
+        &self,
+        total: usize,
+        write: &mut PieceWriter<'_>,
+        dst: &mut CudaSlice<T>,
+    ) -> Result<usize> {
+        assert!(total <= dst.num_bytes());
+        let ctx = self.stream.context();
+        ctx.bind_to_thread().map_err(|e| self.error(e))?;
+        let mut pages = self.pages.lock().expect("pages lock");
+        // The last copy out of the buffer must have run before it is refilled or freed.
+        if let Some((_, copied)) = &*pages {
+            copied.synchronize().map_err(|e| self.error(e))?;
+        }
+        if pages
+            .as_ref()
+            .is_none_or(|(buffer, _)| buffer.len() < total)
+        {
+            // SAFETY: the buffer's bytes are written below before the copy reads them.
+            let buffer = unsafe { ctx.alloc_pinned::<u8>(total.next_power_of_two()) }
+                .map_err(|e| self.error(e))?;
+            let copied = ctx.new_event(None).map_err(|e| self.error(e))?;
+            *pages = Some((buffer, copied));
+        }
+        let (buffer, copied) = pages.as_mut().expect("allocated above");
+        let base = buffer.as_mut_ptr().map_err(|e| self.error(e))?;
+        let mut written = 0;
+        write(&mut |piece| {
+            if written + piece.len() <= total {
+                // SAFETY: [written, written + len) lies inside the buffer (total <= its length), which
+                // no copy reads any more (the event above).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(piece.as_ptr(), base.add(written), piece.len())
+                };
+            }
+            written += piece.len();
+        });
+        if written != total {
+            return Ok(written);
+        }
+        // SAFETY: the buffer holds `total` initialised bytes; it is left alone until `copied` fires.
+        let bytes = unsafe { std::slice::from_raw_parts(base, total) };
+        let (ptr, _record) = dst.device_ptr_mut(&self.stream);
+        // SAFETY: `dst` holds at least `total` bytes.
+        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, bytes, self.stream.cu_stream()) }
+            .map_err(|e| self.error(e))?;
+        copied.record(&self.stream).map_err(|e| self.error(e))?;
+        Ok(written)
     }
 
     /// Queues a copy of `bytes` (at most [`STAGED_MAX`]) into `dst` on the stream, through the pinned

@@ -347,20 +347,33 @@ impl Bank {
         chunks: Range<u32>,
         out: &mut Vec<u8>,
     ) {
+        for piece in self.row_slices(slot, tensor, chunks) {
+            out.extend_from_slice(piece);
+        }
+    }
+
+    /// The bytes [`Bank::read_rows`] appends, in order, as slices of the mapped segments (one per
+    /// segment the rows span), for a caller that copies them somewhere else.
+    pub fn row_slices(
+        &self,
+        slot: usize,
+        tensor: BankTensor,
+        chunks: Range<u32>,
+    ) -> impl Iterator<Item = &[u8]> + '_ {
         let row = self.manifest.fingerprint.row_bytes();
         let segments = &self.manifest.segments;
         let first = segments.partition_point(|s| s.chunks[1] <= chunks.start);
-        for (segment, mapped) in segments[first..].iter().zip(&self.segments[first..]) {
-            let [start, end] = segment.chunks;
-            if start >= chunks.end {
-                break;
-            }
-            let (lo, hi) = (chunks.start.max(start), chunks.end.min(end));
-            let layer = &mapped[slot];
-            let base = layer.tensors[tensor as usize].start;
-            let bytes = base + (lo - start) as usize * row..base + (hi - start) as usize * row;
-            out.extend_from_slice(&layer.map[bytes]);
-        }
+        segments[first..]
+            .iter()
+            .zip(&self.segments[first..])
+            .take_while(move |(segment, _)| segment.chunks[0] < chunks.end)
+            .map(move |(segment, mapped)| {
+                let [start, end] = segment.chunks;
+                let (lo, hi) = (chunks.start.max(start), chunks.end.min(end));
+                let layer = &mapped[slot];
+                let base = layer.tensors[tensor as usize].start;
+                &layer.map[base + (lo - start) as usize * row..base + (hi - start) as usize * row]
+            })
     }
 
     /// The original text of document `id`, when the bank stores it.
