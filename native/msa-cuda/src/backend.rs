@@ -200,8 +200,9 @@ impl CudaBackend {
     }
 
     /// Copies host values to a new allocation (one zero element for none, as every allocation):
-    /// up to [`STAGED_MAX`] bytes queued through the device's pinned ring, larger ones (most weights,
-    /// fetched pages) straight from pageable memory (where the driver may wait for the stream first).
+    /// up to [`STAGED_MAX`] bytes queued through the device's pinned ring, larger ones (most weights)
+    /// straight from pageable memory (where the driver may wait for the stream first). Fetched pages
+    /// over that size take `upload_weight_from`'s pinned buffer instead.
     fn upload_slice<T: DeviceRepr + Pod + Default>(&self, values: &[T]) -> Result<CudaSlice<T>> {
         let none = [T::default()];
         let values = if values.is_empty() { &none[..] } else { values };

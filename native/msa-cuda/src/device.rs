@@ -424,7 +424,11 @@ impl Device {
         assert!(total <= dst.num_bytes());
         let ctx = self.stream.context();
         ctx.bind_to_thread().map_err(|e| self.error(e))?;
-        let mut pages = self.pages.lock().expect("pages lock");
+        // A panic in `write` queued nothing: the buffer and its event stay good.
+        let mut pages = self
+            .pages
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // The last copy out of the buffer must have run before it is refilled or freed.
         if let Some((_, copied)) = &*pages {
             copied.synchronize().map_err(|e| self.error(e))?;
@@ -461,7 +465,11 @@ impl Device {
         // SAFETY: `dst` holds at least `total` bytes.
         unsafe { cudarc::driver::result::memcpy_htod_async(ptr, bytes, self.stream.cu_stream()) }
             .map_err(|e| self.error(e))?;
-        copied.record(&self.stream).map_err(|e| self.error(e))?;
+        if let Err(e) = copied.record(&self.stream) {
+            // Without the event, only the whole stream says when the buffer is free again.
+            let _ = self.stream.synchronize();
+            return Err(self.error(e));
+        }
         Ok(written)
     }
 
