@@ -157,15 +157,19 @@ impl PipelineCache {
         kernel: &Kernel,
         subgroup: u32,
     ) -> wgpu::ComputePipeline {
-        let mut kernel = kernel.clone();
-        if subgroup > 1 {
-            kernel = kernel.with("SUBGROUP", subgroup);
+        let subgroups = subgroup > 1;
+        let mut key = kernel.key();
+        if subgroups {
+            key.2.push(("SUBGROUP", f64::from(subgroup).to_bits()));
         }
-        let key = kernel.key();
         if let Some(pipeline) = self.pipelines.lock().expect("cache lock").get(&key) {
             return pipeline.clone();
         }
-        let subgroups = subgroup > 1;
+        // A miss (once per pipeline): the kernel's constants with SUBGROUP.
+        let mut kernel = kernel.clone();
+        if subgroups {
+            kernel = kernel.with("SUBGROUP", subgroup);
+        }
         let module = self
             .modules
             .lock()

@@ -460,11 +460,7 @@ impl Device {
             return Ok(written);
         }
         // SAFETY: the buffer holds `total` initialised bytes; it is left alone until `copied` fires.
-        let bytes = unsafe { std::slice::from_raw_parts(base, total) };
-        let (ptr, _record) = dst.device_ptr_mut(&self.stream);
-        // SAFETY: `dst` holds at least `total` bytes.
-        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, bytes, self.stream.cu_stream()) }
-            .map_err(|e| self.error(e))?;
+        unsafe { self.queue_pinned_copy(std::slice::from_raw_parts(base, total), dst) }?;
         if let Err(e) = copied.record(&self.stream) {
             // Without the event, only the whole stream says when the buffer is free again.
             let _ = self.stream.synchronize();
@@ -497,13 +493,22 @@ impl Device {
         let region =
             unsafe { std::slice::from_raw_parts_mut(staging.base.add(start), bytes.len()) };
         region.copy_from_slice(bytes);
-        let (ptr, _record) = dst.device_ptr_mut(&self.stream);
-        // SAFETY: `dst` holds at least `bytes.len()` bytes, and the region is left alone until the
-        // copy has run (above).
-        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, region, self.stream.cu_stream()) }
-            .map_err(|e| self.error(e))?;
+        // SAFETY: the region is left alone until the copy has run (above).
+        unsafe { self.queue_pinned_copy(region, dst) }?;
         staging.next = start + bytes.len();
         Ok(())
+    }
+
+    /// Queues a copy of page-locked `bytes` into `dst` (at least as long) on the stream.
+    ///
+    /// # Safety
+    /// `bytes` must stay allocated and unchanged until the copy has run.
+    unsafe fn queue_pinned_copy<T>(&self, bytes: &[u8], dst: &mut CudaSlice<T>) -> Result<()> {
+        assert!(bytes.len() <= dst.num_bytes());
+        let (ptr, _record) = dst.device_ptr_mut(&self.stream);
+        // SAFETY: `dst` holds `bytes.len()` bytes at least; the caller keeps `bytes` as they are.
+        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, bytes, self.stream.cu_stream()) }
+            .map_err(|e| self.error(e))
     }
 
     pub(crate) fn kernel(&self, name: &str) -> &CudaFunction {
