@@ -1,6 +1,7 @@
 //! Build a memory bank on disk from a model directory's documents, then answer its questions from the
 //! bank: the selected documents per router layer, the bytes each tier moved, and the same answer again
-//! with the routing keys sharded over two devices (Memory Parallel).
+//! with the routing keys sharded over two devices, then over this process and a shard server reached
+//! through loopback TCP (Memory Parallel).
 //!
 //! ```text
 //! cargo run --release --example bank -- [MODEL_DIR] [--bank DIR] [--backend cpu|wgpu]
@@ -72,6 +73,25 @@ fn run<B: Backend + Clone>(
     let sharded = msa
         .open_bank_on(bank_dir, vec![msa.model().backend.clone(), second_device])
         .map_err(err)?;
+    // A shard server, as `msa shard` runs it on another machine: here on a thread, over loopback TCP,
+    // scoring the second half of the documents (rank 1 of 2) on the CPU reference.
+    let shard = msa::shard::ShardServer::open(
+        msa::CpuBackend::new(),
+        &Bank::open(bank_dir, OpenOptions::default()).map_err(|e| e.to_string())?,
+        1,
+        2,
+    )
+    .map_err(err)?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| e.to_string())?
+        .to_string();
+    std::thread::spawn(move || shard.serve(listener));
+    let client = msa::shard::ShardClient::connect(&address, Default::default()).map_err(err)?;
+    let remote = msa
+        .open_bank_with(bank_dir, Vec::new(), vec![Box::new(client)])
+        .map_err(err)?;
     let options = GenerateOptions {
         max_tokens: 8,
         ..GenerateOptions::default()
@@ -97,15 +117,17 @@ fn run<B: Backend + Clone>(
                 stats.fetch_time.as_secs_f64() * 1e3
             );
         }
-        let parallel = msa.ask(&sharded, question, &options).map_err(err)?;
-        println!(
-            "  two devices: {}",
-            if parallel == answer {
-                "the same selections, scores and tokens"
-            } else {
-                "DIFFERENT (a bug: please report it)"
-            }
-        );
+        for (how, memory) in [("two devices", &sharded), ("a shard server", &remote)] {
+            let parallel = msa.ask(memory, question, &options).map_err(err)?;
+            println!(
+                "  {how}: {}",
+                if parallel == answer {
+                    "the same selections, scores and tokens"
+                } else {
+                    "DIFFERENT (a bug: please report it)"
+                }
+            );
+        }
     }
     Ok(())
 }

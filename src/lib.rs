@@ -20,13 +20,14 @@
 //! shader on the best GPU adapter (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME` choose another);
 //! [`Msa::load_cuda`] runs on an NVIDIA GPU through CUDA. Calls block. The async, backend-generic engine
 //! underneath is re-exported as [`engine`], [`wgpu`], [`cuda`] and [`core`] for embedders that bring their
-//! own executor or backend.
+//! own executor or backend; [`shard`] serves and reaches Memory Parallel shards in other processes.
 
 use std::path::Path;
 
 pub use msa_core as core;
 pub use msa_cuda as cuda;
 pub use msa_engine as engine;
+pub use msa_shard as shard;
 pub use msa_wgpu as wgpu;
 
 pub use msa_core::bank::{Bank, OpenOptions};
@@ -151,6 +152,18 @@ impl<B: Backend> Msa<B> {
     pub fn open_bank_on(&self, dir: impl AsRef<Path>, devices: Vec<B>) -> Result<Memory<B>> {
         let bank = Bank::open(dir, OpenOptions::default())?;
         self.model.open_memory(bank, devices)
+    }
+
+    /// [`Msa::open_bank_on`] with shards served by other processes or machines after the local ones,
+    /// such as [`shard::ShardClient`]s connected to `msa shard` servers.
+    pub fn open_bank_with(
+        &self,
+        dir: impl AsRef<Path>,
+        devices: Vec<B>,
+        remotes: Vec<Box<dyn engine::RemoteShard>>,
+    ) -> Result<Memory<B>> {
+        let bank = Bank::open(dir, OpenOptions::default())?;
+        self.model.open_memory_with(bank, devices, remotes)
     }
 
     /// Answers a question from a memory.

@@ -26,14 +26,16 @@ pub enum ScoreMode {
 }
 
 /// Reduction over query heads of the per-head routing scores.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum HeadReduce {
     Mean,
     Max,
 }
 
 /// Reduction over the routing-query tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum QueryReduce {
     Max,
     Mean,
@@ -42,7 +44,8 @@ pub enum QueryReduce {
 }
 
 /// Reduction from chunk scores to a document score.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ChunkReduce {
     Max,
     Mean,

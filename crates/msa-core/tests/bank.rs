@@ -140,6 +140,33 @@ fn create_append_reopen_and_read() {
 }
 
 #[test]
+fn the_content_digest_tells_copies_from_other_banks() {
+    let (one, two, copy) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let mut first = create(one.path());
+    let mut second = create(two.path());
+    let empty = first.manifest().content_digest();
+    assert_eq!(second.manifest().content_digest(), empty);
+    append(&mut first, &[("a", 5), ("b", 4)]).unwrap();
+    append(&mut second, &[("a", 5), ("b", 8)]).unwrap();
+    let digest = first.manifest().content_digest();
+    assert_ne!(digest, empty);
+    assert_ne!(second.manifest().content_digest(), digest);
+    // A copy of the directory elsewhere has the same digest; an append changes it.
+    for entry in std::fs::read_dir(one.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+    }
+    let mut copied = Bank::open(copy.path(), OpenOptions::default()).unwrap();
+    assert_eq!(copied.manifest().content_digest(), digest);
+    append(&mut copied, &[("c", 1)]).unwrap();
+    assert_ne!(copied.manifest().content_digest(), digest);
+}
+
+#[test]
 fn creating_over_an_existing_bank_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut bank = create(dir.path());

@@ -3,18 +3,17 @@
 //! whose content K̄/V̄ stay in the bank's memory-mapped host pages until a query selects them.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use half::bf16;
 use msa_core::bank::{Bank, BankTensor, LayerRows, NewDocument, digest};
-use msa_core::{DType, TensorView};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::memory::{
-    Content, EncodeProgress, Memory, MemoryDocument, PACK_TOKENS, RoutingShard, Stopwatch,
-};
+use crate::memory::{Content, EncodeProgress, Memory, MemoryDocument, PACK_TOKENS, Stopwatch};
 use crate::model::Model;
+use crate::shard::{RemoteShard, RoutingShard, ShardKeys, shard_ranges};
 
 /// A document of a corpus: where it came from and its text.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,8 +213,20 @@ impl<B: Backend> Model<B> {
     /// balanced by chunk count (Memory Parallel; with no devices, all on the model's backend), and the
     /// content stays in the bank's host pages until a query selects it.
     pub fn open_memory(&self, bank: Bank, devices: Vec<B>) -> Result<Memory<B>> {
+        self.open_memory_with(bank, devices, Vec::new())
+    }
+
+    /// [`Model::open_memory`] with shards in other processes too: the local devices (or the model's
+    /// backend) take the first ranks, `remotes` the following ones in order. Each remote must serve
+    /// this bank's rank it is given, of this many shards.
+    pub fn open_memory_with(
+        &self,
+        bank: Bank,
+        devices: Vec<B>,
+        remotes: Vec<Box<dyn RemoteShard>>,
+    ) -> Result<Memory<B>> {
         self.check_bank(&bank)?;
-        Memory::from_bank(&self.backend, bank, devices)
+        Memory::from_bank_with(&self.backend, bank, devices, remotes)
     }
 }
 
@@ -224,6 +235,17 @@ impl<B: Backend> Memory<B> {
     /// `b` (or sharded over `devices`), content left in the bank's host pages. [`Model::open_memory`] is
     /// the checked way for a model to open one.
     pub fn from_bank(b: &B, bank: Bank, devices: Vec<B>) -> Result<Memory<B>> {
+        Self::from_bank_with(b, bank, devices, Vec::new())
+    }
+
+    /// [`Memory::from_bank`] with shards in other processes after the local ones (see
+    /// [`Model::open_memory_with`]).
+    pub fn from_bank_with(
+        b: &B,
+        bank: Bank,
+        devices: Vec<B>,
+        remotes: Vec<Box<dyn RemoteShard>>,
+    ) -> Result<Memory<B>> {
         let fp = bank.fingerprint().clone();
         let shape = [bank.template_tokens(), fp.num_key_value_heads, fp.head_dim];
         let template = (0..fp.num_hidden_layers)
@@ -247,40 +269,22 @@ impl<B: Backend> Memory<B> {
         let doc_chunk_offsets: Vec<u32> = std::iter::once(0)
             .chain(documents.iter().map(|d| d.chunks.end))
             .collect();
-        let wanted = devices.len().max(1);
-        let ranges = balance(&doc_chunk_offsets, wanted);
+        let local = devices.len().max(1);
+        let world = local + remotes.len();
+        let ranges = shard_ranges(&doc_chunk_offsets, world);
+        if !remotes.is_empty() {
+            check_remotes(&bank, &remotes, &ranges, local, world)?;
+        }
         let mut devices = devices.into_iter().map(Some).collect::<Vec<_>>();
         if devices.is_empty() {
             devices.push(None);
         }
-        let mut shards = Vec::with_capacity(ranges.len());
-        for (range, device) in ranges.into_iter().zip(devices) {
-            let first_chunk = doc_chunk_offsets[range.start];
-            let chunks = first_chunk..doc_chunk_offsets[range.end];
-            let on = device.as_ref().unwrap_or(b);
-            let keys = (0..fp.router_layers.len())
-                .map(|slot| {
-                    let mut bytes = Vec::with_capacity(chunks.len() * fp.row_bytes());
-                    bank.read_rows(slot, BankTensor::RoutingKeys, chunks.clone(), &mut bytes);
-                    on.upload_weight(TensorView {
-                        name: "routing keys",
-                        dtype: DType::BF16,
-                        shape: &[chunks.len(), fp.num_key_value_heads, fp.head_dim],
-                        bytes: &bytes,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            shards.push(RoutingShard {
-                backend: device,
-                first_document: range.start,
-                doc_chunk_offsets: doc_chunk_offsets[range.start..=range.end]
-                    .iter()
-                    .map(|&c| c - first_chunk)
-                    .collect(),
-                keys,
-                key_bytes: chunks.len() as u64 * fp.row_bytes() as u64,
-            });
+        let mut shards = Vec::with_capacity(world);
+        for (range, device) in ranges.iter().cloned().zip(devices) {
+            let keys = ShardKeys::load(device.as_ref().unwrap_or(b), &bank, range)?;
+            shards.push(RoutingShard::Local { device, keys });
         }
+        shards.extend(remotes.into_iter().map(RoutingShard::Remote));
         Ok(Memory {
             fingerprint: fp,
             documents,
@@ -293,42 +297,65 @@ impl<B: Backend> Memory<B> {
     }
 }
 
-/// Splits documents (`offsets` = `[0, end of doc 0, …]`) into at most `parts` non-empty contiguous ranges
-/// of about equal chunk counts.
-fn balance(offsets: &[u32], parts: usize) -> Vec<std::ops::Range<usize>> {
-    let documents = offsets.len() - 1;
-    let total = u64::from(offsets[documents]);
-    let mut ranges = Vec::with_capacity(parts);
-    let mut start = 0;
-    for part in 1..=parts {
-        if start == documents {
-            break;
-        }
-        // The first document end at or past this part's share of the chunks (at least one document).
-        let target = total * part as u64 / parts as u64;
-        let mut end = start + 1;
-        while end < documents && u64::from(offsets[end]) < target {
-            end += 1;
-        }
-        if part == parts {
-            end = documents;
-        }
-        ranges.push(start..end);
-        start = end;
+/// Checks that every remote shard serves this bank's documents of its rank, of `world` shards.
+fn check_remotes(
+    bank: &Bank,
+    remotes: &[Box<dyn RemoteShard>],
+    ranges: &[Range<usize>],
+    local: usize,
+    world: usize,
+) -> Result<()> {
+    if ranges.len() < world {
+        return Err(Error::Shard {
+            shard: format!("{world} shards ({local} here, {} remote)", remotes.len()),
+            detail: format!(
+                "the bank's {} documents cannot be split into that many non-empty shards",
+                bank.documents().len()
+            ),
+        });
     }
-    ranges
-}
-
-#[cfg(test)]
-mod tests {
-    use super::balance;
-
-    #[test]
-    fn shards_balance_chunks_and_cover_every_document() {
-        assert_eq!(balance(&[0, 4, 8, 12, 16], 2), [0..2, 2..4]);
-        assert_eq!(balance(&[0, 10, 11, 12, 13], 2), [0..1, 1..4]);
-        assert_eq!(balance(&[0, 3], 3), vec![0..1]);
-        assert_eq!(balance(&[0, 1, 2, 3, 4, 5], 3), [0..1, 1..3, 3..5]);
-        assert!(balance(&[0], 2).is_empty());
+    let digest = bank.manifest().content_digest();
+    for (offset, remote) in remotes.iter().enumerate() {
+        let rank = local + offset;
+        let placed = remote.placement();
+        let fail = |detail: String| Error::Shard {
+            shard: remote.describe(),
+            detail,
+        };
+        let differences = placed.fingerprint.differences(bank.fingerprint());
+        if !differences.is_empty() {
+            return Err(fail(format!(
+                "its bank was encoded by a different model (shard vs this bank: {})",
+                differences.join(", ")
+            )));
+        }
+        if placed.bank_digest != digest {
+            return Err(fail(format!(
+                "it serves another bank, or another version of this one (content digest {:08x}, \
+                 this bank's is {digest:08x}, {} documents): serve the same bank, and restart \
+                 the shard servers after appending to it",
+                placed.bank_digest,
+                bank.documents().len()
+            )));
+        }
+        if (placed.rank, placed.world) != (rank, world) {
+            return Err(fail(format!(
+                "it serves shard {} of {}, but this run needs shard {rank} of {world} here \
+                 ({local} local shard(s), then the remote ones in order)",
+                placed.rank, placed.world
+            )));
+        }
+        let expected = &ranges[rank];
+        let rows = u64::from(bank.documents()[expected.end - 1].chunks[1])
+            - u64::from(bank.documents()[expected.start].chunks[0]);
+        let key_bytes = rows * bank.fingerprint().row_bytes() as u64;
+        if placed.documents != *expected || placed.key_bytes != key_bytes {
+            return Err(fail(format!(
+                "it serves documents {:?} ({} key bytes per layer); shard {rank} of {world} is \
+                 documents {expected:?} ({key_bytes})",
+                placed.documents, placed.key_bytes
+            )));
+        }
     }
+    Ok(())
 }

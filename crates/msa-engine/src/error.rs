@@ -46,6 +46,11 @@ pub enum Error {
     #[error("{backend}: out of device memory: {detail}")]
     OutOfDeviceMemory { backend: String, detail: String },
 
+    /// A Memory Parallel shard served by another process is unreachable, failed, or does not fit this
+    /// memory (another bank, another split).
+    #[error("{shard}: {detail}")]
+    Shard { shard: String, detail: String },
+
     /// Any other device-side failure (a validation or internal error of the GPU API, a limit exceeded).
     #[error("{backend}: {message}")]
     Device { backend: String, message: String },

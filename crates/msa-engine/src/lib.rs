@@ -23,6 +23,7 @@ pub mod model;
 pub mod route;
 pub mod session;
 pub mod shapes;
+pub mod shard;
 
 pub use backend::{AttentionMask, Backend, RoutingSpec, Scored};
 #[cfg(not(target_arch = "wasm32"))]
@@ -41,3 +42,4 @@ pub use session::{
     BlockAttention, FinishReason, GenerateOptions, Generation, LayerRouting, RouteStats,
     RoutedDocument, Session, Trace,
 };
+pub use shard::{RemoteShard, ShardAnswer, ShardKeys, ShardPlacement, ShardRequest, shard_ranges};

@@ -13,6 +13,7 @@ use msa_core::{MsaConfig, MsaTokenizer, ScoreMode};
 use crate::backend::{AttentionMask, Backend};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::shard::{RoutingShard, ShardKeys};
 
 /// One encoded document.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,20 +35,6 @@ pub struct LayerMemory<T> {
     pub v: T,
     /// Chunk means of `router_k_proj(x)`; L2-normalised in cosine score mode.
     pub routing_keys: T,
-}
-
-/// The routing keys of a contiguous range of documents on one device: what one Memory Parallel shard
-/// scores.
-pub(crate) struct RoutingShard<B: Backend> {
-    /// The shard's own device; `None` is the model's backend.
-    pub(crate) backend: Option<B>,
-    pub(crate) first_document: usize,
-    /// `[0, end of its doc 0, …]`, local to the shard.
-    pub(crate) doc_chunk_offsets: Vec<u32>,
-    /// Per router layer, `[chunks, kv_heads, head_dim]` in the stored dtype.
-    pub(crate) keys: Vec<B::Weight>,
-    /// Bytes of one router layer's keys.
-    pub(crate) key_bytes: u64,
 }
 
 /// Where the content K̄/V̄ of the memory lives.
@@ -108,7 +95,8 @@ impl<B: Backend> Memory<B> {
         }
     }
 
-    /// Devices the routing keys are sharded over (Memory Parallel).
+    /// Shards the routing keys are split over (Memory Parallel): devices of this process and shard
+    /// servers.
     pub fn devices(&self) -> usize {
         self.shards.len()
     }
@@ -116,7 +104,7 @@ impl<B: Backend> Memory<B> {
     /// Bytes the routing keys occupy on the device(s), all router layers.
     pub fn device_bytes(&self) -> u64 {
         let layers = self.fingerprint.router_layers.len() as u64;
-        self.shards.iter().map(|s| s.key_bytes * layers).sum()
+        self.shards.iter().map(|s| s.key_bytes() * layers).sum()
     }
 
     /// Bytes of content K̄/V̄ kept in host pages (0 when the content is on the device).
@@ -434,12 +422,14 @@ impl<B: Backend> Model<B> {
         }
         // One shard on the model's backend: the f32 keys, shared with the tensors above on a GPU.
         let row_bytes = self.config.num_key_value_heads * self.config.head_dim * 4;
-        memory.shards = vec![RoutingShard {
-            backend: None,
-            first_document: 0,
-            doc_chunk_offsets: memory.doc_chunk_offsets.clone(),
-            keys,
-            key_bytes: (memory.chunk_count() * row_bytes) as u64,
+        memory.shards = vec![RoutingShard::Local {
+            device: None,
+            keys: ShardKeys {
+                first_document: 0,
+                doc_chunk_offsets: memory.doc_chunk_offsets.clone(),
+                keys,
+                key_bytes: (memory.chunk_count() * row_bytes) as u64,
+            },
         }];
         Ok(())
     }

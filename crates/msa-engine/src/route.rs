@@ -11,8 +11,11 @@ use msa_core::bank::{Bank, BankTensor};
 
 use crate::backend::{Backend, RoutingSpec};
 use crate::cpu::select_top_k;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::memory::{Content, Memory};
+use crate::shard::RoutingShard;
+#[cfg(not(target_arch = "wasm32"))]
+use crate::shard::{RemoteShard, ShardAnswer, ShardRequest};
 
 /// The documents one router layer selected.
 pub struct Selection<T> {
@@ -55,37 +58,71 @@ impl<B: Backend> Memory<B> {
         keep_scores: bool,
         meanwhile: impl FnOnce() -> Result<T>,
     ) -> Result<(Selection<B::Tensor>, T)> {
-        // Shards on other devices get the router queries through the host (a few KB).
-        let host_queries = if self.shards.iter().any(|s| s.backend.is_some()) {
-            Some(b.read(queries).await?)
-        } else {
+        // Shards on other devices get the router queries through the host.
+        let shape = b.shape(queries);
+        let on_model_backend =
+            |shard: &RoutingShard<B>| matches!(shard, RoutingShard::Local { device: None, .. });
+        let host_queries = if self.shards.iter().all(on_model_backend) {
             None
+        } else {
+            Some(b.read(queries).await?)
         };
-        let mut scored = Vec::with_capacity(self.shards.len());
-        for shard in &self.shards {
-            let on = shard.backend.as_ref().unwrap_or(b);
-            let q = match (&shard.backend, &host_queries) {
-                (Some(device), Some(host)) => device.upload(host, &b.shape(queries))?,
-                _ => queries.clone(),
-            };
-            let scores =
-                on.routing_scores(&q, rows, &shard.keys[slot], &shard.doc_chunk_offsets, spec)?;
-            scored.push((shard, on, scores));
+        // Remote shards are asked first, so they score while this process records its own work. Each
+        // ticket is collected below whatever fails in between, so no answer is left unread.
+        #[cfg(not(target_arch = "wasm32"))]
+        let (tickets, submitted) = match &host_queries {
+            Some(host) => self.submit_remote(host, &shape, slot, rows, top_k, spec, keep_scores),
+            None => (Vec::new(), Ok(())),
+        };
+        #[cfg(target_arch = "wasm32")]
+        let submitted: Result<()> = Ok(());
+        let local = async {
+            submitted?;
+            let mut scored = Vec::with_capacity(self.shards.len());
+            #[allow(irrefutable_let_patterns)] // a browser build has no remote shards
+            for shard in &self.shards {
+                if let RoutingShard::Local { device, keys } = shard {
+                    let on = device.as_ref().unwrap_or(b);
+                    let q = match (device, &host_queries) {
+                        (Some(device), Some(host)) => device.upload(host, &shape)?,
+                        _ => queries.clone(),
+                    };
+                    scored.push((keys, on, keys.score(on, slot, &q, rows, spec)?));
+                }
+            }
+            // Every shard submits its selection before any is awaited, so the devices work at once.
+            let pending: Vec<_> = scored
+                .iter()
+                .map(|(_, on, scores)| on.top_k(scores, top_k))
+                .collect();
+            let meanwhile = meanwhile()?;
+            b.flush();
+            let mut candidates: Vec<(usize, f32)> = Vec::new();
+            for ((keys, _, _), top) in scored.iter().zip(pending) {
+                candidates.extend(
+                    top.await?
+                        .into_iter()
+                        .map(|s| (keys.first_document + s.index as usize, s.score)),
+                );
+            }
+            Ok::<_, Error>((scored, candidates, meanwhile))
         }
-        // Every shard submits its selection before any is awaited, so the devices work concurrently.
-        let pending: Vec<_> = scored
-            .iter()
-            .map(|(_, on, scores)| on.top_k(scores, top_k))
+        .await;
+        #[cfg(not(target_arch = "wasm32"))]
+        let answers: Vec<Result<ShardAnswer>> = tickets
+            .into_iter()
+            .map(|(remote, ticket)| {
+                checked_answer(remote, remote.collect(ticket)?, top_k, keep_scores)
+            })
             .collect();
-        let meanwhile = meanwhile()?;
-        b.flush();
-        let mut candidates: Vec<(usize, f32)> = Vec::new();
-        for ((shard, _, _), top) in scored.iter().zip(pending) {
-            candidates.extend(
-                top.await?
-                    .into_iter()
-                    .map(|s| (shard.first_document + s.index as usize, s.score)),
-            );
+        let (scored, mut candidates, meanwhile) = local?;
+        #[cfg_attr(target_arch = "wasm32", allow(unused_mut))]
+        let mut remote_scores: Vec<Vec<f32>> = Vec::new();
+        #[cfg(not(target_arch = "wasm32"))]
+        for answer in answers {
+            let answer = answer?;
+            candidates.extend(answer.top);
+            remote_scores.extend(answer.scores);
         }
         // The same selection rule over the candidates in document order: ties go to the lower id.
         candidates.sort_unstable_by_key(|&(id, _)| id);
@@ -99,12 +136,16 @@ impl<B: Backend> Memory<B> {
             .collect();
         let scores = match (keep_scores, scored.as_slice()) {
             (false, _) => None,
-            (true, [(shard, _, scores)]) if shard.backend.is_none() => Some(scores.clone()),
+            (true, [(_, _, scores)]) if self.shards.iter().all(on_model_backend) => {
+                Some(scores.clone())
+            }
             (true, _) => {
+                // Local shards hold the first documents, remote ones the rest, each in rank order.
                 let mut all = Vec::with_capacity(self.documents().len());
                 for (_, on, scores) in &scored {
                     all.extend(on.read(scores).await?);
                 }
+                all.extend(remote_scores.into_iter().flatten());
                 Some(b.upload(&all, &[all.len()])?)
             }
         };
@@ -112,10 +153,63 @@ impl<B: Backend> Memory<B> {
             Selection {
                 documents,
                 scores,
-                scanned_bytes: self.shards.iter().map(|s| s.key_bytes).sum(),
+                scanned_bytes: self.shards.iter().map(RoutingShard::key_bytes).sum(),
             },
             meanwhile,
         ))
+    }
+
+    /// Sends router layer `slot`'s request to every remote shard: the routing rows of the host's
+    /// router queries `[n, heads, d]` only (16 KB per routing token at MSA-4B), renumbered from 0. The
+    /// tickets of the requests sent come back even when one fails.
+    #[cfg(not(target_arch = "wasm32"))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_remote<'a>(
+        &'a self,
+        host: &[f32],
+        shape: &[usize],
+        slot: usize,
+        rows: &[u32],
+        top_k: usize,
+        spec: RoutingSpec,
+        keep_scores: bool,
+    ) -> (Vec<(&'a dyn RemoteShard, u64)>, Result<()>) {
+        let mut tickets = Vec::new();
+        if shape.len() != 3 {
+            let detail = format!("router queries {shape:?} are not [n, heads, d]");
+            return (tickets, Err(Error::shape("routing_scores", detail)));
+        }
+        let width = shape[1] * shape[2];
+        let mut routed = Vec::with_capacity(rows.len() * width);
+        for &row in rows {
+            let start = row as usize * width;
+            match host.get(start..start + width) {
+                Some(values) => routed.extend_from_slice(values),
+                None => {
+                    let detail = format!("routing row {row} of {} query rows", shape[0]);
+                    return (tickets, Err(Error::shape("routing_scores", detail)));
+                }
+            }
+        }
+        let renumbered: Vec<u32> = (0..rows.len() as u32).collect();
+        for shard in &self.shards {
+            if let RoutingShard::Remote(remote) = shard {
+                let request = ShardRequest {
+                    slot,
+                    queries: &routed,
+                    shape: [rows.len(), shape[1], shape[2]],
+                    rows: &renumbered,
+                    top_k,
+                    spec,
+                    keep_scores,
+                };
+                match remote.submit(&request) {
+                    Ok(ticket) => tickets.push((remote.as_ref(), ticket)),
+                    Err(e) => return (tickets, Err(e)),
+                }
+            }
+        }
+        (tickets, Ok(()))
     }
 
     /// The chunks of `selected` documents (ascending ids) in router layer `slot`, on `b`.
@@ -181,5 +275,47 @@ impl<B: Backend> Memory<B> {
             chunks,
             host_bytes: (2 * chunks * fp.row_bytes()) as u64,
         })
+    }
+}
+
+/// A remote shard's answer, checked against what was asked: at most `top_k` documents of its own, and
+/// one score per document when scores were asked for.
+#[cfg(not(target_arch = "wasm32"))]
+fn checked_answer(
+    remote: &dyn RemoteShard,
+    answer: ShardAnswer,
+    top_k: usize,
+    keep_scores: bool,
+) -> Result<ShardAnswer> {
+    let documents = &remote.placement().documents;
+    let problem = if answer.top.len() > top_k.min(documents.len()) {
+        Some(format!(
+            "{} documents selected of {top_k}",
+            answer.top.len()
+        ))
+    } else if let Some(&(id, _)) = answer.top.iter().find(|(id, _)| !documents.contains(id)) {
+        Some(format!("document {id} selected, outside its {documents:?}"))
+    } else if answer
+        .top
+        .iter()
+        .enumerate()
+        .any(|(i, (id, _))| answer.top[..i].iter().any(|(other, _)| other == id))
+    {
+        Some("a document selected twice".to_string())
+    } else if keep_scores && answer.scores.as_ref().map(Vec::len) != Some(documents.len()) {
+        Some(format!(
+            "{} scores for its {} documents",
+            answer.scores.as_ref().map_or(0, Vec::len),
+            documents.len()
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(detail) => Err(Error::Shard {
+            shard: remote.describe(),
+            detail: format!("answered with {detail}"),
+        }),
+        None => Ok(answer),
     }
 }

@@ -21,7 +21,9 @@ pub fn check_dims(op: &'static str, shape: &[usize]) -> Result<()> {
 /// `values` elements fill `shape` exactly (upload, reshape).
 pub fn check_fill(op: &'static str, values: usize, from: &[usize], shape: &[usize]) -> Result<()> {
     check_dims(op, shape)?;
-    if values != shape.iter().product::<usize>() {
+    // Checked: a shape can come from the network (a shard server's request).
+    let fills = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if fills != Some(values) {
         return Err(Error::shape(
             op,
             format!("{values} values ({from:?}) do not fill shape {shape:?}"),

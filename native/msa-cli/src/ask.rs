@@ -9,7 +9,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use msa_core::bank::{Bank, OpenOptions};
 use msa_core::{SamplingParams, TextStream};
-use msa_engine::{FinishReason, GenerateOptions, LayerRouting, Memory, Model, RouteStats};
+use msa_engine::{
+    FinishReason, GenerateOptions, LayerRouting, Memory, Model, RemoteShard, RouteStats,
+};
+use msa_shard::{ConnectOptions, ShardClient};
 use serde_json::json;
 
 use crate::backend::{self, BackendArgs, Device, Job};
@@ -29,6 +32,10 @@ pub struct AnswerArgs {
     /// checked); saves a full read of a large bank.
     #[arg(long)]
     pub no_verify: bool,
+    /// Memory Parallel across machines: shard servers (`msa shard`) scoring the ranks after this
+    /// process's own (one, or N with --devices), in this order. Each serves a copy of the same bank.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT")]
+    pub shards: Vec<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -44,7 +51,7 @@ impl AnswerArgs {
     ) -> Result<(GenerateOptions, Model<B>, Memory<B>)> {
         let options = self.sampling.options()?;
         let model = backend::load_model(&self.model, device)?;
-        let memory = open_memory(&model, &self.bank, !self.no_verify, shards)?;
+        let memory = open_memory(&model, &self.bank, !self.no_verify, shards, &self.shards)?;
         Ok((options, model, memory))
     }
 }
@@ -114,12 +121,14 @@ pub struct ChatArgs {
     interleave: InterleaveArgs,
 }
 
-/// Opens a bank as the model's memory (routing keys on the device(s), content in host pages).
+/// Opens a bank as the model's memory (routing keys on the device(s) and the shard servers at
+/// `remotes`, content in host pages).
 pub fn open_memory<B: Device>(
     model: &Model<B>,
     bank_dir: &Path,
     verify: bool,
     shards: Vec<B>,
+    remotes: &[String],
 ) -> Result<Memory<B>> {
     if !bank_dir.join("bank.json").is_file() {
         anyhow::bail!(
@@ -134,8 +143,20 @@ pub fn open_memory<B: Device>(
         },
     )?;
     model
-        .open_memory(bank, shards)
+        .open_memory_with(bank, shards, connect_shards(remotes)?)
         .with_context(|| format!("opening bank {}", bank_dir.display()))
+}
+
+/// Connects to the shard servers (`msa shard`) at `addresses`, in rank order.
+pub fn connect_shards(addresses: &[String]) -> Result<Vec<Box<dyn RemoteShard>>> {
+    addresses
+        .iter()
+        .map(|address| {
+            let client = ShardClient::connect(address, ConnectOptions::default())?;
+            tracing::info!("{}", client.describe());
+            Ok(Box::new(client) as Box<dyn RemoteShard>)
+        })
+        .collect()
 }
 
 /// One answered question.

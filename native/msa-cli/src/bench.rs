@@ -63,6 +63,15 @@ pub struct BenchArgs {
     /// A real bank instead of a synthetic one (it must belong to the model).
     #[arg(long, value_name = "BANK", conflicts_with = "memory_tokens")]
     bank: Option<PathBuf>,
+    /// Shard servers (`msa shard`, serving --bank) scoring the ranks after this process's own, as for
+    /// `msa ask --shards`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "HOST:PORT",
+        requires = "bank"
+    )]
+    shards: Vec<String>,
     /// Tokens per synthetic document.
     #[arg(long, default_value = "1024", value_parser = parse_count, value_name = "N")]
     document_tokens: u64,
@@ -662,7 +671,8 @@ impl Job for BenchJob {
         let fingerprint = model.memory_fingerprint()?;
         let bank = bank_for(&self, &fingerprint)?;
         let started = Instant::now();
-        let memory = model.open_memory(bank, shards)?;
+        let remotes = crate::ask::connect_shards(&args.shards)?;
+        let memory = model.open_memory_with(bank, shards, remotes)?;
         pollster::block_on(model.backend.synchronize())?;
         let open_time = started.elapsed();
         let memory_tokens = memory.bank().map_or(0, |b| b.token_count()) as u64;

@@ -167,6 +167,8 @@ fn bank_report(dir: &Path, verify: bool) -> Result<serde_json::Value> {
         "tokens": tokens,
         "chunks": bank.chunk_count(),
         "segments": bank.manifest().segments.len(),
+        // What shard servers and their clients compare: equal on two copies of the same bank.
+        "content digest": format!("{:08x}", bank.manifest().content_digest()),
         "device tier (routing keys)": tier(device),
         "host tier (content K/V)": tier(host),
         "checksums": if verify { "verified" } else { "not read (--verify reads every file)" },

@@ -10,6 +10,7 @@ mod info;
 mod interleave;
 mod kernels;
 mod serve;
+mod shard;
 mod units;
 
 use std::process::ExitCode;
@@ -40,6 +41,7 @@ enum Command {
     Chat(ask::ChatArgs),
     Bench(bench::BenchArgs),
     Serve(serve::ServeArgs),
+    Shard(shard::ShardArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -68,7 +70,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     #[cfg(unix)]
-    if !matches!(cli.command, Command::Serve(_)) {
+    if !matches!(cli.command, Command::Serve(_) | Command::Shard(_)) {
         // Rust ignores SIGPIPE, so `msa ask … | head -1` would panic on its next print; a command
         // whose reader has gone should end quietly, as Unix tools do. The server keeps ignoring it:
         // a client hanging up must not stop it.
@@ -85,6 +87,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => ask::chat(args),
         Command::Bench(args) => bench::bench(args),
         Command::Serve(args) => serve::serve(args),
+        Command::Shard(args) => shard::shard(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -240,7 +240,7 @@ impl Job for Worker {
             tracing::info!("created the empty bank {}", args.bank.display());
         }
         let verify = !args.no_verify;
-        let mut memory = open_memory(&model, &args.bank, verify, shards.clone())?;
+        let mut memory = open_memory(&model, &args.bank, verify, shards.clone(), &args.shards)?;
         let _ = self.ready.send(Ok(()));
         while let Ok(work) = self.work.recv() {
             match work {
@@ -438,6 +438,14 @@ fn add<B: Device>(
     shards: &[B],
 ) -> Result<serde_json::Value, ApiError> {
     let fail = |e: anyhow::Error| ApiError::from_engine(&e);
+    if !args.shards.is_empty() {
+        // The shard servers hold the bank as it was when they started: they would refuse the new one.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this server routes through shard servers (--shards), which serve the bank as it is; \
+             append with `msa encode`, then restart them and this server",
+        ));
+    }
     // The existing files were checked when the memory opened; an append only writes new ones.
     let unchecked = OpenOptions {
         verify_checksums: false,
@@ -452,7 +460,7 @@ fn add<B: Device>(
     .map_err(|e| fail(e.into()))?;
     if report.encoded > 0 {
         // The new documents' routing keys join the devices.
-        *memory = open_memory(model, &args.bank, false, shards.to_vec()).map_err(fail)?;
+        *memory = open_memory(model, &args.bank, false, shards.to_vec(), &[]).map_err(fail)?;
     }
     Ok(json!({
         "added": report.encoded,

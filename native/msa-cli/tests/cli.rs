@@ -134,10 +134,12 @@ fn wgpu_expected() -> bool {
 fn help_lists_every_command_and_each_command_documents_its_flags() {
     let top = msa().arg("--help").assert().success();
     let text = String::from_utf8(top.get_output().stdout.clone()).unwrap();
-    for command in ["info", "devices", "encode", "ask", "chat", "bench", "serve"] {
+    for command in [
+        "info", "devices", "encode", "ask", "chat", "bench", "serve", "shard",
+    ] {
         assert!(text.contains(command), "--help lacks {command}:\n{text}");
     }
-    let flags: [(&str, &[&str]); 7] = [
+    let flags: [(&str, &[&str]); 8] = [
         ("info", &["--verify", "--json"]),
         ("devices", &["--json"]),
         (
@@ -154,9 +156,14 @@ fn help_lists_every_command_and_each_command_documents_its_flags() {
                 "--seed",
                 "--max-tokens",
                 "--devices",
+                "--shards",
             ],
         ),
         ("chat", &["/routing", "--bank"]),
+        (
+            "shard",
+            &["--bank", "--rank", "--of", "--listen", "--backend"],
+        ),
         (
             "bench",
             &[
@@ -724,26 +731,137 @@ fn start_server(bank: &Path, extra: &[&str]) -> Server {
     start_server_with(&fixture(), bank, extra)
 }
 
-fn start_server_with(model: &Path, bank: &Path, extra: &[&str]) -> Server {
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("msa"))
-        .args(SERVE)
-        .arg(model)
-        .arg("--bank")
-        .arg(bank)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+/// Starts `command` with its stdout piped and returns it with the first line it printed.
+fn spawn_and_read_a_line(command: &mut std::process::Command) -> (Child, String) {
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
+    (child, line)
+}
+
+fn start_server_with(model: &Path, bank: &Path, extra: &[&str]) -> Server {
+    let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("msa"));
+    command
+        .args(SERVE)
+        .arg(model)
+        .arg("--bank")
+        .arg(bank)
+        .args(extra);
+    let (child, line) = spawn_and_read_a_line(&mut command);
     let address = line
         .trim()
         .strip_prefix("listening on http://")
         .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
         .to_string();
     Server { child, address }
+}
+
+/// `msa shard` on the CPU on a free loopback port, serving rank `rank` of `of` of `bank`.
+fn start_shard(bank: &Path, rank: usize, of: usize) -> Server {
+    let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("msa"));
+    command
+        .args([
+            "shard",
+            "--backend",
+            "cpu",
+            "--listen",
+            "127.0.0.1:0",
+            "--bank",
+        ])
+        .arg(bank)
+        .args(["--rank", &rank.to_string(), "--of", &of.to_string()]);
+    let (child, line) = spawn_and_read_a_line(&mut command);
+    let (head, address) = line
+        .trim()
+        .rsplit_once("; listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
+    assert!(
+        head.starts_with(&format!("shard {rank} of {of}: documents ")),
+        "{line}"
+    );
+    Server {
+        child,
+        address: address.to_string(),
+    }
+}
+
+#[test]
+fn ask_routes_through_shard_servers_like_local_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    let question = &strings("queries.json")[0];
+    let local = ask_json(&bank, question, &["--backend", "cpu", "--devices", "3"]);
+    let servers = [start_shard(&bank, 1, 3), start_shard(&bank, 2, 3)];
+    let list = |order: [usize; 2]| {
+        format!(
+            "{},{}",
+            servers[order[0]].address, servers[order[1]].address
+        )
+    };
+    let remote = ask_json(
+        &bank,
+        question,
+        &["--backend", "cpu", "--shards", &list([0, 1])],
+    );
+    assert_eq!(token_ids(&remote), token_ids(&local));
+    let routing = |answer: &Value| -> Vec<(Value, Value, Value)> {
+        answer["routing"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["documents"].clone(),
+                    l["chunks"].clone(),
+                    l["scanned_bytes"].clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(routing(&remote), routing(&local));
+    // Listed out of rank order, or against a run of another size, the servers are refused by name.
+    let refused = |extra: &[&str]| {
+        let output = msa()
+            .args(["ask", "--backend", "cpu", "--model"])
+            .arg(fixture())
+            .arg("--bank")
+            .arg(&bank)
+            .args(extra)
+            .arg(question)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8(output.stderr).unwrap()
+    };
+    let error = refused(&["--shards", &list([1, 0])]);
+    assert!(
+        error.contains("serves shard 2 of 3, but this run needs shard 1 of 3"),
+        "{error}"
+    );
+    let error = refused(&["--devices", "2", "--shards", &list([0, 1])]);
+    assert!(error.contains("needs shard 2 of 4"), "{error}");
+    let output = msa()
+        .args([
+            "shard",
+            "--backend",
+            "cpu",
+            "--rank",
+            "0",
+            "--of",
+            "2",
+            "--bank",
+        ])
+        .arg(&bank)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let error = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        error.contains("rank 0 is scored by the asking process"),
+        "{error}"
+    );
 }
 
 /// One HTTP/1.1 request; returns the status and the (de-chunked) body.

@@ -215,4 +215,24 @@ impl Manifest {
     pub fn chunk_count(&self) -> u32 {
         self.documents.last().map_or(0, |d| d.chunks[1])
     }
+
+    /// CRC-32 of the document table and every data file's checksum: two copies of a bank (on two
+    /// machines serving Memory Parallel shards) agree on it exactly when they hold the same documents
+    /// and rows. Streamed, so a table of millions of documents is never held as one string.
+    pub fn content_digest(&self) -> u32 {
+        struct Crc(crc32fast::Hasher);
+        impl std::io::Write for Crc {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.update(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut crc = Crc(crc32fast::Hasher::new());
+        serde_json::to_writer(&mut crc, &(&self.documents, &self.segments, &self.template))
+            .expect("a manifest serialises");
+        crc.0.finalize()
+    }
 }

@@ -1,0 +1,215 @@
+//! The shard server: one range of a bank's routing keys on one backend, scored for any number of
+//! clients. Connections are read on their own threads; the scoring runs on the thread that called
+//! [`ShardServer::serve`], which owns the backend, one request at a time.
+
+use std::io::{self, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, mpsc};
+
+use msa_core::bank::Bank;
+use msa_engine::{Backend, Error, Result, ShardKeys, shard_ranges};
+
+use crate::protocol::{
+    PROTOCOL, Reply, Request, VERSION, Welcome, WireSpec, read_frame, write_frame,
+};
+
+/// Rank `rank` of `world` Memory Parallel shards of a bank, loaded on a backend.
+pub struct ShardServer<B: Backend> {
+    backend: B,
+    keys: ShardKeys<B>,
+    welcome: Welcome,
+}
+
+/// One scoring request handed from a connection's thread to the scoring thread.
+struct Job {
+    slot: usize,
+    queries: Vec<f32>,
+    shape: [usize; 3],
+    rows: Vec<u32>,
+    top_k: usize,
+    spec: WireSpec,
+    keep_scores: bool,
+    answer: mpsc::Sender<ScoreReply>,
+}
+
+/// The selected global ids and the reply's blob, or why the request was refused.
+type ScoreReply = std::result::Result<(Vec<usize>, Vec<f32>), String>;
+
+impl<B: Backend> ShardServer<B> {
+    /// Uploads the routing keys of shard `rank` of `world` (the split every client computes:
+    /// [`shard_ranges`]) to `backend`.
+    pub fn open(backend: B, bank: &Bank, rank: usize, world: usize) -> Result<Self> {
+        let offsets: Vec<u32> = std::iter::once(0)
+            .chain(bank.documents().iter().map(|d| d.chunks[1]))
+            .collect();
+        let ranges = shard_ranges(&offsets, world);
+        let Some(documents) = ranges.get(rank).cloned() else {
+            return Err(Error::Shard {
+                shard: format!("shard {rank} of {world}"),
+                detail: if rank >= world {
+                    "the rank must be below the number of shards".into()
+                } else {
+                    format!(
+                        "the bank's {} documents make only {} non-empty shards",
+                        bank.documents().len(),
+                        ranges.len()
+                    )
+                },
+            });
+        };
+        let keys = ShardKeys::load(&backend, bank, documents.clone())?;
+        let welcome = Welcome {
+            protocol: PROTOCOL.into(),
+            version: VERSION,
+            rank,
+            world,
+            documents: [documents.start, documents.end],
+            key_bytes: keys.key_bytes(),
+            bank_digest: bank.manifest().content_digest(),
+            fingerprint: bank.fingerprint().clone(),
+            backend: backend.describe(),
+        };
+        Ok(ShardServer {
+            backend,
+            keys,
+            welcome,
+        })
+    }
+
+    /// What clients are told when they connect.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// Serves clients from `listener` for as long as the process runs; scoring runs on this thread.
+    /// Returns only if the thread accepting connections dies.
+    pub fn serve(&self, listener: TcpListener) -> io::Result<()> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let welcome = Arc::new(self.welcome.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                // A connection that failed before it was accepted, or a full file table: the
+                // listener itself is fine, so keep accepting.
+                let stream = match stream {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!("accepting a connection: {e}");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                let (jobs, welcome) = (jobs.clone(), welcome.clone());
+                std::thread::spawn(move || {
+                    let peer = stream
+                        .peer_addr()
+                        .map_or_else(|_| "a client".into(), |a| a.to_string());
+                    match connection(stream, &welcome, &jobs) {
+                        Ok(()) => tracing::info!("{peer} disconnected"),
+                        Err(e) => tracing::warn!("{peer}: {e}"),
+                    }
+                });
+            }
+        });
+        for job in queue {
+            // A request no check foresaw must not take the server down with it.
+            let scored =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.score(&job)));
+            let answer = match scored {
+                Ok(answer) => answer.map_err(|e| e.to_string()),
+                Err(_) => Err("the request made the scoring panic".to_string()),
+            };
+            // A client that hung up no longer waits for its answer.
+            let _ = job.answer.send(answer);
+        }
+        // Every sender is gone: the accepting thread, which holds the first, has stopped.
+        Err(io::Error::other("the thread accepting connections stopped"))
+    }
+
+    /// The shard's top k for one request as global ids, with their scores, then every score if asked.
+    fn score(&self, job: &Job) -> Result<(Vec<usize>, Vec<f32>)> {
+        let b = &self.backend;
+        let layers = self.welcome.fingerprint.router_layers.len();
+        if job.slot >= layers {
+            return Err(Error::shape(
+                "shard scoring",
+                format!("router layer slot {} of {layers}", job.slot),
+            ));
+        }
+        let fp = &self.welcome.fingerprint;
+        let [_, heads, d] = job.shape;
+        if d != fp.head_dim || heads == 0 || heads % fp.num_key_value_heads != 0 {
+            return Err(Error::shape(
+                "shard scoring",
+                format!(
+                    "router queries {:?} against keys of {} heads of {}",
+                    job.shape, fp.num_key_value_heads, fp.head_dim
+                ),
+            ));
+        }
+        let queries = b.upload(&job.queries, &job.shape)?;
+        let scores = self
+            .keys
+            .score(b, job.slot, &queries, &job.rows, job.spec.into())?;
+        let top = pollster::block_on(b.top_k(&scores, job.top_k))?;
+        let first = self.keys.documents().start;
+        let ids = top.iter().map(|s| first + s.index as usize).collect();
+        let mut blob: Vec<f32> = top.iter().map(|s| s.score).collect();
+        if job.keep_scores {
+            blob.extend(pollster::block_on(b.read(&scores))?);
+        }
+        Ok((ids, blob))
+    }
+}
+
+/// Serves one client: the handshake, then its requests in order.
+fn connection(stream: TcpStream, welcome: &Welcome, jobs: &mpsc::Sender<Job>) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    while let Some((request, queries)) = read_frame::<Request>(&mut reader)? {
+        let reply = match request {
+            Request::Hello { protocol, version } if protocol == PROTOCOL && version == VERSION => {
+                Reply::Welcome(Box::new(welcome.clone()))
+            }
+            Request::Hello { protocol, version } => {
+                let reason = format!(
+                    "this server speaks {PROTOCOL} version {VERSION}, the client {protocol} \
+                     version {version}: run the same msa release on both"
+                );
+                write_frame(&mut writer, &Reply::Refused { reason }, &[])?;
+                return Ok(());
+            }
+            Request::Score {
+                slot,
+                shape,
+                rows,
+                top_k,
+                spec,
+                keep_scores,
+            } => {
+                let (answer, answered) = mpsc::channel();
+                let job = Job {
+                    slot,
+                    queries,
+                    shape,
+                    rows,
+                    top_k,
+                    spec,
+                    keep_scores,
+                    answer,
+                };
+                let stopped = || io::Error::other("the scoring thread stopped");
+                jobs.send(job).map_err(|_| stopped())?;
+                match answered.recv().map_err(|_| stopped())? {
+                    Ok((top, scores)) => {
+                        write_frame(&mut writer, &Reply::Scored { top }, &scores)?;
+                        continue;
+                    }
+                    Err(reason) => Reply::Refused { reason },
+                }
+            }
+        };
+        write_frame(&mut writer, &reply, &[])?;
+    }
+    Ok(())
+}
