@@ -80,6 +80,7 @@ fn run<B: Backend + Clone>(
         &Bank::open(bank_dir, OpenOptions::default()).map_err(|e| e.to_string())?,
         1,
         2,
+        |_| {},
     )
     .map_err(err)?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;

@@ -281,7 +281,7 @@ impl<B: Backend> Memory<B> {
         }
         let mut shards = Vec::with_capacity(world);
         for (range, device) in ranges.iter().cloned().zip(devices) {
-            let keys = ShardKeys::load(device.as_ref().unwrap_or(b), &bank, range)?;
+            let keys = ShardKeys::load(device.as_ref().unwrap_or(b), &bank, range, |_| {})?;
             shards.push(RoutingShard::Local { device, keys });
         }
         shards.extend(remotes.into_iter().map(RoutingShard::Remote));

@@ -27,9 +27,15 @@ pub struct ShardKeys<B: Backend> {
 }
 
 impl<B: Backend> ShardKeys<B> {
-    /// Uploads the routing keys of `bank`'s documents `documents` (every router layer) to `b`.
+    /// Uploads the routing keys of `bank`'s documents `documents` (every router layer) to `b`, calling
+    /// `progress` with the number of router layers done after each.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn load(b: &B, bank: &Bank, documents: Range<usize>) -> Result<Self> {
+    pub fn load(
+        b: &B,
+        bank: &Bank,
+        documents: Range<usize>,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Self> {
         let fp = bank.fingerprint();
         let table = bank.documents();
         if documents.start >= documents.end || documents.end > table.len() {
@@ -47,12 +53,14 @@ impl<B: Backend> ShardKeys<B> {
             .map(|slot| {
                 let mut bytes = Vec::with_capacity(chunks.len() * fp.row_bytes());
                 bank.read_rows(slot, BankTensor::RoutingKeys, chunks.clone(), &mut bytes);
-                b.upload_weight(msa_core::TensorView {
+                let keys = b.upload_weight(msa_core::TensorView {
                     name: "routing keys",
                     dtype: DType::BF16,
                     shape: &[chunks.len(), fp.num_key_value_heads, fp.head_dim],
                     bytes: &bytes,
-                })
+                });
+                progress(slot + 1);
+                keys
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(ShardKeys {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use msa_core::bank::{Bank, OpenOptions};
 use msa_shard::ShardServer;
 
@@ -64,7 +65,17 @@ impl Job for ShardJob {
             },
         )
         .with_context(|| format!("opening bank {}", args.bank.display()))?;
-        let server = ShardServer::open(device, &bank, args.rank, args.world as usize)?;
+        let layers = bank.fingerprint().router_layers.len();
+        let bar = ProgressBar::new(layers as u64).with_style(
+            ProgressStyle::with_template(
+                "uploading routing keys {bar:30} {pos}/{len} router layers",
+            )
+            .expect("a valid template"),
+        );
+        let server = ShardServer::open(device, &bank, args.rank, args.world as usize, |done| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
         let listener = TcpListener::bind(&args.listen)
             .with_context(|| format!("listening on {}", args.listen))?;
         let welcome = server.welcome();

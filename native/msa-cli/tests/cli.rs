@@ -842,6 +842,23 @@ fn ask_routes_through_shard_servers_like_local_devices() {
     );
     let error = refused(&["--devices", "2", "--shards", &list([0, 1])]);
     assert!(error.contains("needs shard 2 of 4"), "{error}");
+    // `msa serve` answers through them too, and refuses appends the servers could not follow.
+    let server = start_server(&bank, &["--shards", &list([0, 1])]);
+    let chat = serde_json::json!({
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 6,
+    });
+    let (status, body) = http(&server, "POST", "/v1/chat/completions", &chat.to_string());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        json_of(body.as_bytes())["choices"][0]["message"]["content"],
+        local["answer"]
+    );
+    let add = serde_json::json!({"documents": [{"id": "new", "text": "丳仞丐亦"}]});
+    let (status, body) = http(&server, "POST", "/v1/memory/documents", &add.to_string());
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("routes through shard servers"), "{body}");
+    assert_eq!(documents_in(&bank), 8);
     let output = msa()
         .args([
             "shard",

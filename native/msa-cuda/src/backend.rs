@@ -17,8 +17,8 @@ use msa_engine::{
 };
 
 use crate::device::{
-    ATTENTION_WARPS, CudaOptions, Device, MAX_PER_LANE, SMALL_ROWS, STAGED_MAX, WARP,
-    grid_for_threads, grid_for_warps, guarded,
+    ATTENTION_WARPS, CudaOptions, Device, MAX_PER_LANE, SMALL_ROWS, STAGED_MAX, TOP_K_ITEMS,
+    TOP_K_THREADS, WARP, grid_for_threads, grid_for_warps, guarded,
 };
 
 /// The widest head vector the warp-per-head kernels hold in registers.
@@ -32,6 +32,11 @@ const MIN_SPLIT_KEYS: usize = 256;
 /// Chunks scored per routing GEMM: bounds the temporary dot products (MSA-4B, 16 routing tokens, head
 /// mean: 8 KV heads × 2 × 16 rows × 65,536 × 4 B = 64 MB; a head max has 4 times the rows).
 const ROUTING_TILE_CHUNKS: usize = 1 << 16;
+/// Top k up to this k is selected on the device (each round keeps at most k per 4,096 candidates);
+/// beyond it, on the host from every score.
+const MAX_DEVICE_K: usize = 256;
+/// Marks a top-k slot past a block's candidates.
+const TOP_K_INVALID: u32 = u32::MAX;
 
 /// The CUDA backend. Cheap to clone: clones share the device.
 #[derive(Clone)]
@@ -529,6 +534,59 @@ impl CudaBackend {
             .arg(&total);
         self.launch(&mut args, grid_for_threads(total))?;
         Ok(Self::wrap(out, shape))
+    }
+
+    /// The top k of one score per document: on the device, rounds of `select_top_k` until one block's
+    /// k (raw score, index) pairs remain, which are all the host reads. Past [`MAX_DEVICE_K`] the host
+    /// selects from every score by the reference rule.
+    fn top_k_now(&self, scores: &CudaTensor, k: usize) -> Result<Vec<Scored>> {
+        shapes::check_scores(&scores.shape)?;
+        let k = k.min(scores.len());
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        // Indices are u32 on the device, u32::MAX marking an empty slot.
+        if k > MAX_DEVICE_K || scores.len() >= TOP_K_INVALID as usize {
+            return Ok(select_top_k(&self.read_now(scores)?, k));
+        }
+        let block = TOP_K_THREADS as usize * TOP_K_ITEMS;
+        let mut count = scores.len();
+        let mut survivors: Option<CudaSlice<u32>> = None;
+        loop {
+            let blocks = count.div_ceil(block);
+            let mut dst = self.alloc::<u32>(2 * blocks * k)?;
+            let (count32, k32, pairs) = (count as u32, k as u32, u32::from(survivors.is_some()));
+            let mut args = self.args("select_top_k");
+            match &survivors {
+                Some(pairs) => args.arg(pairs),
+                None => args.arg(scores.data.as_ref()),
+            };
+            args.arg(&mut dst).arg(&count32).arg(&k32).arg(&pairs);
+            let config = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (TOP_K_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(&mut args, config)?;
+            if blocks == 1 {
+                let mut words = vec![0u32; 2 * k];
+                let stream = &self.device.stream;
+                stream
+                    .memcpy_dtoh(&dst.slice(0..words.len()), &mut words)
+                    .and_then(|()| stream.synchronize())
+                    .map_err(|e| self.device.error(e))?;
+                return Ok(words
+                    .chunks_exact(2)
+                    .filter(|pair| pair[1] != TOP_K_INVALID)
+                    .map(|pair| Scored {
+                        index: pair[1],
+                        score: f32::from_bits(pair[0]),
+                    })
+                    .collect());
+            }
+            count = blocks * k;
+            survivors = Some(dst);
+        }
     }
 
     /// Copies a tensor to the host, waiting for the ops it depends on.
@@ -1048,12 +1106,6 @@ impl Backend for CudaBackend {
     }
 
     fn top_k(&self, scores: &CudaTensor, k: usize) -> impl Future<Output = Result<Vec<Scored>>> {
-        // One score per document (a few hundred KB at 100M tokens), selected on the host by the
-        // reference rule.
-        ready(
-            shapes::check_scores(&scores.shape)
-                .and_then(|()| self.read_now(scores))
-                .map(|values| select_top_k(&values, k)),
-        )
+        ready(self.top_k_now(scores, k))
     }
 }

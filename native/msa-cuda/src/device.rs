@@ -55,6 +55,7 @@ pub const KERNELS: &[&str] = &[
     "routing_chunks_bf16",
     "routing_chunks_f16",
     "routing_documents",
+    "select_top_k",
 ];
 
 /// Which device to open.
@@ -168,6 +169,9 @@ pub(crate) const SMALL_ROWS: usize = 8;
 pub(crate) const MAX_PER_LANE: usize = 8;
 /// Warps per attention block.
 pub(crate) const ATTENTION_WARPS: u32 = 8;
+/// Threads per top-k block, and candidates per thread: a block picks the k best of their product.
+pub(crate) const TOP_K_THREADS: u32 = 256;
+pub(crate) const TOP_K_ITEMS: usize = 16;
 
 /// The kernels compiled for one architecture: machine code (CUBIN) where NVRTC knows the architecture,
 /// which loads on any driver of NVRTC's CUDA major version; else PTX for the newest architecture NVRTC
@@ -239,6 +243,8 @@ pub fn compile_kernels(major: u32, minor: u32) -> Result<CompiledKernels> {
         format!("-DSMALL_ROWS={SMALL_ROWS}"),
         format!("-DMAX_PER_LANE={MAX_PER_LANE}"),
         format!("-DATTENTION_WARPS={ATTENTION_WARPS}"),
+        format!("-DTOP_K_THREADS={TOP_K_THREADS}"),
+        format!("-DTOP_K_ITEMS={TOP_K_ITEMS}"),
     ];
     let compiled = guarded(|| compile(&options, cubin))?.map_err(|detail| {
         unavailable(format!(

@@ -1,6 +1,6 @@
 // Every msa-cuda kernel, compiled once per process by NVRTC for the device's architecture.
-// SMALL_ROWS, MAX_PER_LANE and ATTENTION_WARPS are defined by the compiler options (device.rs), so the
-// launch shapes on the host and the kernels agree.
+// SMALL_ROWS, MAX_PER_LANE, ATTENTION_WARPS, TOP_K_THREADS and TOP_K_ITEMS are defined by the compiler
+// options (device.rs), so the launch shapes on the host and the kernels agree.
 //
 // No CUDA headers: NVRTC may not ship them, so half-precision conversions are written out (bf16) or
 // taken from PTX (f16). Weight-reading kernels are templates over a loader (F32, BF16, F16) and are
@@ -508,6 +508,87 @@ extern "C" __global__ void routing_documents(const float* chunk_scores, const u3
         float acc = fold_start(mean);
         for (u32 c = first; c < last; c++) acc = fold(acc, chunk_scores[c], mean);
         out[doc] = mean ? acc / (float)(last - first) : acc;
+    }
+}
+
+// ---- Top-k ---------------------------------------------------------------------------------------
+// The CPU reference's rule (`select_top_k`): highest score first, ties to the lower index, NaN ranked as
+// -inf, -0.0 equal to 0.0. Each block of TOP_K_THREADS picks the k best of its TOP_K_BLOCK candidates,
+// one per round: round r takes the best candidate strictly below round r-1's pick in the total order
+// (score desc, index asc), so nothing needs marking. The host repeats the kernel over the blocks x k
+// survivors, as (raw score bits, index) pairs, until one block remains. The same algorithm as the wgpu
+// backend's shaders/topk.wgsl.
+
+#define TOP_K_BLOCK (TOP_K_THREADS * TOP_K_ITEMS)
+// The second reduction is one warp over the warps' bests.
+static_assert(TOP_K_THREADS % WARP == 0 && TOP_K_THREADS <= WARP * WARP, "top-k block shape");
+#define TOP_K_INVALID 0xffffffffu
+
+// A u32 whose unsigned order is the score order; 0 for no candidate.
+__device__ __forceinline__ u32 top_k_key(u32 raw, u32 index) {
+    if (index == TOP_K_INVALID) return 0u;
+    if (raw == 0x80000000u) raw = 0u;                              // -0.0 ranks as 0.0
+    if ((raw & 0x7fffffffu) > 0x7f800000u) raw = 0xff800000u;      // NaN ranks as -inf
+    return (raw & 0x80000000u) ? ~raw : (raw | 0x80000000u);
+}
+
+__device__ __forceinline__ bool ranks_before(u32 key_a, u32 index_a, u32 key_b, u32 index_b) {
+    return key_a > key_b || (key_a == key_b && index_a < index_b);
+}
+
+// The best (key, raw, index) of the warp, in every lane.
+__device__ __forceinline__ void warp_best(u32& key, u32& raw, u32& index) {
+#pragma unroll
+    for (int mask = 1; mask < WARP; mask <<= 1) {
+        u32 other_key = __shfl_xor_sync(0xffffffffu, key, mask);
+        u32 other_raw = __shfl_xor_sync(0xffffffffu, raw, mask);
+        u32 other_index = __shfl_xor_sync(0xffffffffu, index, mask);
+        if (ranks_before(other_key, other_index, key, index)) {
+            key = other_key, raw = other_raw, index = other_index;
+        }
+    }
+}
+
+// `src`: `count` raw f32 scores (pairs = 0; the index is the position) or (raw, index) pairs
+// (pairs = 1). `dst`: k (raw, index) pairs per block, (0, TOP_K_INVALID) past the block's candidates.
+extern "C" __global__ void __launch_bounds__(TOP_K_THREADS)
+select_top_k(const u32* src, u32* dst, u32 count, u32 k, u32 pairs) {
+    __shared__ u32 best_key[TOP_K_THREADS / WARP], best_raw[TOP_K_THREADS / WARP],
+        best_index[TOP_K_THREADS / WARP];
+    const u32 lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const u64 first = (u64)blockIdx.x * TOP_K_BLOCK;
+    const u64 end = min(first + TOP_K_BLOCK, (u64)count);
+    u32 prev_key = 0xffffffffu, prev_index = 0u;
+    for (u32 r = 0; r < k; r++) {
+        u32 key = 0u, raw = 0u, index = TOP_K_INVALID;
+        for (u64 e = first + threadIdx.x; e < end; e += TOP_K_THREADS) {
+            u32 c_raw = pairs ? src[2 * e] : src[e];
+            u32 c_index = pairs ? src[2 * e + 1] : (u32)e;
+            u32 c_key = top_k_key(c_raw, c_index);
+            bool below_prev = r == 0 || ranks_before(prev_key, prev_index, c_key, c_index);
+            if (c_index != TOP_K_INVALID && below_prev && ranks_before(c_key, c_index, key, index)) {
+                key = c_key, raw = c_raw, index = c_index;
+            }
+        }
+        warp_best(key, raw, index);
+        if (lane == 0) best_key[warp] = key, best_raw[warp] = raw, best_index[warp] = index;
+        __syncthreads();
+        if (warp == 0) {
+            bool has = lane < TOP_K_THREADS / WARP;
+            key = has ? best_key[lane] : 0u;
+            raw = has ? best_raw[lane] : 0u;
+            index = has ? best_index[lane] : TOP_K_INVALID;
+            warp_best(key, raw, index);
+            if (lane == 0) {
+                best_key[0] = key, best_raw[0] = raw, best_index[0] = index;
+                dst[2 * ((u64)blockIdx.x * k + r)] = raw;
+                dst[2 * ((u64)blockIdx.x * k + r) + 1] = index;
+            }
+        }
+        __syncthreads();
+        prev_key = best_key[0], prev_index = best_index[0];
+        // Every thread has read this round's pick before the next round overwrites it.
+        __syncthreads();
     }
 }
 

@@ -69,8 +69,8 @@ fn round_trip(c: &mut Criterion) {
         chunk_reduce: ChunkReduce::Max,
     };
     let queries: Vec<f32> = (0..32 * 128).map(|i| (i % 11) as f32 / 11.0).collect();
-    let local = ShardKeys::load(&cpu, &bank, 0..64).unwrap();
-    let server = ShardServer::open(CpuBackend::new(), &bank, 0, 1).unwrap();
+    let local = ShardKeys::load(&cpu, &bank, 0..64, |_| {}).unwrap();
+    let server = ShardServer::open(CpuBackend::new(), &bank, 0, 1, |_| {}).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || server.serve(listener));

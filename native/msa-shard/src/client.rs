@@ -272,6 +272,9 @@ impl RemoteShard for ShardClient {
         if ticket >= state.next_ticket {
             return Err(self.fail(format!("no request {ticket} was sent")));
         }
+        if ticket >= state.first_on_connection && ticket < state.next_reply {
+            return Err(self.fail(format!("request {ticket} was collected already")));
+        }
         if ticket < state.first_on_connection || state.connection.is_none() {
             let lost = state.lost.clone().unwrap_or_default();
             return Err(self.fail(format!(

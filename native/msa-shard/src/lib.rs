@@ -13,7 +13,7 @@
 //!
 //! // On the machine holding shard 1 of 2:
 //! let bank = Bank::open("corpus.bank", OpenOptions::default())?;
-//! let server = ShardServer::open(CpuBackend::new(), &bank, 1, 2)?;
+//! let server = ShardServer::open(CpuBackend::new(), &bank, 1, 2, |_| {})?;
 //! std::thread::spawn(move || server.serve(std::net::TcpListener::bind("0.0.0.0:7070")?));
 //!
 //! // On the asking machine, which scores shard 0 itself:

@@ -37,8 +37,14 @@ type ScoreReply = std::result::Result<(Vec<usize>, Vec<f32>), String>;
 
 impl<B: Backend> ShardServer<B> {
     /// Uploads the routing keys of shard `rank` of `world` (the split every client computes:
-    /// [`shard_ranges`]) to `backend`.
-    pub fn open(backend: B, bank: &Bank, rank: usize, world: usize) -> Result<Self> {
+    /// [`shard_ranges`]) to `backend`, calling `progress` with the router layers done after each.
+    pub fn open(
+        backend: B,
+        bank: &Bank,
+        rank: usize,
+        world: usize,
+        progress: impl FnMut(usize),
+    ) -> Result<Self> {
         let offsets: Vec<u32> = std::iter::once(0)
             .chain(bank.documents().iter().map(|d| d.chunks[1]))
             .collect();
@@ -57,7 +63,7 @@ impl<B: Backend> ShardServer<B> {
                 },
             });
         };
-        let keys = ShardKeys::load(&backend, bank, documents.clone())?;
+        let keys = ShardKeys::load(&backend, bank, documents.clone(), progress)?;
         let welcome = Welcome {
             protocol: PROTOCOL.into(),
             version: VERSION,
@@ -103,6 +109,7 @@ impl<B: Backend> ShardServer<B> {
                     let peer = stream
                         .peer_addr()
                         .map_or_else(|_| "a client".into(), |a| a.to_string());
+                    tracing::info!("{peer} connected");
                     match connection(stream, &welcome, &jobs) {
                         Ok(()) => tracing::info!("{peer} disconnected"),
                         Err(e) => tracing::warn!("{peer}: {e}"),
@@ -161,22 +168,48 @@ impl<B: Backend> ShardServer<B> {
     }
 }
 
-/// Serves one client: the handshake, then its requests in order.
+/// A reply on its way to a client, in request order.
+enum Outgoing {
+    Ready(Reply),
+    /// A score request's answer, once the scoring thread has it.
+    Scoring(mpsc::Receiver<ScoreReply>),
+}
+
+/// Serves one client: the handshake, then its requests in order. Requests are read on this thread and
+/// replies written on another, in the same order, so a client that writes its next request while a
+/// large reply is on its way never stalls both sides.
 fn connection(stream: TcpStream, welcome: &Welcome, jobs: &mpsc::Sender<Job>) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let mut writer = stream.try_clone()?;
+    let to_client = stream.try_clone()?;
+    let (replies, outgoing) = mpsc::channel();
+    let writer = std::thread::spawn(move || write_replies(to_client, outgoing));
+    let read = read_requests(stream, welcome, jobs, &replies);
+    drop(replies);
+    let written = writer.join().expect("the reply writer does not panic");
+    read.and(written)
+}
+
+fn read_requests(
+    stream: TcpStream,
+    welcome: &Welcome,
+    jobs: &mpsc::Sender<Job>,
+    replies: &mpsc::Sender<Outgoing>,
+) -> io::Result<()> {
     let mut reader = BufReader::new(stream);
+    let writer_stopped = |_| io::Error::other("the reply writer stopped");
     while let Some((request, queries)) = read_frame::<Request>(&mut reader)? {
         let reply = match request {
             Request::Hello { protocol, version } if protocol == PROTOCOL && version == VERSION => {
-                Reply::Welcome(Box::new(welcome.clone()))
+                Outgoing::Ready(Reply::Welcome(Box::new(welcome.clone())))
             }
             Request::Hello { protocol, version } => {
                 let reason = format!(
                     "this server speaks {PROTOCOL} version {VERSION}, the client {protocol} \
                      version {version}: run the same msa release on both"
                 );
-                write_frame(&mut writer, &Reply::Refused { reason }, &[])?;
+                replies
+                    .send(Outgoing::Ready(Reply::Refused { reason }))
+                    .map_err(writer_stopped)?;
                 return Ok(());
             }
             Request::Score {
@@ -198,18 +231,26 @@ fn connection(stream: TcpStream, welcome: &Welcome, jobs: &mpsc::Sender<Job>) ->
                     keep_scores,
                     answer,
                 };
-                let stopped = || io::Error::other("the scoring thread stopped");
-                jobs.send(job).map_err(|_| stopped())?;
-                match answered.recv().map_err(|_| stopped())? {
-                    Ok((top, scores)) => {
-                        write_frame(&mut writer, &Reply::Scored { top }, &scores)?;
-                        continue;
-                    }
-                    Err(reason) => Reply::Refused { reason },
-                }
+                jobs.send(job)
+                    .map_err(|_| io::Error::other("the scoring thread stopped"))?;
+                Outgoing::Scoring(answered)
             }
         };
-        write_frame(&mut writer, &reply, &[])?;
+        replies.send(reply).map_err(writer_stopped)?;
+    }
+    Ok(())
+}
+
+fn write_replies(mut stream: TcpStream, outgoing: mpsc::Receiver<Outgoing>) -> io::Result<()> {
+    for reply in outgoing {
+        match reply {
+            Outgoing::Ready(reply) => write_frame(&mut stream, &reply, &[])?,
+            Outgoing::Scoring(answered) => match answered.recv() {
+                Ok(Ok((top, scores))) => write_frame(&mut stream, &Reply::Scored { top }, &scores)?,
+                Ok(Err(reason)) => write_frame(&mut stream, &Reply::Refused { reason }, &[])?,
+                Err(_) => return Err(io::Error::other("the scoring thread stopped")),
+            },
+        }
     }
     Ok(())
 }

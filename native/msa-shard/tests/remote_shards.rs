@@ -86,7 +86,7 @@ fn reopen(dir: &Path) -> Bank {
 /// Starts a shard server on a thread (for the rest of the test process) and returns its address.
 fn serve(dir: &Path, rank: usize, world: usize) -> SocketAddr {
     let bank = reopen(dir);
-    let server = ShardServer::open(CpuBackend::new(), &bank, rank, world).unwrap();
+    let server = ShardServer::open(CpuBackend::new(), &bank, rank, world, |_| {}).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     std::thread::spawn(move || server.serve(listener));
@@ -231,12 +231,12 @@ fn misplaced_or_foreign_servers_are_refused_by_name() {
     );
     // A shard of a bank too small for the split, and a rank past the world, refuse to start.
     let bank = reopen(dir.path());
-    let error = ShardServer::open(CpuBackend::new(), &bank, 30, 40)
+    let error = ShardServer::open(CpuBackend::new(), &bank, 30, 40, |_| {})
         .err()
         .unwrap()
         .to_string();
     assert!(error.contains("make only 23 non-empty shards"), "{error}");
-    let error = ShardServer::open(CpuBackend::new(), &bank, 2, 2)
+    let error = ShardServer::open(CpuBackend::new(), &bank, 2, 2, |_| {})
         .err()
         .unwrap()
         .to_string();
