@@ -785,6 +785,7 @@ fn report<B: Device>(
     json!({
         "backend": model.backend.describe(),
         "devices": memory.devices(),
+        "remote_shards": args.shards.len(),
         "model": {
             "source": match &args.model {
                 Some(dir) => dir.display().to_string(),
@@ -874,11 +875,19 @@ fn print_report(r: &serde_json::Value) {
     let rows = [
         (
             "backend",
-            format!(
-                "{} ({} device(s))",
-                r["backend"].as_str().unwrap_or(""),
-                r["devices"]
-            ),
+            match r["remote_shards"].as_u64().unwrap_or(0) {
+                0 => format!(
+                    "{} ({} device(s))",
+                    r["backend"].as_str().unwrap_or(""),
+                    r["devices"]
+                ),
+                remote => format!(
+                    "{} ({} shard(s): {} here, {remote} on shard servers)",
+                    r["backend"].as_str().unwrap_or(""),
+                    r["devices"],
+                    r["devices"].as_u64().unwrap_or(0).saturating_sub(remote)
+                ),
+            },
         ),
         (
             "model",

@@ -842,6 +842,32 @@ fn ask_routes_through_shard_servers_like_local_devices() {
     );
     let error = refused(&["--devices", "2", "--shards", &list([0, 1])]);
     assert!(error.contains("needs shard 2 of 4"), "{error}");
+    // `msa bench` on the same bank counts them apart from the local shard.
+    let json = dir.path().join("bench.json");
+    msa()
+        .args([
+            "bench",
+            "--backend",
+            "cpu",
+            "--queries",
+            "1",
+            "--decode-tokens",
+            "2",
+        ])
+        .args(["--encode-tokens", "16", "--model"])
+        .arg(fixture())
+        .arg("--bank")
+        .arg(&bank)
+        .args(["--shards", &list([0, 1]), "--json"])
+        .arg(&json)
+        .assert()
+        .success()
+        .stdout(contains("(3 shard(s): 1 here, 2 on shard servers)"));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        (&report["devices"], &report["remote_shards"]),
+        (&3.into(), &2.into())
+    );
     // `msa serve` answers through them too, and refuses appends the servers could not follow.
     let server = start_server(&bank, &["--shards", &list([0, 1])]);
     let chat = serde_json::json!({
