@@ -80,6 +80,24 @@ pub struct Scored {
     pub score: f32,
 }
 
+impl Scored {
+    /// Marks an empty slot in a GPU top-k's (raw score bits, index) pairs.
+    pub const NO_INDEX: u32 = u32::MAX;
+
+    /// The selection a GPU top-k leaves as (raw score bits, index) pairs, in rank order, empty slots
+    /// ([`Scored::NO_INDEX`]) dropped.
+    pub fn from_device_pairs(words: &[u32]) -> Vec<Scored> {
+        words
+            .chunks_exact(2)
+            .filter(|pair| pair[1] != Self::NO_INDEX)
+            .map(|pair| Scored {
+                index: pair[1],
+                score: f32::from_bits(pair[0]),
+            })
+            .collect()
+    }
+}
+
 /// An engine backend: the CPU reference, wgpu, CUDA.
 ///
 /// Shapes are row-major; "rows" are the leading dimension. `[n, heads, d]` tensors hold one row per token.

@@ -13,7 +13,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::memory::{Content, EncodeProgress, Memory, MemoryDocument, PACK_TOKENS, Stopwatch};
 use crate::model::Model;
-use crate::shard::{RemoteShard, RoutingShard, ShardKeys, shard_ranges};
+use crate::shard::{RemoteShard, RoutingShard, ShardKeys, chunk_range, shard_ranges};
 
 /// A document of a corpus: where it came from and its text.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -346,9 +346,8 @@ fn check_remotes(
             )));
         }
         let expected = &ranges[rank];
-        let rows = u64::from(bank.documents()[expected.end - 1].chunks[1])
-            - u64::from(bank.documents()[expected.start].chunks[0]);
-        let key_bytes = rows * bank.fingerprint().row_bytes() as u64;
+        let key_bytes =
+            chunk_range(bank, expected).len() as u64 * bank.fingerprint().row_bytes() as u64;
         if placed.documents != *expected || placed.key_bytes != key_bytes {
             return Err(fail(format!(
                 "it serves documents {:?} ({} key bytes per layer); shard {rank} of {world} is \

@@ -47,8 +47,8 @@ impl<B: Backend> ShardKeys<B> {
                 ),
             ));
         }
-        let first_chunk = table[documents.start].chunks[0];
-        let chunks = first_chunk..table[documents.end - 1].chunks[1];
+        let chunks = chunk_range(bank, &documents);
+        let first_chunk = chunks.start;
         let keys = (0..fp.router_layers.len())
             .map(|slot| {
                 let mut bytes = Vec::with_capacity(chunks.len() * fp.row_bytes());
@@ -101,6 +101,13 @@ impl<B: Backend> ShardKeys<B> {
             spec,
         )
     }
+}
+
+/// The chunks of `bank`'s documents `documents` (a non-empty range of its table).
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn chunk_range(bank: &Bank, documents: &Range<usize>) -> Range<u32> {
+    let table = bank.documents();
+    table[documents.start].chunks[0]..table[documents.end - 1].chunks[1]
 }
 
 /// Splits documents (`offsets` = `[0, end of doc 0, …]`) into at most `parts` non-empty contiguous

@@ -32,7 +32,6 @@ const ATTENTION_WORKGROUPS: usize = 256;
 const MAX_SPLITS: usize = 32;
 /// Query heads sharing a KV head that one attention workgroup takes at once (`GROUP`, at most).
 const MAX_ATTENTION_GROUP: usize = 4;
-const INVALID_INDEX: u32 = u32::MAX;
 
 /// An f32 tensor in a device buffer; clones share the buffer.
 #[derive(Clone, Debug)]
@@ -1079,15 +1078,9 @@ impl Backend for WgpuBackend {
                     k,
                 ));
             }
-            let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
-            Ok(words
-                .chunks_exact(2)
-                .filter(|pair| pair[1] != INVALID_INDEX)
-                .map(|pair| Scored {
-                    index: pair[1],
-                    score: f32::from_bits(pair[0]),
-                })
-                .collect())
+            Ok(Scored::from_device_pairs(&bytemuck::pod_collect_to_vec(
+                &bytes,
+            )))
         }
     }
 }

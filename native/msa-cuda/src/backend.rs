@@ -35,8 +35,6 @@ const ROUTING_TILE_CHUNKS: usize = 1 << 16;
 /// Top k up to this k is selected on the device (each round keeps at most k per 4,096 candidates);
 /// beyond it, on the host from every score.
 const MAX_DEVICE_K: usize = 256;
-/// Marks a top-k slot past a block's candidates.
-const TOP_K_INVALID: u32 = u32::MAX;
 
 /// The CUDA backend. Cheap to clone: clones share the device.
 #[derive(Clone)]
@@ -546,7 +544,7 @@ impl CudaBackend {
             return Ok(Vec::new());
         }
         // Indices are u32 on the device, u32::MAX marking an empty slot.
-        if k > MAX_DEVICE_K || scores.len() >= TOP_K_INVALID as usize {
+        if k > MAX_DEVICE_K || scores.len() >= Scored::NO_INDEX as usize {
             return Ok(select_top_k(&self.read_now(scores)?, k));
         }
         let block = TOP_K_THREADS as usize * TOP_K_ITEMS;
@@ -575,14 +573,7 @@ impl CudaBackend {
                     .memcpy_dtoh(&dst.slice(0..words.len()), &mut words)
                     .and_then(|()| stream.synchronize())
                     .map_err(|e| self.device.error(e))?;
-                return Ok(words
-                    .chunks_exact(2)
-                    .filter(|pair| pair[1] != TOP_K_INVALID)
-                    .map(|pair| Scored {
-                        index: pair[1],
-                        score: f32::from_bits(pair[0]),
-                    })
-                    .collect());
+                return Ok(Scored::from_device_pairs(&words));
             }
             count = blocks * k;
             survivors = Some(dst);

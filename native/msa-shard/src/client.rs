@@ -10,7 +10,7 @@ use std::time::Duration;
 use msa_engine::{Error, RemoteShard, Result, ShardAnswer, ShardPlacement, ShardRequest};
 
 use crate::protocol::{
-    PROTOCOL, Reply, Request, VERSION, Welcome, WireSpec, read_frame, write_frame,
+    PROTOCOL, Reply, Request, Score, VERSION, Welcome, WireSpec, read_frame, write_frame,
 };
 
 /// How long a client waits.
@@ -248,14 +248,14 @@ impl RemoteShard for ShardClient {
     fn submit(&self, request: &ShardRequest<'_>) -> Result<u64> {
         let mut state = self.state();
         let connection = self.connection(&mut state)?;
-        let header = Request::Score {
+        let header = Request::Score(Score {
             slot: request.slot,
             shape: request.shape,
             rows: request.rows.to_vec(),
             top_k: request.top_k,
             spec: WireSpec::from(request.spec),
             keep_scores: request.keep_scores,
-        };
+        });
         if let Err(e) = write_frame(&mut connection.writer, &header, request.queries) {
             let problem = format!("sending a request: {}", io_problem(&e, self.options.reply));
             return Err(self.lose(&mut state, problem));

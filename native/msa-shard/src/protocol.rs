@@ -27,16 +27,20 @@ pub enum Request {
         protocol: String,
         version: u32,
     },
-    /// Score router layer `slot` with queries `[n, heads, d]` (`shape`, in the blob) and select the top
-    /// `top_k` documents.
-    Score {
-        slot: usize,
-        shape: [usize; 3],
-        rows: Vec<u32>,
-        top_k: usize,
-        spec: WireSpec,
-        keep_scores: bool,
-    },
+    /// Score router layer `slot` with the router queries in the blob.
+    Score(Score),
+}
+
+/// A scoring request: router layer `slot`, queries `[n, heads, d]` (`shape`, in the blob) of which rows
+/// `rows` take part, the top `top_k` documents wanted.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Score {
+    pub slot: usize,
+    pub shape: [usize; 3],
+    pub rows: Vec<u32>,
+    pub top_k: usize,
+    pub spec: WireSpec,
+    pub keep_scores: bool,
 }
 
 /// From the server.

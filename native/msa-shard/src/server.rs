@@ -9,9 +9,7 @@ use std::sync::{Arc, mpsc};
 use msa_core::bank::Bank;
 use msa_engine::{Backend, Error, Result, ShardKeys, shard_ranges};
 
-use crate::protocol::{
-    PROTOCOL, Reply, Request, VERSION, Welcome, WireSpec, read_frame, write_frame,
-};
+use crate::protocol::{PROTOCOL, Reply, Request, Score, VERSION, Welcome, read_frame, write_frame};
 
 /// Rank `rank` of `world` Memory Parallel shards of a bank, loaded on a backend.
 pub struct ShardServer<B: Backend> {
@@ -22,13 +20,8 @@ pub struct ShardServer<B: Backend> {
 
 /// One scoring request handed from a connection's thread to the scoring thread.
 struct Job {
-    slot: usize,
+    request: Score,
     queries: Vec<f32>,
-    shape: [usize; 3],
-    rows: Vec<u32>,
-    top_k: usize,
-    spec: WireSpec,
-    keep_scores: bool,
     answer: mpsc::Sender<ScoreReply>,
 }
 
@@ -134,34 +127,38 @@ impl<B: Backend> ShardServer<B> {
 
     /// The shard's top k for one request as global ids, with their scores, then every score if asked.
     fn score(&self, job: &Job) -> Result<(Vec<usize>, Vec<f32>)> {
-        let b = &self.backend;
+        let (b, request) = (&self.backend, &job.request);
         let layers = self.welcome.fingerprint.router_layers.len();
-        if job.slot >= layers {
+        if request.slot >= layers {
             return Err(Error::shape(
                 "shard scoring",
-                format!("router layer slot {} of {layers}", job.slot),
+                format!("router layer slot {} of {layers}", request.slot),
             ));
         }
         let fp = &self.welcome.fingerprint;
-        let [_, heads, d] = job.shape;
+        let [_, heads, d] = request.shape;
         if d != fp.head_dim || heads == 0 || heads % fp.num_key_value_heads != 0 {
             return Err(Error::shape(
                 "shard scoring",
                 format!(
                     "router queries {:?} against keys of {} heads of {}",
-                    job.shape, fp.num_key_value_heads, fp.head_dim
+                    request.shape, fp.num_key_value_heads, fp.head_dim
                 ),
             ));
         }
-        let queries = b.upload(&job.queries, &job.shape)?;
-        let scores = self
-            .keys
-            .score(b, job.slot, &queries, &job.rows, job.spec.into())?;
-        let top = pollster::block_on(b.top_k(&scores, job.top_k))?;
+        let queries = b.upload(&job.queries, &request.shape)?;
+        let scores = self.keys.score(
+            b,
+            request.slot,
+            &queries,
+            &request.rows,
+            request.spec.into(),
+        )?;
+        let top = pollster::block_on(b.top_k(&scores, request.top_k))?;
         let first = self.keys.documents().start;
         let ids = top.iter().map(|s| first + s.index as usize).collect();
         let mut blob: Vec<f32> = top.iter().map(|s| s.score).collect();
-        if job.keep_scores {
+        if request.keep_scores {
             blob.extend(pollster::block_on(b.read(&scores))?);
         }
         Ok((ids, blob))
@@ -212,23 +209,11 @@ fn read_requests(
                     .map_err(writer_stopped)?;
                 return Ok(());
             }
-            Request::Score {
-                slot,
-                shape,
-                rows,
-                top_k,
-                spec,
-                keep_scores,
-            } => {
+            Request::Score(request) => {
                 let (answer, answered) = mpsc::channel();
                 let job = Job {
-                    slot,
+                    request,
                     queries,
-                    shape,
-                    rows,
-                    top_k,
-                    spec,
-                    keep_scores,
                     answer,
                 };
                 jobs.send(job)

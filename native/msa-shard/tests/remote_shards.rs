@@ -9,7 +9,7 @@ use std::path::Path;
 use msa_core::bank::{Bank, LayerRows, NewDocument, OpenOptions};
 use msa_core::{ChunkReduce, HeadReduce, MemoryFingerprint, QueryReduce, ScoreMode};
 use msa_engine::{Backend, CpuBackend, Memory, RemoteShard, RoutingSpec, Selection, ShardRequest};
-use msa_shard::protocol::{Reply, Request, read_frame, write_frame};
+use msa_shard::protocol::{Reply, Request, Score, read_frame, write_frame};
 use msa_shard::{ConnectOptions, ShardClient, ShardServer};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -270,18 +270,32 @@ fn unreachable_and_strange_servers_are_clear_errors() {
     assert!(error.contains("no msa-shard greeting"), "{error}");
 }
 
-/// A proxy to `upstream` that passes the greeting, then hangs up on the first scoring request.
-fn dying_proxy(upstream: SocketAddr) -> SocketAddr {
+/// A proxy to `upstream` whose first connection passes the greeting, then hangs up on the first
+/// request: a server lost mid-query. With `restarts`, later connections are forwarded whole (the server
+/// back after a restart); without, the proxy stops listening.
+fn proxy(upstream: SocketAddr, restarts: bool) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        let (mut client, _) = listener.accept().unwrap();
-        let mut server = TcpStream::connect(upstream).unwrap();
-        let (hello, _): (Request, _) = read_frame(&mut client).unwrap().unwrap();
-        write_frame(&mut server, &hello, &[]).unwrap();
-        let (welcome, _): (Reply, _) = read_frame(&mut server).unwrap().unwrap();
-        write_frame(&mut client, &welcome, &[]).unwrap();
-        let _ = read_frame::<Request>(&mut client);
+        for (round, client) in listener.incoming().enumerate() {
+            let mut client = client.unwrap();
+            let mut server = TcpStream::connect(upstream).unwrap();
+            if round > 0 {
+                let (mut from_server, mut to_client) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut client, &mut server));
+                std::thread::spawn(move || std::io::copy(&mut from_server, &mut to_client));
+                continue;
+            }
+            let (hello, _): (Request, _) = read_frame(&mut client).unwrap().unwrap();
+            write_frame(&mut server, &hello, &[]).unwrap();
+            let (welcome, _): (Reply, _) = read_frame(&mut server).unwrap().unwrap();
+            write_frame(&mut client, &welcome, &[]).unwrap();
+            let _ = read_frame::<Request>(&mut client);
+            if !restarts {
+                return;
+            }
+        }
     });
     address
 }
@@ -290,7 +304,7 @@ fn dying_proxy(upstream: SocketAddr) -> SocketAddr {
 fn a_server_lost_mid_session_fails_the_query_and_says_so_after() {
     let dir = tempfile::tempdir().unwrap();
     drop(make_bank(dir.path(), 1, HEAD_DIM));
-    let proxy = dying_proxy(serve(dir.path(), 1, 2));
+    let proxy = proxy(serve(dir.path(), 1, 2), false);
     let memory = with_remote(dir.path(), proxy);
     let queries = vec![0.25; 3 * HEADS * HEAD_DIM];
     let spec = spec(HeadReduce::Mean, QueryReduce::Max);
@@ -320,29 +334,7 @@ fn a_server_lost_mid_session_fails_the_query_and_says_so_after() {
 fn a_restarted_server_is_reconnected_if_it_serves_the_same_shard() {
     let dir = tempfile::tempdir().unwrap();
     drop(make_bank(dir.path(), 1, HEAD_DIM));
-    let upstream = serve(dir.path(), 1, 2);
-    // A proxy that lets the greeting through and hangs up on the first request, then forwards every
-    // later connection to the server: a server restart, as the client sees it.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let proxy = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for (round, client) in listener.incoming().enumerate() {
-            let mut client = client.unwrap();
-            let mut server = TcpStream::connect(upstream).unwrap();
-            if round == 0 {
-                let (hello, _): (Request, _) = read_frame(&mut client).unwrap().unwrap();
-                write_frame(&mut server, &hello, &[]).unwrap();
-                let (welcome, _): (Reply, _) = read_frame(&mut server).unwrap().unwrap();
-                write_frame(&mut client, &welcome, &[]).unwrap();
-                let _ = read_frame::<Request>(&mut client);
-                continue;
-            }
-            let (mut from_server, mut to_client) =
-                (server.try_clone().unwrap(), client.try_clone().unwrap());
-            std::thread::spawn(move || std::io::copy(&mut client, &mut server));
-            std::thread::spawn(move || std::io::copy(&mut from_server, &mut to_client));
-        }
-    });
+    let proxy = proxy(serve(dir.path(), 1, 2), true);
     let memory = with_remote(dir.path(), proxy);
     let single = on_one_device(dir.path());
     let queries = vec![0.25; 3 * HEADS * HEAD_DIM];
@@ -418,14 +410,14 @@ fn hostile_frames_do_not_stop_the_server() {
         .unwrap();
     drop(cut);
     let mut rude = TcpStream::connect(address).unwrap();
-    let score = Request::Score {
+    let score = Request::Score(Score {
         slot: 0,
         shape: [1 << 40, 1 << 40, HEAD_DIM],
         rows: vec![0],
         top_k: 3,
         spec: spec(HeadReduce::Mean, QueryReduce::Max).into(),
         keep_scores: true,
-    };
+    });
     write_frame(&mut rude, &score, &[1.0; 4]).unwrap();
     let (reply, _): (Reply, Vec<f32>) = read_frame(&mut rude).unwrap().unwrap();
     assert!(
