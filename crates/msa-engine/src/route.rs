@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::memory::{Content, Memory};
 use crate::shard::RoutingShard;
 #[cfg(not(target_arch = "wasm32"))]
-use crate::shard::{RemoteShard, ShardAnswer, ShardRequest};
+use crate::shard::{RemoteShard, ShardAnswer, ShardRequest, Tickets};
 
 /// The documents one router layer selected.
 pub struct Selection<T> {
@@ -72,7 +72,7 @@ impl<B: Backend> Memory<B> {
         #[cfg(not(target_arch = "wasm32"))]
         let (tickets, submitted) = match &host_queries {
             Some(host) => self.submit_remote(host, &shape, slot, rows, top_k, spec, keep_scores),
-            None => (Vec::new(), Ok(())),
+            None => (Tickets::new(), Ok(())),
         };
         #[cfg(target_arch = "wasm32")]
         let submitted: Result<()> = Ok(());
@@ -110,10 +110,9 @@ impl<B: Backend> Memory<B> {
         .await;
         #[cfg(not(target_arch = "wasm32"))]
         let answers: Vec<Result<ShardAnswer>> = tickets
+            .collect()
             .into_iter()
-            .map(|(remote, ticket)| {
-                checked_answer(remote, remote.collect(ticket)?, top_k, keep_scores)
-            })
+            .map(|(remote, answer)| checked_answer(remote, answer?, top_k, keep_scores))
             .collect();
         let (scored, mut candidates, meanwhile) = local?;
         #[cfg_attr(target_arch = "wasm32", allow(unused_mut))]
@@ -173,8 +172,8 @@ impl<B: Backend> Memory<B> {
         top_k: usize,
         spec: RoutingSpec,
         keep_scores: bool,
-    ) -> (Vec<(&'a dyn RemoteShard, u64)>, Result<()>) {
-        let mut tickets = Vec::new();
+    ) -> (Tickets<'a>, Result<()>) {
+        let mut tickets = Tickets::new();
         if shape.len() != 3 {
             let detail = format!("router queries {shape:?} are not [n, heads, d]");
             return (tickets, Err(Error::shape("routing_scores", detail)));
@@ -204,7 +203,7 @@ impl<B: Backend> Memory<B> {
                     keep_scores,
                 };
                 match remote.submit(&request) {
-                    Ok(ticket) => tickets.push((remote.as_ref(), ticket)),
+                    Ok(ticket) => tickets.push(remote.as_ref(), ticket),
                     Err(e) => return (tickets, Err(e)),
                 }
             }

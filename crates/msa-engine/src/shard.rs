@@ -179,14 +179,50 @@ pub struct ShardAnswer {
 
 /// A shard scored by another process (`msa shard`, reached over TCP by the `msa-shard` crate).
 /// [`RemoteShard::submit`] returns a ticket once the request is sent, so every shard works at once;
-/// [`RemoteShard::collect`] waits for that ticket's answer. Every ticket must be collected (the engine
-/// does, even when the query fails), and several threads may use one shard at once.
+/// [`RemoteShard::collect`] waits for that ticket's answer. Every ticket is either collected (the
+/// engine does, even when the query fails) or abandoned (when the query is dropped or unwinds before),
+/// so a shard keeps no answer for nobody. Several threads may use one shard at once.
 pub trait RemoteShard: Send + Sync {
     /// Names the shard and where it runs, for errors and logs.
     fn describe(&self) -> String;
     fn placement(&self) -> &ShardPlacement;
     fn submit(&self, request: &ShardRequest<'_>) -> Result<u64>;
     fn collect(&self, ticket: u64) -> Result<ShardAnswer>;
+    /// Says that `ticket` will never be collected: its answer, come or to come, is dropped.
+    fn abandon(&self, ticket: u64);
+}
+
+/// Tickets of requests sent to remote shards: collected together, or abandoned when dropped before
+/// (a query future dropped mid-way, a panic unwinding through it).
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) struct Tickets<'a>(Vec<(&'a dyn RemoteShard, u64)>);
+
+#[cfg(not(target_arch = "wasm32"))]
+impl<'a> Tickets<'a> {
+    pub(crate) fn new() -> Self {
+        Tickets(Vec::new())
+    }
+
+    pub(crate) fn push(&mut self, remote: &'a dyn RemoteShard, ticket: u64) {
+        self.0.push((remote, ticket));
+    }
+
+    /// Each ticket's answer, in the order sent, with the shard that gave it.
+    pub(crate) fn collect(mut self) -> Vec<(&'a dyn RemoteShard, Result<ShardAnswer>)> {
+        self.0
+            .drain(..)
+            .map(|(remote, ticket)| (remote, remote.collect(ticket)))
+            .collect()
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Drop for Tickets<'_> {
+    fn drop(&mut self) {
+        for (remote, ticket) in self.0.drain(..) {
+            remote.abandon(ticket);
+        }
+    }
 }
 
 /// One shard of a memory's routing keys and where it is scored.

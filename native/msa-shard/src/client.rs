@@ -1,7 +1,7 @@
 //! The client side: a connection to one shard server, which the engine routes through as a
 //! [`RemoteShard`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, ErrorKind};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
@@ -54,6 +54,9 @@ struct State {
     first_on_connection: u64,
     /// Replies read while waiting for another ticket's, until their callers collect them.
     stash: HashMap<u64, (Reply, Vec<f32>)>,
+    /// Tickets still to be answered on the current connection that nobody will collect: their
+    /// replies are dropped as they arrive.
+    abandoned: HashSet<u64>,
     /// Why the last connection was lost.
     lost: Option<String>,
 }
@@ -165,6 +168,7 @@ impl ShardClient {
                 next_reply: 0,
                 first_on_connection: 0,
                 stash: HashMap::new(),
+                abandoned: HashSet::new(),
                 lost: None,
             }),
         })
@@ -212,6 +216,8 @@ impl ShardClient {
     /// Forgets a connection that failed: its requests in flight fail, the next one reconnects.
     fn lose(&self, state: &mut State, problem: String) -> Error {
         state.connection = None;
+        // Their replies will never come.
+        state.abandoned.clear();
         state.lost = Some(problem.clone());
         self.fail(problem)
     }
@@ -272,8 +278,12 @@ impl RemoteShard for ShardClient {
         if ticket >= state.next_ticket {
             return Err(self.fail(format!("no request {ticket} was sent")));
         }
-        if ticket >= state.first_on_connection && ticket < state.next_reply {
-            return Err(self.fail(format!("request {ticket} was collected already")));
+        if state.abandoned.contains(&ticket)
+            || (ticket >= state.first_on_connection && ticket < state.next_reply)
+        {
+            return Err(self.fail(format!(
+                "request {ticket} was collected or abandoned already"
+            )));
         }
         if ticket < state.first_on_connection || state.connection.is_none() {
             let lost = state.lost.clone().unwrap_or_default();
@@ -301,8 +311,19 @@ impl RemoteShard for ShardClient {
             if answered == ticket {
                 return self.answer(reply);
             }
-            // Another thread's: it collects it from here.
-            state.stash.insert(answered, reply);
+            // Another thread's: it collects it from here, unless it was abandoned.
+            if !state.abandoned.remove(&answered) {
+                state.stash.insert(answered, reply);
+            }
+        }
+    }
+
+    fn abandon(&self, ticket: u64) {
+        let mut state = self.state();
+        let unread =
+            state.connection.is_some() && (state.next_reply..state.next_ticket).contains(&ticket);
+        if state.stash.remove(&ticket).is_none() && unread {
+            state.abandoned.insert(ticket);
         }
     }
 }

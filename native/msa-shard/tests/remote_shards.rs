@@ -482,3 +482,87 @@ fn a_failed_query_and_concurrent_queries_keep_answers_matched() {
         }
     });
 }
+
+/// A remote shard that records the tickets the engine abandons.
+struct Recording {
+    inner: Box<dyn RemoteShard>,
+    abandoned: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl RemoteShard for Recording {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn placement(&self) -> &msa_engine::ShardPlacement {
+        self.inner.placement()
+    }
+    fn submit(&self, request: &ShardRequest<'_>) -> msa_engine::Result<u64> {
+        self.inner.submit(request)
+    }
+    fn collect(&self, ticket: u64) -> msa_engine::Result<msa_engine::ShardAnswer> {
+        self.inner.collect(ticket)
+    }
+    fn abandon(&self, ticket: u64) {
+        self.abandoned.lock().unwrap().push(ticket);
+        self.inner.abandon(ticket);
+    }
+}
+
+#[test]
+fn abandoned_requests_leave_no_answer_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(make_bank(dir.path(), 1, HEAD_DIM));
+    let address = serve(dir.path(), 1, 2);
+    // On the client: an abandoned request's reply is dropped, whether it came before or after.
+    let client = connect(address).unwrap();
+    let queries = vec![0.25; 2 * HEADS * HEAD_DIM];
+    let request = ShardRequest {
+        slot: 1,
+        queries: &queries,
+        shape: [2, HEADS, HEAD_DIM],
+        rows: &[0, 1],
+        top_k: 4,
+        spec: spec(HeadReduce::Mean, QueryReduce::Max),
+        keep_scores: true,
+    };
+    let tickets: Vec<u64> = (0..4).map(|_| client.submit(&request).unwrap()).collect();
+    client.abandon(tickets[1]); // not answered yet
+    let answer = client.collect(tickets[2]).unwrap(); // reads 0 (kept) and 1 (dropped)
+    assert_eq!(client.collect(tickets[0]).unwrap(), answer);
+    let _ = client.collect(tickets[3]).unwrap();
+    let next = client.submit(&request).unwrap();
+    let last = client.submit(&request).unwrap();
+    assert_eq!(client.collect(last).unwrap(), answer);
+    client.abandon(next); // answered and kept, until now
+    for ticket in [tickets[1], next] {
+        let error = client.collect(ticket).err().unwrap().to_string();
+        assert!(error.contains("collected or abandoned already"), "{error}");
+    }
+    // In the engine: a query unwinding after its requests went out abandons them, and the memory
+    // still selects exactly what one device selects.
+    let abandoned = std::sync::Arc::default();
+    let remote = Recording {
+        inner: connect(address).unwrap(),
+        abandoned: std::sync::Arc::clone(&abandoned),
+    };
+    let memory = Memory::from_bank_with(
+        &CpuBackend::new(),
+        reopen(dir.path()),
+        Vec::new(),
+        vec![Box::new(remote)],
+    )
+    .unwrap();
+    let single = on_one_device(dir.path());
+    let queries = vec![0.5; 3 * HEADS * HEAD_DIM];
+    let spec = spec(HeadReduce::Max, QueryReduce::Mean);
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        select_with(&memory, 0, &queries, 3, spec, true, || panic!("cancelled"))
+    }));
+    assert!(unwound.is_err());
+    assert_eq!(*abandoned.lock().unwrap(), [0]);
+    assert_eq!(
+        bits(&select(&memory, 0, &queries, 3, spec).unwrap()),
+        bits(&select(&single, 0, &queries, 3, spec).unwrap())
+    );
+    assert_eq!(abandoned.lock().unwrap().len(), 1);
+}
