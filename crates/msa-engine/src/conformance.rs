@@ -275,7 +275,8 @@ pub fn check_all<B: Backend>(backend: &B, tol: &Tolerances) {
 
 /// `upload_weight_from` (how fetched memory pages arrive, in pieces of any size) holds what
 /// `upload_weight` of the same bytes holds, read back through `embedding`, for every dtype: small
-/// weights and ones past 1 MiB (where a GPU backend may gather into pinned or mapped memory). Pieces
+/// weights and ones past 1 MiB, and one uploaded while other work that allocates and frees is still
+/// queued (a GPU backend may gather into pinned memory and copy on a stream of its own). Pieces
 /// that fall short of the weight's size, or run past it, are refused as the reference refuses them.
 pub fn check_weights_from_pieces<B: Backend>(backend: &B, _tol: &Tolerances) {
     let p = Pair::new(backend);
@@ -293,14 +294,23 @@ pub fn check_weights_from_pieces<B: Backend>(backend: &B, _tol: &Tolerances) {
                 .backend
                 .upload_weight_from("pieces", dtype, &shape, &mut pieces)
                 .unwrap();
+            // The same bytes again, behind work that allocates and frees as it goes.
+            let busy = busy_work(p.backend);
+            let behind = p
+                .backend
+                .upload_weight_from("pieces", dtype, &shape, &mut pieces)
+                .unwrap();
             let (_, c) = weights_of(p.backend, &p.cpu, &values, &shape, dtype);
             let ids: Vec<u32> = (0..rows as u32).collect();
-            p.compare(
-                &format!("upload_weight_from {dtype} {rows}x{width}"),
-                &p.backend.embedding(&b, &ids).unwrap(),
-                &p.cpu.embedding(&c, &ids).unwrap(),
-                0.0,
-            );
+            for (weight, when) in [(&b, "idle"), (&behind, "behind other work")] {
+                p.compare(
+                    &format!("upload_weight_from {dtype} {rows}x{width}, {when}"),
+                    &p.backend.embedding(weight, &ids).unwrap(),
+                    &p.cpu.embedding(&c, &ids).unwrap(),
+                    0.0,
+                );
+            }
+            check_busy_work(&p, &busy);
             // Two bytes short, and two past the end in the same uneven pieces (one straddles it).
             let mut long = bytes.clone();
             long.extend([0, 0]);
@@ -759,6 +769,71 @@ pub fn check_top_k<B: Backend>(backend: &B, _tol: &Tolerances) {
                 );
             }
         }
+    }
+    // Selections in flight together, as shards and a layer's projections queue them: all queued
+    // before any is awaited, more work recorded behind them, one dropped unawaited and one queued
+    // after that, the rest awaited last first.
+    let cases: Vec<(Vec<f32>, usize)> = [
+        (70_000, 16),
+        (5000, 3),
+        (1000, 300),
+        (200, 200),
+        (4200, 256),
+        (9, 4),
+    ]
+    .into_iter()
+    .map(|(n, k)| {
+        let scores = (0..n).map(|_| rng.random_range(-999..999) as f32).collect();
+        (scores, k)
+    })
+    .collect();
+    let tensors: Vec<_> = cases
+        .iter()
+        .map(|(s, _)| p.tensors(s, &[s.len()]))
+        .collect();
+    let queue = |i: usize| (i, p.backend.top_k(&tensors[i].0, cases[i].1));
+    let mut pending: Vec<_> = (0..cases.len() - 1).map(queue).collect();
+    // Long work, with temporaries, between the last selections queued and the one queued last.
+    let later = busy_work(p.backend);
+    drop(pending.remove(1));
+    pending.push(queue(cases.len() - 1));
+    for (i, selection) in pending.into_iter().rev() {
+        let b = pollster::block_on(selection).unwrap();
+        let c = pollster::block_on(p.cpu.top_k(&tensors[i].1, cases[i].1)).unwrap();
+        let pairs = |v: &[Scored]| v.iter().map(|s| (s.index, s.score)).collect::<Vec<_>>();
+        assert_eq!(pairs(&b), pairs(&c), "selection {i} of several in flight");
+    }
+    check_busy_work(&p, &later);
+}
+
+/// Elements of [`busy_work`]'s tensor.
+const BUSY_ELEMENTS: usize = 1 << 20;
+
+/// Steps of [`busy_work`].
+const BUSY_STEPS: usize = 48;
+
+/// Queues a chain of adds over a tensor of [`BUSY_ELEMENTS`] (each step's input freed as it goes):
+/// work a GPU is still running when the next ops are recorded. See [`check_busy_work`].
+fn busy_work<B: Backend>(backend: &B) -> B::Tensor {
+    let filled = |value: f32| {
+        backend
+            .upload(&vec![value; BUSY_ELEMENTS], &[BUSY_ELEMENTS])
+            .unwrap()
+    };
+    let (one, mut x) = (filled(1.0), filled(0.5));
+    for _ in 0..BUSY_STEPS {
+        x = backend.add(&x, &one).unwrap();
+    }
+    x
+}
+
+/// [`busy_work`]'s result holds 0.5 + [`BUSY_STEPS`] everywhere (exact in f32).
+fn check_busy_work<B: Backend>(p: &Pair<'_, B>, busy: &B::Tensor) {
+    let expected = 0.5 + BUSY_STEPS as f32;
+    let values = p.read(busy);
+    assert_eq!(values.len(), BUSY_ELEMENTS);
+    if let Some((i, v)) = values.iter().enumerate().find(|&(_, &v)| v != expected) {
+        panic!("the work queued between: element {i} is {v}, not {expected}");
     }
 }
 

@@ -9,16 +9,17 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{
     CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
-use msa_engine::backend::{PieceWriter, upload_through_host};
+use msa_engine::backend::PieceWriter;
 use msa_engine::{
     AttentionMask, Backend, Result, RopeTableCache, RoutingSpec, Scored, select_top_k, shapes,
 };
 
 use crate::device::{
-    ATTENTION_WARPS, CudaOptions, Device, MAX_PER_LANE, SMALL_ROWS, STAGED_MAX, TOP_K_ITEMS,
-    TOP_K_THREADS, WARP, grid_for_threads, grid_for_warps, guarded,
+    ATTENTION_WARPS, CudaOptions, Device, MAX_PER_LANE, Readback, SMALL_ROWS, STAGED_MAX,
+    TOP_K_ITEMS, TOP_K_THREADS, WARP, grid_for_threads, grid_for_warps, guarded,
 };
 
 /// The widest head vector the warp-per-head kernels hold in registers.
@@ -34,7 +35,7 @@ const MIN_SPLIT_KEYS: usize = 256;
 const ROUTING_TILE_CHUNKS: usize = 1 << 16;
 /// Top k up to this k is selected on the device (each round keeps at most k per 4,096 candidates);
 /// beyond it, on the host from every score.
-const MAX_DEVICE_K: usize = 256;
+pub(crate) const MAX_DEVICE_K: usize = 256;
 
 /// The CUDA backend. Cheap to clone: clones share the device.
 #[derive(Clone)]
@@ -78,6 +79,15 @@ impl CudaWeight {
             DType::F16 => "f16",
         }
     }
+}
+
+/// A top k on its way: selected already, or its pairs landing in page-locked memory.
+enum QueuedTopK {
+    Selected(Vec<Scored>),
+    Landing {
+        pairs: Readback,
+        device: Arc<Device>,
+    },
 }
 
 /// The shape of a routing GEMM (see [`CudaBackend::routing_gemm`]) and how it reduces.
@@ -204,8 +214,8 @@ impl CudaBackend {
 
     /// Copies host values to a new allocation (one zero element for none, as every allocation):
     /// up to [`STAGED_MAX`] bytes queued through the device's pinned ring, larger ones (most weights)
-    /// straight from pageable memory (where the driver may wait for the stream first). Fetched pages
-    /// over that size take `upload_weight_from`'s pinned buffer instead.
+    /// straight from pageable memory (where the driver may wait for the stream first). Weights handed
+    /// over in pieces (fetched pages) take [`CudaBackend::gathered`]'s copy stream instead.
     fn upload_slice<T: DeviceRepr + Pod + Default>(&self, values: &[T]) -> Result<CudaSlice<T>> {
         let none = [T::default()];
         let values = if values.is_empty() { &none[..] } else { values };
@@ -220,6 +230,21 @@ impl CudaBackend {
         let mut dst = self.alloc::<T>(values.len())?;
         self.device.copy_staged(bytes, &mut dst)?;
         Ok(dst)
+    }
+
+    /// Uploads the bytes of a `dtype` weight of `shape` that `write` hands over in pieces (see
+    /// [`Device::upload_gathered`]), refused by its length when they are more or fewer.
+    fn gathered<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        name: &str,
+        dtype: DType,
+        shape: &[usize],
+        write: &mut PieceWriter<'_>,
+    ) -> Result<CudaSlice<T>> {
+        let total = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        let (data, written) = self.device.upload_gathered(total, write)?;
+        shapes::check_weight_len(name, dtype, shape, written)?;
+        Ok(data.expect("every byte was handed over"))
     }
 
     /// Copies little-endian elements to the device: straight from `bytes` when they are aligned for `T`
@@ -534,18 +559,21 @@ impl CudaBackend {
         Ok(Self::wrap(out, shape))
     }
 
-    /// The top k of one score per document: on the device, rounds of `select_top_k` until one block's
-    /// k (raw score, index) pairs remain, which are all the host reads. Past [`MAX_DEVICE_K`] the host
-    /// selects from every score by the reference rule.
-    fn top_k_now(&self, scores: &CudaTensor, k: usize) -> Result<Vec<Scored>> {
+    /// Queues the top k of one score per document: on the device, rounds of `select_top_k` until one
+    /// block's k (raw score, index) pairs remain, which are all the host reads, once they have landed.
+    /// Past [`MAX_DEVICE_K`] the host selects from every score by the reference rule, at once.
+    fn queue_top_k(&self, scores: &CudaTensor, k: usize) -> Result<QueuedTopK> {
         shapes::check_scores(&scores.shape)?;
         let k = k.min(scores.len());
         if k == 0 {
-            return Ok(Vec::new());
+            return Ok(QueuedTopK::Selected(Vec::new()));
         }
         // Indices are u32 on the device, u32::MAX marking an empty slot.
         if k > MAX_DEVICE_K || scores.len() >= Scored::NO_INDEX as usize {
-            return Ok(select_top_k(&self.read_now(scores)?, k));
+            return Ok(QueuedTopK::Selected(select_top_k(
+                &self.read_now(scores)?,
+                k,
+            )));
         }
         let block = TOP_K_THREADS as usize * TOP_K_ITEMS;
         let mut count = scores.len();
@@ -567,13 +595,10 @@ impl CudaBackend {
             };
             self.launch(&mut args, config)?;
             if blocks == 1 {
-                let mut words = vec![0u32; 2 * k];
-                let stream = &self.device.stream;
-                stream
-                    .memcpy_dtoh(&dst.slice(0..words.len()), &mut words)
-                    .and_then(|()| stream.synchronize())
-                    .map_err(|e| self.device.error(e))?;
-                return Ok(Scored::from_device_pairs(&words));
+                return Ok(QueuedTopK::Landing {
+                    pairs: self.device.read_back(&dst, 2 * k)?,
+                    device: self.device.clone(),
+                });
             }
             count = blocks * k;
             survivors = Some(dst);
@@ -651,23 +676,10 @@ impl Backend for CudaBackend {
         shape: &[usize],
         write: &mut PieceWriter<'_>,
     ) -> Result<CudaWeight> {
-        let total = shape.iter().product::<usize>() * dtype.size_in_bytes();
-        if total <= STAGED_MAX {
-            return upload_through_host(self, name, dtype, shape, write);
-        }
-        let (data, written) = match dtype {
-            DType::F32 => {
-                let mut data = self.alloc::<f32>(total / 4)?;
-                let written = self.device.copy_gathered(total, write, &mut data)?;
-                (WeightData::F32(Arc::new(data)), written)
-            }
-            DType::BF16 | DType::F16 => {
-                let mut data = self.alloc::<u16>(total / 2)?;
-                let written = self.device.copy_gathered(total, write, &mut data)?;
-                (WeightData::Half(data), written)
-            }
+        let data = match dtype {
+            DType::F32 => WeightData::F32(Arc::new(self.gathered(name, dtype, shape, write)?)),
+            DType::BF16 | DType::F16 => WeightData::Half(self.gathered(name, dtype, shape, write)?),
         };
-        shapes::check_weight_len(name, dtype, shape, written)?;
         Ok(CudaWeight {
             data,
             dtype,
@@ -1097,6 +1109,15 @@ impl Backend for CudaBackend {
     }
 
     fn top_k(&self, scores: &CudaTensor, k: usize) -> impl Future<Output = Result<Vec<Scored>>> {
-        ready(self.top_k_now(scores, k))
+        let queued = self.queue_top_k(scores, k);
+        async move {
+            match queued? {
+                QueuedTopK::Selected(top) => Ok(top),
+                QueuedTopK::Landing { pairs, device } => pairs
+                    .words()
+                    .map(Scored::from_device_pairs)
+                    .map_err(|e| device.error(e)),
+            }
+        }
     }
 }

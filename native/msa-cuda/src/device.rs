@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DriverError,
-    LaunchConfig, PinnedHostSlice,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr,
+    DriverError, LaunchConfig, PinnedHostSlice, ValidAsZeroBits,
 };
 use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
 use msa_engine::backend::PieceWriter;
@@ -336,26 +336,35 @@ struct Staging {
 unsafe impl Send for Staging {}
 
 impl Drop for Device {
-    /// Copies out of the staging ring may still be queued: they must run before the ring is freed.
+    /// Copies out of the staging ring and the page buffer may still be queued: they must run before
+    /// the page-locked memory is freed.
     fn drop(&mut self) {
-        if let Err(e) = self.stream.synchronize() {
-            tracing::warn!("closing {}: {e}", self.name);
+        for stream in [&self.stream, &self.copies] {
+            if let Err(e) = stream.synchronize() {
+                tracing::warn!("closing {}: {e}", self.name);
+            }
         }
     }
 }
 
-/// An open device: one context, one stream every op is queued on, cuBLAS bound to it, the kernels.
+/// An open device: one context, one stream every op is queued on, cuBLAS bound to it, the kernels,
+/// and a second stream for uploads gathered from host pages.
 pub(crate) struct Device {
     pub(crate) name: String,
     /// Streaming multiprocessors: how many blocks the GPU runs side by side, in units.
     pub(crate) multiprocessors: usize,
     pub(crate) stream: Arc<CudaStream>,
+    /// Copies of gathered pages (see [`Device::upload_gathered`]): the main stream waits for each by
+    /// an event, never the host.
+    copies: Arc<CudaStream>,
     pub(crate) blas: CudaBlas,
     kernels: HashMap<&'static str, CudaFunction>,
     staging: Mutex<Staging>,
-    /// Page-locked memory larger uploads gathered piece by piece land in (grown to the largest), and
-    /// the event after the last copy out of it.
+    /// Page-locked memory uploads gathered piece by piece land in (grown to the largest), and the
+    /// event after the last copy out of it.
     pages: Mutex<Option<(PinnedHostSlice<u8>, CudaEvent)>>,
+    /// Page-locked words small results are read back into, free for the next read.
+    readbacks: Arc<Mutex<Vec<Landing>>>,
 }
 
 impl Device {
@@ -373,8 +382,9 @@ impl Device {
     fn open_checked(ordinal: usize) -> Result<Device> {
         let started = |e: DriverError| unavailable(format!("opening CUDA device {ordinal}: {e}"));
         let ctx = CudaContext::new(ordinal).map_err(started)?;
-        // One stream orders every op, so cudarc's per-allocation events are pure overhead.
-        // SAFETY: no other stream ever touches this context's allocations.
+        // The main stream orders every op, so cudarc's per-allocation events are pure overhead.
+        // SAFETY: the one other stream (copies) only writes memory it allocated itself, and hands
+        // it over to the main stream by an event (`upload_gathered`).
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(started)?;
         let device_name = ctx.name().map_err(started)?;
@@ -396,6 +406,14 @@ impl Device {
         // A stream of its own: with one context per GPU (Memory Parallel), no op or free can land on
         // another GPU's legacy default stream.
         let stream = ctx.new_stream().map_err(started)?;
+        let copies = ctx.new_stream().map_err(started)?;
+        if ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+            .map_err(started)?
+            > 0
+        {
+            keep_streams_apart(&ctx).map_err(started)?;
+        }
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| unavailable(format!("starting cuBLAS on CUDA device {ordinal}: {e}")))?;
         // SAFETY: the ring's bytes are written before any copy reads them.
@@ -406,6 +424,7 @@ impl Device {
             name,
             multiprocessors,
             stream,
+            copies,
             blas,
             kernels,
             staging: Mutex::new(Staging {
@@ -414,20 +433,23 @@ impl Device {
                 next: 0,
             }),
             pages: Mutex::new(None),
+            readbacks: Arc::default(),
         })
     }
 
-    /// Queues a copy into `dst` of the `total` bytes `write` hands over in pieces (fetched memory
-    /// pages), gathered into page-locked memory: the copy is queued like a kernel and the host
-    /// never holds the bytes in a buffer of its own. Returns how many bytes `write` handed over; past
-    /// `total` nothing is copied, and the caller refuses the weight.
-    pub(crate) fn copy_gathered<T>(
+    /// Uploads the `total` bytes `write` hands over in pieces (fetched memory pages) into new device
+    /// memory, gathered into page-locked memory and copied on the copy stream: the copy can run
+    /// beside the kernels queued before it (a layer's projections while its memory is fetched), and
+    /// the main stream waits for it, by an event, before anything queued after. Returns how many
+    /// bytes `write` handed over, and the memory when that was `total` (else nothing is copied, and
+    /// the caller refuses the weight). No bytes give one zero element, as every allocation.
+    pub(crate) fn upload_gathered<T: DeviceRepr + ValidAsZeroBits>(
         &self,
         total: usize,
         write: &mut PieceWriter<'_>,
-        dst: &mut CudaSlice<T>,
-    ) -> Result<usize> {
-        assert!(total <= dst.num_bytes());
+    ) -> Result<(Option<CudaSlice<T>>, usize)> {
+        let len = total / std::mem::size_of::<T>();
+        assert_eq!(len * std::mem::size_of::<T>(), total);
         let ctx = self.stream.context();
         ctx.bind_to_thread().map_err(|e| self.error(e))?;
         // A panic in `write` queued nothing: the buffer and its event stay good.
@@ -444,7 +466,7 @@ impl Device {
             .is_none_or(|(buffer, _)| buffer.len() < total)
         {
             // SAFETY: the buffer's bytes are written below before the copy reads them.
-            let buffer = unsafe { ctx.alloc_pinned::<u8>(total.next_power_of_two()) }
+            let buffer = unsafe { ctx.alloc_pinned::<u8>(total.max(1).next_power_of_two()) }
                 .map_err(|e| self.error(e))?;
             let copied = ctx.new_event(None).map_err(|e| self.error(e))?;
             *pages = Some((buffer, copied));
@@ -463,16 +485,36 @@ impl Device {
             written += piece.len();
         });
         if written != total {
-            return Ok(written);
+            return Ok((None, written));
         }
+        // Allocated in the copy stream's order: the pool hands it memory whose free on the main stream
+        // has run (see `keep_streams_apart`).
+        let mut dst = if len == 0 {
+            self.copies.alloc_zeros::<T>(1)
+        } else {
+            // SAFETY: the copy below writes all `total` bytes before anything reads them.
+            unsafe { self.copies.alloc::<T>(len) }
+        }
+        .map_err(|e| self.error(e))?;
         // SAFETY: the buffer holds `total` initialised bytes; it is left alone until `copied` fires.
-        unsafe { self.queue_pinned_copy(std::slice::from_raw_parts(base, total), dst) }?;
-        if let Err(e) = copied.record(&self.stream) {
-            // Without the event, only the whole stream says when the buffer is free again.
-            let _ = self.stream.synchronize();
+        let bytes = unsafe { std::slice::from_raw_parts(base, total) };
+        unsafe { self.queue_pinned_copy(&self.copies, bytes, &mut dst) }?;
+        let ordered = copied
+            .record(&self.copies)
+            .and_then(|()| self.stream.wait(copied));
+        if let Err(e) = ordered {
+            // Without the event and the wait on it, only the whole copy stream says when the buffer
+            // is free again.
+            let _ = self.copies.synchronize();
             return Err(self.error(e));
         }
-        Ok(written)
+        // The main stream, which waits for the copy above, orders every later use and the free.
+        let ptr = dst.leak();
+        // SAFETY: `ptr` holds `len.max(1)` elements of `T`, and nothing else owns it any more.
+        Ok((
+            Some(unsafe { self.stream.upgrade_device_ptr(ptr, len.max(1)) }),
+            written,
+        ))
     }
 
     /// Queues a copy of `bytes` (at most [`STAGED_MAX`]) into `dst` on the stream, through the pinned
@@ -500,21 +542,66 @@ impl Device {
             unsafe { std::slice::from_raw_parts_mut(staging.base.add(start), bytes.len()) };
         region.copy_from_slice(bytes);
         // SAFETY: the region is left alone until the copy has run (above).
-        unsafe { self.queue_pinned_copy(region, dst) }?;
+        unsafe { self.queue_pinned_copy(&self.stream, region, dst) }?;
         staging.next = start + bytes.len();
         Ok(())
     }
 
-    /// Queues a copy of page-locked `bytes` into `dst` (at least as long) on the stream.
+    /// Queues a copy of page-locked `bytes` into `dst` (at least as long) on `stream`.
     ///
     /// # Safety
     /// `bytes` must stay allocated and unchanged until the copy has run.
-    unsafe fn queue_pinned_copy<T>(&self, bytes: &[u8], dst: &mut CudaSlice<T>) -> Result<()> {
+    unsafe fn queue_pinned_copy<T>(
+        &self,
+        stream: &CudaStream,
+        bytes: &[u8],
+        dst: &mut CudaSlice<T>,
+    ) -> Result<()> {
         assert!(bytes.len() <= dst.num_bytes());
-        let (ptr, _record) = dst.device_ptr_mut(&self.stream);
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let (ptr, _record) = dst.device_ptr_mut(stream);
         // SAFETY: `dst` holds `bytes.len()` bytes at least; the caller keeps `bytes` as they are.
-        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, bytes, self.stream.cu_stream()) }
+        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, bytes, stream.cu_stream()) }
             .map_err(|e| self.error(e))
+    }
+
+    /// Queues a copy of `src`'s first `words` words (at most [`READBACK_WORDS`]) to page-locked
+    /// memory on the stream: the host reads them once the ops before have run, and records more work
+    /// in the meantime.
+    pub(crate) fn read_back(&self, src: &CudaSlice<u32>, words: usize) -> Result<Readback> {
+        assert!(words <= READBACK_WORDS && words <= src.len());
+        let free = self
+            .readbacks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        let mut landing = match free {
+            Some(landing) => landing,
+            None => {
+                let ctx = self.stream.context();
+                // Cached, not write-combined: the host reads these words.
+                // SAFETY: the copy below writes the words the host reads.
+                let words = unsafe { ctx.alloc_pinned_with_flags::<u32>(READBACK_WORDS, 0) };
+                Landing {
+                    words: words.map_err(|e| self.error(e))?,
+                    copied: ctx.new_event(None).map_err(|e| self.error(e))?,
+                }
+            }
+        };
+        // With event tracking off, cudarc records no event of its own for the page-locked memory.
+        let queued = self
+            .stream
+            .memcpy_dtoh(&src.slice(0..words), &mut landing.words)
+            .and_then(|()| landing.copied.record(&self.stream))
+            .map_err(|e| self.error(e));
+        let readback = Readback {
+            landing: Some(landing),
+            words,
+            free: self.readbacks.clone(),
+        };
+        queued.map(|()| readback)
     }
 
     pub(crate) fn kernel(&self, name: &str) -> &CudaFunction {
@@ -535,6 +622,66 @@ impl Device {
                 message,
             }
         }
+    }
+}
+
+/// Words one [`Readback`] holds: a top k's (score, index) pairs.
+pub(crate) const READBACK_WORDS: usize = 2 * crate::backend::MAX_DEVICE_K;
+
+/// Page-locked words and the event after the last copy into them.
+struct Landing {
+    words: PinnedHostSlice<u32>,
+    copied: CudaEvent,
+}
+
+/// Words on their way to the host (see [`Device::read_back`]); the memory is reused once dropped.
+pub(crate) struct Readback {
+    landing: Option<Landing>,
+    words: usize,
+    free: Arc<Mutex<Vec<Landing>>>,
+}
+
+impl Readback {
+    /// Waits for the copy (its event, not the whole stream) and returns the words. The wait spins,
+    /// as a stream synchronisation does by default: the words are awaited for a router layer's
+    /// selection, on the path of every decoded token.
+    pub(crate) fn words(&self) -> std::result::Result<&[u32], DriverError> {
+        let landing = self.landing.as_ref().expect("held until dropped");
+        landing.copied.synchronize()?;
+        Ok(&landing.words.as_slice()?[..self.words])
+    }
+}
+
+impl Drop for Readback {
+    /// A later copy into the same memory is queued behind this one on the stream, and its read waits
+    /// for its own event.
+    fn drop(&mut self) {
+        if let Some(landing) = self.landing.take() {
+            self.free
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(landing);
+        }
+    }
+}
+
+/// Turns off the default memory pool's reuse "by internal dependencies": with it, an allocation on
+/// the copy stream may take memory the main stream freed while kernels queued before the free still
+/// run, and the driver would then make the copy wait for them, serialising it again. Memory whose free
+/// has run is still reused, and the main stream's own reuse is unaffected.
+fn keep_streams_apart(ctx: &CudaContext) -> std::result::Result<(), DriverError> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut allow: i32 = 0;
+    // SAFETY: the pool handle is written by the driver before it is used; the attribute is an int.
+    unsafe {
+        sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+            (&mut allow as *mut i32).cast(),
+        )
+        .result()
     }
 }
 
