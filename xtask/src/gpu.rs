@@ -1,0 +1,76 @@
+//! `cargo xtask gpu-pack`: what `xtask/gpu-checks.sh` runs on an NVIDIA machine without Rust, built
+//! here into `.gpu/` (x86-64 Linux binaries, about 50 MB once stripped).
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::{available, cargo, root, run, step};
+
+/// The test executables with CUDA checks: (cargo arguments selecting it, its name in `.gpu/bin`).
+const TESTS: &[(&[&str], &str)] = &[
+    (&["-p", "msa-cuda", "--test", "ops"], "cuda-ops"),
+    (&["-p", "msa", "--test", "golden_msa"], "golden_msa"),
+    (&["-p", "msa", "--test", "golden_qwen3"], "golden_qwen3"),
+    (&["-p", "msa", "--test", "memory_bank"], "memory_bank"),
+];
+
+pub(crate) fn pack() -> Result<(), String> {
+    let pack = root().join(".gpu");
+    let bin = pack.join("bin");
+    std::fs::create_dir_all(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
+    step("cargo build --release -p msa-cli (the msa binary)");
+    run(cargo().args(["build", "--release", "-p", "msa-cli"]))?;
+    copy(&root().join("target/release/msa"), &bin.join("msa"))?;
+    for (selection, name) in TESTS {
+        step(&format!("building the test executable {name} (release)"));
+        let output = cargo()
+            .args(["test", "--release", "--no-run", "--message-format=json"])
+            .args(*selection)
+            .current_dir(root())
+            .output()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "building {name} failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        copy(&test_executable(&output.stdout, name)?, &bin.join(name))?;
+    }
+    // The tests find their fixtures under the checkout they were built in; the script links it there.
+    let built_in = pack.join("built-in");
+    std::fs::write(&built_in, root().display().to_string())
+        .map_err(|e| format!("{}: {e}", built_in.display()))?;
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(&bin).map_err(|e| format!("{}: {e}", bin.display()))? {
+        bytes += entry.and_then(|e| e.metadata()).map_or(0, |m| m.len());
+    }
+    eprintln!(
+        "packed {} ({:.1} MB): on the GPU machine, in this checkout, run `bash xtask/gpu-checks.sh`",
+        bin.display(),
+        bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// The executable cargo reported building for the test target of `selection` (its JSON messages).
+fn test_executable(messages: &[u8], name: &str) -> Result<std::path::PathBuf, String> {
+    String::from_utf8_lossy(messages)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .find_map(|m| m["executable"].as_str().map(Into::into))
+        .ok_or_else(|| format!("cargo reported no test executable for {name}"))
+}
+
+/// Copies an executable, without its symbol table where `strip` is installed (a quarter of its size).
+fn copy(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::copy(from, to)
+        .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))?;
+    let mut probe = Command::new("strip");
+    probe.arg("--version");
+    if available(probe) {
+        run(Command::new("strip").arg(to))?;
+    }
+    Ok(())
+}
