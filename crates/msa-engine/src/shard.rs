@@ -6,9 +6,12 @@
 use std::ops::Range;
 
 #[cfg(not(target_arch = "wasm32"))]
-use msa_core::DType;
+use std::borrow::Cow;
+
 #[cfg(not(target_arch = "wasm32"))]
-use msa_core::bank::{Bank, BankTensor};
+use msa_core::bank::{Bank, BankTensor, ShardKeysFile};
+#[cfg(not(target_arch = "wasm32"))]
+use msa_core::{DType, MemoryFingerprint};
 
 use crate::backend::{Backend, RoutingSpec};
 #[cfg(not(target_arch = "wasm32"))]
@@ -34,7 +37,7 @@ impl<B: Backend> ShardKeys<B> {
         b: &B,
         bank: &Bank,
         documents: Range<usize>,
-        mut progress: impl FnMut(usize),
+        progress: impl FnMut(usize),
     ) -> Result<Self> {
         let fp = bank.fingerprint();
         let table = bank.documents();
@@ -48,28 +51,70 @@ impl<B: Backend> ShardKeys<B> {
             ));
         }
         let chunks = chunk_range(bank, &documents);
-        let first_chunk = chunks.start;
-        let keys = (0..fp.router_layers.len())
-            .map(|slot| {
+        let doc_chunk_offsets = std::iter::once(0)
+            .chain(
+                table[documents.clone()]
+                    .iter()
+                    .map(|d| d.chunks[1] - chunks.start),
+            )
+            .collect();
+        Self::upload(
+            b,
+            fp,
+            documents.start,
+            doc_chunk_offsets,
+            |slot| {
                 let mut bytes = Vec::with_capacity(chunks.len() * fp.row_bytes());
                 bank.read_rows(slot, BankTensor::RoutingKeys, chunks.clone(), &mut bytes);
+                Cow::Owned(bytes)
+            },
+            progress,
+        )
+    }
+
+    /// Uploads the routing keys a shard key file holds (`msa shard --export`) to `b`, calling
+    /// `progress` with the number of router layers done after each.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_file(b: &B, file: &ShardKeysFile, progress: impl FnMut(usize)) -> Result<Self> {
+        let header = file.header();
+        Self::upload(
+            b,
+            &header.fingerprint,
+            header.documents[0],
+            file.doc_chunk_offsets().to_vec(),
+            |slot| Cow::Borrowed(file.routing_keys(slot)),
+            progress,
+        )
+    }
+
+    /// Uploads every router layer's keys, `keys(slot)`, bf16 `[chunks, kv_heads, head_dim]`.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn upload<'k>(
+        b: &B,
+        fp: &MemoryFingerprint,
+        first_document: usize,
+        doc_chunk_offsets: Vec<u32>,
+        keys: impl Fn(usize) -> Cow<'k, [u8]>,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Self> {
+        let chunks = *doc_chunk_offsets.last().expect("one document at least") as usize;
+        let keys = (0..fp.router_layers.len())
+            .map(|slot| {
                 let keys = b.upload_weight(msa_core::TensorView {
                     name: "routing keys",
                     dtype: DType::BF16,
-                    shape: &[chunks.len(), fp.num_key_value_heads, fp.head_dim],
-                    bytes: &bytes,
+                    shape: &[chunks, fp.num_key_value_heads, fp.head_dim],
+                    bytes: &keys(slot),
                 });
                 progress(slot + 1);
                 keys
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(ShardKeys {
-            first_document: documents.start,
-            doc_chunk_offsets: std::iter::once(0)
-                .chain(table[documents].iter().map(|d| d.chunks[1] - first_chunk))
-                .collect(),
+            first_document,
+            doc_chunk_offsets,
             keys,
-            key_bytes: chunks.len() as u64 * fp.row_bytes() as u64,
+            key_bytes: chunks as u64 * fp.row_bytes() as u64,
         })
     }
 

@@ -1,5 +1,6 @@
 //! The real `msa` binary on the bundled tiny model: every subcommand, its output, and its error paths.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -760,18 +761,17 @@ fn start_server_with(model: &Path, bank: &Path, extra: &[&str]) -> Server {
 
 /// `msa shard` on the CPU on a free loopback port, serving rank `rank` of `of` of `bank`.
 fn start_shard(bank: &Path, rank: usize, of: usize) -> Server {
+    let place = ["--rank", &rank.to_string(), "--of", &of.to_string()];
+    start_shard_of(&[OsStr::new("--bank"), bank.as_os_str()], &place, rank, of)
+}
+
+/// `msa shard` serving from `source` (`--bank B --rank R --of N`, or `--keys FILE` of rank R of N).
+fn start_shard_of(source: &[&OsStr], place: &[&str], rank: usize, of: usize) -> Server {
     let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("msa"));
     command
-        .args([
-            "shard",
-            "--backend",
-            "cpu",
-            "--listen",
-            "127.0.0.1:0",
-            "--bank",
-        ])
-        .arg(bank)
-        .args(["--rank", &rank.to_string(), "--of", &of.to_string()]);
+        .args(["shard", "--backend", "cpu", "--listen", "127.0.0.1:0"])
+        .args(source)
+        .args(place);
     let (child, line) = spawn_and_read_a_line(&mut command);
     let (head, address) = line
         .trim()
@@ -785,6 +785,56 @@ fn start_shard(bank: &Path, rank: usize, of: usize) -> Server {
         child,
         address: address.to_string(),
     }
+}
+
+#[test]
+fn a_shard_exported_to_a_file_is_served_without_the_bank() {
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    let question = &strings("queries.json")[0];
+    let local = ask_json(&bank, question, &["--backend", "cpu", "--devices", "2"]);
+    let keys = dir.path().join("rank1.keys");
+    let export = |rank: &str| {
+        msa()
+            .args(["shard", "--rank", rank, "--of", "2", "--bank"])
+            .arg(&bank)
+            .arg("--export")
+            .arg(&keys)
+            .assert()
+    };
+    export("0")
+        .failure()
+        .stderr(contains("rank 0 is scored by the asking process itself"));
+    assert!(!keys.exists());
+    export("1")
+        .success()
+        .stdout(contains("shard 1 of 2: documents ").and(contains("msa shard --keys")));
+    // The file alone, moved away from the bank: the same answer as two local shards.
+    let moved = tempfile::tempdir().unwrap();
+    let file = moved.path().join("rank1.keys");
+    std::fs::rename(&keys, &file).unwrap();
+    let server = start_shard_of(&[OsStr::new("--keys"), file.as_os_str()], &[], 1, 2);
+    let remote = ask_json(
+        &bank,
+        question,
+        &["--backend", "cpu", "--shards", &server.address],
+    );
+    assert_eq!(token_ids(&remote), token_ids(&local));
+    let documents = |answer: &Value| -> Vec<Value> {
+        let layers = answer["routing"].as_array().unwrap();
+        layers.iter().map(|l| l["documents"].clone()).collect()
+    };
+    assert_eq!(documents(&remote), documents(&local));
+    // A damaged file is refused before anything is served.
+    let mut bytes = std::fs::read(&file).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    msa()
+        .args(["shard", "--backend", "cpu", "--keys"])
+        .arg(&file)
+        .assert()
+        .failure()
+        .stderr(contains("checksum mismatch"));
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //! router layer the routing rows of the router queries go out (16 KB per routing token at MSA-4B),
 //! every shard scores its documents and returns its local top k, and the host merges them into the
 //! single-device selection (exactly, where the shards compute on the same backend). The content K̄/V̄
-//! stays with the asking process's copy of the bank.
+//! stays with the asking process's copy of the bank. A server needs a copy of the bank, or only its
+//! shard's routing keys: [`export`] writes them to a shard key file that [`ShardServer::from_file`]
+//! serves.
 //!
 //! ```no_run
 //! use msa_core::bank::{Bank, OpenOptions};
@@ -32,4 +34,4 @@ pub mod protocol;
 mod server;
 
 pub use client::{ConnectOptions, ShardClient};
-pub use server::ShardServer;
+pub use server::{ShardServer, export, shard_documents};

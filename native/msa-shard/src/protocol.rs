@@ -59,7 +59,7 @@ pub enum Reply {
 }
 
 /// What a server tells a client when it connects: which shard it serves, of which bank.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
     pub protocol: String,
     pub version: u32,

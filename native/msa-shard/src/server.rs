@@ -4,9 +4,12 @@
 
 use std::io::{self, BufReader};
 use std::net::{TcpListener, TcpStream};
+use std::ops::Range;
+use std::path::Path;
 use std::sync::{Arc, mpsc};
 
-use msa_core::bank::Bank;
+use msa_core::MemoryFingerprint;
+use msa_core::bank::{Bank, ShardKeysFile};
 use msa_engine::{Backend, Error, Result, ShardKeys, shard_ranges};
 
 use crate::protocol::{PROTOCOL, Reply, Request, Score, VERSION, Welcome, read_frame, write_frame};
@@ -16,6 +19,43 @@ pub struct ShardServer<B: Backend> {
     backend: B,
     keys: ShardKeys<B>,
     welcome: Welcome,
+}
+
+/// The documents of shard `rank` of `world` of `bank`: the split every client computes
+/// ([`shard_ranges`]).
+pub fn shard_documents(bank: &Bank, rank: usize, world: usize) -> Result<Range<usize>> {
+    let offsets: Vec<u32> = std::iter::once(0)
+        .chain(bank.documents().iter().map(|d| d.chunks[1]))
+        .collect();
+    let ranges = shard_ranges(&offsets, world);
+    ranges.get(rank).cloned().ok_or_else(|| Error::Shard {
+        shard: format!("shard {rank} of {world}"),
+        detail: if rank >= world {
+            "the rank must be below the number of shards".into()
+        } else {
+            format!(
+                "the bank's {} documents make only {} non-empty shards",
+                bank.documents().len(),
+                ranges.len()
+            )
+        },
+    })
+}
+
+/// Writes the routing keys of shard `rank` of `world` of `bank` to a shard key file at `path`, for
+/// [`ShardServer::from_file`] on a machine without the bank, calling `progress` with the router layers
+/// written after each.
+pub fn export(
+    bank: &Bank,
+    rank: usize,
+    world: usize,
+    path: &Path,
+    progress: impl FnMut(usize),
+) -> Result<()> {
+    let documents = shard_documents(bank, rank, world)?;
+    Ok(ShardKeysFile::export(
+        bank, rank, world, documents, path, progress,
+    )?)
 }
 
 /// One scoring request handed from a connection's thread to the scoring thread.
@@ -38,25 +78,34 @@ impl<B: Backend> ShardServer<B> {
         world: usize,
         progress: impl FnMut(usize),
     ) -> Result<Self> {
-        let offsets: Vec<u32> = std::iter::once(0)
-            .chain(bank.documents().iter().map(|d| d.chunks[1]))
-            .collect();
-        let ranges = shard_ranges(&offsets, world);
-        let Some(documents) = ranges.get(rank).cloned() else {
-            return Err(Error::Shard {
-                shard: format!("shard {rank} of {world}"),
-                detail: if rank >= world {
-                    "the rank must be below the number of shards".into()
-                } else {
-                    format!(
-                        "the bank's {} documents make only {} non-empty shards",
-                        bank.documents().len(),
-                        ranges.len()
-                    )
-                },
-            });
-        };
-        let keys = ShardKeys::load(&backend, bank, documents.clone(), progress)?;
+        let documents = shard_documents(bank, rank, world)?;
+        let keys = ShardKeys::load(&backend, bank, documents, progress)?;
+        let placement = (rank, world, bank.manifest().content_digest());
+        Ok(Self::serving(backend, keys, placement, bank.fingerprint()))
+    }
+
+    /// Uploads the routing keys of a shard key file (`msa shard --export`: one shard's keys, without
+    /// the rest of the bank) to `backend`, calling `progress` with the router layers done after each.
+    /// Clients see the same server as one opened on the bank it was exported from.
+    pub fn from_file(
+        backend: B,
+        file: &ShardKeysFile,
+        progress: impl FnMut(usize),
+    ) -> Result<Self> {
+        let keys = ShardKeys::from_file(&backend, file, progress)?;
+        let h = file.header();
+        let placement = (h.rank, h.world, h.bank_digest);
+        Ok(Self::serving(backend, keys, placement, &h.fingerprint))
+    }
+
+    /// A server of `keys` at `(rank, world, bank digest)`.
+    fn serving(
+        backend: B,
+        keys: ShardKeys<B>,
+        (rank, world, bank_digest): (usize, usize, u32),
+        fingerprint: &MemoryFingerprint,
+    ) -> Self {
+        let documents = keys.documents();
         let welcome = Welcome {
             protocol: PROTOCOL.into(),
             version: VERSION,
@@ -64,15 +113,15 @@ impl<B: Backend> ShardServer<B> {
             world,
             documents: [documents.start, documents.end],
             key_bytes: keys.key_bytes(),
-            bank_digest: bank.manifest().content_digest(),
-            fingerprint: bank.fingerprint().clone(),
+            bank_digest,
+            fingerprint: fingerprint.clone(),
             backend: backend.describe(),
         };
-        Ok(ShardServer {
+        ShardServer {
             backend,
             keys,
             welcome,
-        })
+        }
     }
 
     /// What clients are told when they connect.

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 
-use msa_core::bank::{Bank, LayerRows, NewDocument, OpenOptions};
+use msa_core::bank::{Bank, LayerRows, NewDocument, OpenOptions, ShardKeysFile};
 use msa_core::{ChunkReduce, HeadReduce, MemoryFingerprint, QueryReduce, ScoreMode};
 use msa_engine::{Backend, CpuBackend, Memory, RemoteShard, RoutingSpec, Selection, ShardRequest};
 use msa_shard::protocol::{Reply, Request, Score, read_frame, write_frame};
@@ -565,4 +565,66 @@ fn abandoned_requests_leave_no_answer_behind() {
         bits(&select(&single, 0, &queries, 3, spec).unwrap())
     );
     assert_eq!(abandoned.lock().unwrap().len(), 1);
+}
+
+/// Starts a shard server from a shard key file on a thread and returns its address.
+fn serve_file(file: &ShardKeysFile) -> SocketAddr {
+    let server = ShardServer::from_file(CpuBackend::new(), file, |_| {}).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || server.serve(listener));
+    address
+}
+
+#[test]
+fn a_server_of_an_exported_shard_answers_like_one_of_the_whole_bank() {
+    let (dir, other, files) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    drop(make_bank(dir.path(), 1, HEAD_DIM));
+    drop(make_bank(other.path(), 2, HEAD_DIM));
+    let cpu = CpuBackend::new();
+    let single = on_one_device(dir.path());
+    // Ranks 1 and 2 of 3 from their files, rank 0 here: the same answers as one device.
+    let open = |bank: &Path, rank: usize| {
+        let path = files.path().join(format!("rank{rank}.keys"));
+        msa_shard::export(&reopen(bank), rank, 3, &path, |_| {}).unwrap();
+        ShardKeysFile::open(&path, OpenOptions::default()).unwrap()
+    };
+    let keys = [open(dir.path(), 1), open(dir.path(), 2)];
+    let from_bank = ShardServer::open(cpu, &reopen(dir.path()), 1, 3, |_| {}).unwrap();
+    let from_file = ShardServer::from_file(cpu, &keys[0], |_| {}).unwrap();
+    assert_eq!(from_file.welcome(), from_bank.welcome());
+    let remotes = keys
+        .iter()
+        .map(|file| connect(serve_file(file)).unwrap())
+        .collect();
+    let sharded = Memory::from_bank_with(&cpu, reopen(dir.path()), Vec::new(), remotes).unwrap();
+    let mut rng = StdRng::seed_from_u64(4);
+    let queries: Vec<f32> = (0..3 * HEADS * HEAD_DIM)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    for slot in 0..2 {
+        let spec = spec(HeadReduce::Mean, QueryReduce::Max);
+        assert_eq!(
+            bits(&select(&single, slot, &queries, 6, spec).unwrap()),
+            bits(&select(&sharded, slot, &queries, 6, spec).unwrap()),
+            "router layer {slot}"
+        );
+    }
+    // The file of another bank's shard is refused like that bank's server.
+    let foreign = open(other.path(), 1);
+    let remotes = vec![connect(serve_file(&foreign)).unwrap()];
+    let wrong_world = vec![connect(serve_file(&keys[0])).unwrap()];
+    for (remotes, problem) in [
+        (remotes, "another bank"),
+        (wrong_world, "serves shard 1 of 3"),
+    ] {
+        let error = Memory::from_bank_with(&cpu, reopen(dir.path()), Vec::new(), remotes)
+            .expect_err("refused")
+            .to_string();
+        assert!(error.contains(problem), "{error}");
+    }
 }

@@ -11,17 +11,24 @@
 //!   (routing keys), `k` and `v`, each `[chunks, kv_heads, head_dim]` in bf16; and `seg000001-texts.json`,
 //!   the documents' original text when it is known.
 //!
+//! A shard key file ([`ShardKeysFile`]) is not part of a bank: it holds one Memory Parallel shard's
+//! routing keys, exported for a shard server that needs nothing else.
+//!
 //! Appends only create new files, then swap the manifest atomically (write `bank.json.tmp`, fsync,
 //! rename, fsync the directory): a crash or a full disk mid-append leaves the bank as it was. Files of
 //! an append that never committed are not referenced and are replaced by the next append.
 
 mod manifest;
 #[cfg(not(target_arch = "wasm32"))]
+mod shard_keys;
+#[cfg(not(target_arch = "wasm32"))]
 mod store;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod synthetic;
 
 pub use manifest::{BankDocument, FORMAT_VERSION, FileEntry, Manifest, MemoryFingerprint, Segment};
+#[cfg(not(target_arch = "wasm32"))]
+pub use shard_keys::{SHARD_KEYS_FORMAT, SHARD_KEYS_VERSION, ShardKeysFile, ShardKeysHeader};
 #[cfg(not(target_arch = "wasm32"))]
 pub use store::{Bank, BankTensor, LayerRows, NewDocument, OpenOptions, WriteProgress};
 
