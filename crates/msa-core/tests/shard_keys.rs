@@ -66,6 +66,18 @@ fn an_exported_shard_holds_the_banks_rows_for_its_documents() {
         bank.read_rows(slot, BankTensor::RoutingKeys, chunks, &mut rows);
         assert_eq!(file.routing_keys(slot), rows, "router layer {slot}");
     }
+    // Never over an existing file, nor into the bank.
+    for (existing, problem) in [
+        (path.clone(), "already exists"),
+        (dir.path().join("bank/shard.keys"), "lies inside the bank"),
+    ] {
+        let error = ShardKeysFile::export(&bank, 1, 3, 3..9, &existing, |_| {})
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains(problem), "{error}");
+    }
+    assert!(!dir.path().join("bank/shard.keys").exists());
     // A shard that does not fit the bank is refused before anything is written.
     let other = dir.path().join("other.keys");
     for (rank, world, documents) in [(3, 3, 0..2), (0, 2, 5..5), (1, 2, 10..14)] {
@@ -116,17 +128,26 @@ fn corrupt_truncated_and_foreign_files_are_refused_by_name() {
         "{error}"
     );
 
-    // A header that claims another version (the same length, so the layout still holds).
-    let needle = br#"\"version\":1"#;
-    let at = good
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .expect("the header records its version");
-    let mut newer = good.clone();
-    newer[at + needle.len() - 1] = b'7';
-    std::fs::write(&path, &newer).unwrap();
+    // Edits of the header (the same length, so the layout holds): its checksum says so; unverified,
+    // a newer version and a fingerprint without router layers are refused for what they are.
+    let edited = |from: &[u8], to: &[u8]| {
+        assert_eq!(from.len(), to.len());
+        let at = good
+            .windows(from.len())
+            .position(|w| w == from)
+            .expect("the header holds the text");
+        let mut bytes = good.clone();
+        bytes[at..at + to.len()].copy_from_slice(to);
+        std::fs::write(&path, &bytes).unwrap();
+    };
+    edited(br#"\"version\":1"#, br#"\"version\":7"#);
     let error = refused(&path, OpenOptions::default());
+    assert!(error.contains("checksum mismatch in its header"), "{error}");
+    let error = refused(&path, unverified);
     assert!(error.contains("version 7, this build reads"), "{error}");
+    edited(br#"\"router_layers\":[1,3]"#, br#"\"router_layers\":[]   "#);
+    let error = refused(&path, unverified);
+    assert!(error.contains("describes no memory"), "{error}");
 
     // Not there at all.
     let error = refused(&dir.path().join("missing.keys"), OpenOptions::default());

@@ -252,17 +252,21 @@ impl<'a> Tickets<'a> {
         self.0.push((remote, ticket));
     }
 
-    /// Each ticket's answer, in the order sent, with the shard that gave it.
+    /// Each ticket's answer, in the order sent, with the shard that gave it. Tickets are taken one
+    /// at a time, so a panicking collect leaves the rest to be abandoned.
     pub(crate) fn collect(mut self) -> Vec<(&'a dyn RemoteShard, Result<ShardAnswer>)> {
-        self.0
-            .drain(..)
-            .map(|(remote, ticket)| (remote, remote.collect(ticket)))
-            .collect()
+        let mut answers = Vec::with_capacity(self.0.len());
+        while !self.0.is_empty() {
+            let (remote, ticket) = self.0.remove(0);
+            answers.push((remote, remote.collect(ticket)));
+        }
+        answers
     }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 impl Drop for Tickets<'_> {
+    /// May wait for a shard's lock, which another thread holds while it reads a reply.
     fn drop(&mut self) {
         for (remote, ticket) in self.0.drain(..) {
             remote.abandon(ticket);

@@ -40,9 +40,15 @@ pub struct ShardArgs {
     /// instead of a bank.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["bank", "rank", "world"])]
     keys: Option<PathBuf>,
-    /// Write this shard's routing keys to FILE (a shard key file, for `msa shard --keys FILE` on a
-    /// machine without the bank) and exit; nothing is served and no device is opened.
-    #[arg(long, value_name = "FILE", requires = "bank")]
+    /// Write this shard's routing keys to FILE (a new shard key file, for `msa shard --keys FILE` on
+    /// a machine without the bank) and exit; nothing is served and no device is opened. The bank is
+    /// always verified first, since its rows get fresh checksums.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "bank",
+        conflicts_with_all = ["no_verify", "listen", "backend", "devices"]
+    )]
     export: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:7070", value_name = "HOST:PORT")]

@@ -589,7 +589,8 @@ fn a_server_of_an_exported_shard_answers_like_one_of_the_whole_bank() {
     let single = on_one_device(dir.path());
     // Ranks 1 and 2 of 3 from their files, rank 0 here: the same answers as one device.
     let open = |bank: &Path, rank: usize| {
-        let path = files.path().join(format!("rank{rank}.keys"));
+        let name = bank.file_name().unwrap().to_string_lossy();
+        let path = files.path().join(format!("{name}-rank{rank}.keys"));
         msa_shard::export(&reopen(bank), rank, 3, &path, |_| {}).unwrap();
         ShardKeysFile::open(&path, OpenOptions::default()).unwrap()
     };

@@ -26,6 +26,27 @@ pub struct MemoryFingerprint {
 }
 
 impl MemoryFingerprint {
+    /// Checks that the shapes describe a memory: router layers that increase and lie below the
+    /// layer count, and no zero sizes.
+    pub fn check(&self) -> Result<(), String> {
+        if self.router_layers.is_empty()
+            || self.pooling_kernel_size == 0
+            || self.num_key_value_heads == 0
+            || self.head_dim == 0
+        {
+            return Err(format!("the fingerprint describes no memory: {self:?}"));
+        }
+        if !self.router_layers.windows(2).all(|w| w[0] < w[1])
+            || self.router_layers.last() >= Some(&self.num_hidden_layers)
+        {
+            return Err(format!(
+                "router layers {:?} must increase and lie below {} layers",
+                self.router_layers, self.num_hidden_layers
+            ));
+        }
+        Ok(())
+    }
+
     /// The memory shapes of a model with this config and memory-weights digest; `None` for a model
     /// without `msa_config` (it has no memory).
     pub fn of(config: &ModelConfig, weights_digest: u32) -> Option<Self> {
@@ -137,21 +158,7 @@ impl Manifest {
     /// segments tile the documents. Returns the first problem found.
     pub fn check(&self) -> Result<(), String> {
         let fp = &self.fingerprint;
-        if fp.router_layers.is_empty()
-            || fp.pooling_kernel_size == 0
-            || fp.num_key_value_heads == 0
-            || fp.head_dim == 0
-        {
-            return Err(format!("the fingerprint describes no memory: {fp:?}"));
-        }
-        if !fp.router_layers.windows(2).all(|w| w[0] < w[1])
-            || fp.router_layers.last() >= Some(&fp.num_hidden_layers)
-        {
-            return Err(format!(
-                "router layers {:?} must increase and lie below {} layers",
-                fp.router_layers, fp.num_hidden_layers
-            ));
-        }
+        fp.check()?;
         let mut chunk = 0u64;
         let mut sources = std::collections::HashSet::with_capacity(self.documents.len());
         for (i, doc) in self.documents.iter().enumerate() {

@@ -23,8 +23,10 @@ use serde::{Deserialize, Serialize};
 use super::{BANK_ELEMENT_BYTES, Bank, BankTensor, MemoryFingerprint, OpenOptions, digest};
 use crate::error::{Error, Result};
 
-/// The metadata key of the [`ShardKeysHeader`].
+/// The metadata key of the [`ShardKeysHeader`], as JSON.
 const HEADER_KEY: &str = "msa_shard_keys";
+/// The metadata key of the header's CRC-32 (of its JSON text).
+const HEADER_CRC_KEY: &str = "msa_shard_keys_crc32";
 /// The format's name, in the header.
 pub const SHARD_KEYS_FORMAT: &str = "msa-shard-keys";
 /// The version this build writes and reads.
@@ -125,9 +127,9 @@ impl safetensors::View for Tensor<'_> {
 }
 
 impl ShardKeysFile {
-    /// Writes the routing keys of `bank`'s documents `documents` (shard `rank` of `world`) to `path`,
-    /// through a temporary file renamed into place, calling `progress` with the router layers written
-    /// after each.
+    /// Writes the routing keys of `bank`'s documents `documents` (shard `rank` of `world`) to a new
+    /// file at `path` (never over an existing file, nor inside the bank), through a temporary file
+    /// renamed into place and synced, calling `progress` with the router layers written after each.
     pub fn export(
         bank: &Bank,
         rank: usize,
@@ -136,6 +138,26 @@ impl ShardKeysFile {
         path: &Path,
         mut progress: impl FnMut(usize),
     ) -> Result<()> {
+        if path.exists() {
+            return Err(file_error(
+                path,
+                "already exists: remove it first, or export to another name",
+            ));
+        }
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let inside = |dir: &Path| {
+            let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+            canonical(parent.unwrap_or(Path::new("."))).starts_with(canonical(dir))
+        };
+        if inside(bank.dir()) {
+            return Err(file_error(
+                path,
+                format!(
+                    "lies inside the bank {}: export it elsewhere",
+                    bank.dir().display()
+                ),
+            ));
+        }
         let table = bank.documents();
         if rank >= world || documents.start >= documents.end || documents.end > table.len() {
             return Err(file_error(
@@ -202,12 +224,22 @@ impl ShardKeysFile {
             };
             tensors.push((slot_name(slot), keys));
         }
-        let metadata = HashMap::from([(
-            HEADER_KEY.to_string(),
-            serde_json::to_string(&header).expect("the header serialises"),
-        )]);
+        let text = serde_json::to_string(&header).expect("the header serialises");
+        let metadata = HashMap::from([
+            (
+                HEADER_CRC_KEY.to_string(),
+                digest(text.as_bytes()).to_string(),
+            ),
+            (HEADER_KEY.to_string(), text),
+        ]);
         safetensors::serialize_to_file(tensors, Some(metadata), path)
             .map_err(|e| file_error(path, format!("cannot write: {e}")))?;
+        // The writer renames its temporary file into place without syncing: make both durable
+        // before saying the file is written (a directory that refuses fsync is left as it is).
+        File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::write(path, e))?;
+        let _ = File::open(parent.unwrap_or(Path::new("."))).and_then(|d| d.sync_all());
         // The writer's temporary file is private; the file is meant to be copied and served.
         #[cfg(unix)]
         {
@@ -232,20 +264,24 @@ impl ShardKeysFile {
                     format!("not a valid safetensors file ({e}): it may be truncated or corrupt"),
                 )
             })?;
-        let header: ShardKeysHeader = metadata
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(HEADER_KEY))
-            .ok_or_else(|| {
-                file_error(
-                    path,
-                    "no shard header: not a file written by `msa shard --export`",
-                )
-            })
-            .and_then(|text| {
-                serde_json::from_str(text)
-                    .map_err(|e| file_error(path, format!("its header is not valid: {e}")))
-            })?;
+        let entries = metadata.metadata().as_ref();
+        let text = entries.and_then(|m| m.get(HEADER_KEY)).ok_or_else(|| {
+            file_error(
+                path,
+                "no shard header: not a file written by `msa shard --export`",
+            )
+        })?;
+        if options.verify_checksums
+            && entries.and_then(|m| m.get(HEADER_CRC_KEY))
+                != Some(&digest(text.as_bytes()).to_string())
+        {
+            return Err(file_error(
+                path,
+                "checksum mismatch in its header: the file is corrupt",
+            ));
+        }
+        let header: ShardKeysHeader = serde_json::from_str(text)
+            .map_err(|e| file_error(path, format!("its header is not valid: {e}")))?;
         if header.format != SHARD_KEYS_FORMAT || header.version != SHARD_KEYS_VERSION {
             return Err(file_error(
                 path,
@@ -257,7 +293,10 @@ impl ShardKeysFile {
             ));
         }
         let [first, end] = header.documents;
-        if header.rank >= header.world || first >= end || end > header.bank_documents {
+        let offsets_len = (end.saturating_sub(first)).checked_add(1);
+        let Some(offsets_len) = offsets_len
+            .filter(|_| header.rank < header.world && first < end && end <= header.bank_documents)
+        else {
             return Err(file_error(
                 path,
                 format!(
@@ -265,7 +304,11 @@ impl ShardKeysFile {
                     header.rank, header.world, header.bank_documents
                 ),
             ));
-        }
+        };
+        header
+            .fingerprint
+            .check()
+            .map_err(|problem| file_error(path, problem))?;
         let range = |name: &str, dtype: Dtype, shape: &[usize]| -> Result<Range<usize>> {
             let info = metadata
                 .info(name)
@@ -280,22 +323,30 @@ impl ShardKeysFile {
                 ));
             }
             let bytes = 8 + header_len + info.data_offsets.0..8 + header_len + info.data_offsets.1;
-            if options.verify_checksums
-                && header.crc32.get(name).copied() != Some(digest(&map[bytes.clone()]))
-            {
-                return Err(file_error(
-                    path,
-                    format!("checksum mismatch in `{name}`: the file is corrupt"),
-                ));
+            if options.verify_checksums {
+                let Some(&recorded) = header.crc32.get(name) else {
+                    return Err(file_error(
+                        path,
+                        format!("no checksum recorded for `{name}`"),
+                    ));
+                };
+                if recorded != digest(&map[bytes.clone()]) {
+                    return Err(file_error(
+                        path,
+                        format!("checksum mismatch in `{name}`: the file is corrupt"),
+                    ));
+                }
             }
             Ok(bytes)
         };
-        let offsets_range = range(OFFSETS, Dtype::U32, &[end - first + 1])?;
+        let offsets_range = range(OFFSETS, Dtype::U32, &[offsets_len])?;
         let doc_chunk_offsets: Vec<u32> = map[offsets_range]
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
             .collect();
-        if doc_chunk_offsets[0] != 0 || doc_chunk_offsets.windows(2).any(|w| w[0] >= w[1]) {
+        if doc_chunk_offsets.first() != Some(&0)
+            || doc_chunk_offsets.windows(2).any(|w| w[0] >= w[1])
+        {
             return Err(file_error(
                 path,
                 "its document offsets do not rise from 0: every document holds a chunk at least",
@@ -333,6 +384,7 @@ impl ShardKeysFile {
     }
 
     /// The routing keys of router layer `slot` (its index among the router layers), bf16 as stored.
+    /// Panics when there is no such router layer.
     pub fn routing_keys(&self, slot: usize) -> &[u8] {
         &self.map[self.keys[slot].clone()]
     }
