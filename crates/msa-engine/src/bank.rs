@@ -13,7 +13,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::memory::{Content, EncodeProgress, Memory, MemoryDocument, PACK_TOKENS, Stopwatch};
 use crate::model::Model;
-use crate::shard::{RemoteShard, RoutingShard, ShardKeys, chunk_range, shard_ranges};
+use crate::shard::{RemoteShard, RoutingShard, ShardKeys, shard_ranges};
 
 /// A document of a corpus: where it came from and its text.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,9 +266,7 @@ impl<B: Backend> Memory<B> {
                 chunks: d.chunk_range(),
             })
             .collect();
-        let doc_chunk_offsets: Vec<u32> = std::iter::once(0)
-            .chain(documents.iter().map(|d| d.chunks.end))
-            .collect();
+        let doc_chunk_offsets = bank.chunk_offsets(0..documents.len());
         let local = devices.len().max(1);
         let world = local + remotes.len();
         let ranges = shard_ranges(&doc_chunk_offsets, world);
@@ -347,7 +345,7 @@ fn check_remotes(
         }
         let expected = &ranges[rank];
         let key_bytes =
-            chunk_range(bank, expected).len() as u64 * bank.fingerprint().row_bytes() as u64;
+            bank.chunk_range(expected.clone()).len() as u64 * bank.fingerprint().row_bytes() as u64;
         if placed.documents != *expected || placed.key_bytes != key_bytes {
             return Err(fail(format!(
                 "it serves documents {:?} ({} key bytes per layer); shard {rank} of {world} is \

@@ -50,19 +50,12 @@ impl<B: Backend> ShardKeys<B> {
                 ),
             ));
         }
-        let chunks = chunk_range(bank, &documents);
-        let doc_chunk_offsets = std::iter::once(0)
-            .chain(
-                table[documents.clone()]
-                    .iter()
-                    .map(|d| d.chunks[1] - chunks.start),
-            )
-            .collect();
+        let chunks = bank.chunk_range(documents.clone());
         Self::upload(
             b,
             fp,
             documents.start,
-            doc_chunk_offsets,
+            bank.chunk_offsets(documents.clone()),
             |slot| {
                 let mut bytes = Vec::with_capacity(chunks.len() * fp.row_bytes());
                 bank.read_rows(slot, BankTensor::RoutingKeys, chunks.clone(), &mut bytes);
@@ -146,13 +139,6 @@ impl<B: Backend> ShardKeys<B> {
             spec,
         )
     }
-}
-
-/// The chunks of `bank`'s documents `documents` (a non-empty range of its table).
-#[cfg(not(target_arch = "wasm32"))]
-pub(crate) fn chunk_range(bank: &Bank, documents: &Range<usize>) -> Range<u32> {
-    let table = bank.documents();
-    table[documents.start].chunks[0]..table[documents.end - 1].chunks[1]
 }
 
 /// Splits documents (`offsets` = `[0, end of doc 0, …]`) into at most `parts` non-empty contiguous

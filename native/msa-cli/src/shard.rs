@@ -146,13 +146,11 @@ fn export(bank: &Bank, rank: usize, world: usize, path: &Path) -> Result<()> {
         bank.fingerprint().router_layers.len(),
         "writing routing keys",
     );
-    msa_shard::export(bank, rank, world, path, |done| {
+    let documents = msa_shard::export(bank, rank, world, path, |done| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
-    let file = ShardKeysFile::open(path, OpenOptions::default())
-        .with_context(|| format!("reading back {}", path.display()))?;
-    let [first, end] = file.header().documents;
+    let (first, end) = (documents.start, documents.end);
     let bytes = std::fs::metadata(path)?.len();
     println!(
         "shard {rank} of {world}: documents {first}..{end} of {}, written to {} ({}); serve it with \

@@ -24,10 +24,7 @@ pub struct ShardServer<B: Backend> {
 /// The documents of shard `rank` of `world` of `bank`: the split every client computes
 /// ([`shard_ranges`]).
 pub fn shard_documents(bank: &Bank, rank: usize, world: usize) -> Result<Range<usize>> {
-    let offsets: Vec<u32> = std::iter::once(0)
-        .chain(bank.documents().iter().map(|d| d.chunks[1]))
-        .collect();
-    let ranges = shard_ranges(&offsets, world);
+    let ranges = shard_ranges(&bank.chunk_offsets(0..bank.documents().len()), world);
     ranges.get(rank).cloned().ok_or_else(|| Error::Shard {
         shard: format!("shard {rank} of {world}"),
         detail: if rank >= world {
@@ -44,18 +41,17 @@ pub fn shard_documents(bank: &Bank, rank: usize, world: usize) -> Result<Range<u
 
 /// Writes the routing keys of shard `rank` of `world` of `bank` to a shard key file at `path`, for
 /// [`ShardServer::from_file`] on a machine without the bank, calling `progress` with the router layers
-/// written after each.
+/// written after each. Returns the shard's documents.
 pub fn export(
     bank: &Bank,
     rank: usize,
     world: usize,
     path: &Path,
     progress: impl FnMut(usize),
-) -> Result<()> {
+) -> Result<Range<usize>> {
     let documents = shard_documents(bank, rank, world)?;
-    Ok(ShardKeysFile::export(
-        bank, rank, world, documents, path, progress,
-    )?)
+    ShardKeysFile::export(bank, rank, world, documents.clone(), path, progress)?;
+    Ok(documents)
 }
 
 /// One scoring request handed from a connection's thread to the scoring thread.

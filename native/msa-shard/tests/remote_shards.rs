@@ -83,10 +83,14 @@ fn reopen(dir: &Path) -> Bank {
     Bank::open(dir, OpenOptions::default()).unwrap()
 }
 
-/// Starts a shard server on a thread (for the rest of the test process) and returns its address.
+/// Starts a shard server of the bank at `dir` on a thread and returns its address.
 fn serve(dir: &Path, rank: usize, world: usize) -> SocketAddr {
     let bank = reopen(dir);
-    let server = ShardServer::open(CpuBackend::new(), &bank, rank, world, |_| {}).unwrap();
+    listen(ShardServer::open(CpuBackend::new(), &bank, rank, world, |_| {}).unwrap())
+}
+
+/// Serves `server` on 127.0.0.1 from a thread (for the rest of the test process); its address.
+fn listen(server: ShardServer<CpuBackend>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     std::thread::spawn(move || server.serve(listener));
@@ -567,13 +571,9 @@ fn abandoned_requests_leave_no_answer_behind() {
     assert_eq!(abandoned.lock().unwrap().len(), 1);
 }
 
-/// Starts a shard server from a shard key file on a thread and returns its address.
+/// Starts a shard server of a shard key file on a thread and returns its address.
 fn serve_file(file: &ShardKeysFile) -> SocketAddr {
-    let server = ShardServer::from_file(CpuBackend::new(), file, |_| {}).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap();
-    std::thread::spawn(move || server.serve(listener));
-    address
+    listen(ShardServer::from_file(CpuBackend::new(), file, |_| {}).unwrap())
 }
 
 #[test]

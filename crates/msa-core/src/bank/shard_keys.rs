@@ -170,13 +170,10 @@ impl ShardKeysFile {
             ));
         }
         let fp = bank.fingerprint();
-        let chunks = table[documents.start].chunks[0]..table[documents.end - 1].chunks[1];
-        let offsets: Vec<u8> = std::iter::once(0)
-            .chain(
-                table[documents.clone()]
-                    .iter()
-                    .map(|d| d.chunks[1] - chunks.start),
-            )
+        let chunks = bank.chunk_range(documents.clone());
+        let offsets: Vec<u8> = bank
+            .chunk_offsets(documents.clone())
+            .into_iter()
             .flat_map(u32::to_le_bytes)
             .collect();
         let shape = [chunks.len(), fp.num_key_value_heads, fp.head_dim];

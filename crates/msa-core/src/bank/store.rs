@@ -288,6 +288,28 @@ impl Bank {
         self.manifest.chunk_count()
     }
 
+    /// The chunks of documents `documents` (a range of the table; empty where it is).
+    pub fn chunk_range(&self, documents: Range<usize>) -> Range<u32> {
+        let table = &self.manifest.documents[documents];
+        match (table.first(), table.last()) {
+            (Some(first), Some(last)) => first.chunks[0]..last.chunks[1],
+            _ => 0..0,
+        }
+    }
+
+    /// `[0, end of the first document, …]` of documents `documents`, counted from their first chunk:
+    /// what routing reduces chunk scores to document scores by.
+    pub fn chunk_offsets(&self, documents: Range<usize>) -> Vec<u32> {
+        let start = self.chunk_range(documents.clone()).start;
+        std::iter::once(0)
+            .chain(
+                self.manifest.documents[documents]
+                    .iter()
+                    .map(|d| d.chunks[1] - start),
+            )
+            .collect()
+    }
+
     pub fn token_count(&self) -> usize {
         self.manifest.documents.iter().map(|d| d.tokens).sum()
     }
