@@ -273,6 +273,11 @@ pub fn check_all<B: Backend>(backend: &B, tol: &Tolerances) {
     check_malformed_inputs(backend, tol);
 }
 
+/// A writer handing `bytes` over in uneven pieces, as a document's rows arrive from a bank's segments.
+fn uneven_pieces<'p>(bytes: &'p [u8]) -> impl FnMut(&mut dyn FnMut(&'p [u8])) + 'p {
+    move |sink| bytes.chunks(1237).for_each(sink)
+}
+
 /// `upload_weight_from` (how fetched memory pages arrive, in pieces of any size) holds what
 /// `upload_weight` of the same bytes holds, read back through `embedding`, for every dtype: small
 /// weights and ones past 1 MiB, and one uploaded while other work that allocates and frees is still
@@ -286,10 +291,7 @@ pub fn check_weights_from_pieces<B: Backend>(backend: &B, _tol: &Tolerances) {
             let values = random(&mut rng, rows * width);
             let bytes = weight_bytes(&values, dtype);
             let shape = [rows, width];
-            // Uneven pieces, as a document's rows arrive from a bank's segments.
-            let mut pieces = |sink: &mut dyn FnMut(&[u8])| {
-                bytes.chunks(1237).for_each(&mut *sink);
-            };
+            let mut pieces = uneven_pieces(&bytes);
             let b = p
                 .backend
                 .upload_weight_from("pieces", dtype, &shape, &mut pieces)
@@ -316,9 +318,7 @@ pub fn check_weights_from_pieces<B: Backend>(backend: &B, _tol: &Tolerances) {
             long.extend([0, 0]);
             for wrong in [&bytes[..bytes.len() - 2], &long[..]] {
                 let len = wrong.len();
-                let mut short_or_long = |sink: &mut dyn FnMut(&[u8])| {
-                    wrong.chunks(1237).for_each(&mut *sink);
-                };
+                let mut short_or_long = uneven_pieces(wrong);
                 let be = refused(
                     "pieces of the wrong size",
                     p.backend

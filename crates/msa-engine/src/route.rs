@@ -235,10 +235,10 @@ impl<B: Backend> Memory<B> {
     #[cfg(not(target_arch = "wasm32"))]
     /// Gathers the selected documents' K̄ then V̄ rows from the bank's host pages into one contiguous bf16
     /// upload `[2 × chunks, kv_heads × head_dim]`, widened on the device into the f32 `(K, V)`.
-    fn fetch_pages(
+    fn fetch_pages<'m>(
         &self,
         b: &B,
-        bank: &Bank,
+        bank: &'m Bank,
         slot: usize,
         selected: &[usize],
     ) -> Result<Fetched<B::Tensor>> {
@@ -249,7 +249,7 @@ impl<B: Backend> Memory<B> {
             .collect();
         let chunks: usize = ranges.iter().map(|r| r.len()).sum();
         // The selected rows, K then V, handed to the backend piece by piece from the mapped segments.
-        let mut gather = |sink: &mut dyn FnMut(&[u8])| {
+        let mut gather = |sink: &mut dyn FnMut(&'m [u8])| {
             for tensor in [BankTensor::K, BankTensor::V] {
                 for range in &ranges {
                     bank.row_slices(slot, tensor, range.clone())

@@ -30,8 +30,8 @@ const ROUTING_GEMM_MIN_ROWS: usize = 4;
 /// Keys per split of split-KV attention, at least on average over the longest query's keys: its 8
 /// warps get several keys each.
 const MIN_SPLIT_KEYS: usize = 256;
-/// Chunks scored per routing GEMM: bounds the temporary dot products (MSA-4B, 16 routing tokens, head
-/// mean: 8 KV heads × 2 × 16 rows × 65,536 × 4 B = 64 MB; a head max has 4 times the rows).
+/// Chunks scored per routing GEMM: bounds the temporary dot products (MSA-4B, 16 routing tokens: for a
+/// head mean 2 × 16 rows × 65,536 × 4 B = 8 MB; a head max has 8 KV heads × 2 × 64 rows, 256 MB).
 const ROUTING_TILE_CHUNKS: usize = 1 << 16;
 /// Top k up to this k is selected on the device (each round keeps at most k per 4,096 candidates);
 /// beyond it, on the host from every score.
@@ -94,9 +94,15 @@ enum QueuedTopK {
 struct RoutingGemm {
     chunks: usize,
     tokens: usize,
+    /// Query rows per token in each GEMM of the batch: 1 for a head mean, the query heads per KV head
+    /// for a head max.
     per_kv: usize,
-    kv_heads: usize,
-    d: usize,
+    /// GEMMs batched: one per KV head for a head max; one over whole key rows for a head mean.
+    batch: usize,
+    /// Elements per dot product: the head dimension, or a chunk's whole key row for a head mean.
+    width: usize,
+    /// Elements per chunk of keys (KV heads × head dimension).
+    key_row: usize,
     head_mean: u32,
     head_divisor: f32,
     query_reduce: u32,
@@ -239,7 +245,7 @@ impl CudaBackend {
         name: &str,
         dtype: DType,
         shape: &[usize],
-        write: &mut PieceWriter<'_>,
+        write: &mut PieceWriter<'_, '_>,
     ) -> Result<CudaSlice<T>> {
         let total = shape.iter().product::<usize>() * dtype.size_in_bytes();
         let (data, written) = self.device.upload_gathered(total, write)?;
@@ -411,12 +417,15 @@ impl CudaBackend {
         Ok((out, data_type))
     }
 
-    /// Chunk scores on tensor cores, for half-precision keys: per KV head g, the grouped routing query
-    /// `[rows = tokens × per_kv, d]` times the keys of a tile of chunks, one strided-batched GEMM per
-    /// tile (the batch runs over g, whose keys sit `d` elements apart in each chunk row), then one
-    /// reduction per chunk. The query enters as two half-precision parts (hi, then lo: 2 × rows rows),
-    /// whose dot products the reduction adds: 16 significant bits of query against exact keys, at the
-    /// cost of a few more rows in a GEMM bound by reading the keys. Tiles bound the dot products held.
+    /// Chunk scores on tensor cores, for half-precision keys: the routing query `[rows = tokens ×
+    /// per_kv, width]` times the keys of a tile of chunks, one strided-batched GEMM per tile, then one
+    /// reduction per chunk. For a head max the batch runs over the KV heads g (the query grouped per
+    /// g, whose keys sit `d` elements apart in each chunk row). For a head mean, a sum of per-group dot
+    /// products, it is one GEMM over whole chunk rows: `kv_heads` times fewer dot products written and
+    /// read back, and a deeper inner dimension for the tensor cores. The query enters as two
+    /// half-precision parts (hi, then lo: 2 × rows rows), whose dot products the reduction adds: 16
+    /// significant bits of query against exact keys, at the cost of a few more rows in a GEMM bound by
+    /// reading the keys. Tiles bound the dot products held.
     fn routing_gemm(
         &self,
         query: &CudaSlice<f32>,
@@ -428,28 +437,30 @@ impl CudaBackend {
             chunks,
             tokens,
             per_kv,
-            kv_heads,
-            d,
+            batch,
+            width,
+            key_row,
             ..
         } = dims;
         let rows = tokens * per_kv;
         let (parts, data_type) =
-            self.to_half(query, kv_heads * rows * d, keys.1, Some(rows * d))?;
+            self.to_half(query, batch * rows * width, keys.1, Some(rows * width))?;
         let gemm_rows = 2 * rows;
         let tile = chunks.min(ROUTING_TILE_CHUNKS);
-        let mut dots = self.alloc::<f32>(kv_heads * gemm_rows * tile)?;
+        let mut dots = self.alloc::<f32>(batch * gemm_rows * tile)?;
         let stream = &self.device.stream;
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let (tokens32, per_kv32, kv32) = (tokens as u32, per_kv as u32, kv_heads as u32);
+        let (tokens32, per_kv32, batch32) = (tokens as u32, per_kv as u32, batch as u32);
         for first in (0..chunks).step_by(tile) {
             let n = tile.min(chunks - first);
             {
                 let (q_ptr, _q) = parts.device_ptr(stream);
                 let (k_ptr, _k) = keys.0.device_ptr(stream);
                 let (c_ptr, _c) = dots.device_ptr_mut(stream);
-                let k_ptr = k_ptr + (first * kv_heads * d * 2) as u64;
-                // SAFETY: A is [kv_heads][2 × rows][d], B the tile's [n][kv_heads][d] keys, C
-                // [kv_heads][n][2 × rows] f32, all within their allocations; alpha and beta are f32 as
+                let k_ptr = k_ptr + (first * key_row * 2) as u64;
+                // SAFETY: A is [batch][2 × rows][width], B the tile's [n][key_row] keys (GEMM g reads
+                // `width` elements from g × width of each row: batch × width <= key_row), C
+                // [batch][n][2 × rows] f32, all within their allocations; alpha and beta are f32 as
                 // CUBLAS_COMPUTE_32F requires.
                 unsafe {
                     cudarc::cublas::result::gemm_strided_batched_ex(
@@ -458,22 +469,22 @@ impl CudaBackend {
                         cublasOperation_t::CUBLAS_OP_N,
                         gemm_rows as i32,
                         n as i32,
-                        d as i32,
+                        width as i32,
                         (&alpha as *const f32).cast(),
                         q_ptr as *const _,
                         data_type,
-                        d as i32,
-                        (gemm_rows * d) as i64,
+                        width as i32,
+                        (gemm_rows * width) as i64,
                         k_ptr as *const _,
                         data_type,
-                        (kv_heads * d) as i32,
-                        d as i64,
+                        key_row as i32,
+                        width as i64,
                         (&beta as *const f32).cast(),
                         c_ptr as *mut _,
                         cudaDataType::CUDA_R_32F,
                         gemm_rows as i32,
                         (gemm_rows * n) as i64,
-                        kv_heads as i32,
+                        batch as i32,
                         cublasComputeType_t::CUBLAS_COMPUTE_32F,
                         cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                     )
@@ -488,7 +499,7 @@ impl CudaBackend {
                 .arg(&n32)
                 .arg(&tokens32)
                 .arg(&per_kv32)
-                .arg(&kv32)
+                .arg(&batch32)
                 .arg(&dims.head_mean)
                 .arg(&dims.head_divisor)
                 .arg(&dims.query_reduce);
@@ -674,7 +685,7 @@ impl Backend for CudaBackend {
         name: &str,
         dtype: DType,
         shape: &[usize],
-        write: &mut PieceWriter<'_>,
+        write: &mut PieceWriter<'_, '_>,
     ) -> Result<CudaWeight> {
         let data = match dtype {
             DType::F32 => WeightData::F32(Arc::new(self.gathered(name, dtype, shape, write)?)),
@@ -1026,6 +1037,7 @@ impl Backend for CudaBackend {
             }
             _ => None,
         };
+        let head_mean = spec.head_reduce == HeadReduce::Mean;
         let rows = self.upload_slice(routing_rows)?;
         let mut query = self.alloc::<f32>(tokens * outputs * d)?;
         let (tokens32, heads32, kv32, d32, group32, grouped) = (
@@ -1034,7 +1046,9 @@ impl Backend for CudaBackend {
             kv_heads as u32,
             d as u32,
             group as u32,
-            u32::from(half_keys.is_some()),
+            // A head mean's GEMM takes the query per token, as the scan does: [tokens, kv_heads, d]
+            // is one row per token against whole chunk rows.
+            u32::from(half_keys.is_some() && !head_mean),
         );
         let mut args = self.args("routing_query");
         args.arg(queries.data.as_ref())
@@ -1051,7 +1065,7 @@ impl Backend for CudaBackend {
         self.launch(&mut args, grid_for_warps((tokens * outputs) as u64))?;
         // 2. One score per chunk.
         let mut chunk_scores = self.alloc::<f32>(chunks)?;
-        let head_mean = u32::from(spec.head_reduce == HeadReduce::Mean);
+        let head_mean32 = u32::from(head_mean);
         let head_divisor = heads as f32;
         let query_reduce: u32 = match spec.query_reduce {
             QueryReduce::Max => 0,
@@ -1059,13 +1073,19 @@ impl Backend for CudaBackend {
             QueryReduce::Last => 2,
         };
         if let Some(half) = half_keys {
+            let (batch, width) = if head_mean {
+                (1, kv_heads * d)
+            } else {
+                (kv_heads, d)
+            };
             let dims = RoutingGemm {
                 chunks,
                 tokens,
                 per_kv,
-                kv_heads,
-                d,
-                head_mean,
+                batch,
+                width,
+                key_row: kv_heads * d,
+                head_mean: head_mean32,
                 head_divisor,
                 query_reduce,
             };
@@ -1085,7 +1105,7 @@ impl Backend for CudaBackend {
                 .arg(&outputs32)
                 .arg(&kv32)
                 .arg(&d32)
-                .arg(&head_mean)
+                .arg(&head_mean32)
                 .arg(&head_divisor)
                 .arg(&query_reduce)
                 .arg(&vectorised);

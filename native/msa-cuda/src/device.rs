@@ -11,7 +11,7 @@ use cudarc::driver::{
     DriverError, LaunchConfig, PinnedHostSlice, ValidAsZeroBits,
 };
 use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
-use msa_engine::backend::PieceWriter;
+use msa_engine::backend::{PieceWriter, gather_pieces};
 use msa_engine::{Error, Result};
 
 /// The CUDA source of every kernel.
@@ -438,15 +438,16 @@ impl Device {
     }
 
     /// Uploads the `total` bytes `write` hands over in pieces (fetched memory pages) into new device
-    /// memory, gathered into page-locked memory and copied on the copy stream: the copy can run
-    /// beside the kernels queued before it (a layer's projections while its memory is fetched), and
-    /// the main stream waits for it, by an event, before anything queued after. Returns how many
-    /// bytes `write` handed over, and the memory when that was `total` (else nothing is copied, and
-    /// the caller refuses the weight). No bytes give one zero element, as every allocation.
+    /// memory, gathered into page-locked memory (by several threads, [`gather_pieces`]) and copied on
+    /// the copy stream: the copy can run beside the kernels queued before it (a layer's projections
+    /// while its memory is fetched), and the main stream waits for it, by an event, before anything
+    /// queued after. Returns how many bytes `write` handed over, and the memory when that was `total`
+    /// (else nothing is copied, and the caller refuses the weight). No bytes give one zero element,
+    /// as every allocation.
     pub(crate) fn upload_gathered<T: DeviceRepr + ValidAsZeroBits>(
         &self,
         total: usize,
-        write: &mut PieceWriter<'_>,
+        write: &mut PieceWriter<'_, '_>,
     ) -> Result<(Option<CudaSlice<T>>, usize)> {
         let len = total / std::mem::size_of::<T>();
         assert_eq!(len * std::mem::size_of::<T>(), total);
@@ -473,17 +474,10 @@ impl Device {
         }
         let (buffer, copied) = pages.as_mut().expect("allocated above");
         let base = buffer.as_mut_ptr().map_err(|e| self.error(e))?;
-        let mut written = 0;
-        write(&mut |piece| {
-            if written + piece.len() <= total {
-                // SAFETY: [written, written + len) lies inside the buffer (total <= its length), which
-                // no copy reads any more (the event above).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(piece.as_ptr(), base.add(written), piece.len())
-                };
-            }
-            written += piece.len();
-        });
+        // SAFETY: the first `total` bytes lie inside the buffer (total <= its length), which no copy
+        // reads any more (the event above), and nothing else refers to them while `dst` lives.
+        let dst = unsafe { std::slice::from_raw_parts_mut(base, total) };
+        let written = gather_pieces(write, dst);
         if written != total {
             return Ok((None, written));
         }

@@ -401,8 +401,9 @@ __device__ __forceinline__ float fold_token(float acc, float score, u32 query_re
 // The routing query, one warp per (token, output head r): each query head normalised (cosine) and
 // scaled, then summed over the heads sharing a KV head when heads are averaged (`group` > 1), since
 // mean_h <q_h, k_g(h)> = (1/H) Σ_g <Σ_{h∈g} q_h, k_g>. Output rows: [tokens, outputs, d] (`grouped` 0,
-// for the warp-per-chunk scan), or [kv_heads, tokens × per_kv, d] with row t × per_kv + r % per_kv
-// (`grouped` 1: one GEMM operand per KV head, per_kv = outputs / kv_heads).
+// for the warp-per-chunk scan and a head mean's GEMM over whole key rows), or [kv_heads, tokens ×
+// per_kv, d] with row t × per_kv + r % per_kv (`grouped` 1: a head max's GEMM operand per KV head,
+// per_kv = outputs / kv_heads).
 extern "C" __global__ void routing_query(const float* queries, const u32* rows, float* out, u32 tokens,
                                          u32 heads, u32 kv_heads, u32 d, u32 group, u32 cosine,
                                          float scale, u32 grouped) {
@@ -435,19 +436,19 @@ extern "C" __global__ void routing_query(const float* queries, const u32* rows, 
     }
 }
 
-// Chunk scores from a tile of GEMM results, one thread per chunk: `dots` holds, per KV head g and chunk
-// c, the 2 × rows dot products of the split routing query (rows = tokens × per_kv hi parts, then as many
-// lo parts) with the chunk's keys; a query row's dot product is its two parts' sum. The scores land at
-// chunk `first + c`.
+// Chunk scores from a tile of GEMM results, one thread per chunk: `dots` holds, per GEMM g of the batch
+// (a KV head, or the one GEMM over whole key rows of a head mean) and chunk c, the 2 × rows dot products
+// of the split routing query (rows = tokens × per_kv hi parts, then as many lo parts) with the chunk's
+// keys; a query row's dot product is its two parts' sum. The scores land at chunk `first + c`.
 extern "C" __global__ void routing_reduce(const float* dots, float* scores, u64 first, u32 chunks_in_tile,
-                                          u32 tokens, u32 per_kv, u32 kv_heads, u32 head_mean,
+                                          u32 tokens, u32 per_kv, u32 batch, u32 head_mean,
                                           float head_divisor, u32 query_reduce) {
     const u64 rows = (u64)tokens * per_kv;
     for (u64 c = global_thread(); c < chunks_in_tile; c += grid_threads()) {
         float reduced = fold_start(query_reduce == 1);
         for (u32 t = query_reduce == 2 ? tokens - 1 : 0; t < tokens; t++) {
             float token_score = fold_start(head_mean);
-            for (u32 g = 0; g < kv_heads; g++) {
+            for (u32 g = 0; g < batch; g++) {
                 const float* row = dots + ((u64)g * chunks_in_tile + c) * 2 * rows + (u64)t * per_kv;
                 for (u32 j = 0; j < per_kv; j++) token_score = fold(token_score, row[j] + row[rows + j], head_mean);
             }
