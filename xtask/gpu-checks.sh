@@ -7,9 +7,10 @@
 #
 # Steps, most important first, each with its own time limit and all within SECONDS (default 540):
 # the devices seen; every CUDA op against the CPU reference; the golden fixtures and memory-bank tests
-# on CUDA; `msa bench` at MSA-4B shapes over 1M memory tokens (16 and 1 routing tokens); Memory
-# Parallel through a `msa shard` server on the same GPU; where a Vulkan loader is installed, the kernel
-# benchmark (wgpu beside CUDA) and the wgpu pipeline on the same GPU; 10M memory tokens. A step that
+# on CUDA; the host's gather of fetched pages (one thread against all); `msa bench` at MSA-4B shapes
+# over 1M memory tokens (16 and 1 routing tokens); Memory Parallel through a `msa shard` server on the
+# same GPU; where a Vulkan loader is installed, the kernel benchmark (wgpu beside CUDA) and the wgpu
+# pipeline on the same GPU; 10M memory tokens. A step that
 # does not fit the time left is skipped. Logs and JSON reports go to DIR (default target/gpu-checks),
 # with summary.txt; the exit status is 1 when a step failed or was skipped. Generated models and banks
 # stay in msa's bench cache ($XDG_CACHE_HOME/msa/bench or ~/.cache/msa/bench: 27 GB at 10M).
@@ -80,6 +81,8 @@ check cuda-ops 150 "$bin/cuda-ops"
 check golden-msa 150 "$bin/golden_msa" cuda::
 check golden-qwen3 90 "$bin/golden_qwen3" cuda::
 check memory-bank 120 "$bin/memory_bank" cuda::
+# The host side of a fetch: a router layer's pages gathered by one thread and by all the cores.
+check page-gather 60 "$bin/page_gather" --bench --warm-up-time 1 --measurement-time 3
 check bench-1m-16 240 "$msa" "${bench[@]}" --backend cuda --memory-tokens 1M --query-tokens 16 \
   --json "$out/bench-1m-16.json"
 check bench-1m-1 120 "$msa" "${bench[@]}" --backend cuda --memory-tokens 1M --query-tokens 1 \

@@ -6,12 +6,24 @@ use std::process::Command;
 
 use crate::{available, cargo, root, run, step};
 
-/// The test executables with CUDA checks: (cargo arguments selecting it, its name in `.gpu/bin`).
+/// The test executables with CUDA checks, and the host-side benchmark of fetched pages' gather (the
+/// GPU machine's cores, not this machine's): (cargo command and arguments selecting it, its name in
+/// `.gpu/bin`).
 const TESTS: &[(&[&str], &str)] = &[
-    (&["-p", "msa-cuda", "--test", "ops"], "cuda-ops"),
-    (&["-p", "msa", "--test", "golden_msa"], "golden_msa"),
-    (&["-p", "msa", "--test", "golden_qwen3"], "golden_qwen3"),
-    (&["-p", "msa", "--test", "memory_bank"], "memory_bank"),
+    (&["test", "-p", "msa-cuda", "--test", "ops"], "cuda-ops"),
+    (&["test", "-p", "msa", "--test", "golden_msa"], "golden_msa"),
+    (
+        &["test", "-p", "msa", "--test", "golden_qwen3"],
+        "golden_qwen3",
+    ),
+    (
+        &["test", "-p", "msa", "--test", "memory_bank"],
+        "memory_bank",
+    ),
+    (
+        &["bench", "-p", "msa-engine", "--bench", "page_gather"],
+        "page_gather",
+    ),
 ];
 
 pub(crate) fn pack() -> Result<(), String> {
@@ -22,10 +34,16 @@ pub(crate) fn pack() -> Result<(), String> {
     run(cargo().args(["build", "--release", "-p", "msa-cli"]))?;
     copy(&root().join("target/release/msa"), &bin.join("msa"))?;
     for (selection, name) in TESTS {
-        step(&format!("building the test executable {name} (release)"));
-        let output = cargo()
-            .args(["test", "--release", "--no-run", "--message-format=json"])
-            .args(*selection)
+        step(&format!("building the executable {name} (release)"));
+        let (&command, selection) = selection.split_first().expect("a cargo command");
+        let mut build = cargo();
+        build.arg(command);
+        if command == "test" {
+            build.arg("--release"); // benches build in release already
+        }
+        let output = build
+            .args(["--no-run", "--message-format=json"])
+            .args(selection)
             .current_dir(root())
             .output()
             .map_err(|e| format!("cannot run cargo: {e}"))?;
@@ -53,14 +71,20 @@ pub(crate) fn pack() -> Result<(), String> {
     Ok(())
 }
 
-/// The executable cargo reported building for the test target of `selection` (its JSON messages).
+/// The executable cargo reported building for the test or bench target of `selection` (its JSON
+/// messages).
 fn test_executable(messages: &[u8], name: &str) -> Result<std::path::PathBuf, String> {
     String::from_utf8_lossy(messages)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .filter(|m| {
+            m["reason"] == "compiler-artifact"
+                && m["target"]["kind"]
+                    .as_array()
+                    .is_some_and(|kinds| kinds.iter().any(|k| k == "test" || k == "bench"))
+        })
         .find_map(|m| m["executable"].as_str().map(Into::into))
-        .ok_or_else(|| format!("cargo reported no test executable for {name}"))
+        .ok_or_else(|| format!("cargo reported no test or bench executable for {name}"))
 }
 
 /// Copies an executable, without its symbol table where `strip` is installed (a quarter of its size).

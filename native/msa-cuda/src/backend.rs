@@ -1027,9 +1027,10 @@ impl Backend for CudaBackend {
             ScoreMode::Cosine => (1u32, 1.0f32),
             ScoreMode::ScaledDot => (0u32, 1.0 / (d as f32).sqrt()),
         };
-        // Half-precision keys (a bank's) are scored on tensor cores, with the query grouped per KV
-        // head, once the query has a few rows per head; f32 keys and shorter queries by the f32 scan,
-        // one warp per chunk (a one-row GEMM is a matrix-vector product cuBLAS runs slower).
+        // Half-precision keys (a bank's) are scored on tensor cores once the query has at least
+        // ROUTING_GEMM_MIN_ROWS rows per KV head (see `routing_gemm`); f32 keys and shorter queries
+        // by the f32 scan, one warp per chunk (a one-row GEMM is a matrix-vector product cuBLAS runs
+        // slower).
         let per_kv = outputs / kv_heads;
         let half_keys = match &keys.data {
             WeightData::Half(data) if tokens * per_kv >= ROUTING_GEMM_MIN_ROWS => {
