@@ -9,8 +9,9 @@
 # the devices seen; every CUDA op against the CPU reference; the golden fixtures and memory-bank tests
 # on CUDA; the host's gather of fetched pages (one thread against all); `msa bench` at MSA-4B shapes
 # over 1M memory tokens (16 and 1 routing tokens); Memory Parallel through a `msa shard` server on the
-# same GPU; where a Vulkan loader is installed, the kernel benchmark (wgpu beside CUDA) and the wgpu
-# pipeline on the same GPU; 10M memory tokens. A step that
+# same GPU; where Nsight Compute is installed, each kernel's time in a decode step; where a Vulkan
+# loader is installed, the kernel benchmark (wgpu beside CUDA) and the wgpu pipeline on the same GPU;
+# 10M memory tokens. A step that
 # does not fit the time left is skipped. Logs and JSON reports go to DIR (default target/gpu-checks),
 # with summary.txt; the exit status is 1 when a step failed or was skipped. Generated models and banks
 # stay in msa's bench cache ($XDG_CACHE_HOME/msa/bench or ~/.cache/msa/bench: 27 GB at 10M).
@@ -102,6 +103,35 @@ if [ -n "$bank" ]; then
     --shards 127.0.0.1:7070 --query-tokens 16 --json "$out/bench-1m-shards.json"
   kill $server 2>/dev/null
   wait $server 2>/dev/null
+fi
+
+# Where a decode step's time goes: Nsight Compute times every kernel of 4 decode steps (the bench marks
+# them as the profiled region), summed per kernel name.
+ncu=$(command -v ncu || find /usr/local/cuda/bin /opt/nvidia -name ncu -type f 2>/dev/null | head -n 1)
+if [ -n "$ncu" ]; then
+  check decode-kernels 150 "$ncu" --profile-from-start off --metrics gpu__time_duration.sum \
+    --clock-control none --print-units base --csv --log-file "$out/decode-kernels.csv" \
+    "$msa" bench --preset msa-4b --encode-tokens 64 --queries 1 --decode-tokens 5 --cache-dir "$cache" \
+    --backend cuda --memory-tokens 1M --query-tokens 16 &&
+    python3 - "$out/decode-kernels.csv" 4 <<'PY' | tee "$out/decode-kernels.txt"
+import csv, sys
+from collections import defaultdict
+path, steps = sys.argv[1], int(sys.argv[2])
+lines = open(path).read().splitlines()
+start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+times, counts = defaultdict(float), defaultdict(int)
+for row in csv.DictReader(lines[start:]):
+    if row.get("Metric Name") != "gpu__time_duration.sum":
+        continue
+    name = row["Kernel Name"].split("(")[0][:70]
+    times[name] += float(row["Metric Value"].replace(",", "")) * scale[row["Metric Unit"]]
+    counts[name] += 1
+total = sum(times.values())
+print(f"{sum(counts.values()) / steps:.0f} kernels, {total / steps:.1f} us of kernel time per decode step")
+for name, t in sorted(times.items(), key=lambda kv: -kv[1]):
+    print(f"{t / steps:10.1f} us {100 * t / total:5.1f}% {counts[name] / steps:6.1f}x  {name}")
+PY
 fi
 
 # wgpu needs a Vulkan loader (libvulkan.so.1) beside the NVIDIA driver.

@@ -52,6 +52,11 @@ pub trait Device: Backend + Clone {
     fn execution_stats(&self) -> Option<ExecutionStats>;
     /// Measures the device's [`Bandwidths`] (a GPU backend; `None` for the CPU reference).
     fn bandwidths(&self) -> Result<Option<Bandwidths>>;
+    /// Starts (`true`) or stops the region an attached profiler records, where the backend has one
+    /// (CUDA: `ncu --profile-from-start off`); a no-op elsewhere.
+    fn profile_region(&self, _on: bool) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Device for CpuBackend {
@@ -91,6 +96,10 @@ impl Device for CudaBackend {
             device_copy: roofline.device_copy_bytes_per_s,
             host_to_device: Some(roofline.host_to_device_bytes_per_s),
         }))
+    }
+
+    fn profile_region(&self, on: bool) -> Result<()> {
+        Ok(CudaBackend::profile_region(self, on)?)
     }
 }
 

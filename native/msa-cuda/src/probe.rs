@@ -1,7 +1,9 @@
 //! What the GPU itself can do, measured in the same run as a benchmark: the denominators of its
-//! fractions (routing and decode against device-memory bandwidth, fetches against host-to-device).
+//! fractions (routing and decode against device-memory bandwidth, fetches against host-to-device);
+//! and the region an attached profiler records.
 
 use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{profiler_start, profiler_stop};
 use msa_engine::Result;
 
 use crate::CudaBackend;
@@ -20,6 +22,21 @@ const PROBE_BYTES: usize = 1 << 30;
 const REPETITIONS: usize = 5;
 
 impl CudaBackend {
+    /// Starts (`true`) or stops collection by an attached CUDA profiler in this device's context:
+    /// under `ncu --profile-from-start off` (or `nsys profile -c cudaProfilerApi`) only the kernels
+    /// launched in between are recorded. Without a profiler it does nothing.
+    pub fn profile_region(&self, on: bool) -> Result<()> {
+        let device = &self.device;
+        let error = |e| device.error(e);
+        device.stream.context().bind_to_thread().map_err(error)?;
+        if on {
+            profiler_start()
+        } else {
+            profiler_stop()
+        }
+        .map_err(error)
+    }
+
     /// Measures [`CudaRoofline`]: each copy once to warm up, then the best of five, timed with events.
     pub fn measure_roofline(&self) -> Result<CudaRoofline> {
         let device = &self.device;
