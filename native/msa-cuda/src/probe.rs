@@ -7,6 +7,7 @@ use cudarc::driver::{profiler_start, profiler_stop};
 use msa_engine::Result;
 
 use crate::CudaBackend;
+use crate::device::guarded;
 
 /// Bandwidths measured on one device.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -29,12 +30,8 @@ impl CudaBackend {
         let device = &self.device;
         let error = |e| device.error(e);
         device.stream.context().bind_to_thread().map_err(error)?;
-        if on {
-            profiler_start()
-        } else {
-            profiler_stop()
-        }
-        .map_err(error)
+        let switch = if on { profiler_start } else { profiler_stop };
+        guarded(switch)?.map_err(error)
     }
 
     /// Measures [`CudaRoofline`]: each copy once to warm up, then the best of five, timed with events.
