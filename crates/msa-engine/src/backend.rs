@@ -66,7 +66,9 @@ const GATHER_TASK_BYTES: usize = 64 << 10;
 /// Copies the pieces `write` hands over, in order, into `dst`, and returns how many bytes it handed
 /// over. When that is not `dst.len()`, nothing is copied (the caller refuses the weight). Large
 /// gathers are spread over rayon's threads: copying fetched pages out of a bank's mapped segments
-/// runs at one core's copy and page-mapping rate (~4–6 GB/s), far below the memory's.
+/// runs at one core's copy and page-mapping rate (~3–6 GB/s), far below the memory's. Called from a
+/// rayon worker, the caller may run other rayon tasks while it waits (work stealing), so it should
+/// hold no lock such a task could take.
 pub fn gather_pieces<'p>(write: &mut PieceWriter<'_, 'p>, dst: &mut [u8]) -> usize {
     let mut pieces: Vec<&'p [u8]> = Vec::new();
     let mut handed = 0;

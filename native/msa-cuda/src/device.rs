@@ -477,6 +477,8 @@ impl Device {
         // SAFETY: the first `total` bytes lie inside the buffer (total <= its length), which no copy
         // reads any more (the event above), and nothing else refers to them while `dst` lives.
         let dst = unsafe { std::slice::from_raw_parts_mut(base, total) };
+        // The engine fetches from its own threads, never from a rayon task, so no task that rayon
+        // runs here while the gather waits can come back for `pages`.
         let written = gather_pieces(write, dst);
         if written != total {
             return Ok((None, written));
