@@ -8,13 +8,14 @@
 # Steps, most important first, each with its own time limit and all within SECONDS (default 540):
 # the devices seen; every CUDA op against the CPU reference; the golden fixtures and memory-bank tests
 # on CUDA; the host's gather of fetched pages (one thread against all); `msa bench` at MSA-4B shapes
-# over 1M memory tokens (16 and 1 routing tokens); Memory Parallel through a `msa shard` server on the
-# same GPU; where Nsight Compute is installed, each kernel's time in a decode step; where a Vulkan
-# loader is installed, the kernel benchmark (wgpu beside CUDA) and the wgpu pipeline on the same GPU;
-# 10M memory tokens. A step that
-# does not fit the time left is skipped. Logs and JSON reports go to DIR (default target/gpu-checks),
-# with summary.txt; the exit status is 1 when a step failed or was skipped. Generated models and banks
-# stay in msa's bench cache ($XDG_CACHE_HOME/msa/bench or ~/.cache/msa/bench: 27 GB at 10M).
+# over 1M memory tokens (16 routing tokens, again with the memory pool trimmed at each
+# synchronisation, and 1 routing token); Memory Parallel through a `msa shard` server on the same
+# GPU; where Nsight Compute is installed, each kernel's time in a decode step; where a Vulkan loader
+# is installed, the kernel benchmark (wgpu beside CUDA) and the wgpu pipeline on the same GPU; 10M
+# memory tokens. A step that does not fit the time left is skipped. Logs and JSON reports go to DIR
+# (default target/gpu-checks), with summary.txt; the exit status is 1 when a step failed or was
+# skipped. Generated models and banks stay in msa's bench cache ($XDG_CACHE_HOME/msa/bench or
+# ~/.cache/msa/bench: 27 GB at 10M).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-540}
@@ -86,6 +87,9 @@ check memory-bank 120 "$bin/memory_bank" cuda::
 check page-gather 60 "$bin/page_gather" --bench --warm-up-time 1 --measurement-time 3
 check bench-1m-16 240 "$msa" "${bench[@]}" --backend cuda --memory-tokens 1M --query-tokens 16 \
   --json "$out/bench-1m-16.json"
+# The same with the memory pool trimmed at every synchronisation (CUDA's default): what keeping it saves.
+check bench-1m-16-trim 150 env MSA_CUDA_TRIM_POOL=1 "$msa" "${bench[@]}" --backend cuda \
+  --memory-tokens 1M --query-tokens 16 --json "$out/bench-1m-16-trim.json"
 check bench-1m-1 120 "$msa" "${bench[@]}" --backend cuda --memory-tokens 1M --query-tokens 1 \
   --json "$out/bench-1m-1.json"
 # Memory Parallel through a shard server: rank 1 of 2 on the same GPU, this process rank 0.

@@ -245,7 +245,12 @@ pub fn open_cuda(devices: usize) -> Result<(CudaBackend, Vec<CudaBackend>)> {
 }
 
 fn open_cuda_device(ordinal: usize) -> Result<CudaBackend> {
-    CudaBackend::new(CudaOptions { ordinal }).context("opening a CUDA device")
+    let options = CudaOptions {
+        ordinal,
+        trim_pool: std::env::var_os("MSA_CUDA_TRIM_POOL")
+            .is_some_and(|v| !v.is_empty() && v != "0"),
+    };
+    CudaBackend::new(options).context("opening a CUDA device")
 }
 
 /// GPU 0, the primary device.

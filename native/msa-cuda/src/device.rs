@@ -58,11 +58,16 @@ pub const KERNELS: &[&str] = &[
     "select_top_k",
 ];
 
-/// Which device to open.
+/// Which device to open, and how.
 #[derive(Clone, Debug, Default)]
 pub struct CudaOptions {
     /// The CUDA device ordinal (0 = the first GPU, as `nvidia-smi` numbers them).
     pub ordinal: usize,
+    /// Hand the memory pool's unused memory back to the driver at every synchronisation (CUDA's
+    /// default), for a GPU shared with other processes. By default the pool keeps it: every decode
+    /// step and router layer synchronises once, and regrowing the pool after each costs driver calls
+    /// that map memory again.
+    pub trim_pool: bool,
 }
 
 /// The first missing run-time library, named with what to install, or `None` when the driver, NVRTC
@@ -376,10 +381,11 @@ impl Device {
                 options.ordinal
             )));
         }
-        guarded(|| Device::open_checked(options.ordinal))?
+        guarded(|| Device::open_checked(options))?
     }
 
-    fn open_checked(ordinal: usize) -> Result<Device> {
+    fn open_checked(options: &CudaOptions) -> Result<Device> {
+        let ordinal = options.ordinal;
         let started = |e: DriverError| unavailable(format!("opening CUDA device {ordinal}: {e}"));
         let ctx = CudaContext::new(ordinal).map_err(started)?;
         // The main stream orders every op, so cudarc's per-allocation events are pure overhead.
@@ -412,7 +418,7 @@ impl Device {
             .map_err(started)?
             > 0
         {
-            keep_streams_apart(&ctx).map_err(started)?;
+            configure_pool(&ctx, options.trim_pool).map_err(started)?;
         }
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| unavailable(format!("starting cuBLAS on CUDA device {ordinal}: {e}")))?;
@@ -484,7 +490,7 @@ impl Device {
             return Ok((None, written));
         }
         // Allocated in the copy stream's order: the pool hands it memory whose free on the main stream
-        // has run (see `keep_streams_apart`).
+        // has run (see `configure_pool`).
         let mut dst = if len == 0 {
             self.copies.alloc_zeros::<T>(1)
         } else {
@@ -661,21 +667,32 @@ impl Drop for Readback {
     }
 }
 
-/// Turns off the default memory pool's reuse "by internal dependencies": with it, an allocation on
-/// the copy stream may take memory the main stream freed while kernels queued before the free still
-/// run, and the driver would then make the copy wait for them, serialising it again. Memory whose free
-/// has run is still reused, and the main stream's own reuse is unaffected.
-fn keep_streams_apart(ctx: &CudaContext) -> std::result::Result<(), DriverError> {
-    use cudarc::driver::sys;
+/// Sets up the device's default memory pool, which every allocation uses (`cuMemAllocAsync`):
+/// - no reuse "by internal dependencies": with it, an allocation on the copy stream may take memory
+///   the main stream freed while kernels queued before the free still run, and the driver would then
+///   make the copy wait for them, serialising it again. Memory whose free has run is still reused,
+///   and the main stream's own reuse is unaffected;
+/// - unless `trim`, no release threshold: the pool keeps the memory it has grown to instead of
+///   handing it back at each synchronisation (see [`CudaOptions::trim_pool`]).
+fn configure_pool(ctx: &CudaContext, trim: bool) -> std::result::Result<(), DriverError> {
+    use cudarc::driver::sys::{self, CUmemPool_attribute as Attribute};
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     let mut allow: i32 = 0;
-    // SAFETY: the pool handle is written by the driver before it is used; the attribute is an int.
+    let mut threshold: u64 = if trim { 0 } else { u64::MAX };
+    // SAFETY: the pool handle is written by the driver before it is used; each attribute has the
+    // type the driver reads for it (an int, a cuuint64_t).
     unsafe {
         sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()).result()?;
         sys::cuMemPoolSetAttribute(
             pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+            Attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
             (&mut allow as *mut i32).cast(),
+        )
+        .result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            Attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
         )
         .result()
     }

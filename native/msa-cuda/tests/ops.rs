@@ -31,9 +31,12 @@ fn every_op_matches_the_cpu_reference() {
 #[test]
 fn a_missing_driver_or_device_is_a_clear_error() {
     let opened = |ordinal| {
-        CudaBackend::new(CudaOptions { ordinal })
-            .err()
-            .map(|e| e.to_string())
+        CudaBackend::new(CudaOptions {
+            ordinal,
+            ..CudaOptions::default()
+        })
+        .err()
+        .map(|e| e.to_string())
     };
     match msa_cuda::device_count() {
         // No library, or a driver that reports no device: opening and listing fail with the same
