@@ -111,19 +111,24 @@ fi
 
 # Where a decode step's time goes: Nsight Compute times every kernel of 4 decode steps (the bench marks
 # them as the profiled region), summed per kernel name.
-ncu=$(command -v ncu || find /usr/local/cuda/bin /opt/nvidia -name ncu -type f 2>/dev/null | head -n 1)
+ncu=$(command -v ncu ||
+  find /usr/local/cuda/bin /opt/nvidia -maxdepth 3 -name ncu -type f 2>/dev/null | sort | head -n 1)
 if [ -n "$ncu" ]; then
-  check decode-kernels 150 "$ncu" --profile-from-start off --metrics gpu__time_duration.sum \
-    --clock-control none --print-units base --csv --log-file "$out/decode-kernels.csv" \
-    "$msa" bench --preset msa-4b --encode-tokens 64 --queries 1 --decode-tokens 5 --cache-dir "$cache" \
-    --backend cuda --memory-tokens 1M --query-tokens 16 &&
-    python3 - "$out/decode-kernels.csv" 4 <<'PY' | tee "$out/decode-kernels.txt"
+  # Caches as the decode step leaves them, and the clocks as they run.
+  if check decode-kernels 150 "$ncu" --profile-from-start off --metrics gpu__time_duration.sum \
+    --cache-control none --clock-control none --print-units base --csv \
+    --log-file "$out/decode-kernels.csv" "$msa" bench --preset msa-4b --encode-tokens 64 --queries 1 \
+    --decode-tokens 5 --cache-dir "$cache" --backend cuda --memory-tokens 1M --query-tokens 16; then
+    python3 - "$out/decode-kernels.csv" 4 <<'PY' | tee "$out/decode-kernels.txt" ||
 import csv, sys
 from collections import defaultdict
 path, steps = sys.argv[1], int(sys.argv[2])
 lines = open(path).read().splitlines()
-start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
-scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+if start is None:
+    sys.exit(f"{path}: no kernel was profiled")
+scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+         "second": 1e6, "s": 1e6}
 times, counts = defaultdict(float), defaultdict(int)
 for row in csv.DictReader(lines[start:]):
     if row.get("Metric Name") != "gpu__time_duration.sum":
@@ -136,6 +141,8 @@ print(f"{sum(counts.values()) / steps:.0f} kernels, {total / steps:.1f} us of ke
 for name, t in sorted(times.items(), key=lambda kv: -kv[1]):
     print(f"{t / steps:10.1f} us {100 * t / total:5.1f}% {counts[name] / steps:6.1f}x  {name}")
 PY
+      failed+=("decode-kernels (summary)")
+  fi
 fi
 
 # wgpu needs a Vulkan loader (libvulkan.so.1) beside the NVIDIA driver.

@@ -66,7 +66,8 @@ const GATHER_TASK_BYTES: usize = 64 << 10;
 /// Copies the pieces `write` hands over, in order, into `dst`, and returns how many bytes it handed
 /// over. When that is not `dst.len()`, nothing is copied (the caller refuses the weight). Large
 /// gathers are spread over rayon's threads: copying fetched pages out of a bank's mapped segments
-/// runs at one core's copy and page-mapping rate (~3–6 GB/s), far below the memory's. Called from a
+/// runs at one core's copy and page-mapping rate (about 3 GB/s on a 2-core VM), far below the
+/// memory's. Called from a
 /// rayon worker, the caller may run other rayon tasks while it waits (work stealing), so it should
 /// hold no lock such a task could take.
 pub fn gather_pieces<'p>(write: &mut PieceWriter<'_, 'p>, dst: &mut [u8]) -> usize {
@@ -310,9 +311,10 @@ pub trait Backend {
 mod tests {
     use super::*;
 
-    /// `len` bytes that differ from their neighbours, so a piece copied to the wrong place shows.
+    /// `len` bytes whose values do not repeat at any short period, so a piece copied to the wrong
+    /// place shows.
     fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+        (0..len).map(|i| (i ^ (i >> 8) ^ (i >> 16)) as u8).collect()
     }
 
     /// A writer handing `source` over in pieces of `sizes`, then whatever is left in pieces of 1,237.
