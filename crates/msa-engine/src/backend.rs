@@ -67,9 +67,8 @@ const GATHER_TASK_BYTES: usize = 64 << 10;
 /// over. When that is not `dst.len()`, nothing is copied (the caller refuses the weight). Large
 /// gathers are spread over rayon's threads: copying fetched pages out of a bank's mapped segments
 /// runs at one core's copy and page-mapping rate (about 3 GB/s on a 2-core VM), far below the
-/// memory's. Called from a
-/// rayon worker, the caller may run other rayon tasks while it waits (work stealing), so it should
-/// hold no lock such a task could take.
+/// memory's. Called from a rayon worker, the caller may run other rayon tasks while it waits (work
+/// stealing), so it should hold no lock such a task could take.
 pub fn gather_pieces<'p>(write: &mut PieceWriter<'_, 'p>, dst: &mut [u8]) -> usize {
     let mut pieces: Vec<&'p [u8]> = Vec::new();
     let mut handed = 0;
