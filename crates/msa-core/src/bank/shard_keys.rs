@@ -20,6 +20,7 @@ use memmap2::Mmap;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
+use super::store::checked_tensor_range;
 use super::{BANK_ELEMENT_BYTES, Bank, BankTensor, MemoryFingerprint, OpenOptions, digest};
 use crate::error::{Error, Result};
 
@@ -307,19 +308,9 @@ impl ShardKeysFile {
             .check()
             .map_err(|problem| file_error(path, problem))?;
         let range = |name: &str, dtype: Dtype, shape: &[usize]| -> Result<Range<usize>> {
-            let info = metadata
-                .info(name)
-                .ok_or_else(|| file_error(path, format!("has no tensor `{name}`")))?;
-            if info.dtype != dtype || info.shape != shape {
-                return Err(file_error(
-                    path,
-                    format!(
-                        "tensor `{name}` is {:?} {:?}, its header implies {dtype:?} {shape:?}",
-                        info.dtype, info.shape
-                    ),
-                ));
-            }
-            let bytes = 8 + header_len + info.data_offsets.0..8 + header_len + info.data_offsets.1;
+            let bytes =
+                checked_tensor_range((header_len, &metadata), name, dtype, shape, "its header")
+                    .map_err(|problem| file_error(path, problem))?;
             if options.verify_checksums {
                 let Some(&recorded) = header.crc32.get(name) else {
                     return Err(file_error(

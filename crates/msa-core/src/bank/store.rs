@@ -778,20 +778,30 @@ fn tensor_range(
             path: path.to_path_buf(),
             detail: e.to_string(),
         })?;
+    checked_tensor_range((header_len, &metadata), name, dtype, shape, "the manifest")
+        .map_err(|problem| bank_error(path, problem))
+}
+
+/// The byte range of tensor `name` in a safetensors file (from the start of the file, whose header
+/// is `header_len` bytes of `metadata`), or why it is missing or not the `dtype` and `shape` that
+/// `implied_by` (the manifest, a header) implies.
+pub(super) fn checked_tensor_range(
+    (header_len, metadata): (usize, &safetensors::tensor::Metadata),
+    name: &str,
+    dtype: safetensors::Dtype,
+    shape: &[usize],
+    implied_by: &str,
+) -> std::result::Result<Range<usize>, String> {
     let info = metadata
         .info(name)
-        .ok_or_else(|| bank_error(path, format!("has no tensor `{name}`")))?;
+        .ok_or_else(|| format!("has no tensor `{name}`"))?;
     if info.dtype != dtype || info.shape != shape {
-        return Err(bank_error(
-            path,
-            format!(
-                "tensor `{name}` is {:?} {:?}, the manifest implies {dtype:?} {shape:?}",
-                info.dtype, info.shape
-            ),
+        return Err(format!(
+            "tensor `{name}` is {:?} {:?}, {implied_by} implies {dtype:?} {shape:?}",
+            info.dtype, info.shape
         ));
     }
-    let start = 8 + header_len + info.data_offsets.0;
-    Ok(start..8 + header_len + info.data_offsets.1)
+    Ok(8 + header_len + info.data_offsets.0..8 + header_len + info.data_offsets.1)
 }
 
 /// A safetensors file of `(name, dtype, shape, bytes)` tensors, in memory.
