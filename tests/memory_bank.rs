@@ -426,6 +426,41 @@ fn memory_parallel_matches_one_device_on_wgpu() {
 }
 
 #[test]
+fn memory_parallel_matches_one_device_on_cuda() {
+    use msa::cuda::{CudaBackend, CudaOptions};
+    let Some(gpu) = CudaBackend::open_or_skip(CudaOptions::default()) else {
+        return;
+    };
+    // Two devices on the first GPU: the router queries reach them through the host.
+    let msa = Msa::load_on(fixture_dir(MSA), gpu.clone()).unwrap();
+    let second = CudaBackend::new(CudaOptions::default()).unwrap();
+    memory_parallel_matches_one_device(&msa, vec![gpu.clone(), second]);
+    // One device per GPU in an NCCL clique with the model's own (a clique of one on a machine with one
+    // GPU): the router queries go device to device.
+    if let Some(missing) = msa::cuda::nccl_missing() {
+        assert!(
+            std::env::var_os("MSA_REQUIRE_NCCL").is_none(),
+            "MSA_REQUIRE_NCCL is set: {missing}"
+        );
+        eprintln!("skipping the NCCL clique: {missing}");
+        return;
+    }
+    let mut clique = vec![gpu];
+    for ordinal in 1..msa::cuda::device_count().unwrap() {
+        clique.push(
+            CudaBackend::new(CudaOptions {
+                ordinal,
+                ..CudaOptions::default()
+            })
+            .unwrap(),
+        );
+    }
+    CudaBackend::join_clique(&mut clique).unwrap();
+    let msa = Msa::load_on(fixture_dir(MSA), clique[0].clone()).unwrap();
+    memory_parallel_matches_one_device(&msa, clique);
+}
+
+#[test]
 fn a_bank_from_another_model_is_refused() {
     let msa = Msa::load(fixture_dir(MSA)).unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -35,20 +35,27 @@ if [ "$(cd "$built_in" 2>/dev/null && pwd -P)" != "$(pwd -P)" ]; then
     echo "cannot link $built_in to this checkout: the golden tests will not find their fixtures" >&2
 fi
 
-# cudarc loads libnvrtc.so, libcublas.so and libcublasLt.so (or .so.12); a CUDA 13 install may ship
-# .so.13 alone (the pip wheels do): link what is found under the unversioned names.
+# cudarc loads libnvrtc.so, libcublas.so, libcublasLt.so and libnccl.so (or .so.12); a CUDA 13
+# install may ship .so.13 alone, and NCCL's wheel .so.2 (the pip wheels do): link what is found under
+# the unversioned names.
 links=$(mktemp -d)
-for lib in nvrtc cublas cublasLt; do
+for lib in nvrtc cublas cublasLt nccl; do
   found=$(find /usr/local/cuda/lib64 /usr/local/cuda/targets /opt /usr/lib \
     -name "lib$lib.so*" \( -type f -o -type l \) 2>/dev/null | sort | head -n 1)
   if [ -n "$found" ]; then
     ln -sf "$found" "$links/lib$lib.so"
+  elif [ "$lib" = nccl ]; then
+    echo "libnccl.so not found: the NCCL clique checks will skip" >&2
   else
     echo "lib$lib.so not found: the CUDA steps will say what is missing" >&2
   fi
 done
 export LD_LIBRARY_PATH="$links${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MSA_REQUIRE_CUDA=1
+# Where NCCL was found, a clique that fails to form fails its tests instead of skipping them.
+if [ -e "$links/libnccl.so" ]; then
+  export MSA_REQUIRE_NCCL=1
+fi
 
 failed=()
 # check NAME SECONDS COMMAND...: runs COMMAND into $out/NAME.log within SECONDS (or the time left).
@@ -82,7 +89,7 @@ check devices 60 "$msa" devices
 check cuda-ops 150 "$bin/cuda-ops"
 check golden-msa 150 "$bin/golden_msa" cuda::
 check golden-qwen3 90 "$bin/golden_qwen3" cuda::
-check memory-bank 120 "$bin/memory_bank" cuda::
+check memory-bank 150 "$bin/memory_bank" cuda
 # The host side of a fetch: a router layer's pages gathered by one thread and by all the cores.
 check page-gather 60 "$bin/page_gather" --bench --warm-up-time 1 --measurement-time 3
 check bench-1m-16 240 "$msa" "${bench[@]}" --backend cuda --memory-tokens 1M --query-tokens 16 \

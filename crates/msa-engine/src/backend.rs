@@ -185,6 +185,19 @@ pub trait Backend {
     /// weights, such as the routing keys of [`Backend::routing_scores`]). Cheap: a GPU backend shares
     /// the tensor's buffer without copying; the CPU backend copies.
     fn tensor_to_weight(&self, tensor: &Self::Tensor) -> Result<Self::Weight>;
+    /// Copies `tensor` from this backend's device to each of `peers` (devices of the same backend kind;
+    /// one copy per peer, in order) without the host, where the devices reach each other directly: the
+    /// CPU backend's "devices" share host memory, and CUDA devices joined into one NCCL clique broadcast.
+    /// `None` where they cannot, and the caller copies through the host. Each copy runs after the ops
+    /// recorded on this backend before it, and before those recorded on its peer after it.
+    fn broadcast(
+        &self,
+        tensor: &Self::Tensor,
+        peers: &[&Self],
+    ) -> Option<Result<Vec<Self::Tensor>>> {
+        let _ = (tensor, peers);
+        None
+    }
     /// Copies a tensor back to the host.
     fn read(&self, tensor: &Self::Tensor) -> impl Future<Output = Result<Vec<f32>>>;
     /// Resolves once every op recorded so far has run. Results never need it (reads wait for the ops

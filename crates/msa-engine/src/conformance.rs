@@ -270,6 +270,7 @@ pub fn check_all<B: Backend>(backend: &B, tol: &Tolerances) {
     check_elementwise_rows_and_pooling(backend, tol);
     check_routing_scores(backend, tol);
     check_top_k(backend, tol);
+    check_broadcast(backend, tol);
     check_malformed_inputs(backend, tol);
 }
 
@@ -731,6 +732,32 @@ pub fn check_routing_scores<B: Backend>(backend: &B, tol: &Tolerances) {
                 }
             }
         }
+    }
+}
+
+/// `broadcast` to the backend itself, where the backend offers it (without, the caller copies through
+/// the host and there is nothing to check): the copy holds, bit for bit and with its shape, a tensor
+/// whose op was only just recorded, and ops recorded on the copy read it.
+pub fn check_broadcast<B: Backend>(backend: &B, _tol: &Tolerances) {
+    let p = Pair::new(backend);
+    let mut rng = StdRng::seed_from_u64(14);
+    for shape in [[1, 1], [3, 5], [37, 130]] {
+        let values = random(&mut rng, shape[0] * shape[1]);
+        let (b, c) = p.tensors(&values, &shape);
+        let (b, c) = (backend.add(&b, &b).unwrap(), p.cpu.add(&c, &c).unwrap());
+        let Some(copies) = backend.broadcast(&b, &[backend]) else {
+            return;
+        };
+        let copies = copies.unwrap();
+        assert_eq!(copies.len(), 1, "broadcast to one peer: copies");
+        p.compare(&format!("broadcast {shape:?}"), &copies[0], &c, 0.0);
+        let doubled = backend.add(&copies[0], &copies[0]).unwrap();
+        p.compare(
+            &format!("an op on a broadcast {shape:?}"),
+            &doubled,
+            &p.cpu.add(&c, &c).unwrap(),
+            0.0,
+        );
     }
 }
 

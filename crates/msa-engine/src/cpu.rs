@@ -163,6 +163,10 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn broadcast(&self, tensor: &CpuTensor, peers: &[&Self]) -> Option<Result<Vec<CpuTensor>>> {
+        Some(Ok(vec![tensor.clone(); peers.len()]))
+    }
+
     fn read(&self, tensor: &CpuTensor) -> impl Future<Output = Result<Vec<f32>>> {
         ready(Ok(tensor.data.to_vec()))
     }

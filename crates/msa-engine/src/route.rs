@@ -58,15 +58,41 @@ impl<B: Backend> Memory<B> {
         keep_scores: bool,
         meanwhile: impl FnOnce() -> Result<T>,
     ) -> Result<(Selection<B::Tensor>, T)> {
-        // Shards on other devices get the router queries through the host.
+        // Shards on other devices of this process get the router queries device to device where the
+        // backend can (`Backend::broadcast`), else through the host, as remote shards always do.
         let shape = b.shape(queries);
         let on_model_backend =
             |shard: &RoutingShard<B>| matches!(shard, RoutingShard::Local { device: None, .. });
-        let host_queries = if self.shards.iter().all(on_model_backend) {
-            None
-        } else {
-            Some(b.read(queries).await?)
+        let peers: Vec<&B> = self
+            .shards
+            .iter()
+            .filter_map(|shard| match shard {
+                RoutingShard::Local { device, .. } => device.as_ref(),
+                #[cfg(not(target_arch = "wasm32"))]
+                RoutingShard::Remote(_) => None,
+            })
+            .collect();
+        let broadcast = match peers.as_slice() {
+            [] => None,
+            peers => match b.broadcast(queries, peers).transpose()? {
+                Some(copies) if copies.len() != peers.len() => {
+                    let detail = format!("{} copies for {} devices", copies.len(), peers.len());
+                    return Err(Error::shape("broadcast", detail));
+                }
+                copies => copies,
+            },
         };
+        let through_host = |shard: &RoutingShard<B>| match shard {
+            RoutingShard::Local { device, .. } => device.is_some() && broadcast.is_none(),
+            #[cfg(not(target_arch = "wasm32"))]
+            RoutingShard::Remote(_) => true,
+        };
+        let host_queries = if self.shards.iter().any(through_host) {
+            Some(b.read(queries).await?)
+        } else {
+            None
+        };
+        let mut peer_queries = broadcast.into_iter().flatten();
         // Remote shards are asked first, so they score while this process records its own work. Each
         // ticket is collected below whatever fails in between, so no answer is left unread.
         #[cfg(not(target_arch = "wasm32"))]
@@ -83,9 +109,13 @@ impl<B: Backend> Memory<B> {
             for shard in &self.shards {
                 if let RoutingShard::Local { device, keys } = shard {
                     let on = device.as_ref().unwrap_or(b);
-                    let q = match (device, &host_queries) {
-                        (Some(device), Some(host)) => device.upload(host, &shape)?,
-                        _ => queries.clone(),
+                    let q = match device {
+                        None => queries.clone(),
+                        Some(device) => match (peer_queries.next(), &host_queries) {
+                            (Some(copied), _) => copied,
+                            (None, Some(host)) => device.upload(host, &shape)?,
+                            (None, None) => unreachable!("read above for want of a broadcast"),
+                        },
                     };
                     scored.push((keys, on, keys.score(on, slot, &q, rows, spec)?));
                 }

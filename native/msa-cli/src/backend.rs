@@ -120,7 +120,7 @@ pub fn run<J: Job>(args: &BackendArgs, job: J) -> Result<J::Output> {
         BackendKind::Auto => match open_cuda_primary() {
             Ok(primary) => {
                 tracing::info!("backend auto: {}", primary.describe());
-                let shards = cuda_shards(&primary, devices)?;
+                let (primary, shards) = cuda_shards(primary, devices)?;
                 return job.run(primary, shards);
             }
             Err(e) => {
@@ -239,9 +239,7 @@ pub fn open_wgpu(
 /// The primary CUDA device and, for Memory Parallel, one per shard: shard i on GPU i, cycling when
 /// there are fewer GPUs than shards. Shard 0 is the primary device itself.
 pub fn open_cuda(devices: usize) -> Result<(CudaBackend, Vec<CudaBackend>)> {
-    let primary = open_cuda_primary()?;
-    let shards = cuda_shards(&primary, devices)?;
-    Ok((primary, shards))
+    cuda_shards(open_cuda_primary()?, devices)
 }
 
 fn open_cuda_device(ordinal: usize) -> Result<CudaBackend> {
@@ -260,23 +258,31 @@ fn open_cuda_primary() -> Result<CudaBackend> {
     open_cuda_device(0)
 }
 
-/// The Memory Parallel shards beside `primary` (shard 0 is the primary itself), cycling over the GPUs;
-/// none for one device.
-fn cuda_shards(primary: &CudaBackend, devices: usize) -> Result<Vec<CudaBackend>> {
+/// `primary` and the Memory Parallel shards beside it (shard 0 is the primary itself), cycling over
+/// the GPUs; none for one device. Shards on GPUs of their own join an NCCL clique where NCCL loads,
+/// so the router queries reach them device to device; otherwise through the host.
+fn cuda_shards(primary: CudaBackend, devices: usize) -> Result<(CudaBackend, Vec<CudaBackend>)> {
     if devices == 1 {
-        return Ok(Vec::new());
+        return Ok((primary, Vec::new()));
     }
     let gpus = msa_cuda::device_count().context("opening a CUDA device")?;
-    if gpus < devices {
-        tracing::warn!(
-            "{devices} devices asked for, {gpus} CUDA GPU(s) found: several shards share a GPU"
-        );
-    }
-    let mut shards = vec![primary.clone()];
+    let mut shards = vec![primary];
     for shard in 1..devices {
         shards.push(open_cuda_device(shard % gpus)?);
     }
-    Ok(shards)
+    if gpus < devices {
+        tracing::warn!(
+            "{devices} devices asked for, {gpus} CUDA GPU(s) found: several shards share a GPU, and \
+             the router queries reach them through the host (NCCL takes one device per GPU)"
+        );
+    } else if let Some(missing) = msa_cuda::nccl_missing() {
+        tracing::info!("router queries reach the shards through the host: {missing}");
+    } else if let Err(e) = CudaBackend::join_clique(&mut shards) {
+        tracing::warn!("router queries reach the shards through the host: {e:#}");
+    } else {
+        tracing::info!("router queries reach the {devices} shards over NCCL");
+    }
+    Ok((shards[0].clone(), shards))
 }
 
 /// Loads a model directory onto `backend`, naming the directory in errors.

@@ -219,6 +219,11 @@ pub fn devices(args: DevicesArgs) -> Result<()> {
     let wgpu_adapters = reports.len();
     let cuda = msa_cuda::devices();
     let mut reports = reports;
+    // NCCL carries Memory Parallel's router queries between the GPUs of one process.
+    let nccl = match msa_cuda::nccl_version() {
+        Ok(version) => version,
+        Err(_) => "not found (libnccl.so)".into(),
+    };
     for device in cuda.iter().flatten() {
         let (major, minor) = device.compute_capability;
         reports.push(json!({
@@ -227,6 +232,7 @@ pub fn devices(args: DevicesArgs) -> Result<()> {
             "backend": "CUDA",
             "compute capability": format!("{major}.{minor}"),
             "memory MiB": device.memory_bytes >> 20,
+            "NCCL": nccl,
         }));
     }
     if args.json {

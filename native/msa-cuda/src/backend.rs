@@ -17,6 +17,7 @@ use msa_engine::{
     AttentionMask, Backend, Result, RopeTableCache, RoutingSpec, Scored, select_top_k, shapes,
 };
 
+use crate::clique::Member;
 use crate::device::{
     ATTENTION_WARPS, CudaOptions, Device, MAX_PER_LANE, Readback, SMALL_ROWS, STAGED_MAX,
     TOP_K_ITEMS, TOP_K_THREADS, WARP, grid_for_threads, grid_for_warps, guarded,
@@ -42,17 +43,19 @@ pub(crate) const MAX_DEVICE_K: usize = 256;
 pub struct CudaBackend {
     pub(crate) device: Arc<Device>,
     rope: Arc<RopeTableCache<CudaTensor>>,
+    /// Its NCCL clique, once joined ([`CudaBackend::join_clique`]).
+    pub(crate) member: Option<Member>,
 }
 
 /// An f32 tensor in device memory. Clones and reshapes share the allocation.
 #[derive(Clone)]
 pub struct CudaTensor {
-    data: Arc<CudaSlice<f32>>,
-    shape: Vec<usize>,
+    pub(crate) data: Arc<CudaSlice<f32>>,
+    pub(crate) shape: Vec<usize>,
 }
 
 impl CudaTensor {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.shape.iter().product()
     }
 }
@@ -141,9 +144,15 @@ impl CudaBackend {
         let backend = CudaBackend {
             device: Arc::new(Device::open(&options)?),
             rope: Arc::default(),
+            member: None,
         };
         guarded(|| backend.warm_up())??;
         Ok(backend)
+    }
+
+    /// The CUDA device ordinal it runs on (0 = the first GPU, as `nvidia-smi` numbers them).
+    pub fn ordinal(&self) -> usize {
+        self.device.stream.context().ordinal()
     }
 
     /// Runs each cuBLAS path once on tiny inputs (the f32 and bf16 GEMMs, the routing GEMM): cudarc
@@ -194,7 +203,7 @@ impl CudaBackend {
         }
     }
 
-    fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+    pub(crate) fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
         // SAFETY: every op writes its whole output before anything reads it. Zero-length tensors
         // (an op over no rows) get one element, since an empty allocation is refused.
         unsafe { self.device.stream.alloc::<T>(len.max(1)) }.map_err(|e| self.device.error(e))
@@ -211,7 +220,7 @@ impl CudaBackend {
         Ok((self.alloc(shape.iter().product())?, shape))
     }
 
-    fn wrap(data: CudaSlice<f32>, shape: Vec<usize>) -> CudaTensor {
+    pub(crate) fn wrap(data: CudaSlice<f32>, shape: Vec<usize>) -> CudaTensor {
         CudaTensor {
             data: Arc::new(data),
             shape,
@@ -704,6 +713,10 @@ impl Backend for CudaBackend {
             dtype: DType::F32,
             shape: tensor.shape.clone(),
         })
+    }
+
+    fn broadcast(&self, tensor: &CudaTensor, peers: &[&Self]) -> Option<Result<Vec<CudaTensor>>> {
+        self.broadcast_in_clique(tensor, peers)
     }
 
     fn read(&self, tensor: &CudaTensor) -> impl Future<Output = Result<Vec<f32>>> {

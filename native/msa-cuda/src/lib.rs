@@ -21,10 +21,12 @@
 //! ```
 
 mod backend;
+mod clique;
 mod device;
 mod probe;
 
 pub use backend::{CudaBackend, CudaTensor, CudaWeight};
+pub use clique::{nccl_missing, nccl_version};
 pub use device::{
     CompiledKernels, CudaDeviceInfo, CudaOptions, KERNELS, compile_kernels, device_count, devices,
     libraries_missing, nvrtc_present,
