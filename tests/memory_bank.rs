@@ -456,6 +456,10 @@ fn memory_parallel_matches_one_device_on_cuda() {
         );
     }
     CudaBackend::join_clique(&mut clique).unwrap();
+    // The host path selects the same: make sure this run goes device to device.
+    let probe = clique[0].upload(&[1.0], &[1]).unwrap();
+    let members: Vec<&CudaBackend> = clique.iter().collect();
+    assert!(clique[0].broadcast(&probe, &members).is_some());
     let msa = Msa::load_on(fixture_dir(MSA), clique[0].clone()).unwrap();
     memory_parallel_matches_one_device(&msa, clique);
 }

@@ -220,9 +220,10 @@ pub fn devices(args: DevicesArgs) -> Result<()> {
     let cuda = msa_cuda::devices();
     let mut reports = reports;
     // NCCL carries Memory Parallel's router queries between the GPUs of one process.
-    let nccl = match msa_cuda::nccl_version() {
-        Ok(version) => version,
-        Err(_) => "not found (libnccl.so)".into(),
+    let nccl = match (msa_cuda::nccl_version(), msa_cuda::nccl_missing()) {
+        (Ok(version), _) => version,
+        (Err(_), Some(_)) => "not found (libnccl.so)".into(),
+        (Err(e), None) => e.to_string(),
     };
     for device in cuda.iter().flatten() {
         let (major, minor) = device.compute_capability;

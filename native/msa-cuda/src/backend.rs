@@ -150,7 +150,8 @@ impl CudaBackend {
         Ok(backend)
     }
 
-    /// The CUDA device ordinal it runs on (0 = the first GPU, as `nvidia-smi` numbers them).
+    /// The CUDA device ordinal it runs on (0 = the first GPU, in the CUDA driver's
+    /// order: `nvidia-smi`'s where `CUDA_DEVICE_ORDER=PCI_BUS_ID`).
     pub fn ordinal(&self) -> usize {
         self.device.stream.context().ordinal()
     }

@@ -63,20 +63,47 @@ pub(crate) struct Member {
 
 fn nccl_error(what: &str, e: NcclError) -> Error {
     // SAFETY: both return static strings NCCL owns (the last error of this thread, or empty).
-    let (name, detail) = unsafe {
-        (
-            CStr::from_ptr(cudarc::nccl::sys::ncclGetErrorString(e.0)),
-            CStr::from_ptr(cudarc::nccl::sys::ncclGetLastError(std::ptr::null_mut())),
-        )
-    };
-    let detail = detail.to_string_lossy();
-    let mut message = format!("NCCL {what}: {}", name.to_string_lossy());
-    if !detail.is_empty() {
+    // `ncclGetLastError` came with NCCL 2.13: an older library has none to look up.
+    let text = |s: *const std::ffi::c_char| unsafe { CStr::from_ptr(s) }.to_string_lossy();
+    let name = guarded(|| text(unsafe { cudarc::nccl::sys::ncclGetErrorString(e.0) }).into_owned());
+    let detail = guarded(|| {
+        text(unsafe { cudarc::nccl::sys::ncclGetLastError(std::ptr::null_mut()) }).into_owned()
+    });
+    let mut message = format!(
+        "NCCL {what}: {}",
+        name.unwrap_or_else(|_| format!("{:?}", e.0))
+    );
+    if let Some(detail) = detail.ok().filter(|d| !d.is_empty()) {
         message.push_str(&format!(" ({detail})"));
     }
     Error::Device {
         backend: "cuda".into(),
         message,
+    }
+}
+
+/// An open NCCL group, ended when dropped, also when recording a part of it panics: a group left open
+/// would swallow every later collective this thread records.
+struct Group;
+
+impl Group {
+    fn start() -> Result<Group> {
+        group_start().map_err(|e| nccl_error("group", e))?;
+        Ok(Group)
+    }
+
+    /// Ends the group: NCCL launches what it holds.
+    fn end(self) -> Result<()> {
+        std::mem::forget(self);
+        group_end()
+            .map(drop)
+            .map_err(|e| nccl_error("broadcast", e))
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = group_end();
     }
 }
 
@@ -166,13 +193,12 @@ impl CudaBackend {
             Some(_) => None,
             None => Some(self.alloc::<f32>(len)?),
         };
-        let comms = root
-            .clique
-            .comms
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let failed = |e| nccl_error("broadcast", e);
-        group_start().map_err(failed)?;
+        // A panic while a broadcast was recorded may have left some ranks waiting for the others.
+        let comms = root.clique.comms.lock().map_err(|_| Error::Device {
+            backend: "cuda".into(),
+            message: "the NCCL clique broke in an earlier broadcast".into(),
+        })?;
+        let group = Group::start()?;
         let mut recorded = Ok(());
         // Every rank's part is recorded, even after one fails, so the group can end.
         for (rank, comm) in comms.0.iter().enumerate() {
@@ -184,10 +210,10 @@ impl CudaBackend {
             };
             let result = comm.broadcast(sent, into, root.rank as i32);
             if recorded.is_ok() {
-                recorded = result.map(drop).map_err(failed);
+                recorded = result.map(drop).map_err(|e| nccl_error("broadcast", e));
             }
         }
-        let ended = group_end().map_err(failed);
+        let ended = group.end();
         // NCCL switches devices as it records each rank's part.
         self.device
             .stream

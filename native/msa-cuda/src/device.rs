@@ -61,7 +61,8 @@ pub const KERNELS: &[&str] = &[
 /// Which device to open, and how.
 #[derive(Clone, Debug, Default)]
 pub struct CudaOptions {
-    /// The CUDA device ordinal (0 = the first GPU, as `nvidia-smi` numbers them).
+    /// The CUDA device ordinal (0 = the first GPU, in the CUDA driver's
+    /// order: `nvidia-smi`'s where `CUDA_DEVICE_ORDER=PCI_BUS_ID`).
     pub ordinal: usize,
     /// Hand the memory pool's unused memory back to the driver at every synchronisation (CUDA's
     /// default), for a GPU shared with other processes. By default the pool keeps it: every decode

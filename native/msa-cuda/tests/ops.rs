@@ -95,13 +95,18 @@ fn clique_members_broadcast_through_nccl() {
         all[0].broadcast(&x, &peers[2..]).is_none(),
         "not every member"
     );
-    let copies = all[0].broadcast(&x, &peers[1..]).unwrap().unwrap();
-    for (peer, copy) in all[1..].iter().zip(&copies) {
-        assert_eq!(
-            pollster::block_on(peer.read(copy)).unwrap(),
-            [1.0, -2.0, 3.5]
-        );
-        assert_eq!(peer.shape(copy), [1, 3]);
+    // The root outside the peers, then among them with the peers in reverse rank order.
+    let reversed: Vec<&CudaBackend> = peers.iter().rev().copied().collect();
+    for peers in [&peers[1..], &reversed[..]] {
+        let copies = all[0].broadcast(&x, peers).unwrap().unwrap();
+        assert_eq!(copies.len(), peers.len());
+        for (peer, copy) in peers.iter().zip(&copies) {
+            assert_eq!(
+                pollster::block_on(peer.read(copy)).unwrap(),
+                [1.0, -2.0, 3.5]
+            );
+            assert_eq!(peer.shape(copy), [1, 3]);
+        }
     }
 }
 
