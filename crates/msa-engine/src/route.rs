@@ -82,17 +82,24 @@ impl<B: Backend> Memory<B> {
                 copies => copies,
             },
         };
-        let through_host = |shard: &RoutingShard<B>| match shard {
-            RoutingShard::Local { device, .. } => device.is_some() && broadcast.is_none(),
-            #[cfg(not(target_arch = "wasm32"))]
-            RoutingShard::Remote(_) => true,
-        };
-        let host_queries = if self.shards.iter().any(through_host) {
+        #[cfg(not(target_arch = "wasm32"))]
+        let remote = (self.shards.iter()).any(|shard| matches!(shard, RoutingShard::Remote(_)));
+        #[cfg(target_arch = "wasm32")]
+        let remote = false;
+        let host_queries = if remote || (broadcast.is_none() && !peers.is_empty()) {
             Some(b.read(queries).await?)
         } else {
             None
         };
-        let mut peer_queries = broadcast.into_iter().flatten();
+        // Each local device's router queries, in shard order.
+        let mut peer_queries = match (broadcast, &host_queries) {
+            (Some(copies), _) => copies,
+            (None, Some(host)) => (peers.iter())
+                .map(|device| device.upload(host, &shape))
+                .collect::<Result<_>>()?,
+            (None, None) => Vec::new(),
+        }
+        .into_iter();
         // Remote shards are asked first, so they score while this process records its own work. Each
         // ticket is collected below whatever fails in between, so no answer is left unread.
         #[cfg(not(target_arch = "wasm32"))]
@@ -111,11 +118,7 @@ impl<B: Backend> Memory<B> {
                     let on = device.as_ref().unwrap_or(b);
                     let q = match device {
                         None => queries.clone(),
-                        Some(device) => match (peer_queries.next(), &host_queries) {
-                            (Some(copied), _) => copied,
-                            (None, Some(host)) => device.upload(host, &shape)?,
-                            (None, None) => unreachable!("read above for want of a broadcast"),
-                        },
+                        Some(_) => peer_queries.next().expect("queries for every local device"),
                     };
                     scored.push((keys, on, keys.score(on, slot, &q, rows, spec)?));
                 }

@@ -10,7 +10,7 @@ use cudarc::nccl::safe::{Comm, group_end, group_start};
 use msa_engine::{Error, Result};
 
 use crate::backend::{CudaBackend, CudaTensor};
-use crate::device::guarded;
+use crate::device::{guarded, unavailable};
 
 /// Why NCCL cannot be used, or `None` when its library loads. Checked before any NCCL call, since
 /// cudarc panics on a missing library.
@@ -27,10 +27,7 @@ pub fn nccl_missing() -> Option<String> {
 /// The NCCL version as `major.minor.patch`, or why NCCL cannot be used.
 pub fn nccl_version() -> Result<String> {
     if let Some(missing) = nccl_missing() {
-        return Err(Error::Device {
-            backend: "cuda".into(),
-            message: missing,
-        });
+        return Err(unavailable(missing));
     }
     let code =
         guarded(cudarc::nccl::result::get_nccl_version)?.map_err(|e| nccl_error("version", e))?;
@@ -76,10 +73,7 @@ fn nccl_error(what: &str, e: NcclError) -> Error {
     if let Some(detail) = detail.ok().filter(|d| !d.is_empty()) {
         message.push_str(&format!(" ({detail})"));
     }
-    Error::Device {
-        backend: "cuda".into(),
-        message,
-    }
+    unavailable(message)
 }
 
 /// An open NCCL group, ended when dropped, also when recording a part of it panics: a group left open
@@ -115,21 +109,15 @@ impl CudaBackend {
     /// [`Backend::broadcast`]: msa_engine::Backend::broadcast
     pub fn join_clique(backends: &mut [CudaBackend]) -> Result<()> {
         if backends.is_empty() {
-            return Err(Error::Device {
-                backend: "cuda".into(),
-                message: "an NCCL clique of no device".into(),
-            });
+            return Err(unavailable("an NCCL clique of no device"));
         }
         let ordinals: Vec<usize> = backends.iter().map(|b| b.ordinal()).collect();
         for (i, ordinal) in ordinals.iter().enumerate() {
             if let Some(j) = ordinals[..i].iter().position(|o| o == ordinal) {
-                return Err(Error::Device {
-                    backend: "cuda".into(),
-                    message: format!(
-                        "an NCCL clique takes one device per GPU: devices {j} and {i} are both CUDA \
-                         device {ordinal}"
-                    ),
-                });
+                return Err(unavailable(format!(
+                    "an NCCL clique takes one device per GPU: devices {j} and {i} are both CUDA \
+                     device {ordinal}"
+                )));
             }
         }
         nccl_version()?;
@@ -194,10 +182,11 @@ impl CudaBackend {
             None => Some(self.alloc::<f32>(len)?),
         };
         // A panic while a broadcast was recorded may have left some ranks waiting for the others.
-        let comms = root.clique.comms.lock().map_err(|_| Error::Device {
-            backend: "cuda".into(),
-            message: "the NCCL clique broke in an earlier broadcast".into(),
-        })?;
+        let comms = root
+            .clique
+            .comms
+            .lock()
+            .map_err(|_| unavailable("the NCCL clique broke in an earlier broadcast"))?;
         let group = Group::start()?;
         let mut recorded = Ok(());
         // Every rank's part is recorded, even after one fails, so the group can end.

@@ -148,7 +148,7 @@ pub fn devices() -> Result<Vec<CudaDeviceInfo>> {
     .map_err(|e| unavailable(format!("reading the CUDA devices' properties: {e}")))
 }
 
-fn unavailable(message: impl Into<String>) -> Error {
+pub(crate) fn unavailable(message: impl Into<String>) -> Error {
     Error::Device {
         backend: "cuda".into(),
         message: message.into(),
