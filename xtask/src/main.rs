@@ -16,7 +16,8 @@ commands:
           installing Node.js and npm with apt-get where they are missing; a Vulkan driver for the wgpu
           tests: where no Vulkan driver is installed, Mesa's lavapipe (software Vulkan) with apt-get; and
           on x86-64 Linux, NVRTC (PyPI nvidia-cuda-nvrtc-cu12) into .cache/ to compile the CUDA kernels
-  test    setup, then cargo fmt --check, clippy -D warnings and every test; args go to `cargo test`
+  test    setup, then cargo fmt --check, clippy -D warnings and every test; args go to `cargo test`;
+          then (x86-64 Linux) the CUDA tests again on msa-cuda-emulator, the CUDA driver on the CPU
   demo    the main job: the msa binary on the bundled tiny model (encode a bank, ask with the routing
           shown, Memory Interleave, a small bench); args go to `msa bench`
   web     the browser build: msa-web compiled to WASM (wasm-bindgen, wasm-opt) with the JS API into
@@ -380,21 +381,13 @@ fn test(extra: &[String]) -> Result<(), String> {
     command
         .args(["test", "--workspace"])
         .args(extra)
-        .env("MSA_QWEN3_TOKENIZER", tokenizer)
+        .env("MSA_QWEN3_TOKENIZER", &tokenizer)
         // setup installed a Vulkan driver where none was: a missing adapter is now a failure.
         .env("MSA_REQUIRE_GPU", "1");
-    if let Some(lib) = nvrtc {
+    if let Some(lib) = &nvrtc {
         // The CUDA kernels compile in every run; a GPU runs them where there is one.
-        let path = match std::env::var_os("LD_LIBRARY_PATH") {
-            Some(existing) => {
-                let mut paths = vec![lib];
-                paths.extend(std::env::split_paths(&existing));
-                std::env::join_paths(paths).map_err(|e| e.to_string())?
-            }
-            None => lib.into_os_string(),
-        };
         command
-            .env("LD_LIBRARY_PATH", path)
+            .env("LD_LIBRARY_PATH", library_path(&[lib])?)
             .env("MSA_REQUIRE_NVRTC", "1");
     }
     // Mesa prints an error on every device open when XDG_RUNTIME_DIR is unset; give it a private one.
@@ -408,7 +401,56 @@ fn test(extra: &[String]) -> Result<(), String> {
         }
         command.env("XDG_RUNTIME_DIR", dir);
     }
-    run(&mut command)
+    run(&mut command)?;
+    match &nvrtc {
+        Some(lib) => cuda_on_the_emulator(lib, &tokenizer),
+        None => {
+            step("the CUDA tests on msa-cuda-emulator: skipped (it needs x86-64 Linux and NVRTC)");
+            Ok(())
+        }
+    }
+}
+
+/// `LD_LIBRARY_PATH` with `first` ahead of what it already holds.
+fn library_path(first: &[&Path]) -> Result<std::ffi::OsString, String> {
+    let mut paths: Vec<PathBuf> = first.iter().map(|p| p.to_path_buf()).collect();
+    if let Some(existing) = std::env::var_os("LD_LIBRARY_PATH") {
+        paths.extend(std::env::split_paths(&existing));
+    }
+    std::env::join_paths(paths).map_err(|e| e.to_string())
+}
+
+/// msa-cuda's own tests and every workspace test of the CUDA backend (the golden fixtures, the memory
+/// bank) again, run on the CPU by msa-cuda-emulator: a stand-in libcuda.so and libcublas.so, linked
+/// under those names into target/cuda-emulator/ and put first on `LD_LIBRARY_PATH`. NVRTC stays the
+/// real one (`nvrtc`, its folder). `cargo xtask test`'s own args do not apply here.
+fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
+    step("cargo build -p msa-cuda-emulator (libcuda.so and libcublas.so on the CPU)");
+    run(cargo().args(["build", "-p", "msa-cuda-emulator"]))?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let library = target.join("debug/libmsa_cuda_emulator.so");
+    let dir = target.join("cuda-emulator");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Not libcuda.so.1: NVRTC loads that name for itself, and needs the real driver's export table.
+    for name in ["libcuda.so", "libcublas.so"] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&library, &link)
+            .map_err(|e| format!("linking {}: {e}", link.display()))?;
+    }
+    let path = library_path(&[&dir, nvrtc])?;
+    let emulated = |command: &mut Command| -> Result<(), String> {
+        run(command
+            .env("LD_LIBRARY_PATH", &path)
+            .env("MSA_REQUIRE_CUDA", "1")
+            .env("MSA_REQUIRE_NVRTC", "1")
+            .env("MSA_QWEN3_TOKENIZER", tokenizer))
+    };
+    step("cargo test -p msa-cuda on msa-cuda-emulator");
+    emulated(cargo().args(["test", "-p", "msa-cuda"]))?;
+    step("cargo test -p msa cuda (golden fixtures, memory bank) on msa-cuda-emulator");
+    emulated(cargo().args(["test", "-p", "msa", "cuda"]))
 }
 
 /// The bundled tiny model (random weights, a toy tokenizer) and the first of its fixture questions.

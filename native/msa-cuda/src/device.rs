@@ -14,49 +14,13 @@ use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
 use msa_engine::backend::{PieceWriter, gather_pieces};
 use msa_engine::{Error, Result};
 
+pub use crate::kernel_abi::KERNELS;
+pub(crate) use crate::kernel_abi::{
+    ATTENTION_WARPS, MAX_PER_LANE, SMALL_ROWS, TOP_K_ITEMS, TOP_K_THREADS, kernel_defines,
+};
+
 /// The CUDA source of every kernel.
 const SOURCE: &str = include_str!("kernels.cu");
-
-/// Every kernel entry point of [`SOURCE`], loaded when a device opens.
-pub const KERNELS: &[&str] = &[
-    "gather_f32",
-    "gather_bf16",
-    "gather_f16",
-    "matmul_small_f32",
-    "matmul_small_bf16",
-    "matmul_small_f16",
-    "matmul_residual_f32",
-    "matmul_residual_bf16",
-    "matmul_residual_f16",
-    "matmul_norm_f32",
-    "matmul_norm_bf16",
-    "matmul_norm_f16",
-    "norm_swiglu_f32",
-    "norm_swiglu_bf16",
-    "norm_swiglu_f16",
-    "round_half",
-    "split_half",
-    "rms_norm_f32",
-    "rms_norm_bf16",
-    "rms_norm_f16",
-    "norm_rope_f32",
-    "norm_rope_bf16",
-    "norm_rope_f16",
-    "l2_normalize",
-    "rope",
-    "attention",
-    "attention_combine",
-    "silu_mul",
-    "add",
-    "chunk_mean_pool",
-    "routing_query",
-    "routing_reduce",
-    "routing_chunks_f32",
-    "routing_chunks_bf16",
-    "routing_chunks_f16",
-    "routing_documents",
-    "select_top_k",
-];
 
 /// Which device to open, and how.
 #[derive(Clone, Debug, Default)]
@@ -169,15 +133,6 @@ pub(crate) fn guarded<T>(call: impl FnOnce() -> T) -> Result<T> {
 
 /// Threads of a warp (every NVIDIA GPU).
 pub(crate) const WARP: u32 = 32;
-/// The decode projection keeps one accumulator per input row: inputs of at most this many rows use it.
-pub(crate) const SMALL_ROWS: usize = 8;
-/// Registers per lane for one head vector: head_dim ≤ 32 × MAX_PER_LANE.
-pub(crate) const MAX_PER_LANE: usize = 8;
-/// Warps per attention block.
-pub(crate) const ATTENTION_WARPS: u32 = 8;
-/// Threads per top-k block, and candidates per thread: a block picks the k best of their product.
-pub(crate) const TOP_K_THREADS: u32 = 256;
-pub(crate) const TOP_K_ITEMS: usize = 16;
 
 /// The kernels compiled for one architecture: machine code (CUBIN) where NVRTC knows the architecture,
 /// which loads on any driver of NVRTC's CUDA major version; else PTX for the newest architecture NVRTC
@@ -244,14 +199,12 @@ pub fn compile_kernels(major: u32, minor: u32) -> Result<CompiledKernels> {
             })?;
         (format!("compute_{newest}"), false)
     };
-    let options = vec![
-        format!("--gpu-architecture={target}"),
-        format!("-DSMALL_ROWS={SMALL_ROWS}"),
-        format!("-DMAX_PER_LANE={MAX_PER_LANE}"),
-        format!("-DATTENTION_WARPS={ATTENTION_WARPS}"),
-        format!("-DTOP_K_THREADS={TOP_K_THREADS}"),
-        format!("-DTOP_K_ITEMS={TOP_K_ITEMS}"),
-    ];
+    let mut options = vec![format!("--gpu-architecture={target}")];
+    options.extend(
+        kernel_defines()
+            .iter()
+            .map(|(name, value)| format!("-D{name}={value}")),
+    );
     let compiled = guarded(|| compile(&options, cubin))?.map_err(|detail| {
         unavailable(format!(
             "NVRTC could not compile the kernels for {target}: {detail}"

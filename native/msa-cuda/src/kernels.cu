@@ -3,9 +3,10 @@
 // options (device.rs), so the launch shapes on the host and the kernels agree.
 //
 // No CUDA headers: NVRTC may not ship them, so half-precision conversions are written out (bf16) or
-// taken from PTX (f16). Weight-reading kernels are templates over a loader (F32, BF16, F16) and are
-// instantiated under `name_f32`, `name_bf16`, `name_f16`; activations are always f32. Indices into
-// tensors are 64-bit: MSA-4B's embedding and a bank's routing keys pass 2^32 elements.
+// taken from PTX (f16; under MSA_CUDA_EMULATOR, the CPU build of msa-cuda-emulator, from the host).
+// Weight-reading kernels are templates over a loader (F32, BF16, F16) and are instantiated under
+// `name_f32`, `name_bf16`, `name_f16`; activations are always f32. Indices into tensors are 64-bit:
+// MSA-4B's embedding and a bank's routing keys pass 2^32 elements.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -18,9 +19,13 @@ typedef unsigned long long u64;
 __device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
+#ifdef MSA_CUDA_EMULATOR
+    return emulator::f16_to_f32(h);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 // A loader reads one element (`at`), or the 16-byte vector of VEC elements at a 16-byte aligned
@@ -113,7 +118,7 @@ __device__ __forceinline__ void accumulate(const float* x, const typename W::T* 
     if (NORM) load<W, V>(g, k, gv);
 #pragma unroll
     for (int r = 0; r < SMALL_ROWS; r++) {
-        if (r >= n) break;
+        if ((u32)r >= n) break;
         const float* xr = x + (u64)r * inner + k;
 #pragma unroll
         for (int e = 0; e < V; e++) {
@@ -160,7 +165,7 @@ __device__ void matmul_small(const float* x, const typename W::T* w, const typen
         }
 #pragma unroll
         for (int r = 0; r < SMALL_ROWS; r++) {
-            if (r >= n) break;
+            if ((u32)r >= n) break;
             float inv = NORM ? 1.0f / sqrtf(warp_sum(squares[r]) / (float)inner + eps) : 1.0f;
             float s = warp_sum(acc[r]) * inv;
             if (EPILOGUE == SWIGLU) s = s / (1.0f + expf(-s)) * (warp_sum(acc2[r]) * inv);
@@ -173,9 +178,13 @@ __device__ void matmul_small(const float* x, const typename W::T* w, const typen
 // f32 to bf16 (`f16` 0) or f16 (1), to nearest, ties to even; NaN stays NaN.
 __device__ __forceinline__ u16 to_half(float x, u32 f16) {
     if (f16) {
+#ifdef MSA_CUDA_EMULATOR
+        return emulator::f32_to_f16(x);
+#else
         u16 h;
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
         return h;
+#endif
     }
     u32 u = __float_as_uint(x);
     if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;

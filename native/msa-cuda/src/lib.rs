@@ -23,6 +23,7 @@
 mod backend;
 mod clique;
 mod device;
+mod kernel_abi;
 mod probe;
 
 pub use backend::{CudaBackend, CudaTensor, CudaWeight};
