@@ -15,7 +15,8 @@
 //! - cuBLAS GEMMs follow its documented column-major contract, accumulating in f64.
 //!
 //! `MSA_CUDA_EMULATOR_DEVICES` sets how many devices it reports (1 by default); each reports itself as
-//! an sm_90 GPU with memory pools.
+//! an sm_90 GPU with memory pools and an H100's 132 multiprocessors, so msa-cuda takes the paths it
+//! takes there.
 
 //!
 //! It is built for x86-64 Linux only (elsewhere the crate is empty), the platform of the NVRTC wheel
@@ -185,8 +186,8 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(
         let answer = match attribute {
             CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR => 9,
             CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR => 0,
-            // Few multiprocessors: launch shapes sized by them stay small on a CPU.
-            CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT => 2,
+            // An H100's: msa-cuda sizes some launches by it (split-KV attention when decoding).
+            CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT => 132,
             CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED => 1,
             CU_DEVICE_ATTRIBUTE_WARP_SIZE => 32,
             CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK => 1024,
