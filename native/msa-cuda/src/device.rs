@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr,
-    DriverError, LaunchConfig, PinnedHostSlice, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, DriverError, LaunchConfig, PinnedHostSlice, ValidAsZeroBits,
 };
 use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
 use msa_engine::backend::{PieceWriter, gather_pieces};
@@ -546,10 +546,21 @@ impl Device {
                 }
             }
         };
-        // With event tracking off, cudarc records no event of its own for the page-locked memory.
-        let queued = self
-            .stream
-            .memcpy_dtoh(&src.slice(0..words), &mut landing.words)
+        // Only `words` words: cudarc's memcpy_dtoh copies as many as its destination holds, which
+        // read past the end of `src` (found by msa-cuda-emulator). With event tracking off, cudarc
+        // records no event of its own for the page-locked memory.
+        let queued = landing
+            .words
+            .as_mut_ptr()
+            .and_then(|dst| {
+                let (src, _record) = src.device_ptr(&self.stream);
+                // SAFETY: `words` fit both the landing and `src` (asserted above); the host reads
+                // the landing only after `copied`, recorded behind the copy.
+                let dst = unsafe { std::slice::from_raw_parts_mut(dst, words) };
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(dst, src, self.stream.cu_stream())
+                }
+            })
             .and_then(|()| landing.copied.record(&self.stream))
             .map_err(|e| self.error(e));
         let readback = Readback {
