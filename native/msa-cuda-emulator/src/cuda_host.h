@@ -2,7 +2,7 @@
 // (apart from its inline PTX, which it guards with MSA_CUDA_EMULATOR) and runs on the CPU.
 //
 // A block's threads are fibers on the calling OS thread (emulator.cpp): __syncthreads and the warp
-// shuffles switch fibers, and blocks run one after another, so shared memory is a thread-local static.
+// shuffles switch fibers. Needs GCC 12 or Clang 15 (_Float16 on x86-64).
 #pragma once
 
 #include <cmath>
@@ -19,10 +19,12 @@
 struct uint3 {
     unsigned x, y, z;
 };
-struct float4 {
+// 16-byte aligned as in CUDA: the compiler may then load them with aligned instructions, which fault
+// on a misaligned address as a GPU does.
+struct alignas(16) float4 {
     float x, y, z, w;
 };
-struct uint4 {
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 
@@ -33,7 +35,9 @@ struct Place {
 };
 // Bytes of stack per fiber. Stacks are aligned to their size and start with a pointer to their
 // fiber's Place, so a thread finds its own from any local variable's address (thread-locals would
-// cost a __tls_get_addr call per threadIdx in a dlopen'ed library).
+// cost a __tls_get_addr call per threadIdx in a dlopen'ed library). Blocks run one after another on
+// an OS thread, so shared memory is a thread-local static: unlike global memory it is not poisoned,
+// and a block may see the previous block's values.
 constexpr uintptr_t STACK_BYTES = 64 * 1024;
 inline const Place& place() {
     char probe;

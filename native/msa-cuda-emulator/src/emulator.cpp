@@ -15,6 +15,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <sys/mman.h>
 #include <memory>
 #include <string>
 #include <utility>
@@ -83,8 +84,15 @@ struct Fiber {
     Block* block;
 };
 
+// Bytes at the bottom of each stack that hold its fiber's Place pointer, then a page that faults: a
+// fiber overflowing its stack crashes instead of overwriting the pointer.
+constexpr size_t PAGE = 4096;
+
 struct Stack {
-    void operator()(char* p) const { std::free(p); }
+    void operator()(char* p) const {
+        mprotect(p + PAGE, PAGE, PROT_READ | PROT_WRITE);
+        std::free(p);
+    }
 };
 
 struct Block {
@@ -95,8 +103,18 @@ struct Block {
     void (*entry)(void**);
     void** params;
     std::string failure;
+    uint64_t seed = 0x9e3779b97f4a7c15u;
+
+    // xorshift64: the scheduling order.
+    uint64_t random() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        return seed;
+    }
 };
 
+// The stack's pointer is to the fiber's Place, its first member.
 Fiber& self() { return *const_cast<Fiber*>(reinterpret_cast<const Fiber*>(&place())); }
 
 void wait(State state) {
@@ -163,8 +181,9 @@ bool run_block(Block& b, uint3 idx, uint3 block_dim, uint3 grid_dim) {
     b.exchange.assign(threads, 0);
     while (b.stacks.size() < threads) {
         char* stack = static_cast<char*>(std::aligned_alloc(STACK_BYTES, STACK_BYTES));
-        if (!stack) {
-            b.failure = "out of memory for fiber stacks";
+        if (!stack || mprotect(stack + PAGE, PAGE, PROT_NONE) != 0) {
+            std::free(stack);
+            b.failure = "no memory for fiber stacks";
             return false;
         }
         b.stacks.emplace_back(stack);
@@ -177,15 +196,21 @@ bool run_block(Block& b, uint3 idx, uint3 block_dim, uint3 grid_dim) {
         f.state = State::Ready;
         f.block = &b;
         char* stack = b.stacks[t].get();
-        *reinterpret_cast<Fiber**>(stack) = &f;
+        *reinterpret_cast<const Place**>(stack) = &f.place;
         // Tops staggered by a cache line per thread: stacks aligned alike would map their hot
         // frames to the same cache sets.
         const size_t stagger = t % 64 * 64;
-        prepare(f.context, stack + sizeof(Fiber*), STACK_BYTES - sizeof(Fiber*) - stagger, fiber_main);
+        prepare(f.context, stack + 2 * PAGE, STACK_BYTES - 2 * PAGE - stagger, fiber_main);
     }
+    // Each pass runs the ready threads in a new pseudo-random order (the same every run), each until
+    // it waits: in index order, a thread would always have written before a higher one reads, and a
+    // missing barrier would go unnoticed.
+    std::vector<size_t> order(threads);
+    for (size_t t = 0; t < threads; t++) order[t] = t;
     for (;;) {
-        for (Fiber& f : b.fibers)
-            if (f.state == State::Ready) switch_context(b.scheduler, f.context);
+        for (size_t t = threads; t > 1; t--) std::swap(order[t - 1], order[b.random() % t]);
+        for (size_t t : order)
+            if (b.fibers[t].state == State::Ready) switch_context(b.scheduler, b.fibers[t].context);
         if (!release(b)) return b.failure.empty();
     }
 }
@@ -202,10 +227,11 @@ uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask) {
         // Parked for good: the scheduler reports the failure.
         wait(State::AtShuffle);
     }
-    const unsigned me = linear(f.place), lane = me % 32;
+    const unsigned me = linear(f.place), lane = me % 32, source = lane ^ (unsigned)lane_mask;
     b.exchange[me] = bits;
     wait(State::AtShuffle);
-    const uint64_t other = b.exchange[me - lane + (lane ^ (unsigned)lane_mask)];
+    // A source lane outside the warp gives the thread its own value, as CUDA does.
+    const uint64_t other = source < 32 ? b.exchange[me - lane + source] : bits;
     // Every lane has read before any lane's next shuffle overwrites its slot.
     wait(State::AtShuffle);
     return other;

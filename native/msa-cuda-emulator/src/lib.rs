@@ -4,20 +4,26 @@
 //! `LD_LIBRARY_PATH` and runs msa-cuda's GPU tests against it.
 //!
 //! What runs is msa-cuda itself: its Rust code, its launches and cuBLAS calls, and its kernels —
-//! kernels.cu compiled by the host C++ compiler (emulator.cpp), each block's threads run as fibers.
-//! NVRTC is the real one: the kernels are also compiled for the GPU, and the module it makes is
-//! accepted and ignored. What is emulated:
+//! kernels.cu compiled by the host C++ compiler (emulator.cpp), each block's threads run as fibers in
+//! a new pseudo-random order at each barrier. NVRTC is the real one: the kernels are also compiled for
+//! the GPU, and the module it makes is accepted and ignored. What is emulated, and checked:
 //! - device memory is host memory, filled with 0xff bytes when allocated (f32 NaN, u32 `!0`), so a
-//!   kernel or copy that reads memory nothing wrote shows up in the results;
-//! - every operation runs when it is queued, in queue order across streams; that is one valid order of
-//!   any correctly synchronised program, so results are right but missing synchronisation goes
-//!   unnoticed;
-//! - cuBLAS GEMMs follow its documented column-major contract, accumulating in f64.
+//!   kernel or copy that reads global memory nothing wrote shows up in the results (shared memory is
+//!   not poisoned);
+//! - every allocation is registered: copies, memsets and GEMM operands outside one are refused, as are
+//!   frees of anything else and empty allocations (kernels' own accesses are not checked);
+//! - launches beyond a GPU's grid and block limits are refused, and so are warp shuffles without
+//!   their whole warp and barriers that would hang (emulator.cpp);
+//! - every operation runs when it is queued, in queue order across streams: one valid order of any
+//!   correctly synchronised program, so results are right but missing synchronisation goes unnoticed,
+//!   as do most races between a block's threads;
+//! - cuBLAS GEMMs follow its documented column-major contract, summing in f64 (more exactly than
+//!   tensor cores);
+//! - events time only when created to (cuEventElapsedTime refuses others, as the driver does).
 //!
 //! `MSA_CUDA_EMULATOR_DEVICES` sets how many devices it reports (1 by default); each reports itself as
 //! an sm_90 GPU with memory pools and an H100's 132 multiprocessors, so msa-cuda takes the paths it
 //! takes there.
-
 //!
 //! It is built for x86-64 Linux only (elsewhere the crate is empty), the platform of the NVRTC wheel
 //! `cargo xtask test` fetches.
@@ -26,15 +32,20 @@
 #![allow(non_snake_case)]
 #![allow(clippy::missing_safety_doc)]
 
+use std::alloc::Layout;
+use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_int, c_longlong, c_uint, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+// Enumerations arrive as plain integers (`as u32` below): a value outside a Rust enum would be
+// undefined behaviour.
 use cudarc::cublas::sys::{
-    cublasComputeType_t, cublasGemmAlgo_t, cublasHandle_t, cublasOperation_t, cublasStatus_t,
-    cudaDataType,
+    cublasComputeType_t, cublasHandle_t, cublasOperation_t, cublasStatus_t, cudaDataType,
 };
 use cudarc::driver::sys::{
-    CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUfunction, CUmemPool_attribute,
+    CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUevent_flags, CUfunction,
     CUmemoryPool, CUmodule, CUresult, CUstream,
 };
 
@@ -56,8 +67,9 @@ unsafe extern "C" {
 }
 
 use CUresult::{
-    CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_LAUNCH_FAILED,
-    CUDA_ERROR_NOT_FOUND, CUDA_ERROR_NOT_SUPPORTED, CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS,
+    CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_HANDLE, CUDA_ERROR_INVALID_VALUE,
+    CUDA_ERROR_LAUNCH_FAILED, CUDA_ERROR_NOT_FOUND, CUDA_ERROR_NOT_SUPPORTED,
+    CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS,
 };
 
 /// How many devices it reports.
@@ -95,40 +107,63 @@ fn token(n: usize) -> *mut c_void {
     ((n + 1) * 64) as *mut c_void
 }
 
-// ---- Memory: host allocations with their size in a header, aligned as cudaMalloc's -----------------
+// ---- Memory: host allocations, registered so that frees, copies and GEMM operands are checked -----
 
 const ALIGN: usize = 256;
 
-fn allocate(bytes: usize) -> Result<*mut u8, CUresult> {
-    let layout = std::alloc::Layout::from_size_align(bytes + ALIGN, ALIGN)
-        .map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)?;
-    // SAFETY: the layout has a non-zero size.
-    let base = unsafe { std::alloc::alloc(layout) };
-    if base.is_null() {
-        return Err(CUDA_ERROR_OUT_OF_MEMORY);
-    }
-    // SAFETY: the header and the `bytes` after it lie inside the allocation.
-    unsafe {
-        base.cast::<usize>().write(bytes);
-        std::ptr::write_bytes(base.add(ALIGN), 0xff, bytes);
-        Ok(base.add(ALIGN))
-    }
+/// Every live allocation (device memory and page-locked host memory): start address → bytes.
+static ALLOCATIONS: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
+
+fn allocations() -> MutexGuard<'static, BTreeMap<usize, usize>> {
+    ALLOCATIONS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-unsafe fn release(ptr: *mut u8) -> Result<(), CUresult> {
-    if ptr.is_null() {
+fn layout(bytes: usize) -> Result<Layout, CUresult> {
+    Layout::from_size_align(bytes, ALIGN).map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)
+}
+
+fn allocate(bytes: usize) -> Result<*mut u8, CUresult> {
+    // As the driver: no empty allocations.
+    if bytes == 0 {
         return Err(CUDA_ERROR_INVALID_VALUE);
     }
-    // SAFETY: `ptr` came from `allocate`, which put the size in the header before it.
-    unsafe {
-        let base = ptr.sub(ALIGN);
-        let bytes = base.cast::<usize>().read();
-        std::alloc::dealloc(
-            base,
-            std::alloc::Layout::from_size_align_unchecked(bytes + ALIGN, ALIGN),
-        );
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc(layout(bytes)?) };
+    if ptr.is_null() {
+        return Err(CUDA_ERROR_OUT_OF_MEMORY);
     }
+    // SAFETY: `bytes` were just allocated.
+    unsafe { std::ptr::write_bytes(ptr, 0xff, bytes) };
+    allocations().insert(ptr as usize, bytes);
+    Ok(ptr)
+}
+
+/// Frees an allocation; an address that is not one (freed already, or never allocated) is refused.
+fn release(ptr: *mut u8) -> Result<(), CUresult> {
+    let bytes = allocations()
+        .remove(&(ptr as usize))
+        .ok_or(CUDA_ERROR_INVALID_VALUE)?;
+    // SAFETY: allocated by `allocate` with this layout, and no longer registered.
+    unsafe { std::alloc::dealloc(ptr, layout(bytes)?) };
     Ok(())
+}
+
+/// Refuses `bytes` at `ptr` unless they lie inside one live allocation.
+fn check_range(ptr: usize, bytes: usize) -> Result<(), CUresult> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    match allocations().range(..=ptr).next_back() {
+        Some((&start, &len)) if ptr.checked_add(bytes).is_some_and(|end| end <= start + len) => {
+            Ok(())
+        }
+        _ => {
+            eprintln!("msa-cuda-emulator: {bytes} bytes at {ptr:#x} are not inside one allocation");
+            Err(CUDA_ERROR_INVALID_VALUE)
+        }
+    }
 }
 
 fn device_ptr(ptr: CUdeviceptr) -> *mut u8 {
@@ -177,24 +212,24 @@ pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUd
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuDeviceGetAttribute(
     value: *mut c_int,
-    attribute: CUdevice_attribute,
+    attribute: u32,
     dev: CUdevice,
 ) -> CUresult {
     use CUdevice_attribute::*;
+    let answers = [
+        (CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, 9),
+        (CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, 0),
+        // An H100's: msa-cuda sizes some launches by it (split-KV attention when decoding).
+        (CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 132),
+        (CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED, 1),
+        (CU_DEVICE_ATTRIBUTE_WARP_SIZE, 32),
+        (CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK, 1024),
+    ];
     status(|| {
         check_device(dev)?;
-        let answer = match attribute {
-            CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR => 9,
-            CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR => 0,
-            // An H100's: msa-cuda sizes some launches by it (split-KV attention when decoding).
-            CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT => 132,
-            CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED => 1,
-            CU_DEVICE_ATTRIBUTE_WARP_SIZE => 32,
-            CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK => 1024,
-            other => {
-                eprintln!("msa-cuda-emulator: device attribute {other:?} is not emulated");
-                return Err(CUDA_ERROR_NOT_SUPPORTED);
-            }
+        let Some(&(_, answer)) = answers.iter().find(|(a, _)| *a as u32 == attribute) else {
+            eprintln!("msa-cuda-emulator: device attribute {attribute} is not emulated");
+            return Err(CUDA_ERROR_NOT_SUPPORTED);
         };
         unsafe { put(value, answer) }
     })
@@ -291,32 +326,51 @@ pub extern "C" fn cuStreamWaitEvent(
     CUDA_SUCCESS
 }
 
-/// An event: when it was last recorded.
-struct Event(Option<Instant>);
+/// An event: whether it times, and when it was last recorded ([`now`], 0 for never).
+struct Event {
+    timing: bool,
+    recorded: AtomicU64,
+}
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuEventCreate(event: *mut CUevent, _flags: c_uint) -> CUresult {
-    status(|| unsafe { put(event, Box::into_raw(Box::new(Event(None))).cast()) })
+/// Nanoseconds since the first call, plus one.
+fn now() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
+
+/// The event behind a handle made by cuEventCreate.
+unsafe fn event<'a>(handle: CUevent) -> Result<&'a Event, CUresult> {
+    // SAFETY: the caller passes a handle from cuEventCreate, not yet destroyed.
+    unsafe { handle.cast::<Event>().as_ref() }.ok_or(CUDA_ERROR_INVALID_HANDLE)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuEventDestroy_v2(event: CUevent) -> CUresult {
-    if event.is_null() {
-        return CUDA_ERROR_INVALID_VALUE;
+pub unsafe extern "C" fn cuEventCreate(handle: *mut CUevent, flags: c_uint) -> CUresult {
+    let event = Event {
+        timing: flags & CUevent_flags::CU_EVENT_DISABLE_TIMING as c_uint == 0,
+        recorded: AtomicU64::new(0),
+    };
+    status(|| unsafe { put(handle, Box::into_raw(Box::new(event)).cast()) })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuEventDestroy_v2(handle: CUevent) -> CUresult {
+    if handle.is_null() {
+        return CUDA_ERROR_INVALID_HANDLE;
     }
     // SAFETY: made by cuEventCreate.
-    drop(unsafe { Box::from_raw(event.cast::<Event>()) });
+    drop(unsafe { Box::from_raw(handle.cast::<Event>()) });
     CUDA_SUCCESS
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuEventRecord(event: CUevent, _stream: CUstream) -> CUresult {
-    if event.is_null() {
-        return CUDA_ERROR_INVALID_VALUE;
-    }
-    // SAFETY: made by cuEventCreate; the caller does not record it from two threads at once.
-    unsafe { (*event.cast::<Event>()).0 = Some(Instant::now()) };
-    CUDA_SUCCESS
+pub unsafe extern "C" fn cuEventRecord(handle: CUevent, _stream: CUstream) -> CUresult {
+    status(|| {
+        unsafe { event(handle) }?
+            .recorded
+            .store(now(), Ordering::Relaxed);
+        Ok(())
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -329,23 +383,25 @@ pub extern "C" fn cuEventQuery(_event: CUevent) -> CUresult {
     CUDA_SUCCESS
 }
 
+/// As the driver: both events must time, and both must have been recorded.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuEventElapsedTime(
     ms: *mut f32,
     start: CUevent,
     end: CUevent,
 ) -> CUresult {
-    if start.is_null() || end.is_null() {
-        return CUDA_ERROR_INVALID_VALUE;
-    }
-    // SAFETY: made by cuEventCreate.
-    let (start, end) = unsafe { ((*start.cast::<Event>()).0, (*end.cast::<Event>()).0) };
-    match (start, end) {
-        (Some(start), Some(end)) => {
-            status(|| unsafe { put(ms, end.saturating_duration_since(start).as_secs_f32() * 1e3) })
-        }
-        _ => CUresult::CUDA_ERROR_NOT_READY,
-    }
+    status(|| {
+        let (start, end) = unsafe { (event(start)?, event(end)?) };
+        let at = |e: &Event| match e.recorded.load(Ordering::Relaxed) {
+            0 => None,
+            t if e.timing => Some(t),
+            _ => None,
+        };
+        let (Some(start), Some(end)) = (at(start), at(end)) else {
+            return Err(CUDA_ERROR_INVALID_HANDLE);
+        };
+        unsafe { put(ms, end.saturating_sub(start) as f32 / 1e6) }
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -374,13 +430,13 @@ pub unsafe extern "C" fn cuMemAllocAsync(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
-    status(|| unsafe { release(device_ptr(ptr)) })
+pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
+    status(|| release(device_ptr(ptr)))
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, _stream: CUstream) -> CUresult {
-    unsafe { cuMemFree_v2(ptr) }
+pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, _stream: CUstream) -> CUresult {
+    cuMemFree_v2(ptr)
 }
 
 #[unsafe(no_mangle)]
@@ -393,8 +449,8 @@ pub unsafe extern "C" fn cuMemHostAlloc(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemFreeHost(ptr: *mut c_void) -> CUresult {
-    status(|| unsafe { release(ptr.cast()) })
+pub extern "C" fn cuMemFreeHost(ptr: *mut c_void) -> CUresult {
+    status(|| release(ptr.cast()))
 }
 
 #[unsafe(no_mangle)]
@@ -422,19 +478,39 @@ pub unsafe extern "C" fn cuMemsetD8Async(
     bytes: usize,
     _stream: CUstream,
 ) -> CUresult {
-    // SAFETY: the caller passes memory it allocated, at least `bytes` long.
-    unsafe { std::ptr::write_bytes(device_ptr(dst), value, bytes) };
-    CUDA_SUCCESS
+    status(|| {
+        check_range(dst as usize, bytes)?;
+        // SAFETY: inside one allocation.
+        unsafe { std::ptr::write_bytes(device_ptr(dst), value, bytes) };
+        Ok(())
+    })
 }
 
-/// Copies between two of its allocations or host memory: all are host memory here.
-unsafe fn copy(dst: *mut u8, src: *const u8, bytes: usize) -> CUresult {
-    if bytes > 0 && (dst.is_null() || src.is_null()) {
-        return CUDA_ERROR_INVALID_VALUE;
-    }
-    // SAFETY: the caller passes `bytes` readable at `src` and writable at `dst`; copies may overlap.
-    unsafe { std::ptr::copy(src, dst, bytes) };
-    CUDA_SUCCESS
+/// Which ends of a copy are device memory (checked against the allocations; host memory cannot be).
+#[derive(Clone, Copy)]
+enum Direction {
+    HostToDevice,
+    DeviceToHost,
+    DeviceToDevice,
+}
+
+/// A copy: all memory is host memory here.
+unsafe fn copy(dst: *mut u8, src: *const u8, bytes: usize, direction: Direction) -> CUresult {
+    status(|| {
+        use Direction::*;
+        if matches!(direction, HostToDevice | DeviceToDevice) {
+            check_range(dst as usize, bytes)?;
+        }
+        if matches!(direction, DeviceToHost | DeviceToDevice) {
+            check_range(src as usize, bytes)?;
+        }
+        if bytes > 0 && (dst.is_null() || src.is_null()) {
+            return Err(CUDA_ERROR_INVALID_VALUE);
+        }
+        // SAFETY: the device ends lie inside allocations; the caller passes host ends of `bytes`.
+        unsafe { std::ptr::copy(src, dst, bytes) };
+        Ok(())
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -444,7 +520,7 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     bytes: usize,
     _stream: CUstream,
 ) -> CUresult {
-    unsafe { copy(device_ptr(dst), src.cast(), bytes) }
+    unsafe { copy(device_ptr(dst), src.cast(), bytes, Direction::HostToDevice) }
 }
 
 #[unsafe(no_mangle)]
@@ -454,7 +530,7 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     bytes: usize,
     _stream: CUstream,
 ) -> CUresult {
-    unsafe { copy(dst.cast(), device_ptr(src), bytes) }
+    unsafe { copy(dst.cast(), device_ptr(src), bytes, Direction::DeviceToHost) }
 }
 
 #[unsafe(no_mangle)]
@@ -464,7 +540,14 @@ pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
     bytes: usize,
     _stream: CUstream,
 ) -> CUresult {
-    unsafe { copy(device_ptr(dst), device_ptr(src), bytes) }
+    unsafe {
+        copy(
+            device_ptr(dst),
+            device_ptr(src),
+            bytes,
+            Direction::DeviceToDevice,
+        )
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -478,7 +561,7 @@ pub unsafe extern "C" fn cuDeviceGetMemPool(pool: *mut CUmemoryPool, dev: CUdevi
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemPoolSetAttribute(
     pool: CUmemoryPool,
-    _attribute: CUmemPool_attribute,
+    _attribute: u32,
     value: *mut c_void,
 ) -> CUresult {
     if pool.is_null() || value.is_null() {
@@ -538,8 +621,23 @@ pub unsafe extern "C" fn cuLaunchKernel(
     if function.is_null() || params.is_null() || !extra.is_null() {
         return CUDA_ERROR_INVALID_VALUE;
     }
-    // kernels.cu declares its shared memory statically.
-    if shared_bytes != 0 || [gx, gy, gz, bx, by, bz].contains(&0) || bx * by * bz > 1024 {
+    // The limits of every GPU since compute capability 3.0; kernels.cu declares its shared memory
+    // statically.
+    let threads = u64::from(bx) * u64::from(by) * u64::from(bz);
+    if shared_bytes != 0
+        || [gx, gy, gz, bx, by, bz].contains(&0)
+        || threads > 1024
+        || bx > 1024
+        || by > 1024
+        || bz > 64
+        || gx > i32::MAX as u32
+        || gy > 65535
+        || gz > 65535
+    {
+        eprintln!(
+            "msa-cuda-emulator: a launch of grid ({gx}, {gy}, {gz}), block ({bx}, {by}, {bz}), \
+             {shared_bytes} bytes of dynamic shared memory is beyond a GPU's limits"
+        );
         return CUDA_ERROR_INVALID_VALUE;
     }
     let mut error = [0 as c_char; 512];
@@ -570,25 +668,46 @@ pub unsafe extern "C" fn cuLaunchKernel(
     CUDA_SUCCESS
 }
 
+/// `msa bench` marks its decode steps for a profiler; there is none here.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuGetErrorString(error: CUresult, text: *mut *const c_char) -> CUresult {
+pub extern "C" fn cuProfilerStart() -> CUresult {
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn cuProfilerStop() -> CUresult {
+    CUDA_SUCCESS
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetErrorString(error: u32, text: *mut *const c_char) -> CUresult {
     unsafe { cuGetErrorName(error, text) }
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuGetErrorName(error: CUresult, text: *mut *const c_char) -> CUresult {
-    let name: &'static CStr = match error {
-        CUDA_SUCCESS => c"CUDA_SUCCESS",
-        CUDA_ERROR_INVALID_VALUE => c"CUDA_ERROR_INVALID_VALUE",
-        CUDA_ERROR_OUT_OF_MEMORY => c"CUDA_ERROR_OUT_OF_MEMORY",
-        CUDA_ERROR_INVALID_DEVICE => c"CUDA_ERROR_INVALID_DEVICE",
-        CUDA_ERROR_NOT_FOUND => c"CUDA_ERROR_NOT_FOUND",
-        CUDA_ERROR_NOT_SUPPORTED => c"CUDA_ERROR_NOT_SUPPORTED",
-        CUDA_ERROR_LAUNCH_FAILED => {
-            c"CUDA_ERROR_LAUNCH_FAILED (msa-cuda-emulator printed why to stderr)"
-        }
-        _ => c"an error msa-cuda-emulator does not name",
-    };
+pub unsafe extern "C" fn cuGetErrorName(error: u32, text: *mut *const c_char) -> CUresult {
+    let names: [(CUresult, &'static CStr); 8] = [
+        (CUDA_SUCCESS, c"CUDA_SUCCESS"),
+        (
+            CUDA_ERROR_INVALID_VALUE,
+            c"CUDA_ERROR_INVALID_VALUE (msa-cuda-emulator printed why)",
+        ),
+        (CUDA_ERROR_OUT_OF_MEMORY, c"CUDA_ERROR_OUT_OF_MEMORY"),
+        (CUDA_ERROR_INVALID_DEVICE, c"CUDA_ERROR_INVALID_DEVICE"),
+        (CUDA_ERROR_INVALID_HANDLE, c"CUDA_ERROR_INVALID_HANDLE"),
+        (CUDA_ERROR_NOT_FOUND, c"CUDA_ERROR_NOT_FOUND"),
+        (CUDA_ERROR_NOT_SUPPORTED, c"CUDA_ERROR_NOT_SUPPORTED"),
+        (
+            CUDA_ERROR_LAUNCH_FAILED,
+            c"CUDA_ERROR_LAUNCH_FAILED (msa-cuda-emulator printed why)",
+        ),
+    ];
+    let name = names
+        .iter()
+        .find(|(code, _)| *code as u32 == error)
+        .map_or(c"an error msa-cuda-emulator does not name", |(_, name)| {
+            name
+        });
     status(|| unsafe { put(text, name.as_ptr()) })
 }
 
@@ -623,109 +742,161 @@ pub extern "C" fn cublasSetStream_v2(handle: cublasHandle_t, _stream: CUstream) 
     }
 }
 
-/// One operand of a GEMM: its elements, type, leading dimension and whether it is transposed.
-struct Operand {
-    data: *const u8,
-    dtype: cudaDataType,
-    ld: i64,
-    transposed: bool,
+/// The element types msa-cuda's GEMMs read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Element {
+    F32,
+    Bf16,
+    F16,
 }
 
-impl Operand {
-    /// Element (row, col) of op(X).
-    unsafe fn at(&self, row: i64, col: i64) -> f64 {
-        let (r, c) = if self.transposed {
-            (col, row)
-        } else {
-            (row, col)
-        };
-        let index = (r + c * self.ld) as usize;
-        // SAFETY: the caller's dimensions keep (r, c) inside the operand.
-        unsafe { load(self.data, self.dtype, index) }
+impl Element {
+    fn from_raw(raw: u32) -> Option<Element> {
+        [
+            (cudaDataType::CUDA_R_32F, Element::F32),
+            (cudaDataType::CUDA_R_16BF, Element::Bf16),
+            (cudaDataType::CUDA_R_16F, Element::F16),
+        ]
+        .into_iter()
+        .find(|(t, _)| *t as u32 == raw)
+        .map(|(_, e)| e)
     }
-}
 
-unsafe fn load(data: *const u8, dtype: cudaDataType, index: usize) -> f64 {
-    // SAFETY: the caller keeps `index` inside the buffer of `dtype` elements.
-    unsafe {
-        match dtype {
-            cudaDataType::CUDA_R_32F => f64::from(data.cast::<f32>().add(index).read_unaligned()),
-            cudaDataType::CUDA_R_16BF => f64::from(f32::from_bits(
-                u32::from(data.cast::<u16>().add(index).read_unaligned()) << 16,
-            )),
-            _ => f64::from(
-                half::f16::from_bits(data.cast::<u16>().add(index).read_unaligned()).to_f32(),
-            ),
+    fn size(self) -> usize {
+        if self == Element::F32 { 4 } else { 2 }
+    }
+
+    /// Element `index` of `data`.
+    unsafe fn load(self, data: *const u8, index: usize) -> f64 {
+        // SAFETY: the caller keeps `index` inside the operand, checked against its allocation.
+        unsafe {
+            let at = data.wrapping_add(index * self.size());
+            match self {
+                Element::F32 => f64::from(at.cast::<f32>().read_unaligned()),
+                Element::Bf16 => f64::from(f32::from_bits(
+                    u32::from(at.cast::<u16>().read_unaligned()) << 16,
+                )),
+                Element::F16 => {
+                    f64::from(half::f16::from_bits(at.cast::<u16>().read_unaligned()).to_f32())
+                }
+            }
         }
     }
 }
 
-fn supported(dtype: cudaDataType) -> bool {
-    matches!(
-        dtype,
-        cudaDataType::CUDA_R_32F | cudaDataType::CUDA_R_16BF | cudaDataType::CUDA_R_16F
-    )
+/// One operand of a GEMM as stored: `rows × cols` column-major with leading dimension `ld`, `batch`
+/// of them `stride` elements apart.
+#[derive(Clone, Copy)]
+struct Operand {
+    data: *const u8,
+    element: Element,
+    rows: i64,
+    cols: i64,
+    ld: i64,
+    stride: i64,
 }
 
-/// C = alpha · op(A) · op(B) + beta · C, column-major, C of f32 (the only output msa-cuda asks for).
+impl Operand {
+    /// cuBLAS's checks, then the operand's bytes against its allocation.
+    fn check(&self, batch: i64) -> Result<(), cublasStatus_t> {
+        let invalid = cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE;
+        if self.ld < self.rows.max(1) {
+            return Err(invalid);
+        }
+        if self.rows == 0 || self.cols == 0 || batch == 0 {
+            return Ok(());
+        }
+        let last = (self.rows - 1) + (self.cols - 1) * self.ld + (batch - 1) * self.stride;
+        let bytes = usize::try_from(last + 1).map_err(|_| invalid)? * self.element.size();
+        check_range(self.data as usize, bytes).map_err(|_| invalid)
+    }
+
+    /// Stored element (row, col) of GEMM `g` of the batch.
+    unsafe fn at(&self, g: i64, row: i64, col: i64) -> f64 {
+        // SAFETY: inside the operand, which `check` found inside its allocation.
+        unsafe {
+            self.element
+                .load(self.data, (g * self.stride + row + col * self.ld) as usize)
+        }
+    }
+}
+
+/// `batch` GEMMs C = alpha · op(A) · op(B) + beta · C, column-major, C of f32 (the only output
+/// msa-cuda asks for), summed in f64.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm(
-    transa: cublasOperation_t,
-    transb: cublasOperation_t,
+    (transa, transb): (u32, u32),
     (m, n, k): (c_int, c_int, c_int),
-    alpha: f32,
-    a: Operand,
-    b: Operand,
-    beta: f32,
-    c: *mut f32,
-    ldc: c_int,
+    (alpha, beta): (f32, f32),
+    a: (*const u8, Element, c_int, i64),
+    b: (*const u8, Element, c_int, i64),
+    c: (*mut f32, c_int, i64),
+    batch: c_int,
 ) -> cublasStatus_t {
-    let transposed = |op| match op {
-        cublasOperation_t::CUBLAS_OP_N => Some(false),
-        cublasOperation_t::CUBLAS_OP_T => Some(true),
+    let transposed = |op: u32| match op {
+        op if op == cublasOperation_t::CUBLAS_OP_N as u32 => Some(false),
+        op if op == cublasOperation_t::CUBLAS_OP_T as u32 => Some(true),
         _ => None,
     };
     let (Some(ta), Some(tb)) = (transposed(transa), transposed(transb)) else {
         return cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED;
     };
-    let (a, b) = (
-        Operand {
-            transposed: ta,
-            ..a
-        },
-        Operand {
-            transposed: tb,
-            ..b
-        },
-    );
-    // cuBLAS's own argument checks: a leading dimension shorter than its column is refused.
-    let rows = |t: bool, rows: c_int, cols: c_int| if t { cols } else { rows };
-    if m < 0
-        || n < 0
-        || k < 0
-        || a.ld < i64::from(rows(ta, m, k).max(1))
-        || b.ld < i64::from(rows(tb, k, n).max(1))
-        || ldc < m.max(1)
-    {
+    if m < 0 || n < 0 || k < 0 || batch < 0 {
         return cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE;
     }
-    let (m, n, k) = (i64::from(m), i64::from(n), i64::from(k));
-    for col in 0..n {
-        for row in 0..m {
-            let mut sum = 0.0f64;
-            for l in 0..k {
-                // SAFETY: inside op(A) (m × k) and op(B) (k × n) by the checks above.
-                sum += unsafe { a.at(row, l) * b.at(l, col) };
+    let (m, n, k, batch) = (i64::from(m), i64::from(n), i64::from(k), i64::from(batch));
+    // Stored shapes: op(A) is m × k, so A is k × m when transposed; op(B) is k × n.
+    let operand = |(data, element, ld, stride): (*const u8, Element, c_int, i64), t, rows, cols| {
+        let (rows, cols) = if t { (cols, rows) } else { (rows, cols) };
+        Operand {
+            data,
+            element,
+            rows,
+            cols,
+            ld: i64::from(ld),
+            stride,
+        }
+    };
+    let (a, b) = (operand(a, ta, m, k), operand(b, tb, k, n));
+    let c_operand = Operand {
+        data: c.0.cast(),
+        element: Element::F32,
+        rows: m,
+        cols: n,
+        ld: i64::from(c.1),
+        stride: c.2,
+    };
+    for (operand, name) in [(a, "A"), (b, "B"), (c_operand, "C")] {
+        if let Err(status) = operand.check(batch) {
+            eprintln!("msa-cuda-emulator: a GEMM's {name} is malformed or outside its allocation");
+            return status;
+        }
+    }
+    for g in 0..batch {
+        for col in 0..n {
+            for row in 0..m {
+                let mut sum = 0.0f64;
+                for l in 0..k {
+                    // SAFETY: op(A) (m × k) and op(B) (k × n) were checked above.
+                    let (x, y) = unsafe {
+                        (
+                            if ta { a.at(g, l, row) } else { a.at(g, row, l) },
+                            if tb { b.at(g, col, l) } else { b.at(g, l, col) },
+                        )
+                    };
+                    sum += x * y;
+                }
+                let index = (g * c.2 + row + col * i64::from(c.1)) as usize;
+                // SAFETY: inside C, checked above; f32 allocations are aligned.
+                let out = unsafe { &mut *c.0.wrapping_add(index) };
+                // beta == 0 ignores C's old value (it may be NaN), as cuBLAS does.
+                let old = if beta == 0.0 {
+                    0.0
+                } else {
+                    f64::from(beta) * f64::from(*out)
+                };
+                *out = (f64::from(alpha) * sum + old) as f32;
             }
-            // SAFETY: C holds ldc × n elements.
-            let out = unsafe { &mut *c.add((row + col * i64::from(ldc)) as usize) };
-            // beta == 0 ignores C's old value (it may be NaN), as cuBLAS does.
-            let old = if beta == 0.0 {
-                0.0
-            } else {
-                f64::from(beta) * f64::from(*out)
-            };
-            *out = (f64::from(alpha) * sum + old) as f32;
         }
     }
     cublasStatus_t::CUBLAS_STATUS_SUCCESS
@@ -734,8 +905,8 @@ unsafe fn gemm(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cublasSgemm_v2(
     handle: cublasHandle_t,
-    transa: cublasOperation_t,
-    transb: cublasOperation_t,
+    transa: u32,
+    transb: u32,
     m: c_int,
     n: c_int,
     k: c_int,
@@ -751,24 +922,16 @@ pub unsafe extern "C" fn cublasSgemm_v2(
     if handle.is_null() || alpha.is_null() || beta.is_null() {
         return cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE;
     }
-    let operand = |data: *const f32, ld: c_int| Operand {
-        data: data.cast(),
-        dtype: cudaDataType::CUDA_R_32F,
-        ld: i64::from(ld),
-        transposed: false,
-    };
-    // SAFETY: the caller's pointers hold the operands of the shapes given.
+    // SAFETY: host scalars; the operands are checked against their allocations.
     unsafe {
         gemm(
-            transa,
-            transb,
+            (transa, transb),
             (m, n, k),
-            *alpha,
-            operand(a, lda),
-            operand(b, ldb),
-            *beta,
-            c,
-            ldc,
+            (*alpha, *beta),
+            (a.cast(), Element::F32, lda, 0),
+            (b.cast(), Element::F32, ldb, 0),
+            (c, ldc, 0),
+            1,
         )
     }
 }
@@ -776,24 +939,24 @@ pub unsafe extern "C" fn cublasSgemm_v2(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cublasGemmEx(
     handle: cublasHandle_t,
-    transa: cublasOperation_t,
-    transb: cublasOperation_t,
+    transa: u32,
+    transb: u32,
     m: c_int,
     n: c_int,
     k: c_int,
     alpha: *const c_void,
     a: *const c_void,
-    a_type: cudaDataType,
+    a_type: u32,
     lda: c_int,
     b: *const c_void,
-    b_type: cudaDataType,
+    b_type: u32,
     ldb: c_int,
     beta: *const c_void,
     c: *mut c_void,
-    c_type: cudaDataType,
+    c_type: u32,
     ldc: c_int,
-    compute: cublasComputeType_t,
-    algo: cublasGemmAlgo_t,
+    compute: u32,
+    algo: c_int,
 ) -> cublasStatus_t {
     unsafe {
         cublasGemmStridedBatchedEx(
@@ -806,79 +969,54 @@ pub unsafe extern "C" fn cublasGemmEx(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
     handle: cublasHandle_t,
-    transa: cublasOperation_t,
-    transb: cublasOperation_t,
+    transa: u32,
+    transb: u32,
     m: c_int,
     n: c_int,
     k: c_int,
     alpha: *const c_void,
     a: *const c_void,
-    a_type: cudaDataType,
+    a_type: u32,
     lda: c_int,
     stride_a: c_longlong,
     b: *const c_void,
-    b_type: cudaDataType,
+    b_type: u32,
     ldb: c_int,
     stride_b: c_longlong,
     beta: *const c_void,
     c: *mut c_void,
-    c_type: cudaDataType,
+    c_type: u32,
     ldc: c_int,
     stride_c: c_longlong,
     batch: c_int,
-    compute: cublasComputeType_t,
-    _algo: cublasGemmAlgo_t,
+    compute: u32,
+    _algo: c_int,
 ) -> cublasStatus_t {
-    if handle.is_null() || alpha.is_null() || beta.is_null() || batch < 0 {
+    if handle.is_null() || alpha.is_null() || beta.is_null() {
         return cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE;
     }
-    // msa-cuda computes in f32 (scalars f32) into f32 outputs.
-    if compute != cublasComputeType_t::CUBLAS_COMPUTE_32F
-        || c_type != cudaDataType::CUDA_R_32F
-        || !supported(a_type)
-        || !supported(b_type)
+    // msa-cuda computes in f32 (scalars f32) into f32 outputs, A and B of one type.
+    let (Some(a_element), Some(b_element)) = (Element::from_raw(a_type), Element::from_raw(b_type))
+    else {
+        return cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED;
+    };
+    if compute != cublasComputeType_t::CUBLAS_COMPUTE_32F as u32
+        || c_type != cudaDataType::CUDA_R_32F as u32
+        || a_element != b_element
     {
         return cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED;
     }
-    let size = |dtype| {
-        if dtype == cudaDataType::CUDA_R_32F {
-            4
-        } else {
-            2
-        }
-    };
-    for g in 0..i64::from(batch) {
-        // SAFETY: the caller's pointers hold `batch` operands `stride` elements apart.
-        let status = unsafe {
-            gemm(
-                transa,
-                transb,
-                (m, n, k),
-                *alpha.cast::<f32>(),
-                Operand {
-                    data: a
-                        .cast::<u8>()
-                        .offset((g * stride_a * size(a_type)) as isize),
-                    dtype: a_type,
-                    ld: i64::from(lda),
-                    transposed: false,
-                },
-                Operand {
-                    data: b
-                        .cast::<u8>()
-                        .offset((g * stride_b * size(b_type)) as isize),
-                    dtype: b_type,
-                    ld: i64::from(ldb),
-                    transposed: false,
-                },
-                *beta.cast::<f32>(),
-                c.cast::<f32>().offset((g * stride_c) as isize),
-                ldc,
-            )
-        };
-        if status != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return status;
-        }
+    // SAFETY: host scalars of f32 (CUBLAS_COMPUTE_32F); the operands are checked against their
+    // allocations.
+    unsafe {
+        gemm(
+            (transa, transb),
+            (m, n, k),
+            (*alpha.cast::<f32>(), *beta.cast::<f32>()),
+            (a.cast(), a_element, lda, stride_a),
+            (b.cast(), b_element, ldb, stride_b),
+            (c.cast(), ldc, stride_c),
+            batch,
+        )
     }
-    cublasStatus_t::CUBLAS_STATUS_SUCCESS
 }

@@ -115,81 +115,206 @@ fn unknown_kernels_are_not_found() {
     assert_eq!(found, CUresult::CUDA_ERROR_NOT_FOUND);
 }
 
-#[test]
-fn device_memory_starts_poisoned() {
+/// Device memory holding `data`.
+fn device<T: Copy>(data: &[T]) -> CUdeviceptr {
+    let bytes = std::mem::size_of_val(data);
     let mut ptr: CUdeviceptr = 0;
-    // SAFETY: an out-pointer; the 16 bytes are read, then freed once.
+    // SAFETY: an out-pointer, then `bytes` copied into the new allocation of that size.
     unsafe {
+        assert_eq!(cuda::cuMemAlloc_v2(&mut ptr, bytes), CUresult::CUDA_SUCCESS);
+        let copied =
+            cuda::cuMemcpyHtoDAsync_v2(ptr, data.as_ptr().cast(), bytes, std::ptr::null_mut());
+        assert_eq!(copied, CUresult::CUDA_SUCCESS);
+    }
+    ptr
+}
+
+fn read<T: Copy + Default>(ptr: CUdeviceptr, len: usize) -> Vec<T> {
+    let mut out = vec![T::default(); len];
+    // SAFETY: `len` elements read from an allocation at least that long (checked by the stand-in).
+    let copied = unsafe {
+        cuda::cuMemcpyDtoHAsync_v2(
+            out.as_mut_ptr().cast(),
+            ptr,
+            std::mem::size_of_val(out.as_slice()),
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(copied, CUresult::CUDA_SUCCESS);
+    out
+}
+
+#[test]
+fn device_memory_starts_poisoned_and_is_checked() {
+    let mut ptr: CUdeviceptr = 0;
+    // SAFETY: an out-pointer; reads and copies within (or refused outside) the 16 bytes; freed once.
+    unsafe {
+        assert_eq!(
+            cuda::cuMemAlloc_v2(&mut ptr, 0),
+            CUresult::CUDA_ERROR_INVALID_VALUE
+        );
         assert_eq!(cuda::cuMemAlloc_v2(&mut ptr, 16), CUresult::CUDA_SUCCESS);
         assert_eq!(ptr % 256, 0);
-        let words = std::slice::from_raw_parts(ptr as usize as *const u32, 4);
+        let words: Vec<u32> = read(ptr, 4);
         assert!(words.iter().all(|&w| w == u32::MAX));
         assert!(f32::from_bits(words[0]).is_nan());
+        let mut five = [0u32; 5];
+        let past_the_end =
+            cuda::cuMemcpyDtoHAsync_v2(five.as_mut_ptr().cast(), ptr, 20, std::ptr::null_mut());
+        assert_eq!(past_the_end, CUresult::CUDA_ERROR_INVALID_VALUE);
+        assert_eq!(
+            cuda::cuMemsetD8Async(ptr + 8, 0, 9, std::ptr::null_mut()),
+            CUresult::CUDA_ERROR_INVALID_VALUE
+        );
         assert_eq!(cuda::cuMemFree_v2(ptr), CUresult::CUDA_SUCCESS);
+        assert_eq!(cuda::cuMemFree_v2(ptr), CUresult::CUDA_ERROR_INVALID_VALUE);
     }
 }
 
-/// cublasGemmEx as msa-cuda calls it (C = Aᵀ · B, column-major) on numbers worked by hand: A is 3 × 2
-/// with columns [1, 2, 3] and [4, 5, 6], so Aᵀ = [[1, 2, 3], [4, 5, 6]]; B is 3 × 2 with columns
-/// [1, 0, 1] and [0, 1, 0]; Aᵀ · B = [[4, 2], [10, 5]]. C's leading dimension 3 leaves a row of padding
-/// that the GEMM must not touch.
+/// The arguments of one cublasGemmStridedBatchedEx call (f32 scalars, f32 C, f32 compute).
+struct Gemm {
+    transa: cublasOperation_t,
+    m: i32,
+    n: i32,
+    k: i32,
+    a: (CUdeviceptr, i32, i64),
+    b: (CUdeviceptr, i32, i64),
+    c: (CUdeviceptr, i32, i64),
+    dtype: cudaDataType,
+    batch: i32,
+}
+
+fn gemm(g: &Gemm) -> cublasStatus_t {
+    let mut handle = std::ptr::null_mut();
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: an out-pointer, host scalars, and operands the stand-in checks against their
+    // allocations; the handle is destroyed once.
+    unsafe {
+        assert_eq!(
+            cuda::cublasCreate_v2(&mut handle),
+            cublasStatus_t::CUBLAS_STATUS_SUCCESS
+        );
+        let status = cuda::cublasGemmStridedBatchedEx(
+            handle,
+            g.transa as u32,
+            cublasOperation_t::CUBLAS_OP_N as u32,
+            g.m,
+            g.n,
+            g.k,
+            (&alpha as *const f32).cast(),
+            g.a.0 as usize as *const c_void,
+            g.dtype as u32,
+            g.a.1,
+            g.a.2,
+            g.b.0 as usize as *const c_void,
+            g.dtype as u32,
+            g.b.1,
+            g.b.2,
+            (&beta as *const f32).cast(),
+            g.c.0 as usize as *mut c_void,
+            cudaDataType::CUDA_R_32F as u32,
+            g.c.1,
+            g.c.2,
+            g.batch,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F as u32,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT as i32,
+        );
+        assert_eq!(
+            cuda::cublasDestroy_v2(handle),
+            cublasStatus_t::CUBLAS_STATUS_SUCCESS
+        );
+        status
+    }
+}
+
+/// Half-precision bits of small integers (exact in both).
+fn half_bits(values: &[f32], dtype: cudaDataType) -> Vec<u16> {
+    values
+        .iter()
+        .map(|&x| match dtype {
+            cudaDataType::CUDA_R_16BF => (x.to_bits() >> 16) as u16,
+            _ => half::f16::from_f32(x).to_bits(),
+        })
+        .collect()
+}
+
+/// cuBLAS's column-major contract on products worked by hand, as msa-cuda calls it (C = Aᵀ · B):
+/// - one GEMM: A is 3 × 2 with columns [1, 2, 3] and [4, 5, 6], so Aᵀ = [[1, 2, 3], [4, 5, 6]]; B is
+///   3 × 2 with columns [1, 0, 1] and [0, 1, 0]; Aᵀ · B = [[4, 2], [10, 5]]. C's leading dimension 3
+///   leaves a row of padding that must keep its value.
+/// - a strided batch of two: Aᵀ₀ = [1, 2] and Aᵀ₁ = [3, 4] (m = 1, stride 2); B₀ the 2 × 2 identity and
+///   B₁ with columns [1, 1] and [2, 0] (stride 4); C₀ = [1, 2], C₁ = [7, 6] (stride 2).
 #[test]
 fn gemm_follows_the_column_major_contract() {
-    let a = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
-    let b = [1.0f32, 0.0, 1.0, 0.0, 1.0, 0.0];
-    let bf16 = |v: &[f32]| -> Vec<u16> { v.iter().map(|x| (x.to_bits() >> 16) as u16).collect() };
-    let (a_half, b_half) = (bf16(&a), bf16(&b));
-    let cases: [(*const c_void, *const c_void, cudaDataType); 2] = [
-        (
-            a.as_ptr().cast(),
-            b.as_ptr().cast(),
-            cudaDataType::CUDA_R_32F,
-        ),
-        (
-            a_half.as_ptr().cast(),
-            b_half.as_ptr().cast(),
-            cudaDataType::CUDA_R_16BF,
-        ),
+    let dtypes = [
+        cudaDataType::CUDA_R_32F,
+        cudaDataType::CUDA_R_16BF,
+        cudaDataType::CUDA_R_16F,
     ];
-    let mut handle = std::ptr::null_mut();
-    // SAFETY: an out-pointer.
-    assert_eq!(
-        unsafe { cuda::cublasCreate_v2(&mut handle) },
-        cublasStatus_t::CUBLAS_STATUS_SUCCESS
-    );
-    for (a, b, dtype) in cases {
-        let mut c = [-1.0f32; 6];
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: A and B hold 3 × 2 elements of `dtype`, C 3 × 2 f32.
-        let status = unsafe {
-            cuda::cublasGemmEx(
-                handle,
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                2,
-                2,
-                3,
-                (&alpha as *const f32).cast(),
-                a,
-                dtype,
-                3,
-                b,
-                dtype,
-                3,
-                (&beta as *const f32).cast(),
-                c.as_mut_ptr().cast(),
-                cudaDataType::CUDA_R_32F,
-                3,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+    let upload = |values: &[f32], dtype| match dtype {
+        cudaDataType::CUDA_R_32F => device(values),
+        _ => device(&half_bits(values, dtype)),
+    };
+    for dtype in dtypes {
+        let a = upload(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype);
+        let b = upload(&[1.0, 0.0, 1.0, 0.0, 1.0, 0.0], dtype);
+        let c = device(&[-1.0f32; 6]);
+        let one = Gemm {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            m: 2,
+            n: 2,
+            k: 3,
+            a: (a, 3, 0),
+            b: (b, 3, 0),
+            c: (c, 3, 0),
+            dtype,
+            batch: 1,
         };
-        assert_eq!(status, cublasStatus_t::CUBLAS_STATUS_SUCCESS);
-        assert_eq!(c, [4.0, 10.0, -1.0, 2.0, 5.0, -1.0], "{dtype:?}");
+        assert_eq!(gemm(&one), cublasStatus_t::CUBLAS_STATUS_SUCCESS);
+        let got: Vec<f32> = read(c, 6);
+        assert_eq!(got, [4.0, 10.0, -1.0, 2.0, 5.0, -1.0], "{dtype:?}");
+        // A leading dimension that reaches past A's allocation is refused, as is one shorter than
+        // a column.
+        for lda in [4, 2] {
+            let status = gemm(&Gemm {
+                a: (a, lda, 0),
+                ..one
+            });
+            assert_eq!(
+                status,
+                cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE,
+                "lda {lda}"
+            );
+        }
+        for ptr in [a, b, c] {
+            assert_eq!(cuda::cuMemFree_v2(ptr), CUresult::CUDA_SUCCESS);
+        }
+
+        let a = upload(&[1.0, 2.0, 3.0, 4.0], dtype);
+        let b = upload(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 0.0], dtype);
+        let c = device(&[-1.0f32; 4]);
+        let batched = Gemm {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            m: 1,
+            n: 2,
+            k: 2,
+            a: (a, 2, 2),
+            b: (b, 2, 4),
+            c: (c, 1, 2),
+            dtype,
+            batch: 2,
+        };
+        assert_eq!(gemm(&batched), cublasStatus_t::CUBLAS_STATUS_SUCCESS);
+        let got: Vec<f32> = read(c, 4);
+        assert_eq!(got, [1.0, 2.0, 7.0, 6.0], "{dtype:?}");
+        // A third GEMM of the batch would read past B.
+        let status = gemm(&Gemm {
+            batch: 3,
+            ..batched
+        });
+        assert_eq!(status, cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE);
+        for ptr in [a, b, c] {
+            assert_eq!(cuda::cuMemFree_v2(ptr), CUresult::CUDA_SUCCESS);
+        }
     }
-    // SAFETY: made above, destroyed once.
-    assert_eq!(
-        unsafe { cuda::cublasDestroy_v2(handle) },
-        cublasStatus_t::CUBLAS_STATUS_SUCCESS
-    );
 }
