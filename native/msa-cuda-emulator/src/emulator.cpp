@@ -2,11 +2,14 @@
 // built-ins), and a scheduler that runs each block's threads as fibers on the calling OS thread
 // (x86-64 Linux: build.rs compiles this file for no other target).
 //
-// A fiber runs until it finishes or reaches a barrier: __syncthreads waits for every live thread of the
-// block; a warp shuffle waits for all 32 lanes of its warp (the kernels only shuffle with full warps
-// and the full mask, so anything else is reported as the bug it would be on a GPU). A block whose
-// fibers all wait but can never be released (threads of one warp at different barriers) fails the
-// launch with a message instead of hanging.
+// The scheduler runs one thread at a time until it finishes or waits: __syncthreads waits for every
+// live thread of the block; a warp shuffle waits for all 32 lanes of its warp, which go on as soon as
+// the last arrives. It keeps to one warp while that warp has threads ready, then picks another at
+// pseudo-random (the same sequence every run): a warp runs ahead of the others from one barrier to the
+// next, as one may on a GPU, so a missing __syncthreads between a write and another warp's read shows. The kernels only shuffle with
+// full warps and the full mask, so anything else is reported as the bug it would be on a GPU, and a
+// block whose threads all wait but can never be released fails the launch with a message instead of
+// hanging.
 
 #include "cuda_host.h"
 
@@ -100,6 +103,10 @@ struct Block {
     std::vector<Fiber> fibers;
     std::vector<uint64_t> exchange;  // one shuffle slot per thread
     std::vector<std::unique_ptr<char[], Stack>> stacks;
+    std::vector<std::vector<size_t>> ready;  // per warp, its threads that may run, in no order
+    size_t ready_count = 0, warp = 0;        // warp: the one running
+    std::vector<unsigned> shuffling; // per warp, lanes waiting in a shuffle
+    size_t at_barrier = 0, live = 0;
     void (*entry)(void**);
     void** params;
     std::string failure;
@@ -134,44 +141,67 @@ unsigned linear(const Place& p) {
     return p.thread.x + p.block_dim.x * (p.thread.y + p.block_dim.y * p.thread.z);
 }
 
-// Releases the threads that may go on; false when none can (a deadlock, or every thread done).
-bool release(Block& b) {
-    if (!b.failure.empty()) return false;
-    const size_t threads = b.fibers.size();
-    bool released = false;
-    for (size_t warp = 0; warp < threads; warp += 32) {
-        const size_t end = std::min(warp + 32, threads);
-        size_t shuffling = 0, done = 0;
-        for (size_t t = warp; t < end; t++) {
-            shuffling += b.fibers[t].state == State::AtShuffle;
-            done += b.fibers[t].state == State::Done;
-        }
-        if (shuffling == 0) continue;
-        if (end - warp < 32 || done > 0) {
-            b.failure = "a warp shuffle in warp " + std::to_string(warp / 32) +
-                        " without all 32 lanes (" + std::to_string(end - warp - done) + " live)";
-            return false;
-        }
-        if (shuffling == 32) {
-            for (size_t t = warp; t < end; t++) b.fibers[t].state = State::Ready;
-            released = true;
-        }
+void make_ready(Block& b, size_t t) {
+    b.fibers[t].state = State::Ready;
+    b.ready[t / 32].push_back(t);
+    b.ready_count++;
+}
+
+// The next thread to run: one of the running warp's, else of a warp picked at random.
+size_t next(Block& b) {
+    if (b.ready[b.warp].empty()) {
+        size_t skip = b.random() % b.ready_count;
+        for (b.warp = 0; skip >= b.ready[b.warp].size(); b.warp++) skip -= b.ready[b.warp].size();
     }
-    if (released) return true;
-    size_t waiting = 0, live = 0;
-    for (const Fiber& f : b.fibers) {
-        live += f.state != State::Done;
-        waiting += f.state == State::AtSyncThreads;
+    std::vector<size_t>& lanes = b.ready[b.warp];
+    const size_t pick = b.random() % lanes.size(), t = lanes[pick];
+    lanes[pick] = lanes.back();
+    lanes.pop_back();
+    b.ready_count--;
+    return t;
+}
+
+// Accounts for thread t, which has just waited or finished: releases its warp once all 32 lanes
+// shuffle, and the block once every live thread is at __syncthreads (finished ones count as arrived).
+void settle(Block& b, size_t t) {
+    switch (b.fibers[t].state) {
+        case State::AtShuffle: {
+            const size_t warp = t / 32;
+            if (++b.shuffling[warp] == 32) {
+                b.shuffling[warp] = 0;
+                for (size_t lane = warp * 32; lane < warp * 32 + 32; lane++) make_ready(b, lane);
+            }
+            return;
+        }
+        case State::Done:
+            b.live--;
+            break;
+        case State::AtSyncThreads:
+            b.at_barrier++;
+            break;
+        case State::Ready:
+            return;
     }
-    if (live == 0) return false;
-    if (waiting == live) {
-        for (Fiber& f : b.fibers)
-            if (f.state == State::AtSyncThreads) f.state = State::Ready;
-        return true;
+    if (b.live > 0 && b.at_barrier == b.live) {
+        b.at_barrier = 0;
+        for (size_t u = 0; u < b.fibers.size(); u++)
+            if (b.fibers[u].state == State::AtSyncThreads) make_ready(b, u);
     }
-    b.failure = "a deadlock: " + std::to_string(waiting) + " of " + std::to_string(live) +
-                " live threads wait at __syncthreads while others of their warp wait in a shuffle";
-    return false;
+}
+
+// Why a block's threads wait with none ready.
+std::string stuck(const Block& b) {
+    for (size_t warp = 0; warp < b.shuffling.size(); warp++) {
+        if (b.shuffling[warp] == 0) continue;
+        const size_t lanes = std::min<size_t>(32, b.fibers.size() - warp * 32);
+        size_t done = 0;
+        for (size_t t = warp * 32; t < warp * 32 + lanes; t++) done += b.fibers[t].state == State::Done;
+        if (lanes < 32 || done > 0)
+            return "a warp shuffle in warp " + std::to_string(warp) + " without all 32 lanes (" +
+                   std::to_string(lanes - done) + " live)";
+    }
+    return "a deadlock: " + std::to_string(b.at_barrier) + " of " + std::to_string(b.live) +
+           " live threads wait at __syncthreads while others of their warp wait in a shuffle";
 }
 
 // Runs block `idx` to the end; false (with b.failure) when it cannot finish.
@@ -179,6 +209,12 @@ bool run_block(Block& b, uint3 idx, uint3 block_dim, uint3 grid_dim) {
     const size_t threads = (size_t)block_dim.x * block_dim.y * block_dim.z;
     b.fibers.assign(threads, Fiber{});
     b.exchange.assign(threads, 0);
+    b.shuffling.assign((threads + 31) / 32, 0);
+    b.ready.assign((threads + 31) / 32, {});
+    b.ready_count = 0;
+    b.warp = 0;
+    b.at_barrier = 0;
+    b.live = threads;
     while (b.stacks.size() < threads) {
         char* stack = static_cast<char*>(std::aligned_alloc(STACK_BYTES, STACK_BYTES));
         if (!stack || mprotect(stack + PAGE, PAGE, PROT_NONE) != 0) {
@@ -193,7 +229,6 @@ bool run_block(Block& b, uint3 idx, uint3 block_dim, uint3 grid_dim) {
         uint3 thread{(unsigned)(t % block_dim.x), (unsigned)(t / block_dim.x % block_dim.y),
                      (unsigned)(t / ((size_t)block_dim.x * block_dim.y))};
         f.place = Place{thread, idx, block_dim, grid_dim};
-        f.state = State::Ready;
         f.block = &b;
         char* stack = b.stacks[t].get();
         *reinterpret_cast<const Place**>(stack) = &f.place;
@@ -201,18 +236,15 @@ bool run_block(Block& b, uint3 idx, uint3 block_dim, uint3 grid_dim) {
         // frames to the same cache sets.
         const size_t stagger = t % 64 * 64;
         prepare(f.context, stack + 2 * PAGE, STACK_BYTES - 2 * PAGE - stagger, fiber_main);
+        make_ready(b, t);
     }
-    // Each pass runs the ready threads in a new pseudo-random order (the same every run), each until
-    // it waits: in index order, a thread would always have written before a higher one reads, and a
-    // missing barrier would go unnoticed.
-    std::vector<size_t> order(threads);
-    for (size_t t = 0; t < threads; t++) order[t] = t;
-    for (;;) {
-        for (size_t t = threads; t > 1; t--) std::swap(order[t - 1], order[b.random() % t]);
-        for (size_t t : order)
-            if (b.fibers[t].state == State::Ready) switch_context(b.scheduler, b.fibers[t].context);
-        if (!release(b)) return b.failure.empty();
+    while (b.ready_count > 0 && b.failure.empty()) {
+        const size_t t = next(b);
+        switch_context(b.scheduler, b.fibers[t].context);
+        settle(b, t);
     }
+    if (b.failure.empty() && b.live > 0) b.failure = stuck(b);
+    return b.failure.empty();
 }
 
 }  // namespace
@@ -267,7 +299,7 @@ struct Kernel {
 const Kernel KERNELS[] = {
 #include "kernel_table.inc"
     KERNEL(self_test_block_sum) KERNEL(self_test_exchange) KERNEL(self_test_partial_warp)
-    KERNEL(self_test_divergent_barrier)
+    KERNEL(self_test_divergent_barrier) KERNEL(self_test_missing_barrier)
 };
 #undef KERNEL
 

@@ -4,8 +4,8 @@
 //! `LD_LIBRARY_PATH` and runs msa-cuda's GPU tests against it.
 //!
 //! What runs is msa-cuda itself: its Rust code, its launches and cuBLAS calls, and its kernels —
-//! kernels.cu compiled by the host C++ compiler (emulator.cpp), each block's threads run as fibers in
-//! a new pseudo-random order at each barrier. NVRTC is the real one: the kernels are also compiled for
+//! kernels.cu compiled by the host C++ compiler (emulator.cpp), each block's threads run as fibers,
+//! one warp running ahead of the others from barrier to barrier. NVRTC is the real one: the kernels are also compiled for
 //! the GPU, and the module it makes is accepted and ignored. What is emulated, and checked:
 //! - device memory is host memory, filled with 0xff bytes when allocated (f32 NaN, u32 `!0`), so a
 //!   kernel or copy that reads global memory nothing wrote shows up in the results (shared memory is
@@ -15,8 +15,8 @@
 //! - launches beyond a GPU's grid and block limits are refused, and so are warp shuffles without
 //!   their whole warp and barriers that would hang (emulator.cpp);
 //! - every operation runs when it is queued, in queue order across streams: one valid order of any
-//!   correctly synchronised program, so results are right but missing synchronisation goes unnoticed,
-//!   as do most races between a block's threads;
+//!   correctly synchronised program, so results are right but a missing event or stream wait goes
+//!   unnoticed (a missing `__syncthreads` between warps does show);
 //! - cuBLAS GEMMs follow its documented column-major contract, summing in f64 (more exactly than
 //!   tensor cores);
 //! - events time only when created to (cuEventElapsedTime refuses others, as the driver does).

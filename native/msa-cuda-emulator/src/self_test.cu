@@ -38,3 +38,13 @@ extern "C" __global__ void self_test_divergent_barrier(float* out) {
         out[threadIdx.x] = warp_sum(1.0f);
     }
 }
+
+// Thread 0 writes a shared value that every thread then reads, with no barrier between: a race, whose
+// outcome differs between warps when one warp runs ahead of the others.
+extern "C" __global__ void self_test_missing_barrier(u32* out) {
+    __shared__ u32 value;
+    if (threadIdx.x == 0) value = 0;
+    __syncthreads();
+    if (threadIdx.x == 0) value = 1;
+    out[global_thread()] = value;
+}

@@ -83,6 +83,18 @@ fn a_shuffle_exchanges_within_each_warp() {
     }
 }
 
+/// Warps run ahead of each other between barriers: a read that lacks its barrier sees the write in
+/// some warps and not in others.
+#[test]
+fn a_missing_barrier_shows() {
+    let mut out = vec![u32::MAX; 8 * 128];
+    assert_eq!(
+        launch(c"self_test_missing_barrier", 8, 128, &[ptr(&mut out)]),
+        CUresult::CUDA_SUCCESS
+    );
+    assert!(out.contains(&0) && out.contains(&1), "{out:?}");
+}
+
 #[test]
 fn launches_a_gpu_would_get_wrong_fail() {
     let mut out = vec![0.0f32; 64];
