@@ -102,6 +102,21 @@ unsafe fn put<T>(out: *mut T, value: T) -> Result<(), CUresult> {
     Ok(())
 }
 
+/// Hands `value` out behind a handle (streams, events, cuBLAS handles).
+unsafe fn hand_out<T, H>(out: *mut *mut H, value: T) -> Result<(), CUresult> {
+    unsafe { put(out, Box::into_raw(Box::new(value)).cast()) }
+}
+
+/// Takes back a handle made by [`hand_out`] with a `T`; false for a null one.
+unsafe fn take_back<T, H>(handle: *mut H) -> bool {
+    if handle.is_null() {
+        return false;
+    }
+    // SAFETY: the caller passes a handle made by `hand_out::<T, _>`, not yet taken back.
+    drop(unsafe { Box::from_raw(handle.cast::<T>()) });
+    true
+}
+
 /// A handle that is a non-null pointer and nothing else (contexts, pools, modules, streams).
 fn token(n: usize) -> *mut c_void {
     ((n + 1) * 64) as *mut c_void
@@ -294,17 +309,15 @@ pub extern "C" fn cuCtxSynchronize() -> CUresult {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamCreate(stream: *mut CUstream, _flags: c_uint) -> CUresult {
-    status(|| unsafe { put(stream, Box::into_raw(Box::new(0u8)).cast()) })
+    status(|| unsafe { hand_out(stream, 0u8) })
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamDestroy_v2(stream: CUstream) -> CUresult {
-    if stream.is_null() {
-        return CUDA_ERROR_INVALID_VALUE;
+    match unsafe { take_back::<u8, _>(stream) } {
+        true => CUDA_SUCCESS,
+        false => CUDA_ERROR_INVALID_VALUE,
     }
-    // SAFETY: made by cuStreamCreate.
-    drop(unsafe { Box::from_raw(stream.cast::<u8>()) });
-    CUDA_SUCCESS
 }
 
 #[unsafe(no_mangle)]
@@ -350,17 +363,15 @@ pub unsafe extern "C" fn cuEventCreate(handle: *mut CUevent, flags: c_uint) -> C
         timing: flags & CUevent_flags::CU_EVENT_DISABLE_TIMING as c_uint == 0,
         recorded: AtomicU64::new(0),
     };
-    status(|| unsafe { put(handle, Box::into_raw(Box::new(event)).cast()) })
+    status(|| unsafe { hand_out(handle, event) })
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuEventDestroy_v2(handle: CUevent) -> CUresult {
-    if handle.is_null() {
-        return CUDA_ERROR_INVALID_HANDLE;
+    match unsafe { take_back::<Event, _>(handle) } {
+        true => CUDA_SUCCESS,
+        false => CUDA_ERROR_INVALID_HANDLE,
     }
-    // SAFETY: made by cuEventCreate.
-    drop(unsafe { Box::from_raw(handle.cast::<Event>()) });
-    CUDA_SUCCESS
 }
 
 #[unsafe(no_mangle)]
@@ -715,22 +726,18 @@ pub unsafe extern "C" fn cuGetErrorName(error: u32, text: *mut *const c_char) ->
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cublasCreate_v2(handle: *mut cublasHandle_t) -> cublasStatus_t {
-    if handle.is_null() {
-        return cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE;
+    match unsafe { hand_out(handle, 0u8) } {
+        Ok(()) => cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+        Err(_) => cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE,
     }
-    // SAFETY: checked non-null.
-    unsafe { handle.write(Box::into_raw(Box::new(0u8)).cast()) };
-    cublasStatus_t::CUBLAS_STATUS_SUCCESS
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cublasDestroy_v2(handle: cublasHandle_t) -> cublasStatus_t {
-    if handle.is_null() {
-        return cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED;
+    match unsafe { take_back::<u8, _>(handle) } {
+        true => cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+        false => cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED,
     }
-    // SAFETY: made by cublasCreate_v2.
-    drop(unsafe { Box::from_raw(handle.cast::<u8>()) });
-    cublasStatus_t::CUBLAS_STATUS_SUCCESS
 }
 
 #[unsafe(no_mangle)]
