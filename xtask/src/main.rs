@@ -423,10 +423,14 @@ fn library_path(first: &[&Path]) -> Result<std::ffi::OsString, String> {
 /// msa-cuda's own tests and every workspace test of the CUDA backend (the golden fixtures, the memory
 /// bank) again, run on the CPU by msa-cuda-emulator: a stand-in libcuda.so and libcublas.so, linked
 /// under those names into target/cuda-emulator/ and put first on `LD_LIBRARY_PATH`. NVRTC stays the
-/// real one (`nvrtc`, its folder). `cargo xtask test`'s own args do not apply here.
+/// real one (`nvrtc`, its folder). `cargo xtask test`'s own args do not apply here. Both cargo calls
+/// select the whole workspace, as the main test run does, so features unify the same way and nothing
+/// it built is built again.
 fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
-    step("cargo build -p msa-cuda-emulator (libcuda.so and libcublas.so on the CPU)");
-    run(cargo().args(["build", "-p", "msa-cuda-emulator"]))?;
+    step(
+        "cargo build --workspace --lib (msa-cuda-emulator: libcuda.so and libcublas.so on the CPU)",
+    );
+    run(cargo().args(["build", "--workspace", "--lib"]))?;
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     let library = target.join("debug/libmsa_cuda_emulator.so");
@@ -447,10 +451,24 @@ fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
             .env("MSA_REQUIRE_NVRTC", "1")
             .env("MSA_QWEN3_TOKENIZER", tokenizer))
     };
-    step("cargo test -p msa-cuda on msa-cuda-emulator");
-    emulated(cargo().args(["test", "-p", "msa-cuda"]))?;
-    step("cargo test -p msa cuda (golden fixtures, memory bank) on msa-cuda-emulator");
-    emulated(cargo().args(["test", "-p", "msa", "cuda"]))
+    step(
+        "the CUDA tests on msa-cuda-emulator: msa-cuda's ops, and the golden and memory-bank tests",
+    );
+    emulated(
+        cargo()
+            .args(["test", "--workspace"])
+            .args([
+                "--test",
+                "ops",
+                "--test",
+                "golden_msa",
+                "--test",
+                "golden_qwen3",
+            ])
+            .args(["--test", "memory_bank", "--"])
+            // msa-cuda's ops tests, and the `cuda` ones of the others (msa-wgpu's ops match none).
+            .args(["cuda", "every_op", "nccl", "clique", "a_missing_driver"]),
+    )
 }
 
 /// The bundled tiny model (random weights, a toy tokenizer) and the first of its fixture questions.
