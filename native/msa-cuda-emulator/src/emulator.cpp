@@ -6,10 +6,10 @@
 // live thread of the block; a warp shuffle waits for all 32 lanes of its warp, which go on as soon as
 // the last arrives. It keeps to one warp while that warp has threads ready, then picks another at
 // pseudo-random (the same sequence every run): a warp runs ahead of the others from one barrier to the
-// next, as one may on a GPU, so a missing __syncthreads between a write and another warp's read shows. The kernels only shuffle with
-// full warps and the full mask, so anything else is reported as the bug it would be on a GPU, and a
-// block whose threads all wait but can never be released fails the launch with a message instead of
-// hanging.
+// next, as one may on a GPU, so a missing __syncthreads between a write and another warp's read shows.
+// The kernels only shuffle with full warps and the full mask, so anything else is reported as the bug
+// it would be on a GPU, and a block whose threads all wait but can never be released fails the launch
+// with a message instead of hanging.
 
 #include "cuda_host.h"
 
@@ -85,6 +85,7 @@ struct Fiber {
     Context context;
     State state;
     Block* block;
+    size_t index;  // in the block, x fastest
 };
 
 // Bytes at the bottom of each stack that hold its fiber's Place pointer, then a page that faults: a
@@ -105,7 +106,7 @@ struct Block {
     std::vector<std::unique_ptr<char[], Stack>> stacks;
     std::vector<std::vector<size_t>> ready;  // per warp, its threads that may run, in no order
     size_t ready_count = 0, warp = 0;        // warp: the one running
-    std::vector<unsigned> shuffling; // per warp, lanes waiting in a shuffle
+    std::vector<unsigned> shuffling;         // per warp, lanes waiting in a shuffle
     size_t at_barrier = 0, live = 0;
     void (*entry)(void**);
     void** params;
@@ -135,10 +136,6 @@ void wait(State state) {
     b.entry(b.params);
     wait(State::Done);
     __builtin_unreachable();  // a finished fiber is never resumed
-}
-
-unsigned linear(const Place& p) {
-    return p.thread.x + p.block_dim.x * (p.thread.y + p.block_dim.y * p.thread.z);
 }
 
 void make_ready(Block& b, size_t t) {
@@ -230,6 +227,7 @@ bool run_block(Block& b, uint3 idx, uint3 block_dim, uint3 grid_dim) {
                      (unsigned)(t / ((size_t)block_dim.x * block_dim.y))};
         f.place = Place{thread, idx, block_dim, grid_dim};
         f.block = &b;
+        f.index = t;
         char* stack = b.stacks[t].get();
         *reinterpret_cast<const Place**>(stack) = &f.place;
         // Tops staggered by a cache line per thread: stacks aligned alike would map their hot
@@ -259,7 +257,8 @@ uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask) {
         // Parked for good: the scheduler reports the failure.
         wait(State::AtShuffle);
     }
-    const unsigned me = linear(f.place), lane = me % 32, source = lane ^ (unsigned)lane_mask;
+    const size_t me = f.index;
+    const unsigned lane = me % 32, source = lane ^ (unsigned)lane_mask;
     b.exchange[me] = bits;
     wait(State::AtShuffle);
     // A source lane outside the warp gives the thread its own value, as CUDA does.
