@@ -421,14 +421,16 @@ fn library_path(first: &[&Path]) -> Result<std::ffi::OsString, String> {
 }
 
 /// msa-cuda's own tests and every workspace test of the CUDA backend (the golden fixtures, the memory
-/// bank) again, run on the CPU by msa-cuda-emulator: a stand-in libcuda.so and libcublas.so, linked
-/// under those names into target/cuda-emulator/ and put first on `LD_LIBRARY_PATH`. NVRTC stays the
-/// real one (`nvrtc`, its folder). `cargo xtask test`'s own args do not apply here. Both cargo calls
-/// select the whole workspace, as the main test run does, so features unify the same way and nothing
-/// it built is built again.
+/// bank, `msa ask`) again, run on the CPU by msa-cuda-emulator: a stand-in libcuda.so, libcublas.so
+/// and libnccl.so, linked under those names into target/cuda-emulator/ and put first on
+/// `LD_LIBRARY_PATH`, reporting three devices so that Memory Parallel runs in an NCCL clique of three.
+/// NVRTC stays the real one (`nvrtc`, its folder). `cargo xtask test`'s own args do not apply here.
+/// Both cargo calls select the whole workspace, as the main test run does, so features unify the same
+/// way and nothing it built is built again.
 fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
     step(
-        "cargo build --workspace --lib (msa-cuda-emulator: libcuda.so and libcublas.so on the CPU)",
+        "cargo build --workspace --lib (msa-cuda-emulator: libcuda.so, libcublas.so and libnccl.so \
+         on the CPU)",
     );
     run(cargo().args(["build", "--workspace", "--lib"]))?;
     let target =
@@ -437,7 +439,7 @@ fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
     let dir = target.join("cuda-emulator");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // Not libcuda.so.1: NVRTC loads that name for itself, and needs the real driver's export table.
-    for name in ["libcuda.so", "libcublas.so"] {
+    for name in ["libcuda.so", "libcublas.so", "libnccl.so"] {
         let link = dir.join(name);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&library, &link)
@@ -449,10 +451,13 @@ fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
             .env("LD_LIBRARY_PATH", &path)
             .env("MSA_REQUIRE_CUDA", "1")
             .env("MSA_REQUIRE_NVRTC", "1")
+            .env("MSA_REQUIRE_NCCL", "1")
+            .env("MSA_CUDA_EMULATOR_DEVICES", "3")
             .env("MSA_QWEN3_TOKENIZER", tokenizer))
     };
     step(
-        "the CUDA tests on msa-cuda-emulator: msa-cuda's ops, and the golden and memory-bank tests",
+        "the CUDA tests on msa-cuda-emulator (3 devices): msa-cuda's ops, and the golden, memory-bank \
+         and CLI tests",
     );
     emulated(
         cargo()
@@ -465,7 +470,7 @@ fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
                 "--test",
                 "golden_qwen3",
             ])
-            .args(["--test", "memory_bank", "--"])
+            .args(["--test", "memory_bank", "--test", "cli", "--"])
             // msa-cuda's ops tests, and the `cuda` ones of the others (msa-wgpu's ops match none).
             .args(["cuda", "every_op", "nccl", "clique", "a_missing_driver"]),
     )

@@ -435,6 +435,51 @@ fn ask_on_wgpu_routes_like_the_cpu() {
     }
 }
 
+/// `ask` on CUDA with a Memory Parallel shard per GPU answers as the CPU does. With several GPUs and
+/// NCCL the shards join a clique and the router queries go GPU to GPU; with one GPU two shards share
+/// it, through the host. Skips without a CUDA device unless `MSA_REQUIRE_CUDA` is set.
+#[test]
+fn ask_on_cuda_shards_answers_like_the_cpu() {
+    if msa_cuda::CudaBackend::open_or_skip(msa_cuda::CudaOptions::default()).is_none() {
+        return;
+    }
+    let gpus = msa_cuda::device_count().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    let question = &strings("queries.json")[0];
+    let cpu = ask_json(&bank, question, &["--backend", "cpu"]);
+    let devices = gpus.max(2).to_string();
+    let output = msa()
+        .env_remove("RUST_LOG")
+        .args([
+            "-v",
+            "ask",
+            "--json",
+            "--max-tokens",
+            "6",
+            "--backend",
+            "cuda",
+        ])
+        .args(["--devices", &devices, "--model"])
+        .arg(fixture())
+        .arg("--bank")
+        .arg(&bank)
+        .arg(question)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    let path = match (gpus, msa_cuda::nccl_missing()) {
+        (2.., None) => format!("router queries reach the {devices} shards over NCCL"),
+        _ => "through the host".into(),
+    };
+    assert!(log.contains(&path), "expected {path:?} in:\n{log}");
+    let answer = json_of(&output.stdout);
+    assert!(answer["backend"].as_str().unwrap().starts_with("cuda"));
+    assert_eq!(routed_ids(&answer), routed_ids(&cpu));
+    assert_eq!(answer["tokens"], cpu["tokens"]);
+}
+
 #[test]
 fn ask_refuses_bad_input_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,17 +1,21 @@
-//! A stand-in for the CUDA driver (`libcuda.so`) and cuBLAS (`libcublas.so`) that runs msa-cuda on the
-//! CPU, so its tests run on machines without an NVIDIA GPU (CI). cudarc loads both libraries at run
-//! time by name; `cargo xtask test` links this library under those names in a folder on
-//! `LD_LIBRARY_PATH` and runs msa-cuda's GPU tests against it.
+//! A stand-in for the CUDA driver (`libcuda.so`), cuBLAS (`libcublas.so`) and NCCL (`libnccl.so`)
+//! that runs msa-cuda on the CPU, so its tests run on machines without an NVIDIA GPU (CI). cudarc loads
+//! these libraries at run time by name; `cargo xtask test` links this library under those names in a
+//! folder on `LD_LIBRARY_PATH` and runs msa-cuda's GPU tests against it.
 //!
-//! What runs is msa-cuda itself: its Rust code, its launches and cuBLAS calls, and its kernels —
+//! What runs is msa-cuda itself: its Rust code, its launches, cuBLAS and NCCL calls, and its kernels —
 //! kernels.cu compiled by the host C++ compiler (emulator.cpp), each block's threads run as fibers,
-//! one warp running ahead of the others from barrier to barrier. NVRTC is the real one: the kernels are also compiled for
-//! the GPU, and the module it makes is accepted and ignored. What is emulated, and checked:
+//! one warp running ahead of the others from barrier to barrier. NVRTC is the real one: the kernels
+//! are also compiled for the GPU, and the module it makes is accepted and ignored. What is emulated,
+//! and checked:
 //! - device memory is host memory, filled with 0xff bytes when allocated (f32 NaN, u32 `!0`), so a
 //!   kernel or copy that reads global memory nothing wrote shows up in the results (shared memory is
 //!   not poisoned);
-//! - every allocation is registered: copies, memsets and GEMM operands outside one are refused, as are
-//!   frees of anything else and empty allocations (kernels' own accesses are not checked);
+//! - every allocation is registered with its device: copies, memsets and GEMM operands outside one are
+//!   refused, as are frees of anything else and empty allocations (kernels' own accesses are not
+//!   checked); GEMM operands and NCCL buffers must be memory of the device they run on;
+//! - contexts: allocations, streams and cuBLAS handles belong to the device current when they are
+//!   made, and a cuBLAS call on a handle of another device than the current one is refused;
 //! - launches beyond a GPU's grid and block limits are refused, and so are warp shuffles without
 //!   their whole warp and barriers that would hang (emulator.cpp);
 //! - every operation runs when it is queued, in queue order across streams: one valid order of any
@@ -19,6 +23,7 @@
 //!   unnoticed (a missing `__syncthreads` between warps does show);
 //! - cuBLAS GEMMs follow its documented column-major contract, summing in f64 (more exactly than
 //!   tensor cores);
+//! - NCCL cliques of this process's devices and their broadcasts ([`nccl`]);
 //! - events time only when created to (cuEventElapsedTime refuses others, as the driver does).
 //!
 //! `MSA_CUDA_EMULATOR_DEVICES` sets how many devices it reports (1 by default); each reports itself as
@@ -67,9 +72,9 @@ unsafe extern "C" {
 }
 
 use CUresult::{
-    CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_HANDLE, CUDA_ERROR_INVALID_VALUE,
-    CUDA_ERROR_LAUNCH_FAILED, CUDA_ERROR_NOT_FOUND, CUDA_ERROR_NOT_SUPPORTED,
-    CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS,
+    CUDA_ERROR_INVALID_CONTEXT, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_HANDLE,
+    CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_LAUNCH_FAILED, CUDA_ERROR_NOT_FOUND,
+    CUDA_ERROR_NOT_SUPPORTED, CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS,
 };
 
 /// How many devices it reports.
@@ -122,14 +127,23 @@ fn token(n: usize) -> *mut c_void {
     ((n + 1) * 64) as *mut c_void
 }
 
+pub mod nccl;
+
 // ---- Memory: host allocations, registered so that frees, copies and GEMM operands are checked -----
 
 const ALIGN: usize = 256;
 
-/// Every live allocation (device memory and page-locked host memory): start address → bytes.
-static ALLOCATIONS: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
+/// Where an allocation lives, as far as its users can tell: on one device, or page-locked host memory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Home {
+    Device(CUdevice),
+    Host,
+}
 
-fn allocations() -> MutexGuard<'static, BTreeMap<usize, usize>> {
+/// Every live allocation (device memory and page-locked host memory): start address → bytes, home.
+static ALLOCATIONS: Mutex<BTreeMap<usize, (usize, Home)>> = Mutex::new(BTreeMap::new());
+
+fn allocations() -> MutexGuard<'static, BTreeMap<usize, (usize, Home)>> {
     ALLOCATIONS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -139,7 +153,7 @@ fn layout(bytes: usize) -> Result<Layout, CUresult> {
     Layout::from_size_align(bytes, ALIGN).map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)
 }
 
-fn allocate(bytes: usize) -> Result<*mut u8, CUresult> {
+fn allocate(bytes: usize, home: Home) -> Result<*mut u8, CUresult> {
     // As the driver: no empty allocations.
     if bytes == 0 {
         return Err(CUDA_ERROR_INVALID_VALUE);
@@ -151,13 +165,13 @@ fn allocate(bytes: usize) -> Result<*mut u8, CUresult> {
     }
     // SAFETY: `bytes` were just allocated.
     unsafe { std::ptr::write_bytes(ptr, 0xff, bytes) };
-    allocations().insert(ptr as usize, bytes);
+    allocations().insert(ptr as usize, (bytes, home));
     Ok(ptr)
 }
 
 /// Frees an allocation; an address that is not one (freed already, or never allocated) is refused.
 fn release(ptr: *mut u8) -> Result<(), CUresult> {
-    let bytes = allocations()
+    let (bytes, _) = allocations()
         .remove(&(ptr as usize))
         .ok_or(CUDA_ERROR_INVALID_VALUE)?;
     // SAFETY: allocated by `allocate` with this layout, and no longer registered.
@@ -165,17 +179,36 @@ fn release(ptr: *mut u8) -> Result<(), CUresult> {
     Ok(())
 }
 
-/// Refuses `bytes` at `ptr` unless they lie inside one live allocation.
-fn check_range(ptr: usize, bytes: usize) -> Result<(), CUresult> {
+/// The home of the one live allocation holding `bytes` at `ptr`; refused when none does. No bytes
+/// lie anywhere (`None`).
+pub(crate) fn check_range(ptr: usize, bytes: usize) -> Result<Option<Home>, CUresult> {
     if bytes == 0 {
-        return Ok(());
+        return Ok(None);
     }
     match allocations().range(..=ptr).next_back() {
-        Some((&start, &len)) if ptr.checked_add(bytes).is_some_and(|end| end <= start + len) => {
-            Ok(())
+        Some((&start, &(len, home)))
+            if ptr.checked_add(bytes).is_some_and(|end| end <= start + len) =>
+        {
+            Ok(Some(home))
         }
         _ => {
             eprintln!("msa-cuda-emulator: {bytes} bytes at {ptr:#x} are not inside one allocation");
+            Err(CUDA_ERROR_INVALID_VALUE)
+        }
+    }
+}
+
+/// As [`check_range`], and the allocation must be memory of `device`: a GPU reaches another's memory
+/// only through peer access, which msa-cuda does not enable.
+pub(crate) fn check_on(ptr: usize, bytes: usize, device: CUdevice) -> Result<(), CUresult> {
+    match check_range(ptr, bytes)? {
+        None => Ok(()),
+        Some(Home::Device(home)) if home == device => Ok(()),
+        Some(home) => {
+            eprintln!(
+                "msa-cuda-emulator: {bytes} bytes at {ptr:#x} are memory of {home:?}, used on device \
+                 {device}"
+            );
             Err(CUDA_ERROR_INVALID_VALUE)
         }
     }
@@ -294,10 +327,17 @@ pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut CUcontext) -> CUresult {
     status(|| unsafe { put(ctx, CURRENT.get()) })
 }
 
+/// The device of this thread's current context; none is an error, as in the driver.
+pub(crate) fn current_device() -> Result<CUdevice, CUresult> {
+    match CURRENT.get() as usize {
+        0 => Err(CUDA_ERROR_INVALID_CONTEXT),
+        ctx => Ok((ctx / 64 - 1) as CUdevice),
+    }
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
-    let ctx = CURRENT.get() as usize;
-    status(|| unsafe { put(device, (ctx / 64).saturating_sub(1) as CUdevice) })
+    status(|| unsafe { put(device, current_device()?) })
 }
 
 #[unsafe(no_mangle)]
@@ -309,12 +349,22 @@ pub extern "C" fn cuCtxSynchronize() -> CUresult {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamCreate(stream: *mut CUstream, _flags: c_uint) -> CUresult {
-    status(|| unsafe { hand_out(stream, 0u8) })
+    // A stream belongs to the device current when it is made.
+    status(|| unsafe { hand_out(stream, current_device()?) })
+}
+
+/// The device of a stream from cuStreamCreate; the current one for the null stream.
+unsafe fn stream_device(stream: CUstream) -> Result<CUdevice, CUresult> {
+    // SAFETY: the caller passes a stream from cuStreamCreate, not yet destroyed, or null.
+    match unsafe { stream.cast::<CUdevice>().as_ref() } {
+        Some(&device) => Ok(device),
+        None => current_device(),
+    }
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamDestroy_v2(stream: CUstream) -> CUresult {
-    match unsafe { take_back::<u8, _>(stream) } {
+    match unsafe { take_back::<CUdevice, _>(stream) } {
         true => CUDA_SUCCESS,
         false => CUDA_ERROR_INVALID_VALUE,
     }
@@ -428,7 +478,12 @@ pub unsafe extern "C" fn cuEventElapsedTime_v2(
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> CUresult {
-    status(|| unsafe { put(ptr, allocate(bytes)? as CUdeviceptr) })
+    status(|| unsafe {
+        put(
+            ptr,
+            allocate(bytes, Home::Device(current_device()?))? as CUdeviceptr,
+        )
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -456,7 +511,7 @@ pub unsafe extern "C" fn cuMemHostAlloc(
     bytes: usize,
     _flags: c_uint,
 ) -> CUresult {
-    status(|| unsafe { put(ptr, allocate(bytes)?.cast()) })
+    status(|| unsafe { put(ptr, allocate(bytes, Home::Host)?.cast()) })
 }
 
 #[unsafe(no_mangle)]
@@ -697,7 +752,7 @@ pub unsafe extern "C" fn cuGetErrorString(error: u32, text: *mut *const c_char) 
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuGetErrorName(error: u32, text: *mut *const c_char) -> CUresult {
-    let names: [(CUresult, &'static CStr); 8] = [
+    let names: [(CUresult, &'static CStr); 9] = [
         (CUDA_SUCCESS, c"CUDA_SUCCESS"),
         (
             CUDA_ERROR_INVALID_VALUE,
@@ -705,6 +760,7 @@ pub unsafe extern "C" fn cuGetErrorName(error: u32, text: *mut *const c_char) ->
         ),
         (CUDA_ERROR_OUT_OF_MEMORY, c"CUDA_ERROR_OUT_OF_MEMORY"),
         (CUDA_ERROR_INVALID_DEVICE, c"CUDA_ERROR_INVALID_DEVICE"),
+        (CUDA_ERROR_INVALID_CONTEXT, c"CUDA_ERROR_INVALID_CONTEXT"),
         (CUDA_ERROR_INVALID_HANDLE, c"CUDA_ERROR_INVALID_HANDLE"),
         (CUDA_ERROR_NOT_FOUND, c"CUDA_ERROR_NOT_FOUND"),
         (CUDA_ERROR_NOT_SUPPORTED, c"CUDA_ERROR_NOT_SUPPORTED"),
@@ -726,15 +782,37 @@ pub unsafe extern "C" fn cuGetErrorName(error: u32, text: *mut *const c_char) ->
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cublasCreate_v2(handle: *mut cublasHandle_t) -> cublasStatus_t {
-    match unsafe { hand_out(handle, 0u8) } {
+    // A handle belongs to the device current when it is made.
+    let Ok(device) = current_device() else {
+        return cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED;
+    };
+    match unsafe { hand_out(handle, device) } {
         Ok(()) => cublasStatus_t::CUBLAS_STATUS_SUCCESS,
         Err(_) => cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE,
     }
 }
 
+/// The device of a handle made by cublasCreate_v2, which must be the current one: cuBLAS runs its
+/// kernels in the current context.
+unsafe fn handle_device(handle: cublasHandle_t) -> Result<CUdevice, cublasStatus_t> {
+    // SAFETY: the caller passes a handle from cublasCreate_v2, not yet destroyed.
+    let device = *unsafe { handle.cast::<CUdevice>().as_ref() }
+        .ok_or(cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED)?;
+    match current_device() {
+        Ok(current) if current == device => Ok(device),
+        current => {
+            eprintln!(
+                "msa-cuda-emulator: a cuBLAS call on device {device}'s handle while the current \
+                 device is {current:?}"
+            );
+            Err(cublasStatus_t::CUBLAS_STATUS_EXECUTION_FAILED)
+        }
+    }
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cublasDestroy_v2(handle: cublasHandle_t) -> cublasStatus_t {
-    match unsafe { take_back::<u8, _>(handle) } {
+    match unsafe { take_back::<CUdevice, _>(handle) } {
         true => cublasStatus_t::CUBLAS_STATUS_SUCCESS,
         false => cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED,
     }
@@ -804,8 +882,8 @@ struct Operand {
 }
 
 impl Operand {
-    /// cuBLAS's checks, then the operand's bytes against its allocation.
-    fn check(&self, batch: i64) -> Result<(), cublasStatus_t> {
+    /// cuBLAS's checks, then the operand's bytes against its allocation, on `device`.
+    fn check(&self, batch: i64, device: CUdevice) -> Result<(), cublasStatus_t> {
         let invalid = cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE;
         if self.ld < self.rows.max(1) {
             return Err(invalid);
@@ -815,7 +893,7 @@ impl Operand {
         }
         let last = (self.rows - 1) + (self.cols - 1) * self.ld + (batch - 1) * self.stride;
         let bytes = usize::try_from(last + 1).map_err(|_| invalid)? * self.element.size();
-        check_range(self.data as usize, bytes).map_err(|_| invalid)
+        check_on(self.data as usize, bytes, device).map_err(|_| invalid)
     }
 
     /// Stored element (row, col) of GEMM `g` of the batch.
@@ -829,9 +907,10 @@ impl Operand {
 }
 
 /// `batch` GEMMs C = alpha · op(A) · op(B) + beta · C, column-major, C of f32 (the only output
-/// msa-cuda asks for), summed in f64.
+/// msa-cuda asks for), summed in f64, on the device of `handle`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm(
+    handle: cublasHandle_t,
     (transa, transb): (u32, u32),
     (m, n, k): (c_int, c_int, c_int),
     (alpha, beta): (f32, f32),
@@ -851,6 +930,10 @@ unsafe fn gemm(
     if m < 0 || n < 0 || k < 0 || batch < 0 {
         return cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE;
     }
+    let device = match unsafe { handle_device(handle) } {
+        Ok(device) => device,
+        Err(status) => return status,
+    };
     let (m, n, k, batch) = (i64::from(m), i64::from(n), i64::from(k), i64::from(batch));
     // Stored shapes: op(A) is m × k, so A is k × m when transposed; op(B) is k × n.
     let operand = |(data, element, ld, stride): (*const u8, Element, c_int, i64), t, rows, cols| {
@@ -874,8 +957,11 @@ unsafe fn gemm(
         stride: c.2,
     };
     for (operand, name) in [(a, "A"), (b, "B"), (c_operand, "C")] {
-        if let Err(status) = operand.check(batch) {
-            eprintln!("msa-cuda-emulator: a GEMM's {name} is malformed or outside its allocation");
+        if let Err(status) = operand.check(batch, device) {
+            eprintln!(
+                "msa-cuda-emulator: a GEMM's {name} is malformed, or not inside one allocation of \
+                 its device"
+            );
             return status;
         }
     }
@@ -926,12 +1012,13 @@ pub unsafe extern "C" fn cublasSgemm_v2(
     c: *mut f32,
     ldc: c_int,
 ) -> cublasStatus_t {
-    if handle.is_null() || alpha.is_null() || beta.is_null() {
+    if alpha.is_null() || beta.is_null() {
         return cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE;
     }
     // SAFETY: host scalars; the operands are checked against their allocations.
     unsafe {
         gemm(
+            handle,
             (transa, transb),
             (m, n, k),
             (*alpha, *beta),
@@ -999,7 +1086,7 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
     compute: u32,
     _algo: c_int,
 ) -> cublasStatus_t {
-    if handle.is_null() || alpha.is_null() || beta.is_null() {
+    if alpha.is_null() || beta.is_null() {
         return cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE;
     }
     // msa-cuda computes in f32 (scalars f32) into f32 outputs, A and B of one type.
@@ -1017,6 +1104,7 @@ pub unsafe extern "C" fn cublasGemmStridedBatchedEx(
     // allocations.
     unsafe {
         gemm(
+            handle,
             (transa, transb),
             (m, n, k),
             (*alpha.cast::<f32>(), *beta.cast::<f32>()),

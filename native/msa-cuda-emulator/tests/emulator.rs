@@ -12,6 +12,9 @@ use cudarc::cublas::sys::{
 use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUresult};
 use msa_cuda_emulator as cuda;
 
+mod common;
+use common::{device, make_current, read};
+
 /// One argument of a launch, as cuLaunchKernel takes them: a pointer to its value.
 enum Arg {
     Ptr(CUdeviceptr),
@@ -127,37 +130,9 @@ fn unknown_kernels_are_not_found() {
     assert_eq!(found, CUresult::CUDA_ERROR_NOT_FOUND);
 }
 
-/// Device memory holding `data`.
-fn device<T: Copy>(data: &[T]) -> CUdeviceptr {
-    let bytes = std::mem::size_of_val(data);
-    let mut ptr: CUdeviceptr = 0;
-    // SAFETY: an out-pointer, then `bytes` copied into the new allocation of that size.
-    unsafe {
-        assert_eq!(cuda::cuMemAlloc_v2(&mut ptr, bytes), CUresult::CUDA_SUCCESS);
-        let copied =
-            cuda::cuMemcpyHtoDAsync_v2(ptr, data.as_ptr().cast(), bytes, std::ptr::null_mut());
-        assert_eq!(copied, CUresult::CUDA_SUCCESS);
-    }
-    ptr
-}
-
-fn read<T: Copy + Default>(ptr: CUdeviceptr, len: usize) -> Vec<T> {
-    let mut out = vec![T::default(); len];
-    // SAFETY: `len` elements read from an allocation at least that long (checked by the stand-in).
-    let copied = unsafe {
-        cuda::cuMemcpyDtoHAsync_v2(
-            out.as_mut_ptr().cast(),
-            ptr,
-            std::mem::size_of_val(out.as_slice()),
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(copied, CUresult::CUDA_SUCCESS);
-    out
-}
-
 #[test]
 fn device_memory_starts_poisoned_and_is_checked() {
+    make_current(0);
     let mut ptr: CUdeviceptr = 0;
     // SAFETY: an out-pointer; reads and copies within (or refused outside) the 16 bytes; freed once.
     unsafe {
@@ -258,6 +233,7 @@ fn half_bits(values: &[f32], dtype: cudaDataType) -> Vec<u16> {
 ///   B₁ with columns [1, 1] and [2, 0] (stride 4); C₀ = [1, 2], C₁ = [7, 6] (stride 2).
 #[test]
 fn gemm_follows_the_column_major_contract() {
+    make_current(0);
     let dtypes = [
         cudaDataType::CUDA_R_32F,
         cudaDataType::CUDA_R_16BF,

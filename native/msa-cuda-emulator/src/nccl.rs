@@ -1,0 +1,374 @@
+//! A stand-in for NCCL (`libnccl.so`): cliques of this process's emulated devices made by
+//! `ncclCommInitAll`, and the broadcast msa-cuda sends router queries with, inside NCCL groups.
+//!
+//! As the driver's work, a collective runs when it is queued: once every rank's part has been
+//! recorded, which for a clique one thread drives is the end of the group holding them all (NCCL's own
+//! rule for that case, which would otherwise hang). Checked, and refused with NCCL's error codes and a
+//! message in `ncclGetLastError`:
+//! - arguments as NCCL checks them: a root outside the clique, a null buffer, an unknown type;
+//! - every rank's part of a collective agrees on count, type and root;
+//! - the group holds every rank's part of each collective it starts (a part left waiting for a rank
+//!   that never comes would hang a GPU);
+//! - each buffer lies inside one allocation of its rank's device, and each stream is that device's;
+//! - one device per rank, as NCCL requires.
+//!
+//! After a group, the device of its last part stays current, as NCCL may leave it: the caller must
+//! make its own context current again.
+
+use std::cell::RefCell;
+use std::ffi::{CString, c_char, c_int, c_void};
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUdevice, CUresult};
+use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclResult_t};
+
+use crate::{CURRENT, check_device, check_on, stream_device, take_back, token};
+use ncclResult_t::{ncclInvalidArgument, ncclInvalidUsage, ncclSuccess, ncclUnhandledCudaError};
+
+/// The version reported: that of the NCCL API msa-cuda's bindings (cudarc's `nccl-02026`) describe.
+const VERSION: c_int = 22600;
+
+/// One rank of a clique.
+struct Comm {
+    clique: Arc<()>,
+    rank: usize,
+    world: usize,
+    device: CUdevice,
+}
+
+/// One rank's part of a broadcast, as recorded.
+struct Part {
+    clique: Arc<()>,
+    rank: usize,
+    world: usize,
+    device: CUdevice,
+    send: *const u8,
+    receive: *mut u8,
+    bytes: usize,
+    datatype: u32,
+    root: usize,
+}
+
+thread_local! {
+    /// Open groups on this thread: their depth, and the parts recorded inside them.
+    static GROUP: RefCell<(usize, Vec<Part>)> = const { RefCell::new((0, Vec::new())) };
+    /// The message of this thread's last failed call, for `ncclGetLastError`.
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+/// Records why a call fails, prints it (as the driver's stand-in does) and returns its code.
+fn fail(code: ncclResult_t, why: String) -> ncclResult_t {
+    eprintln!("msa-cuda-emulator (NCCL): {why}");
+    LAST_ERROR.set(CString::new(why).unwrap_or_default());
+    code
+}
+
+fn result(body: impl FnOnce() -> Result<(), (ncclResult_t, String)>) -> ncclResult_t {
+    match body() {
+        Ok(()) => ncclSuccess,
+        Err((code, why)) => fail(code, why),
+    }
+}
+
+/// Bytes per element of an NCCL data type.
+fn element_size(datatype: u32) -> Option<usize> {
+    use ncclDataType_t::*;
+    [
+        (ncclInt8, 1),
+        (ncclUint8, 1),
+        (ncclInt32, 4),
+        (ncclUint32, 4),
+        (ncclInt64, 8),
+        (ncclUint64, 8),
+        (ncclFloat16, 2),
+        (ncclFloat32, 4),
+        (ncclFloat64, 8),
+        (ncclBfloat16, 2),
+    ]
+    .into_iter()
+    .find(|(t, _)| *t as u32 == datatype)
+    .map(|(_, size)| size)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclGetVersion(version: *mut c_int) -> ncclResult_t {
+    if version.is_null() {
+        return fail(ncclInvalidArgument, "ncclGetVersion: a null pointer".into());
+    }
+    // SAFETY: a non-null out-pointer.
+    unsafe { version.write(VERSION) };
+    ncclSuccess
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn ncclGetErrorString(code: u32) -> *const c_char {
+    match code {
+        0 => c"no error",
+        1 => c"unhandled cuda error (run with NCCL_DEBUG=INFO for details)",
+        4 => c"invalid argument (run with NCCL_DEBUG=WARN for details)",
+        5 => c"invalid usage (run with NCCL_DEBUG=WARN for details)",
+        _ => c"an NCCL error msa-cuda-emulator does not raise",
+    }
+    .as_ptr()
+}
+
+/// This thread's last error, whatever the communicator (as NCCL, which keeps one per thread).
+#[unsafe(no_mangle)]
+pub extern "C" fn ncclGetLastError(_comm: ncclComm_t) -> *const c_char {
+    // The string lives until this thread's next failed call.
+    LAST_ERROR.with_borrow(|text| text.as_ptr())
+}
+
+/// A clique of `ndev` ranks, rank r on device `devlist[r]` (device r for a null list).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclCommInitAll(
+    comms: *mut ncclComm_t,
+    ndev: c_int,
+    devlist: *const c_int,
+) -> ncclResult_t {
+    result(|| {
+        let world = usize::try_from(ndev).ok().filter(|&n| n > 0).ok_or((
+            ncclInvalidArgument,
+            format!("ncclCommInitAll: {ndev} devices"),
+        ))?;
+        if comms.is_null() {
+            return Err((
+                ncclInvalidArgument,
+                "ncclCommInitAll: a null pointer".into(),
+            ));
+        }
+        let devices: Vec<CUdevice> = match devlist.is_null() {
+            // SAFETY: the caller's list holds `ndev` devices.
+            false => unsafe { std::slice::from_raw_parts(devlist, world) }.to_vec(),
+            true => (0..ndev).collect(),
+        };
+        for (rank, &device) in devices.iter().enumerate() {
+            if check_device(device).is_err() {
+                return Err((
+                    ncclUnhandledCudaError,
+                    format!("ncclCommInitAll: rank {rank}'s device {device} does not exist"),
+                ));
+            }
+            if devices[..rank].contains(&device) {
+                return Err((
+                    ncclInvalidUsage,
+                    format!("ncclCommInitAll: duplicate GPU detected: device {device} twice"),
+                ));
+            }
+        }
+        let clique = Arc::new(());
+        for (rank, device) in devices.into_iter().enumerate() {
+            let comm = Comm {
+                clique: clique.clone(),
+                rank,
+                world,
+                device,
+            };
+            // SAFETY: the caller's array holds `ndev` communicators.
+            unsafe { comms.add(rank).write(Box::into_raw(Box::new(comm)).cast()) };
+        }
+        Ok(())
+    })
+}
+
+unsafe fn destroy(comm: ncclComm_t) -> ncclResult_t {
+    // SAFETY: the caller passes a communicator from ncclCommInitAll, not yet destroyed.
+    match unsafe { take_back::<Comm, _>(comm) } {
+        true => ncclSuccess,
+        false => fail(ncclInvalidArgument, "a null communicator".into()),
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclCommDestroy(comm: ncclComm_t) -> ncclResult_t {
+    unsafe { destroy(comm) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclCommAbort(comm: ncclComm_t) -> ncclResult_t {
+    unsafe { destroy(comm) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn ncclGroupStart() -> ncclResult_t {
+    GROUP.with_borrow_mut(|(depth, _)| *depth += 1);
+    ncclSuccess
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn ncclGroupEnd() -> ncclResult_t {
+    let parts = GROUP.with_borrow_mut(|(depth, parts)| match depth {
+        0 => None,
+        1 => {
+            *depth = 0;
+            Some(std::mem::take(parts))
+        }
+        _ => {
+            *depth -= 1;
+            Some(Vec::new())
+        }
+    });
+    match parts {
+        None => fail(
+            ncclInvalidUsage,
+            "ncclGroupEnd without ncclGroupStart".into(),
+        ),
+        Some(parts) => result(|| run(parts)),
+    }
+}
+
+/// Copies the root's buffer into every rank's, for each broadcast of `parts`, once every part is
+/// found and agrees.
+fn run(parts: Vec<Part>) -> Result<(), (ncclResult_t, String)> {
+    // Each clique's parts, rank by rank, in the order recorded.
+    let mut cliques: Vec<Vec<Vec<&Part>>> = Vec::new();
+    for part in &parts {
+        let at = cliques.iter().position(|ranks| {
+            ranks
+                .iter()
+                .flatten()
+                .any(|p| Arc::ptr_eq(&p.clique, &part.clique))
+        });
+        let ranks = match at {
+            Some(at) => &mut cliques[at],
+            None => {
+                cliques.push(vec![Vec::new(); part.world]);
+                cliques.last_mut().expect("just pushed")
+            }
+        };
+        ranks[part.rank].push(part);
+    }
+    for ranks in &cliques {
+        let recorded: Vec<usize> = ranks.iter().map(Vec::len).collect();
+        if recorded.iter().any(|&n| n != recorded[0]) {
+            return Err((
+                ncclInvalidUsage,
+                format!(
+                    "a group ended with broadcasts recorded per rank {recorded:?}: every rank's \
+                     part must be recorded in the group (one thread driving a clique would hang \
+                     waiting for the others)"
+                ),
+            ));
+        }
+        for call in 0..recorded[0] {
+            let first = ranks[0][call];
+            for part in ranks.iter().map(|calls| calls[call]) {
+                if (part.bytes, part.datatype, part.root)
+                    != (first.bytes, first.datatype, first.root)
+                {
+                    return Err((
+                        ncclInvalidUsage,
+                        format!(
+                            "broadcast {call} of a group: rank {} asks for {} bytes of type {} from \
+                             root {}, rank 0 for {} bytes of type {} from root {}",
+                            part.rank,
+                            part.bytes,
+                            part.datatype,
+                            part.root,
+                            first.bytes,
+                            first.datatype,
+                            first.root
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    for ranks in &cliques {
+        for call in 0..ranks[0].len() {
+            let source = ranks[ranks[0][call].root][call];
+            for part in ranks.iter().map(|calls| calls[call]) {
+                // SAFETY: both buffers were checked inside allocations of `bytes` when recorded;
+                // the root's may be its own receive buffer.
+                unsafe { std::ptr::copy(source.send, part.receive, part.bytes) };
+            }
+        }
+    }
+    if let Some(last) = parts.last() {
+        CURRENT.set(token(last.device as usize).cast());
+    }
+    Ok(())
+}
+
+/// Records one rank's part of a broadcast of `count` elements from rank `root`'s `send` into every
+/// rank's `receive`; it runs at the end of the group (at once outside one).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclBroadcast(
+    send: *const c_void,
+    receive: *mut c_void,
+    count: usize,
+    datatype: u32,
+    root: c_int,
+    comm: ncclComm_t,
+    stream: cudaStream_t,
+) -> ncclResult_t {
+    // SAFETY: the caller passes a communicator from ncclCommInitAll, not yet destroyed.
+    let Some(comm) = (unsafe { comm.cast::<Comm>().as_ref() }) else {
+        return fail(
+            ncclInvalidArgument,
+            "ncclBroadcast: a null communicator".into(),
+        );
+    };
+    let recorded = result(|| {
+        let invalid = |why: String| (ncclInvalidArgument, format!("ncclBroadcast: {why}"));
+        let size = element_size(datatype).ok_or_else(|| invalid(format!("type {datatype}")))?;
+        let root = usize::try_from(root)
+            .ok()
+            .filter(|&r| r < comm.world)
+            .ok_or_else(|| invalid(format!("root {root} of a clique of {}", comm.world)))?;
+        let bytes = count
+            .checked_mul(size)
+            .ok_or_else(|| invalid(format!("{count} elements")))?;
+        let is_root = comm.rank == root;
+        if receive.is_null() || (is_root && send.is_null()) {
+            return Err(invalid(format!("a null buffer on rank {}", comm.rank)));
+        }
+        // SAFETY: a stream handle from cuStreamCreate, or null.
+        let on = unsafe { stream_device(stream.cast()) };
+        if on != Ok(comm.device) {
+            return Err((
+                ncclUnhandledCudaError,
+                format!(
+                    "ncclBroadcast: rank {} of device {} queued on a stream of device {on:?}",
+                    comm.rank, comm.device
+                ),
+            ));
+        }
+        let mut buffers = vec![receive as usize];
+        if is_root {
+            buffers.push(send as usize);
+        }
+        for buffer in buffers {
+            check_on(buffer, bytes, comm.device).map_err(|e: CUresult| {
+                (
+                    ncclUnhandledCudaError,
+                    format!("ncclBroadcast: rank {}'s buffer: {e:?}", comm.rank),
+                )
+            })?;
+        }
+        let part = Part {
+            clique: comm.clique.clone(),
+            rank: comm.rank,
+            world: comm.world,
+            device: comm.device,
+            send: send.cast(),
+            receive: receive.cast(),
+            bytes,
+            datatype,
+            root,
+        };
+        GROUP.with_borrow_mut(|(_, parts)| parts.push(part));
+        Ok(())
+    });
+    if recorded != ncclSuccess {
+        return recorded;
+    }
+    // Outside a group, the call is a group of its own.
+    match GROUP.with_borrow(|(depth, _)| *depth) {
+        0 => {
+            let parts = GROUP.with_borrow_mut(|(_, parts)| std::mem::take(parts));
+            result(|| run(parts))
+        }
+        _ => ncclSuccess,
+    }
+}
