@@ -281,9 +281,11 @@ fn uneven_pieces<'p>(bytes: &'p [u8]) -> impl FnMut(&mut dyn FnMut(&'p [u8])) + 
 
 /// `upload_weight_from` (how fetched memory pages arrive, in pieces of any size) holds what
 /// `upload_weight` of the same bytes holds, read back through `embedding`, for every dtype: small
-/// weights and ones past 1 MiB, and one uploaded while other work that allocates and frees is still
-/// queued (a GPU backend may gather into pinned memory and copy on a stream of its own). Pieces
-/// that fall short of the weight's size, or run past it, are refused as the reference refuses them.
+/// weights and ones past 1 MiB, and other values uploaded right after, while other work that
+/// allocates and frees is still queued (a GPU backend may gather into pinned memory and copy on a
+/// stream of its own: the second gather must not overwrite what the first copy has yet to read).
+/// Pieces that fall short of the weight's size, or run past it, are refused as the reference refuses
+/// them.
 pub fn check_weights_from_pieces<B: Backend>(backend: &B, _tol: &Tolerances) {
     let p = Pair::new(backend);
     let mut rng = StdRng::seed_from_u64(13);
@@ -297,15 +299,20 @@ pub fn check_weights_from_pieces<B: Backend>(backend: &B, _tol: &Tolerances) {
                 .backend
                 .upload_weight_from("pieces", dtype, &shape, &mut pieces)
                 .unwrap();
-            // The same bytes again, behind work that allocates and frees as it goes.
+            // Other values next, behind work that allocates and frees as it goes.
             let busy = busy_work(p.backend);
+            let next_values = random(&mut rng, rows * width);
+            let next_bytes = weight_bytes(&next_values, dtype);
             let behind = p
                 .backend
-                .upload_weight_from("pieces", dtype, &shape, &mut pieces)
+                .upload_weight_from("pieces", dtype, &shape, &mut uneven_pieces(&next_bytes))
                 .unwrap();
-            let (_, c) = weights_of(p.backend, &p.cpu, &values, &shape, dtype);
             let ids: Vec<u32> = (0..rows as u32).collect();
-            for (weight, when) in [(&b, "idle"), (&behind, "behind other work")] {
+            for (weight, values, when) in [
+                (&b, &values, "first"),
+                (&behind, &next_values, "next, behind other work"),
+            ] {
+                let (_, c) = weights_of(p.backend, &p.cpu, values, &shape, dtype);
                 p.compare(
                     &format!("upload_weight_from {dtype} {rows}x{width}, {when}"),
                     &p.backend.embedding(weight, &ids).unwrap(),

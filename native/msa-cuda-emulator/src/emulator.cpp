@@ -21,6 +21,7 @@
 #include <sys/mman.h>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -108,8 +109,8 @@ struct Block {
     size_t ready_count = 0, warp = 0;        // warp: the one running
     std::vector<unsigned> shuffling;         // per warp, lanes waiting in a shuffle
     size_t at_barrier = 0, live = 0;
-    void (*entry)(void**);
-    void** params;
+    void (*entry)(void*);
+    void* args;
     std::string failure;
     uint64_t seed = 0x9e3779b97f4a7c15u;
 
@@ -133,7 +134,7 @@ void wait(State state) {
 
 [[noreturn]] void fiber_main() {
     Block& b = *self().block;
-    b.entry(b.params);
+    b.entry(b.args);
     wait(State::Done);
     __builtin_unreachable();  // a finished fiber is never resumed
 }
@@ -272,27 +273,35 @@ uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask) {
 
 namespace {
 
-// Calls a kernel with its arguments read from a cuLaunchKernel-style array of pointers to them.
+// A kernel's arguments copied out of a cuLaunchKernel-style array of pointers to them when the launch
+// is queued (as the driver does), and the kernel called with them when it runs.
 template <class F>
 struct Trampoline;
 template <class... A>
 struct Trampoline<void (*)(A...)> {
-    template <void (*F)(A...), size_t... I>
-    static void call(void** params, std::index_sequence<I...>) {
-        F(*static_cast<A*>(params[I])...);
+    using Args = std::tuple<A...>;
+    template <size_t... I>
+    static void* bind_at(void** params, std::index_sequence<I...>) {
+        return new Args(*static_cast<A*>(params[I])...);
     }
+    static void* bind(void** params) { return bind_at(params, std::index_sequence_for<A...>{}); }
     template <void (*F)(A...)>
-    static void run(void** params) {
-        call<F>(params, std::index_sequence_for<A...>{});
+    static void run(void* args) {
+        std::apply(F, *static_cast<Args*>(args));
     }
+    static void unbind(void* args) { delete static_cast<Args*>(args); }
 };
 
 struct Kernel {
     const char* name;
-    void (*run)(void**);
+    void* (*bind)(void**);
+    void (*run)(void*);
+    void (*unbind)(void*);
 };
 
-#define KERNEL(name) Kernel{#name, &Trampoline<decltype(&name)>::run<&name>},
+#define KERNEL(name)                                                                                    \
+    Kernel{#name, &Trampoline<decltype(&name)>::bind, &Trampoline<decltype(&name)>::run<&name>,       \
+           &Trampoline<decltype(&name)>::unbind},
 // msa-cuda's KERNELS, written by build.rs (a name missing from kernels.cu fails this build), and the
 // emulator's own test kernels.
 const Kernel KERNELS[] = {
@@ -311,15 +320,26 @@ extern "C" const void* msa_emulator_kernel(const char* name) {
     return nullptr;
 }
 
-// Runs `kernel` over the grid, block by block; 0 on success, else 1 with a message in `error`.
+// A copy of `kernel`'s arguments, read from cuLaunchKernel's `params`, for msa_emulator_launch; freed by
+// msa_emulator_unbind.
+extern "C" void* msa_emulator_bind(const void* kernel, void** params) {
+    return static_cast<const Kernel*>(kernel)->bind(params);
+}
+
+extern "C" void msa_emulator_unbind(const void* kernel, void* args) {
+    static_cast<const Kernel*>(kernel)->unbind(args);
+}
+
+// Runs `kernel` over the grid, block by block, with arguments from msa_emulator_bind; 0 on success,
+// else 1 with a message in `error`.
 extern "C" int msa_emulator_launch(const void* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                                   unsigned by, unsigned bz, void** params, char* error, size_t error_len) {
+                                   unsigned by, unsigned bz, void* args, char* error, size_t error_len) {
     using namespace emulator;
     const Kernel& k = *static_cast<const Kernel*>(kernel);
     // Fiber stacks are kept per OS thread, for the next launch.
     thread_local Block b;
     b.entry = k.run;
-    b.params = params;
+    b.args = args;
     const uint3 block_dim{bx, by, bz}, grid_dim{gx, gy, gz};
     for (unsigned z = 0; z < gz; z++)
         for (unsigned y = 0; y < gy; y++)

@@ -18,9 +18,10 @@
 //!   made, and a cuBLAS call on a handle of another device than the current one is refused;
 //! - launches beyond a GPU's grid and block limits are refused, and so are warp shuffles without
 //!   their whole warp and barriers that would hang (emulator.cpp);
-//! - every operation runs when it is queued, in queue order across streams: one valid order of any
-//!   correctly synchronised program, so results are right but a missing event or stream wait goes
-//!   unnoticed (a missing `__syncthreads` between warps does show);
+//! - work queued on a stream runs in the stream's order when something waits for it (streams.rs):
+//!   as late as the program allows, so a missing event or stream wait, or page-locked memory read or
+//!   rewritten before its copy was waited for, changes the results; a missing `__syncthreads` between
+//!   warps shows too;
 //! - cuBLAS GEMMs follow its documented column-major contract, summing in f64 (more exactly than
 //!   tensor cores);
 //! - NCCL cliques of this process's devices and their broadcasts ([`nccl`]);
@@ -40,8 +41,8 @@
 use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_int, c_longlong, c_uint, c_void};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 // Enumerations arrive as plain integers (`as u32` below): a value outside a Rust enum would be
@@ -56,6 +57,8 @@ use cudarc::driver::sys::{
 
 unsafe extern "C" {
     fn msa_emulator_kernel(name: *const c_char) -> *const c_void;
+    fn msa_emulator_bind(kernel: *const c_void, params: *mut *mut c_void) -> *mut c_void;
+    fn msa_emulator_unbind(kernel: *const c_void, args: *mut c_void);
     #[allow(clippy::too_many_arguments)]
     fn msa_emulator_launch(
         kernel: *const c_void,
@@ -65,7 +68,7 @@ unsafe extern "C" {
         bx: c_uint,
         by: c_uint,
         bz: c_uint,
-        params: *mut *mut c_void,
+        args: *mut c_void,
         error: *mut c_char,
         error_len: usize,
     ) -> c_int;
@@ -73,7 +76,7 @@ unsafe extern "C" {
 
 use CUresult::{
     CUDA_ERROR_INVALID_CONTEXT, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_HANDLE,
-    CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_LAUNCH_FAILED, CUDA_ERROR_NOT_FOUND,
+    CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_LAUNCH_FAILED, CUDA_ERROR_NOT_FOUND, CUDA_ERROR_NOT_READY,
     CUDA_ERROR_NOT_SUPPORTED, CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS,
 };
 
@@ -128,6 +131,9 @@ fn token(n: usize) -> *mut c_void {
 }
 
 pub mod nccl;
+mod streams;
+
+use streams::{Event, Stream};
 
 // ---- Memory: host allocations, registered so that frees, copies and GEMM operands are checked -----
 
@@ -342,57 +348,54 @@ pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuCtxSynchronize() -> CUresult {
-    CUDA_SUCCESS
+    status(|| streams::synchronize_all(Some(current_device()?)))
 }
 
-// ---- Streams and events: work runs when queued, so they only order and time ---------------------------
+// ---- Streams and events: work runs when waited for (streams.rs) ---------------------------------------
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamCreate(stream: *mut CUstream, _flags: c_uint) -> CUresult {
     // A stream belongs to the device current when it is made.
-    status(|| unsafe { hand_out(stream, current_device()?) })
+    status(|| unsafe { hand_out(stream, Stream::new(current_device()?)) })
 }
 
 /// The device of a stream from cuStreamCreate; the current one for the null stream.
 unsafe fn stream_device(stream: CUstream) -> Result<CUdevice, CUresult> {
-    // SAFETY: the caller passes a stream from cuStreamCreate, not yet destroyed, or null.
-    match unsafe { stream.cast::<CUdevice>().as_ref() } {
-        Some(&device) => Ok(device),
+    match unsafe { streams::stream(stream) } {
+        Some(stream) => Ok(stream.device),
         None => current_device(),
     }
 }
 
+/// As the driver: work still queued on the stream runs first.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamDestroy_v2(stream: CUstream) -> CUresult {
-    match unsafe { take_back::<CUdevice, _>(stream) } {
-        true => CUDA_SUCCESS,
-        false => CUDA_ERROR_INVALID_VALUE,
-    }
+    let Some(queued) = (unsafe { streams::stream(stream) }) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    let drained = queued.synchronize();
+    unsafe { take_back::<Arc<Stream>, _>(stream) };
+    status(|| drained)
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuStreamSynchronize(_stream: CUstream) -> CUresult {
-    CUDA_SUCCESS
+pub unsafe extern "C" fn cuStreamSynchronize(stream: CUstream) -> CUresult {
+    status(|| unsafe { streams::stream(stream) }.map_or(Ok(()), |s| s.synchronize()))
+}
+
+/// Runs the stream's work, as a GPU eventually would for a caller that polls.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamQuery(stream: CUstream) -> CUresult {
+    unsafe { cuStreamSynchronize(stream) }
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuStreamQuery(_stream: CUstream) -> CUresult {
-    CUDA_SUCCESS
-}
-
-#[unsafe(no_mangle)]
-pub extern "C" fn cuStreamWaitEvent(
-    _stream: CUstream,
-    _event: CUevent,
+pub unsafe extern "C" fn cuStreamWaitEvent(
+    stream: CUstream,
+    handle: CUevent,
     _flags: c_uint,
 ) -> CUresult {
-    CUDA_SUCCESS
-}
-
-/// An event: whether it times, and when it was last recorded ([`now`], 0 for never).
-struct Event {
-    timing: bool,
-    recorded: AtomicU64,
+    status(|| unsafe { event(handle)?.wait_on(stream) })
 }
 
 /// Nanoseconds since the first call, plus one.
@@ -402,49 +405,46 @@ fn now() -> u64 {
 }
 
 /// The event behind a handle made by cuEventCreate.
-unsafe fn event<'a>(handle: CUevent) -> Result<&'a Event, CUresult> {
+unsafe fn event<'a>(handle: CUevent) -> Result<&'a Arc<Event>, CUresult> {
     // SAFETY: the caller passes a handle from cuEventCreate, not yet destroyed.
-    unsafe { handle.cast::<Event>().as_ref() }.ok_or(CUDA_ERROR_INVALID_HANDLE)
+    unsafe { handle.cast::<Arc<Event>>().as_ref() }.ok_or(CUDA_ERROR_INVALID_HANDLE)
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuEventCreate(handle: *mut CUevent, flags: c_uint) -> CUresult {
-    let event = Event {
-        timing: flags & CUevent_flags::CU_EVENT_DISABLE_TIMING as c_uint == 0,
-        recorded: AtomicU64::new(0),
-    };
-    status(|| unsafe { hand_out(handle, event) })
+    let timing = flags & CUevent_flags::CU_EVENT_DISABLE_TIMING as c_uint == 0;
+    status(|| unsafe { hand_out(handle, Event::new(timing)) })
 }
 
+/// As the driver: a record still queued runs when its stream gets there.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuEventDestroy_v2(handle: CUevent) -> CUresult {
-    match unsafe { take_back::<Event, _>(handle) } {
+    match unsafe { take_back::<Arc<Event>, _>(handle) } {
         true => CUDA_SUCCESS,
         false => CUDA_ERROR_INVALID_HANDLE,
     }
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuEventRecord(handle: CUevent, _stream: CUstream) -> CUresult {
+pub unsafe extern "C" fn cuEventRecord(handle: CUevent, stream: CUstream) -> CUresult {
     status(|| {
-        unsafe { event(handle) }?
-            .recorded
-            .store(now(), Ordering::Relaxed);
+        unsafe { event(handle)?.record(stream) };
         Ok(())
     })
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cuEventSynchronize(_event: CUevent) -> CUresult {
-    CUDA_SUCCESS
+pub unsafe extern "C" fn cuEventSynchronize(handle: CUevent) -> CUresult {
+    status(|| unsafe { event(handle) }?.synchronize())
 }
 
+/// Runs the work before the event, as a GPU eventually would for a caller that polls.
 #[unsafe(no_mangle)]
-pub extern "C" fn cuEventQuery(_event: CUevent) -> CUresult {
-    CUDA_SUCCESS
+pub unsafe extern "C" fn cuEventQuery(handle: CUevent) -> CUresult {
+    unsafe { cuEventSynchronize(handle) }
 }
 
-/// As the driver: both events must time, and both must have been recorded.
+/// As the driver: both events must time, and both records must have run.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuEventElapsedTime(
     ms: *mut f32,
@@ -453,13 +453,11 @@ pub unsafe extern "C" fn cuEventElapsedTime(
 ) -> CUresult {
     status(|| {
         let (start, end) = unsafe { (event(start)?, event(end)?) };
-        let at = |e: &Event| match e.recorded.load(Ordering::Relaxed) {
-            0 => None,
-            t if e.timing => Some(t),
-            _ => None,
-        };
-        let (Some(start), Some(end)) = (at(start), at(end)) else {
+        if !start.timing || !end.timing {
             return Err(CUDA_ERROR_INVALID_HANDLE);
+        }
+        let (Some(start), Some(end)) = (start.recorded_at(), end.recorded_at()) else {
+            return Err(CUDA_ERROR_NOT_READY);
         };
         unsafe { put(ms, end.saturating_sub(start) as f32 / 1e6) }
     })
@@ -495,14 +493,24 @@ pub unsafe extern "C" fn cuMemAllocAsync(
     unsafe { cuMemAlloc_v2(ptr, bytes) }
 }
 
+/// As the driver: a free that is not stream-ordered waits for the work queued before it.
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
+    // An error of a stream's work is reported by its own synchronisation.
+    let _ = streams::synchronize_all(None);
     status(|| release(device_ptr(ptr)))
 }
 
+/// Frees when the stream gets there: work queued after it on other streams, unless ordered after it,
+/// may run first.
 #[unsafe(no_mangle)]
-pub extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, _stream: CUstream) -> CUresult {
-    cuMemFree_v2(ptr)
+pub unsafe extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, stream: CUstream) -> CUresult {
+    if !allocations().contains_key(&(ptr as usize)) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    status(|| {
+        unsafe { streams::queue(stream, Box::new(move || release(device_ptr(ptr)))) }.map(drop)
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -514,11 +522,15 @@ pub unsafe extern "C" fn cuMemHostAlloc(
     status(|| unsafe { put(ptr, allocate(bytes, Home::Host)?.cast()) })
 }
 
+/// As the driver, which synchronises: the copies queued from or to the memory run first.
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFreeHost(ptr: *mut c_void) -> CUresult {
+    let _ = streams::synchronize_all(None);
     status(|| release(ptr.cast()))
 }
 
+/// Accepted, but the memory is not treated as page-locked: copies from it are taken when queued, as
+/// from pageable memory, and copies to it are waited for (msa-cuda registers none).
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemHostRegister_v2(
     ptr: *mut c_void,
@@ -542,13 +554,17 @@ pub unsafe extern "C" fn cuMemsetD8Async(
     dst: CUdeviceptr,
     value: u8,
     bytes: usize,
-    _stream: CUstream,
+    stream: CUstream,
 ) -> CUresult {
-    status(|| {
+    let set = move || {
         check_range(dst as usize, bytes)?;
         // SAFETY: inside one allocation.
         unsafe { std::ptr::write_bytes(device_ptr(dst), value, bytes) };
         Ok(())
+    };
+    status(|| {
+        check_range(dst as usize, bytes)?;
+        unsafe { streams::queue(stream, Box::new(set)) }.map(drop)
     })
 }
 
@@ -560,22 +576,64 @@ enum Direction {
     DeviceToDevice,
 }
 
-/// A copy: all memory is host memory here.
-unsafe fn copy(dst: *mut u8, src: *const u8, bytes: usize, direction: Direction) -> CUresult {
+/// Whether `bytes` at `ptr` lie in page-locked memory from cuMemHostAlloc.
+fn page_locked(ptr: usize, bytes: usize) -> bool {
+    matches!(
+        allocations().range(..=ptr).next_back(),
+        Some((&start, &(len, Home::Host))) if ptr.saturating_add(bytes) <= start + len
+    )
+}
+
+/// The device ends of a copy, against the allocations.
+fn check_ends(dst: usize, src: usize, bytes: usize, direction: Direction) -> Result<(), CUresult> {
+    use Direction::*;
+    if matches!(direction, HostToDevice | DeviceToDevice) {
+        check_range(dst, bytes)?;
+    }
+    if matches!(direction, DeviceToHost | DeviceToDevice) {
+        check_range(src, bytes)?;
+    }
+    Ok(())
+}
+
+/// Queues a copy (all memory is host memory here). As the driver: a copy from pageable memory takes
+/// its bytes when queued, and one to pageable memory returns once it has run; page-locked memory is
+/// read and written when the copy runs, so the host must wait for it. The device ends are checked
+/// when the copy is queued and again when it runs.
+unsafe fn copy(
+    dst: usize,
+    src: usize,
+    bytes: usize,
+    direction: Direction,
+    stream: CUstream,
+) -> CUresult {
     status(|| {
-        use Direction::*;
-        if matches!(direction, HostToDevice | DeviceToDevice) {
-            check_range(dst as usize, bytes)?;
+        if bytes == 0 {
+            return Ok(());
         }
-        if matches!(direction, DeviceToHost | DeviceToDevice) {
-            check_range(src as usize, bytes)?;
-        }
-        if bytes > 0 && (dst.is_null() || src.is_null()) {
+        if dst == 0 || src == 0 {
             return Err(CUDA_ERROR_INVALID_VALUE);
         }
-        // SAFETY: the device ends lie inside allocations; the caller passes host ends of `bytes`.
-        unsafe { std::ptr::copy(src, dst, bytes) };
-        Ok(())
+        check_ends(dst, src, bytes, direction)?;
+        let to_host = matches!(direction, Direction::DeviceToHost);
+        // SAFETY: the caller passes a host source of `bytes`.
+        let taken = (matches!(direction, Direction::HostToDevice) && !page_locked(src, bytes))
+            .then(|| unsafe { std::slice::from_raw_parts(src as *const u8, bytes) }.to_vec());
+        let work = move || {
+            check_ends(dst, src, bytes, direction)?;
+            let from = taken
+                .as_ref()
+                .map_or(src as *const u8, |bytes| bytes.as_ptr());
+            // SAFETY: the device ends lie inside allocations; the host ends are the caller's, alive
+            // until the copy has run.
+            unsafe { std::ptr::copy(from, dst as *mut u8, bytes) };
+            Ok(())
+        };
+        if to_host && !page_locked(dst, bytes) {
+            unsafe { streams::queue_and_wait(stream, Box::new(work)) }
+        } else {
+            unsafe { streams::queue(stream, Box::new(work)) }.map(drop)
+        }
     })
 }
 
@@ -584,9 +642,17 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     dst: CUdeviceptr,
     src: *const c_void,
     bytes: usize,
-    _stream: CUstream,
+    stream: CUstream,
 ) -> CUresult {
-    unsafe { copy(device_ptr(dst), src.cast(), bytes, Direction::HostToDevice) }
+    unsafe {
+        copy(
+            dst as usize,
+            src as usize,
+            bytes,
+            Direction::HostToDevice,
+            stream,
+        )
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -594,9 +660,17 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     dst: *mut c_void,
     src: CUdeviceptr,
     bytes: usize,
-    _stream: CUstream,
+    stream: CUstream,
 ) -> CUresult {
-    unsafe { copy(dst.cast(), device_ptr(src), bytes, Direction::DeviceToHost) }
+    unsafe {
+        copy(
+            dst as usize,
+            src as usize,
+            bytes,
+            Direction::DeviceToHost,
+            stream,
+        )
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -604,14 +678,15 @@ pub unsafe extern "C" fn cuMemcpyDtoDAsync_v2(
     dst: CUdeviceptr,
     src: CUdeviceptr,
     bytes: usize,
-    _stream: CUstream,
+    stream: CUstream,
 ) -> CUresult {
     unsafe {
         copy(
-            device_ptr(dst),
-            device_ptr(src),
+            dst as usize,
+            src as usize,
             bytes,
             Direction::DeviceToDevice,
+            stream,
         )
     }
 }
@@ -680,7 +755,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     by: c_uint,
     bz: c_uint,
     shared_bytes: c_uint,
-    _stream: CUstream,
+    stream: CUstream,
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) -> CUresult {
@@ -706,32 +781,62 @@ pub unsafe extern "C" fn cuLaunchKernel(
         );
         return CUDA_ERROR_INVALID_VALUE;
     }
-    let mut error = [0 as c_char; 512];
-    // SAFETY: `function` came from cuModuleGetFunction; `params` holds one pointer per argument.
-    let failed = unsafe {
-        msa_emulator_launch(
-            function.cast(),
-            gx,
-            gy,
-            gz,
-            bx,
-            by,
-            bz,
-            params,
-            error.as_mut_ptr(),
-            error.len(),
-        )
+    // SAFETY: `function` came from cuModuleGetFunction; `params` holds one pointer per argument,
+    // read now, as the driver does.
+    let launch = Launch {
+        kernel: function as usize,
+        args: unsafe { msa_emulator_bind(function.cast(), params) } as usize,
+        grid: [gx, gy, gz],
+        block: [bx, by, bz],
     };
-    if failed != 0 {
-        // SAFETY: snprintf wrote a NUL-terminated message.
-        let message = unsafe { CStr::from_ptr(error.as_ptr()) };
-        eprintln!(
-            "msa-cuda-emulator: launch failed: {}",
-            message.to_string_lossy()
-        );
-        return CUDA_ERROR_LAUNCH_FAILED;
+    status(|| unsafe { streams::queue(stream, Box::new(move || launch.run())) }.map(drop))
+}
+
+/// A queued launch: the kernel and a copy of its arguments.
+struct Launch {
+    kernel: usize,
+    args: usize,
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+}
+
+impl Launch {
+    fn run(&self) -> Result<(), CUresult> {
+        let mut error = [0 as c_char; 512];
+        let ([gx, gy, gz], [bx, by, bz]) = (self.grid, self.block);
+        // SAFETY: a kernel of the table and its bound arguments.
+        let failed = unsafe {
+            msa_emulator_launch(
+                self.kernel as *const c_void,
+                gx,
+                gy,
+                gz,
+                bx,
+                by,
+                bz,
+                self.args as *mut c_void,
+                error.as_mut_ptr(),
+                error.len(),
+            )
+        };
+        if failed != 0 {
+            // SAFETY: snprintf wrote a NUL-terminated message.
+            let message = unsafe { CStr::from_ptr(error.as_ptr()) };
+            eprintln!(
+                "msa-cuda-emulator: launch failed: {}",
+                message.to_string_lossy()
+            );
+            return Err(CUDA_ERROR_LAUNCH_FAILED);
+        }
+        Ok(())
     }
-    CUDA_SUCCESS
+}
+
+impl Drop for Launch {
+    fn drop(&mut self) {
+        // SAFETY: arguments bound for this kernel, freed once.
+        unsafe { msa_emulator_unbind(self.kernel as *const c_void, self.args as *mut c_void) };
+    }
 }
 
 /// `msa bench` marks its decode steps for a profiler; there is none here.
@@ -786,20 +891,31 @@ pub unsafe extern "C" fn cublasCreate_v2(handle: *mut cublasHandle_t) -> cublasS
     let Ok(device) = current_device() else {
         return cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED;
     };
-    match unsafe { hand_out(handle, device) } {
+    let blas = Blas {
+        device,
+        stream: AtomicUsize::new(0),
+    };
+    match unsafe { hand_out(handle, blas) } {
         Ok(()) => cublasStatus_t::CUBLAS_STATUS_SUCCESS,
         Err(_) => cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE,
     }
 }
 
-/// The device of a handle made by cublasCreate_v2, which must be the current one: cuBLAS runs its
-/// kernels in the current context.
-unsafe fn handle_device(handle: cublasHandle_t) -> Result<CUdevice, cublasStatus_t> {
+/// A cuBLAS handle: its device, and the stream its GEMMs are queued on (null at first).
+struct Blas {
+    device: CUdevice,
+    stream: AtomicUsize,
+}
+
+/// The handle made by cublasCreate_v2, whose device must be the current one: cuBLAS runs its kernels
+/// in the current context.
+unsafe fn blas<'a>(handle: cublasHandle_t) -> Result<&'a Blas, cublasStatus_t> {
     // SAFETY: the caller passes a handle from cublasCreate_v2, not yet destroyed.
-    let device = *unsafe { handle.cast::<CUdevice>().as_ref() }
+    let blas = unsafe { handle.cast::<Blas>().as_ref() }
         .ok_or(cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED)?;
+    let device = blas.device;
     match current_device() {
-        Ok(current) if current == device => Ok(device),
+        Ok(current) if current == device => Ok(blas),
         current => {
             eprintln!(
                 "msa-cuda-emulator: a cuBLAS call on device {device}'s handle while the current \
@@ -812,18 +928,24 @@ unsafe fn handle_device(handle: cublasHandle_t) -> Result<CUdevice, cublasStatus
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cublasDestroy_v2(handle: cublasHandle_t) -> cublasStatus_t {
-    match unsafe { take_back::<CUdevice, _>(handle) } {
+    match unsafe { take_back::<Blas, _>(handle) } {
         true => cublasStatus_t::CUBLAS_STATUS_SUCCESS,
         false => cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED,
     }
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn cublasSetStream_v2(handle: cublasHandle_t, _stream: CUstream) -> cublasStatus_t {
-    if handle.is_null() {
-        cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED
-    } else {
-        cublasStatus_t::CUBLAS_STATUS_SUCCESS
+pub unsafe extern "C" fn cublasSetStream_v2(
+    handle: cublasHandle_t,
+    stream: CUstream,
+) -> cublasStatus_t {
+    // SAFETY: the caller passes a handle from cublasCreate_v2, not yet destroyed.
+    match unsafe { handle.cast::<Blas>().as_ref() } {
+        Some(blas) => {
+            blas.stream.store(stream as usize, Ordering::Relaxed);
+            cublasStatus_t::CUBLAS_STATUS_SUCCESS
+        }
+        None => cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED,
     }
 }
 
@@ -907,7 +1029,8 @@ impl Operand {
 }
 
 /// `batch` GEMMs C = alpha · op(A) · op(B) + beta · C, column-major, C of f32 (the only output
-/// msa-cuda asks for), summed in f64, on the device of `handle`.
+/// msa-cuda asks for), summed in f64, on the device of `handle`: checked now, queued on the handle's
+/// stream.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm(
     handle: cublasHandle_t,
@@ -930,8 +1053,8 @@ unsafe fn gemm(
     if m < 0 || n < 0 || k < 0 || batch < 0 {
         return cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE;
     }
-    let device = match unsafe { handle_device(handle) } {
-        Ok(device) => device,
+    let blas = match unsafe { blas(handle) } {
+        Ok(blas) => blas,
         Err(status) => return status,
     };
     let (m, n, k, batch) = (i64::from(m), i64::from(n), i64::from(k), i64::from(batch));
@@ -957,7 +1080,7 @@ unsafe fn gemm(
         stride: c.2,
     };
     for (operand, name) in [(a, "A"), (b, "B"), (c_operand, "C")] {
-        if let Err(status) = operand.check(batch, device) {
+        if let Err(status) = operand.check(batch, blas.device) {
             eprintln!(
                 "msa-cuda-emulator: a GEMM's {name} is malformed, or not inside one allocation of \
                  its device"
@@ -965,34 +1088,78 @@ unsafe fn gemm(
             return status;
         }
     }
-    for g in 0..batch {
-        for col in 0..n {
-            for row in 0..m {
-                let mut sum = 0.0f64;
-                for l in 0..k {
-                    // SAFETY: op(A) (m × k) and op(B) (k × n) were checked above.
-                    let (x, y) = unsafe {
-                        (
-                            if ta { a.at(g, l, row) } else { a.at(g, row, l) },
-                            if tb { b.at(g, col, l) } else { b.at(g, l, col) },
-                        )
+    let product = Product {
+        transposed: (ta, tb),
+        mnk: (m, n, k),
+        scalars: (alpha, beta),
+        a,
+        b,
+        c: c_operand,
+        batch,
+    };
+    let stream = blas.stream.load(Ordering::Relaxed) as CUstream;
+    match unsafe { streams::queue(stream, Box::new(move || product.run())) } {
+        Ok(_) => cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+        Err(_) => cublasStatus_t::CUBLAS_STATUS_EXECUTION_FAILED,
+    }
+}
+
+/// A checked GEMM, queued.
+struct Product {
+    transposed: (bool, bool),
+    mnk: (i64, i64, i64),
+    scalars: (f32, f32),
+    a: Operand,
+    b: Operand,
+    c: Operand,
+    batch: i64,
+}
+
+// SAFETY: the operands are device memory, which any thread may touch: the stream runs the product
+// once, in order.
+unsafe impl Send for Product {}
+
+impl Product {
+    fn run(&self) -> Result<(), CUresult> {
+        let Product {
+            transposed: (ta, tb),
+            mnk: (m, n, k),
+            scalars: (alpha, beta),
+            a,
+            b,
+            c,
+            batch,
+        } = *self;
+        let out = c.data.cast_mut().cast::<f32>();
+        for g in 0..batch {
+            for col in 0..n {
+                for row in 0..m {
+                    let mut sum = 0.0f64;
+                    for l in 0..k {
+                        // SAFETY: op(A) (m × k) and op(B) (k × n) were checked above.
+                        let (x, y) = unsafe {
+                            (
+                                if ta { a.at(g, l, row) } else { a.at(g, row, l) },
+                                if tb { b.at(g, col, l) } else { b.at(g, l, col) },
+                            )
+                        };
+                        sum += x * y;
+                    }
+                    let index = (g * c.stride + row + col * c.ld) as usize;
+                    // SAFETY: inside C, checked when queued; f32 allocations are aligned.
+                    let out = unsafe { &mut *out.wrapping_add(index) };
+                    // beta == 0 ignores C's old value (it may be NaN), as cuBLAS does.
+                    let old = if beta == 0.0 {
+                        0.0
+                    } else {
+                        f64::from(beta) * f64::from(*out)
                     };
-                    sum += x * y;
+                    *out = (f64::from(alpha) * sum + old) as f32;
                 }
-                let index = (g * c.2 + row + col * i64::from(c.1)) as usize;
-                // SAFETY: inside C, checked above; f32 allocations are aligned.
-                let out = unsafe { &mut *c.0.wrapping_add(index) };
-                // beta == 0 ignores C's old value (it may be NaN), as cuBLAS does.
-                let old = if beta == 0.0 {
-                    0.0
-                } else {
-                    f64::from(beta) * f64::from(*out)
-                };
-                *out = (f64::from(alpha) * sum + old) as f32;
             }
         }
+        Ok(())
     }
-    cublasStatus_t::CUBLAS_STATUS_SUCCESS
 }
 
 #[unsafe(no_mangle)]

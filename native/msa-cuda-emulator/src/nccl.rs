@@ -1,10 +1,11 @@
 //! A stand-in for NCCL (`libnccl.so`): cliques of this process's emulated devices made by
 //! `ncclCommInitAll`, and the broadcast msa-cuda sends router queries with, inside NCCL groups.
 //!
-//! As the driver's work, a collective runs when it is queued: once every rank's part has been
-//! recorded, which for a clique one thread drives is the end of the group holding them all (NCCL's own
-//! rule for that case, which would otherwise hang). Checked, and refused with NCCL's error codes and a
-//! message in `ncclGetLastError`:
+//! A group's collectives are queued on the ranks' streams when it ends; each runs when the first of
+//! its ranks' streams gets to it and is waited for, once every rank's stream has run the work queued
+//! before its part. A clique one thread drives must record every rank's part in one group (NCCL's
+//! own rule for that case, which would otherwise hang). Checked, and refused with NCCL's error codes
+//! and a message in `ncclGetLastError`:
 //! - arguments as NCCL checks them: a root outside the clique, a null buffer, an unknown type;
 //! - every rank's part of a collective agrees on count, type and root;
 //! - the group holds every rank's part of each collective it starts (a part left waiting for a rank
@@ -17,11 +18,12 @@
 
 use std::cell::RefCell;
 use std::ffi::{CString, c_char, c_int, c_void};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::{CUdevice, CUresult};
 use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclResult_t};
 
+use crate::streams::{self, Stream};
 use crate::{CURRENT, check_device, check_on, stream_device, take_back, token};
 use ncclResult_t::{ncclInvalidArgument, ncclInvalidUsage, ncclSuccess, ncclUnhandledCudaError};
 
@@ -47,6 +49,7 @@ struct Part {
     bytes: usize,
     datatype: u32,
     root: usize,
+    stream: usize,
 }
 
 thread_local! {
@@ -277,17 +280,71 @@ fn run(parts: Vec<Part>) -> Result<(), (ncclResult_t, String)> {
     for ranks in &cliques {
         for call in 0..ranks[0].len() {
             let source = ranks[ranks[0][call].root][call];
-            for part in ranks.iter().map(|calls| calls[call]) {
-                // SAFETY: both buffers were checked inside allocations of `bytes` when recorded;
-                // the root's may be its own receive buffer.
-                unsafe { std::ptr::copy(source.send, part.receive, part.bytes) };
+            let broadcast = Arc::new(Broadcast {
+                send: source.send as usize,
+                receive: ranks
+                    .iter()
+                    .map(|calls| calls[call].receive as usize)
+                    .collect(),
+                bytes: source.bytes,
+                parts: OnceLock::new(),
+                done: Mutex::new(false),
+            });
+            let mut queued = Vec::new();
+            for (rank, part) in ranks.iter().map(|calls| calls[call]).enumerate() {
+                let work = {
+                    let broadcast = broadcast.clone();
+                    Box::new(move || broadcast.run(rank))
+                };
+                // SAFETY: a stream checked when the part was recorded, not the null one, so the part
+                // only runs once `parts` is set below.
+                let at = unsafe { streams::queue(part.stream as *mut _, work) }
+                    .map_err(|e| (ncclUnhandledCudaError, format!("ncclGroupEnd: {e:?}")))?;
+                queued.push(at.expect("queued on a stream"));
             }
+            let _ = broadcast.parts.set(queued);
         }
     }
     if let Some(last) = parts.last() {
         CURRENT.set(token(last.device as usize).cast());
     }
     Ok(())
+}
+
+/// One broadcast of a group, its part queued on every rank's stream.
+struct Broadcast {
+    send: usize,
+    receive: Vec<usize>,
+    bytes: usize,
+    /// Where each rank's part is queued.
+    parts: OnceLock<Vec<(Arc<Stream>, u64)>>,
+    done: Mutex<bool>,
+}
+
+impl Broadcast {
+    /// Rank `rank`'s stream got to its part: the others' streams run up to theirs, then the root's
+    /// buffer is copied to every rank's, once.
+    fn run(&self, rank: usize) -> Result<(), CUresult> {
+        let parts = self.parts.get().expect("set once every part is queued");
+        for (other, (stream, seq)) in parts.iter().enumerate() {
+            if other != rank {
+                stream.drain(seq - 1)?;
+            }
+        }
+        let mut done = self
+            .done
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !*done {
+            for &receive in &self.receive {
+                // SAFETY: both buffers were checked inside allocations of `bytes` when recorded;
+                // the root's may be its own receive buffer.
+                unsafe { std::ptr::copy(self.send as *const u8, receive as *mut u8, self.bytes) };
+            }
+            *done = true;
+        }
+        Ok(())
+    }
 }
 
 /// Records one rank's part of a broadcast of `count` elements from rank `root`'s `send` into every
@@ -323,7 +380,15 @@ pub unsafe extern "C" fn ncclBroadcast(
         if receive.is_null() || (is_root && send.is_null()) {
             return Err(invalid(format!("a null buffer on rank {}", comm.rank)));
         }
-        // SAFETY: a stream handle from cuStreamCreate, or null.
+        // A part on the null stream would run at once, before the others are queued.
+        if stream.is_null() {
+            return Err(invalid(format!(
+                "rank {} on the null stream (msa-cuda-emulator queues each part on its rank's own \
+                 stream)",
+                comm.rank
+            )));
+        }
+        // SAFETY: a stream handle from cuStreamCreate.
         let on = unsafe { stream_device(stream.cast()) };
         if on != Ok(comm.device) {
             return Err((
@@ -356,6 +421,7 @@ pub unsafe extern "C" fn ncclBroadcast(
             bytes,
             datatype,
             root,
+            stream: stream as usize,
         };
         GROUP.with_borrow_mut(|(_, parts)| parts.push(part));
         Ok(())

@@ -193,15 +193,18 @@ fn nccl_broadcasts_across_a_clique() {
     for (comm, &(send, receive, stream)) in comms.iter().zip(&buffers) {
         assert_eq!(broadcast(*comm, (send, receive), 5, 1, stream), ncclSuccess);
     }
-    // Nothing has run before the group ends: every part is needed first.
-    make_current(0);
-    assert!(read::<f32>(buffers[0].1, 5)[0].is_nan());
     assert_eq!(nccl::ncclGroupEnd(), ncclSuccess);
+    // The last part's device stays current, as NCCL may leave it.
+    assert_eq!(current(), 1);
+    // The parts are queued on the ranks' streams: nothing has run until one of them is waited for,
+    // and then the whole broadcast has.
+    assert!(read::<f32>(buffers[0].1, 5)[0].is_nan());
+    // SAFETY: a stream made above.
+    let synchronized = unsafe { cuda::cuStreamSynchronize(buffers[2].2) };
+    assert_eq!(synchronized, CUresult::CUDA_SUCCESS);
     for &(_, receive, _) in &buffers {
         assert_eq!(read::<f32>(receive, 5), data);
     }
-    // The last part's device stays current, as NCCL may leave it.
-    assert_eq!(current(), 1);
     destroy(comms);
 }
 
@@ -249,7 +252,8 @@ fn nccl_refuses_what_would_hang_or_fault() {
         last_error()
     );
     // What a GPU could not run: a root outside the clique, a buffer or a stream of another device,
-    // a count past the buffer's end.
+    // a count past the buffer's end; and the null stream, which the emulator does not take.
+    let null = std::ptr::null_mut();
     let refused = [
         (comms[1], (0, receive), 2, 2, stream1, ncclInvalidArgument),
         (comms[1], (0, send), 2, 0, stream1, ncclUnhandledCudaError),
@@ -269,6 +273,7 @@ fn nccl_refuses_what_would_hang_or_fault() {
             stream0,
             ncclUnhandledCudaError,
         ),
+        (comms[0], (send, send), 2, 0, null, ncclInvalidArgument),
     ];
     for (comm, buffers, count, root, stream, expected) in refused {
         assert_eq!(nccl::ncclGroupStart(), ncclSuccess);

@@ -9,7 +9,7 @@ use std::ffi::{CStr, c_void};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cublasStatus_t, cudaDataType,
 };
-use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUresult};
+use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUresult, CUstream};
 use msa_cuda_emulator as cuda;
 
 mod common;
@@ -303,6 +303,113 @@ fn gemm_follows_the_column_major_contract() {
         assert_eq!(status, cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE);
         for ptr in [a, b, c] {
             assert_eq!(cuda::cuMemFree_v2(ptr), CUresult::CUDA_SUCCESS);
+        }
+    }
+}
+
+fn stream() -> CUstream {
+    let mut stream = std::ptr::null_mut();
+    // SAFETY: an out-pointer.
+    assert_eq!(
+        unsafe { cuda::cuStreamCreate(&mut stream, 0) },
+        CUresult::CUDA_SUCCESS
+    );
+    stream
+}
+
+/// Work runs in its stream's order when something waits for it, so what a program forgot to wait for
+/// has not run: page-locked memory is read when its copy runs, pageable memory when the copy is
+/// queued; a stream runs another's work up to an event it waits for; a kernel that fails when it runs
+/// fails its stream's synchronisation.
+#[test]
+fn work_runs_when_waited_for() {
+    make_current(0);
+    let (a, b) = (stream(), stream());
+    let mut pinned: *mut c_void = std::ptr::null_mut();
+    let (first, second, copied) = (device(&[0u32; 2]), device(&[0u32; 2]), device(&[0u32; 2]));
+    let mut event = std::ptr::null_mut();
+    // SAFETY: out-pointers; copies within the allocations made here, each freed once.
+    unsafe {
+        assert_eq!(
+            cuda::cuMemHostAlloc(&mut pinned, 8, 0),
+            CUresult::CUDA_SUCCESS
+        );
+        let host = std::slice::from_raw_parts_mut(pinned.cast::<u32>(), 2);
+        host.copy_from_slice(&[1, 2]);
+        assert_eq!(
+            cuda::cuMemcpyHtoDAsync_v2(first, pinned, 8, a),
+            CUresult::CUDA_SUCCESS
+        );
+        let mut pageable = [5u32, 6];
+        let queued = cuda::cuMemcpyHtoDAsync_v2(second, pageable.as_ptr().cast(), 8, a);
+        assert_eq!(queued, CUresult::CUDA_SUCCESS);
+        // Rewritten before the copies ran: the page-locked copy sees the new bytes, the pageable
+        // one took its bytes when queued.
+        host.copy_from_slice(&[3, 4]);
+        pageable.copy_from_slice(&[7, 8]);
+        assert_eq!(cuda::cuEventCreate(&mut event, 0), CUresult::CUDA_SUCCESS);
+        assert_eq!(cuda::cuEventRecord(event, a), CUresult::CUDA_SUCCESS);
+        assert_eq!(cuda::cuStreamWaitEvent(b, event, 0), CUresult::CUDA_SUCCESS);
+        let on_b = cuda::cuMemcpyDtoDAsync_v2(copied, first, 8, b);
+        assert_eq!(on_b, CUresult::CUDA_SUCCESS);
+        // Nothing waited for either stream yet (a read into pageable memory runs at once).
+        assert_eq!(read::<u32>(copied, 2), [0; 2]);
+        assert_eq!(cuda::cuStreamSynchronize(b), CUresult::CUDA_SUCCESS);
+        assert_eq!(read::<u32>(copied, 2), [3, 4]);
+        assert_eq!(read::<u32>(second, 2), [5, 6]);
+
+        // A copy back into page-locked memory lands when its stream is waited for.
+        assert_eq!(
+            cuda::cuMemcpyDtoHAsync_v2(pinned, second, 8, a),
+            CUresult::CUDA_SUCCESS
+        );
+        assert_eq!(host, [3, 4]);
+        assert_eq!(cuda::cuEventRecord(event, a), CUresult::CUDA_SUCCESS);
+        assert_eq!(cuda::cuEventSynchronize(event), CUresult::CUDA_SUCCESS);
+        assert_eq!(host, [5, 6]);
+
+        assert_eq!(cuda::cuEventDestroy_v2(event), CUresult::CUDA_SUCCESS);
+        for ptr in [first, second, copied] {
+            assert_eq!(cuda::cuMemFree_v2(ptr), CUresult::CUDA_SUCCESS);
+        }
+        assert_eq!(cuda::cuMemFreeHost(pinned), CUresult::CUDA_SUCCESS);
+    }
+
+    // A shuffle without its whole warp, queued: the launch is accepted, the stream fails.
+    let mut out = vec![0u32; 48];
+    let mut function: CUfunction = std::ptr::null_mut();
+    let mut params: Vec<*mut c_void> = vec![
+        &mut out.as_mut_ptr() as *mut *mut u32 as *mut c_void,
+        &mut 1u32 as *mut u32 as *mut c_void,
+    ];
+    // SAFETY: as in `launch`, on stream `a`, which is then waited for before `out` goes.
+    unsafe {
+        let name = c"self_test_exchange";
+        let found = cuda::cuModuleGetFunction(&mut function, std::ptr::null_mut(), name.as_ptr());
+        assert_eq!(found, CUresult::CUDA_SUCCESS);
+        let launched = cuda::cuLaunchKernel(
+            function,
+            1,
+            1,
+            1,
+            48,
+            1,
+            1,
+            0,
+            a,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        );
+        assert_eq!(launched, CUresult::CUDA_SUCCESS);
+        assert_eq!(
+            cuda::cuStreamSynchronize(a),
+            CUresult::CUDA_ERROR_LAUNCH_FAILED
+        );
+        for stream in [a, b] {
+            assert_ne!(
+                cuda::cuStreamDestroy_v2(stream),
+                CUresult::CUDA_ERROR_INVALID_VALUE
+            );
         }
     }
 }
