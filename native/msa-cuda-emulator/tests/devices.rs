@@ -12,7 +12,7 @@ use msa_cuda_emulator as cuda;
 use msa_cuda_emulator::nccl;
 
 mod common;
-use common::{device, make_current, read};
+use common::{device, make_current, read, stream};
 
 use ncclResult_t::{ncclInvalidArgument, ncclInvalidUsage, ncclSuccess, ncclUnhandledCudaError};
 
@@ -24,16 +24,6 @@ fn current() -> CUdevice {
         CUresult::CUDA_SUCCESS
     );
     device
-}
-
-fn stream() -> CUstream {
-    let mut stream = std::ptr::null_mut();
-    // SAFETY: an out-pointer.
-    assert_eq!(
-        unsafe { cuda::cuStreamCreate(&mut stream, 0) },
-        CUresult::CUDA_SUCCESS
-    );
-    stream
 }
 
 fn last_error() -> String {

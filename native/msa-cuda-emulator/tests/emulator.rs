@@ -9,11 +9,11 @@ use std::ffi::{CStr, c_void};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cublasStatus_t, cudaDataType,
 };
-use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUresult, CUstream};
+use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUresult};
 use msa_cuda_emulator as cuda;
 
 mod common;
-use common::{device, make_current, read};
+use common::{device, make_current, read, stream};
 
 /// One argument of a launch, as cuLaunchKernel takes them: a pointer to its value.
 enum Arg {
@@ -305,16 +305,6 @@ fn gemm_follows_the_column_major_contract() {
             assert_eq!(cuda::cuMemFree_v2(ptr), CUresult::CUDA_SUCCESS);
         }
     }
-}
-
-fn stream() -> CUstream {
-    let mut stream = std::ptr::null_mut();
-    // SAFETY: an out-pointer.
-    assert_eq!(
-        unsafe { cuda::cuStreamCreate(&mut stream, 0) },
-        CUresult::CUDA_SUCCESS
-    );
-    stream
 }
 
 /// Work runs in its stream's order when something waits for it, so what a program forgot to wait for

@@ -1,6 +1,6 @@
 //! Helpers of the emulator's tests: a current device, memory on it, and reading it back.
 
-use cudarc::driver::sys::{CUdevice, CUdeviceptr, CUresult};
+use cudarc::driver::sys::{CUdevice, CUdeviceptr, CUresult, CUstream};
 use msa_cuda_emulator as cuda;
 
 /// Makes `device`'s primary context current on this thread, where allocations, streams and cuBLAS
@@ -44,4 +44,15 @@ pub fn read<T: Copy + Default>(ptr: CUdeviceptr, len: usize) -> Vec<T> {
     };
     assert_eq!(copied, CUresult::CUDA_SUCCESS);
     out
+}
+
+/// A stream of the current device.
+pub fn stream() -> CUstream {
+    let mut stream = std::ptr::null_mut();
+    // SAFETY: an out-pointer.
+    assert_eq!(
+        unsafe { cuda::cuStreamCreate(&mut stream, 0) },
+        CUresult::CUDA_SUCCESS
+    );
+    stream
 }
