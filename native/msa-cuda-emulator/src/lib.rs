@@ -18,10 +18,9 @@
 //!   made, and a cuBLAS call on a handle of another device than the current one is refused;
 //! - launches beyond a GPU's grid and block limits are refused, and so are warp shuffles without
 //!   their whole warp and barriers that would hang (emulator.cpp);
-//! - work queued on a stream runs in the stream's order when something waits for it (streams.rs):
-//!   as late as the program allows, so a missing event or stream wait, or page-locked memory read or
-//!   rewritten before its copy was waited for, changes the results; a missing `__syncthreads` between
-//!   warps shows too;
+//! - work queued on a stream runs in the stream's order when something waits for it (streams.rs), so
+//!   a missing event or stream wait, or page-locked memory read or rewritten before its copy was
+//!   waited for, changes the results; a missing `__syncthreads` between warps shows too;
 //! - cuBLAS GEMMs follow its documented column-major contract, summing in f64 (more exactly than
 //!   tensor cores);
 //! - NCCL cliques of this process's devices and their broadcasts ([`nccl`]);
@@ -175,11 +174,21 @@ fn allocate(bytes: usize, home: Home) -> Result<*mut u8, CUresult> {
     Ok(ptr)
 }
 
-/// Frees an allocation; an address that is not one (freed already, or never allocated) is refused.
-fn release(ptr: *mut u8) -> Result<(), CUresult> {
-    let (bytes, _) = allocations()
-        .remove(&(ptr as usize))
+/// Frees an allocation of device memory (`host` false) or page-locked memory (`host` true); an address
+/// that is not one (freed already, never allocated, or of the other kind) is refused.
+fn release(ptr: *mut u8, host: bool) -> Result<(), CUresult> {
+    let mut allocations = allocations();
+    let (bytes, home) = *allocations
+        .get(&(ptr as usize))
         .ok_or(CUDA_ERROR_INVALID_VALUE)?;
+    if (home == Home::Host) != host {
+        eprintln!(
+            "msa-cuda-emulator: a free of {home:?} memory at {ptr:?} by the other kind's call"
+        );
+        return Err(CUDA_ERROR_INVALID_VALUE);
+    }
+    allocations.remove(&(ptr as usize));
+    drop(allocations);
     // SAFETY: allocated by `allocate` with this layout, and no longer registered.
     unsafe { std::alloc::dealloc(ptr, layout(bytes)?) };
     Ok(())
@@ -484,21 +493,31 @@ pub unsafe extern "C" fn cuMemAlloc_v2(ptr: *mut CUdeviceptr, bytes: usize) -> C
     })
 }
 
+/// Memory of the stream's device, usable at once (the driver's is usable by work queued after it).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemAllocAsync(
     ptr: *mut CUdeviceptr,
     bytes: usize,
-    _stream: CUstream,
+    stream: CUstream,
 ) -> CUresult {
-    unsafe { cuMemAlloc_v2(ptr, bytes) }
+    status(|| unsafe {
+        let home = Home::Device(stream_device(stream)?);
+        put(ptr, allocate(bytes, home)? as CUdeviceptr)
+    })
 }
 
-/// As the driver: a free that is not stream-ordered waits for the work queued before it.
+/// As the driver: a free that is not stream-ordered first waits for the work queued on the device.
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
-    // An error of a stream's work is reported by its own synchronisation.
-    let _ = streams::synchronize_all(None);
-    status(|| release(device_ptr(ptr)))
+    let device = match allocations().get(&(ptr as usize)) {
+        Some(&(_, Home::Device(device))) => Some(device),
+        _ => None,
+    };
+    // An error of the device's work is reported by the synchronisations with it.
+    if let Some(device) = device {
+        let _ = streams::synchronize_all(Some(device));
+    }
+    status(|| release(device_ptr(ptr), false))
 }
 
 /// Frees when the stream gets there: work queued after it on other streams, unless ordered after it,
@@ -508,9 +527,8 @@ pub unsafe extern "C" fn cuMemFreeAsync(ptr: CUdeviceptr, stream: CUstream) -> C
     if !allocations().contains_key(&(ptr as usize)) {
         return CUDA_ERROR_INVALID_VALUE;
     }
-    status(|| {
-        unsafe { streams::queue(stream, Box::new(move || release(device_ptr(ptr)))) }.map(drop)
-    })
+    let free = move || release(device_ptr(ptr), false);
+    status(|| unsafe { streams::queue(stream, Box::new(free)) }.map(drop))
 }
 
 #[unsafe(no_mangle)]
@@ -522,11 +540,14 @@ pub unsafe extern "C" fn cuMemHostAlloc(
     status(|| unsafe { put(ptr, allocate(bytes, Home::Host)?.cast()) })
 }
 
-/// As the driver, which synchronises: the copies queued from or to the memory run first.
+/// As the driver, which synchronises: the work queued on the current device runs first, copies from
+/// or to the memory among it.
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFreeHost(ptr: *mut c_void) -> CUresult {
-    let _ = streams::synchronize_all(None);
-    status(|| release(ptr.cast()))
+    if let Ok(device) = current_device() {
+        let _ = streams::synchronize_all(Some(device));
+    }
+    status(|| release(ptr.cast(), true))
 }
 
 /// Accepted, but the memory is not treated as page-locked: copies from it are taken when queued, as
@@ -1089,6 +1110,7 @@ unsafe fn gemm(
         }
     }
     let product = Product {
+        device: blas.device,
         transposed: (ta, tb),
         mnk: (m, n, k),
         scalars: (alpha, beta),
@@ -1106,6 +1128,7 @@ unsafe fn gemm(
 
 /// A checked GEMM, queued.
 struct Product {
+    device: CUdevice,
     transposed: (bool, bool),
     mnk: (i64, i64, i64),
     scalars: (f32, f32),
@@ -1121,7 +1144,14 @@ unsafe impl Send for Product {}
 
 impl Product {
     fn run(&self) -> Result<(), CUresult> {
+        // Memory freed since the GEMM was queued is refused, not touched.
+        for operand in [&self.a, &self.b, &self.c] {
+            operand
+                .check(self.batch, self.device)
+                .map_err(|_| CUDA_ERROR_INVALID_VALUE)?;
+        }
         let Product {
+            device: _,
             transposed: (ta, tb),
             mnk: (m, n, k),
             scalars: (alpha, beta),

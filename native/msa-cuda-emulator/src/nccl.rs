@@ -287,6 +287,8 @@ fn run(parts: Vec<Part>) -> Result<(), (ncclResult_t, String)> {
                     .map(|calls| calls[call].receive as usize)
                     .collect(),
                 bytes: source.bytes,
+                devices: ranks.iter().map(|calls| calls[call].device).collect(),
+                root: source.rank,
                 parts: OnceLock::new(),
                 done: Mutex::new(false),
             });
@@ -296,8 +298,8 @@ fn run(parts: Vec<Part>) -> Result<(), (ncclResult_t, String)> {
                     let broadcast = broadcast.clone();
                     Box::new(move || broadcast.run(rank))
                 };
-                // SAFETY: a stream checked when the part was recorded, not the null one, so the part
-                // only runs once `parts` is set below.
+                // SAFETY: a stream checked when the part was recorded, not the null one: the part runs
+                // when the stream is waited for, once `parts` is set below.
                 let at = unsafe { streams::queue(part.stream as *mut _, work) }
                     .map_err(|e| (ncclUnhandledCudaError, format!("ncclGroupEnd: {e:?}")))?;
                 queued.push(at.expect("queued on a stream"));
@@ -316,6 +318,9 @@ struct Broadcast {
     send: usize,
     receive: Vec<usize>,
     bytes: usize,
+    /// Each rank's device, and the root's rank.
+    devices: Vec<CUdevice>,
+    root: usize,
     /// Where each rank's part is queued.
     parts: OnceLock<Vec<(Arc<Stream>, u64)>>,
     done: Mutex<bool>,
@@ -325,7 +330,9 @@ impl Broadcast {
     /// Rank `rank`'s stream got to its part: the others' streams run up to theirs, then the root's
     /// buffer is copied to every rank's, once.
     fn run(&self, rank: usize) -> Result<(), CUresult> {
-        let parts = self.parts.get().expect("set once every part is queued");
+        // Another thread's synchronisation may get to a part before the thread ending the group has
+        // queued them all.
+        let parts = self.parts.wait();
         for (other, (stream, seq)) in parts.iter().enumerate() {
             if other != rank {
                 stream.drain(seq - 1)?;
@@ -336,6 +343,11 @@ impl Broadcast {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if !*done {
+            // Memory freed since the parts were recorded is refused, not touched.
+            for (rank, &buffer) in self.receive.iter().enumerate() {
+                check_on(buffer, self.bytes, self.devices[rank])?;
+            }
+            check_on(self.send, self.bytes, self.devices[self.root])?;
             for &receive in &self.receive {
                 // SAFETY: both buffers were checked inside allocations of `bytes` when recorded;
                 // the root's may be its own receive buffer.

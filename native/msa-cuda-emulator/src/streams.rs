@@ -1,17 +1,25 @@
 //! Streams and events. Work queued on a stream runs in the stream's order, but no sooner than something
 //! waits for it: a synchronisation of the stream, or of an event recorded on it; a stream that waits
 //! for such an event and is itself waited for; a copy to pageable host memory (synchronous in the driver
-//! too); a free that synchronises. So each piece of work runs as late as the program lets it, and work
-//! the program forgot to order before a read has not run when the read does: a missing event or stream
-//! wait, or page-locked memory read or rewritten before its copy was waited for, changes the results.
-//! The null stream runs its work at once (cudarc's streams do not synchronise with it).
+//! too); a free that is not stream-ordered, which runs its device's queued work first. So work the
+//! program forgot to order before a read has, as a rule, not run when the read does: a missing event or
+//! stream wait, or page-locked memory read or rewritten before its copy was waited for, changes the
+//! results. (Another thread's synchronisation of the same streams, or its free on the same device, may
+//! run the work sooner, as a GPU may.) The null stream runs its work at once (cudarc's streams do not
+//! synchronise with it).
 //!
-//! A kernel that fails when it runs fails its stream, as on a GPU: the stream's later work is skipped,
-//! and every synchronisation with it reports the error.
+//! Any thread that waits runs the work itself, one item of a stream at a time; it waits for an item
+//! another thread is running. A wait for work queued behind the item running it would never end on a
+//! GPU: it is reported instead (`CUDA_ERROR_ILLEGAL_STATE`).
+//!
+//! A kernel that fails when it runs fails its device, as on a GPU: later work of its stream is
+//! skipped, and every synchronisation with a stream of the device reports the error.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::ThreadId;
 
+use cudarc::driver::sys::CUresult::CUDA_ERROR_ILLEGAL_STATE;
 use cudarc::driver::sys::{CUdevice, CUresult, CUstream};
 
 /// Work queued on a stream: a copy, memset, launch, GEMM, free or collective.
@@ -28,18 +36,23 @@ enum Item {
 pub(crate) struct Stream {
     pub(crate) device: CUdevice,
     queue: Mutex<Queue>,
-    /// Held while this stream's items run, so they run one at a time, in order.
-    runner: Mutex<()>,
+    /// Signalled each time an item has run.
+    progress: Condvar,
 }
 
-/// Items not yet run, each with its sequence number (from 1, in the order queued).
+/// Items not yet run, each with its sequence number (from 1, in the order queued), and the thread
+/// running the one taken off, if any.
 #[derive(Default)]
 struct Queue {
     items: VecDeque<(u64, Item)>,
     queued: u64,
     done: u64,
+    running: Option<ThreadId>,
     failed: Option<CUresult>,
 }
+
+/// Devices whose work failed, with the first error: every later synchronisation reports it.
+static FAILED: Mutex<BTreeMap<CUdevice, CUresult>> = Mutex::new(BTreeMap::new());
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
@@ -55,7 +68,7 @@ impl Stream {
         let stream = Arc::new(Stream {
             device,
             queue: Mutex::default(),
-            runner: Mutex::new(()),
+            progress: Condvar::new(),
         });
         let mut streams = lock(&STREAMS);
         streams.retain(|s| s.strong_count() > 0);
@@ -71,45 +84,66 @@ impl Stream {
         seq
     }
 
-    /// Whether the items up to `upto` have run, and if so how the stream stands.
-    fn reached(&self, upto: u64) -> Option<Result<(), CUresult>> {
-        let queue = lock(&self.queue);
-        (queue.done >= upto).then(|| queue.failed.map_or(Ok(()), Err))
+    /// How the stream stands once its items have run: the first error of its device's work.
+    fn outcome(&self, queue: &Queue) -> Result<(), CUresult> {
+        match queue
+            .failed
+            .or_else(|| lock(&FAILED).get(&self.device).copied())
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    /// Runs this stream's items up to sequence number `upto`.
+    /// Runs this stream's items up to sequence number `upto`, or waits while another thread runs
+    /// one of them.
     pub(crate) fn drain(&self, upto: u64) -> Result<(), CUresult> {
-        // Without taking the runner when nothing is left to run: a collective's part waits for the
-        // other ranks' streams to reach theirs, which may be running on other threads right now.
-        if let Some(result) = self.reached(upto) {
-            return result;
-        }
-        let _runner = lock(&self.runner);
+        let me = std::thread::current().id();
+        let mut queue = lock(&self.queue);
         loop {
-            let (seq, item, failed) = {
-                let mut queue = lock(&self.queue);
-                if queue.done >= upto {
-                    return queue.failed.map_or(Ok(()), Err);
+            if queue.done >= upto {
+                return self.outcome(&queue);
+            }
+            match queue.running {
+                Some(thread) if thread == me => {
+                    eprintln!(
+                        "msa-cuda-emulator: work waits for work queued behind itself on its own \
+                         stream (through an event or a collective): a GPU would hang"
+                    );
+                    return Err(CUDA_ERROR_ILLEGAL_STATE);
                 }
-                let (seq, item) = queue
-                    .items
-                    .pop_front()
-                    .expect("items up to `upto` are queued");
-                (seq, item, queue.failed.is_some())
-            };
-            let result = match item {
-                Item::Work(_) if failed => Ok(()),
-                Item::Work(work) => work(),
-                Item::Record(event, number) => {
-                    event.fire(number);
-                    Ok(())
+                Some(_) => {
+                    queue = self
+                        .progress
+                        .wait(queue)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
                 }
-                Item::Wait(stream, upto) => stream.drain(upto),
-            };
-            let mut queue = lock(&self.queue);
-            queue.done = seq;
-            if let Err(e) = result {
-                queue.failed.get_or_insert(e);
+                None => {
+                    let (seq, item) = queue
+                        .items
+                        .pop_front()
+                        .expect("items up to `upto` are queued");
+                    let skip = queue.failed.is_some();
+                    queue.running = Some(me);
+                    drop(queue);
+                    let result = match item {
+                        Item::Work(_) if skip => Ok(()),
+                        Item::Work(work) => work(),
+                        Item::Record(event, number) => {
+                            event.fire(number);
+                            Ok(())
+                        }
+                        Item::Wait(stream, upto) => stream.drain(upto),
+                    };
+                    queue = lock(&self.queue);
+                    queue.running = None;
+                    queue.done = seq;
+                    if let Err(e) = result {
+                        queue.failed.get_or_insert(e);
+                        lock(&FAILED).entry(self.device).or_insert(e);
+                    }
+                    self.progress.notify_all();
+                }
             }
         }
     }
@@ -121,12 +155,16 @@ impl Stream {
     }
 }
 
-/// The stream behind a handle from cuStreamCreate; `None` for the null stream.
+/// The stream behind a handle from cuStreamCreate; `None` for the null stream (also named
+/// `CU_STREAM_LEGACY`, 1, and `CU_STREAM_PER_THREAD`, 2).
 ///
 /// # Safety
-/// `handle` is null or a handle from cuStreamCreate not yet destroyed.
+/// `handle` is one of those or a handle from cuStreamCreate not yet destroyed.
 pub(crate) unsafe fn stream(handle: CUstream) -> Option<Arc<Stream>> {
-    // SAFETY: the caller's handle is a live `Box<Arc<Stream>>`, or null.
+    if (handle as usize) <= 2 {
+        return None;
+    }
+    // SAFETY: the caller's handle is a live `Box<Arc<Stream>>`.
     unsafe { handle.cast::<Arc<Stream>>().as_ref() }.cloned()
 }
 

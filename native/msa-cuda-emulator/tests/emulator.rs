@@ -153,6 +153,11 @@ fn device_memory_starts_poisoned_and_is_checked() {
             cuda::cuMemsetD8Async(ptr + 8, 0, 9, std::ptr::null_mut()),
             CUresult::CUDA_ERROR_INVALID_VALUE
         );
+        // Device memory is not freed as page-locked memory, nor twice.
+        assert_eq!(
+            cuda::cuMemFreeHost(ptr as usize as *mut c_void),
+            CUresult::CUDA_ERROR_INVALID_VALUE
+        );
         assert_eq!(cuda::cuMemFree_v2(ptr), CUresult::CUDA_SUCCESS);
         assert_eq!(cuda::cuMemFree_v2(ptr), CUresult::CUDA_ERROR_INVALID_VALUE);
     }
@@ -362,6 +367,10 @@ fn work_runs_when_waited_for() {
         for ptr in [first, second, copied] {
             assert_eq!(cuda::cuMemFree_v2(ptr), CUresult::CUDA_SUCCESS);
         }
+        assert_eq!(
+            cuda::cuMemFree_v2(pinned as CUdeviceptr),
+            CUresult::CUDA_ERROR_INVALID_VALUE
+        );
         assert_eq!(cuda::cuMemFreeHost(pinned), CUresult::CUDA_SUCCESS);
     }
 
