@@ -12,10 +12,11 @@
 //! another thread is running. A wait for work queued behind the item running it would never end on a
 //! GPU: it is reported instead (`CUDA_ERROR_ILLEGAL_STATE`).
 //!
-//! A kernel that fails when it runs fails its device, as on a GPU: later work of its stream is
-//! skipped, and every synchronisation with a stream of the device reports the error.
+//! A kernel that fails when it runs fails its stream: the stream's later work is skipped, and every
+//! synchronisation with it reports the error. (A GPU fails the whole context; a stream keeps tests of
+//! one process, each with its own streams, apart.)
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::ThreadId;
 
@@ -51,9 +52,6 @@ struct Queue {
     failed: Option<CUresult>,
 }
 
-/// Devices whose work failed, with the first error: every later synchronisation reports it.
-static FAILED: Mutex<BTreeMap<CUdevice, CUresult>> = Mutex::new(BTreeMap::new());
-
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
@@ -84,17 +82,6 @@ impl Stream {
         seq
     }
 
-    /// How the stream stands once its items have run: the first error of its device's work.
-    fn outcome(&self, queue: &Queue) -> Result<(), CUresult> {
-        match queue
-            .failed
-            .or_else(|| lock(&FAILED).get(&self.device).copied())
-        {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
     /// Runs this stream's items up to sequence number `upto`, or waits while another thread runs
     /// one of them.
     pub(crate) fn drain(&self, upto: u64) -> Result<(), CUresult> {
@@ -102,7 +89,7 @@ impl Stream {
         let mut queue = lock(&self.queue);
         loop {
             if queue.done >= upto {
-                return self.outcome(&queue);
+                return queue.failed.map_or(Ok(()), Err);
             }
             match queue.running {
                 Some(thread) if thread == me => {
@@ -140,7 +127,6 @@ impl Stream {
                     queue.done = seq;
                     if let Err(e) = result {
                         queue.failed.get_or_insert(e);
-                        lock(&FAILED).entry(self.device).or_insert(e);
                     }
                     self.progress.notify_all();
                 }

@@ -9,7 +9,7 @@ use std::ffi::{CStr, c_void};
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cublasStatus_t, cudaDataType,
 };
-use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUresult};
+use cudarc::driver::sys::{CUdeviceptr, CUfunction, CUresult, CUstream};
 use msa_cuda_emulator as cuda;
 
 mod common;
@@ -409,6 +409,81 @@ fn work_runs_when_waited_for() {
                 cuda::cuStreamDestroy_v2(stream),
                 CUresult::CUDA_ERROR_INVALID_VALUE
             );
+        }
+    }
+}
+
+/// Two streams that wait for each other, synchronised from two threads at once: a runs a long kernel,
+/// then waits for b's second item; b waits for a's kernel first. The thread on b waits while the
+/// thread on a runs the kernel, then the thread on a runs or waits for b's items: neither may hold a
+/// stream while it waits for the other (which deadlocked an earlier version of the emulator here).
+#[test]
+fn streams_waiting_on_each_other_synchronise_from_two_threads() {
+    make_current(0);
+    let (a, b) = (stream(), stream());
+    let (blocks, n) = (3000, 1000);
+    let x = device(&vec![1.0f32; blocks * n]);
+    let sums = device(&vec![0.0f32; blocks]);
+    let flag = device(&[0u32]);
+    let mut events = [std::ptr::null_mut(); 2];
+    let mut function: CUfunction = std::ptr::null_mut();
+    let (mut x_arg, mut sums_arg, mut n_arg) = (x, sums, n as u32);
+    let mut params: Vec<*mut c_void> = vec![
+        (&mut x_arg as *mut CUdeviceptr).cast(),
+        (&mut sums_arg as *mut CUdeviceptr).cast(),
+        (&mut n_arg as *mut u32).cast(),
+    ];
+    // SAFETY: out-pointers; a launch whose arguments are read when queued; a memset inside `flag`;
+    // each handle released once, after both streams are synchronised.
+    unsafe {
+        for event in &mut events {
+            assert_eq!(cuda::cuEventCreate(event, 0), CUresult::CUDA_SUCCESS);
+        }
+        let name = c"self_test_block_sum";
+        let found = cuda::cuModuleGetFunction(&mut function, std::ptr::null_mut(), name.as_ptr());
+        assert_eq!(found, CUresult::CUDA_SUCCESS);
+        // a: [kernel, record 0]; b: [wait 0, memset, record 1]; a: [wait 1].
+        let launched = cuda::cuLaunchKernel(
+            function,
+            blocks as u32,
+            1,
+            1,
+            96,
+            1,
+            1,
+            0,
+            a,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        );
+        assert_eq!(launched, CUresult::CUDA_SUCCESS);
+        assert_eq!(cuda::cuEventRecord(events[0], a), CUresult::CUDA_SUCCESS);
+        assert_eq!(
+            cuda::cuStreamWaitEvent(b, events[0], 0),
+            CUresult::CUDA_SUCCESS
+        );
+        assert_eq!(cuda::cuMemsetD8Async(flag, 7, 4, b), CUresult::CUDA_SUCCESS);
+        assert_eq!(cuda::cuEventRecord(events[1], b), CUresult::CUDA_SUCCESS);
+        assert_eq!(
+            cuda::cuStreamWaitEvent(a, events[1], 0),
+            CUresult::CUDA_SUCCESS
+        );
+        let a_addr = a as usize;
+        let on_a = std::thread::spawn(move || cuda::cuStreamSynchronize(a_addr as CUstream));
+        // Give the thread on a time to start the kernel.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(cuda::cuStreamSynchronize(b), CUresult::CUDA_SUCCESS);
+        assert_eq!(on_a.join().unwrap(), CUresult::CUDA_SUCCESS);
+        assert_eq!(read::<f32>(sums, blocks), vec![n as f32; blocks]);
+        assert_eq!(read::<u32>(flag, 1), [0x0707_0707]);
+        for event in events {
+            assert_eq!(cuda::cuEventDestroy_v2(event), CUresult::CUDA_SUCCESS);
+        }
+        for stream in [a, b] {
+            assert_eq!(cuda::cuStreamDestroy_v2(stream), CUresult::CUDA_SUCCESS);
+        }
+        for ptr in [x, sums, flag] {
+            assert_eq!(cuda::cuMemFree_v2(ptr), CUresult::CUDA_SUCCESS);
         }
     }
 }
