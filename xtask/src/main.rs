@@ -425,17 +425,15 @@ fn library_path(first: &[&Path]) -> Result<std::ffi::OsString, String> {
 /// and libnccl.so, linked under those names into target/cuda-emulator/ and put first on
 /// `LD_LIBRARY_PATH`, reporting three devices so that Memory Parallel runs in an NCCL clique of three.
 /// NVRTC stays the real one (`nvrtc`, its folder). `cargo xtask test`'s own args do not apply here.
-/// Both cargo calls select the whole workspace, as the main test run does, so features unify the same
-/// way and nothing it built is built again.
+/// The library is the one the main test run built, and the tests are selected from the whole
+/// workspace as there, so features unify the same way and nothing it built is built again.
 fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
     step(
-        "cargo build --workspace --lib (msa-cuda-emulator: libcuda.so, libcublas.so and libnccl.so \
-         on the CPU)",
+        "msa-cuda-emulator: libcuda.so, libcublas.so and libnccl.so on the CPU, as the tests built it",
     );
-    run(cargo().args(["build", "--workspace", "--lib"]))?;
+    let library = emulator_library()?;
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    let library = target.join("debug/libmsa_cuda_emulator.so");
     let dir = target.join("cuda-emulator");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // Not libcuda.so.1: NVRTC loads that name for itself, and needs the real driver's export table.
@@ -474,6 +472,32 @@ fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
             // msa-cuda's ops tests, and the `cuda` ones of the others (msa-wgpu's ops match none).
             .args(["cuda", "every_op", "nccl", "clique", "a_missing_driver"]),
     )
+}
+
+/// The cdylib of msa-cuda-emulator that `cargo test --workspace` builds (its lib target's artifact in
+/// cargo's JSON messages; up to date after the main test run, so nothing is compiled).
+fn emulator_library() -> Result<PathBuf, String> {
+    let output = cargo()
+        .args(["test", "--workspace", "--no-run", "--message-format=json"])
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "cargo test --no-run failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| {
+            m["reason"] == "compiler-artifact" && m["target"]["name"] == "msa_cuda_emulator"
+        })
+        .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f.as_str().map(PathBuf::from))
+        .find(|f| f.extension().is_some_and(|e| e == "so"))
+        .ok_or_else(|| "cargo built no libmsa_cuda_emulator.so".into())
 }
 
 /// The bundled tiny model (random weights, a toy tokenizer) and the first of its fixture questions.
