@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::{available, cargo, root, run, step};
+use crate::{available, cargo, cargo_artifacts, root, run, step};
 
 /// The test executables with CUDA checks, and the host-side benchmark of fetched pages' gather (the
 /// GPU machine's cores, not this machine's): (cargo command and arguments selecting it, its name in
@@ -41,19 +41,9 @@ pub(crate) fn pack() -> Result<(), String> {
         if command == "test" {
             build.arg("--release"); // benches build in release already
         }
-        let output = build
-            .args(["--no-run", "--message-format=json"])
-            .args(selection)
-            .current_dir(root())
-            .output()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "building {name} failed:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-        copy(&test_executable(&output.stdout, name)?, &bin.join(name))?;
+        build.args(selection);
+        let artifacts = cargo_artifacts(&mut build)?;
+        copy(&test_executable(&artifacts, name)?, &bin.join(name))?;
     }
     // The tests find their fixtures under the checkout they were built in; the script links it there.
     let built_in = pack.join("built-in");
@@ -71,17 +61,17 @@ pub(crate) fn pack() -> Result<(), String> {
     Ok(())
 }
 
-/// The executable cargo reported building for the test or bench target of `selection` (its JSON
-/// messages).
-fn test_executable(messages: &[u8], name: &str) -> Result<std::path::PathBuf, String> {
-    String::from_utf8_lossy(messages)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+/// The executable cargo reported building for the test or bench target of `selection`.
+fn test_executable(
+    artifacts: &[serde_json::Value],
+    name: &str,
+) -> Result<std::path::PathBuf, String> {
+    artifacts
+        .iter()
         .filter(|m| {
-            m["reason"] == "compiler-artifact"
-                && m["target"]["kind"]
-                    .as_array()
-                    .is_some_and(|kinds| kinds.iter().any(|k| k == "test" || k == "bench"))
+            m["target"]["kind"]
+                .as_array()
+                .is_some_and(|kinds| kinds.iter().any(|k| k == "test" || k == "bench"))
         })
         .find_map(|m| m["executable"].as_str().map(Into::into))
         .ok_or_else(|| format!("cargo reported no test or bench executable for {name}"))

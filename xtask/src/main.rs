@@ -474,30 +474,38 @@ fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
     )
 }
 
-/// The cdylib of msa-cuda-emulator that `cargo test --workspace` builds (its lib target's artifact in
-/// cargo's JSON messages; up to date after the main test run, so nothing is compiled).
+/// The cdylib of msa-cuda-emulator that `cargo test --workspace` builds (its lib target's artifact;
+/// up to date after the main test run, so nothing is compiled).
 fn emulator_library() -> Result<PathBuf, String> {
-    let output = cargo()
-        .args(["test", "--workspace", "--no-run", "--message-format=json"])
-        .current_dir(root())
-        .output()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "cargo test --no-run failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| {
-            m["reason"] == "compiler-artifact" && m["target"]["name"] == "msa_cuda_emulator"
-        })
+    cargo_artifacts(cargo().args(["test", "--workspace"]))?
+        .into_iter()
+        .filter(|m| m["target"]["name"] == "msa_cuda_emulator")
         .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
         .filter_map(|f| f.as_str().map(PathBuf::from))
         .find(|f| f.extension().is_some_and(|e| e == "so"))
         .ok_or_else(|| "cargo built no libmsa_cuda_emulator.so".into())
+}
+
+/// Builds what a cargo `test` or `bench` command selects without running it (`--no-run`), and returns
+/// the artifacts cargo reports (its JSON `compiler-artifact` messages).
+pub(crate) fn cargo_artifacts(command: &mut Command) -> Result<Vec<serde_json::Value>, String> {
+    let shown = format!("{command:?}");
+    let output = command
+        .args(["--no-run", "--message-format=json"])
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{shown} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .collect())
 }
 
 /// The bundled tiny model (random weights, a toy tokenizer) and the first of its fixture questions.
