@@ -357,7 +357,7 @@ pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub extern "C" fn cuCtxSynchronize() -> CUresult {
-    status(|| streams::synchronize_all(Some(current_device()?)))
+    status(|| streams::synchronize_device(current_device()?))
 }
 
 // ---- Streams and events: work runs when waited for (streams.rs) ---------------------------------------
@@ -515,7 +515,7 @@ pub extern "C" fn cuMemFree_v2(ptr: CUdeviceptr) -> CUresult {
     };
     // An error of the device's work is reported by the synchronisations with it.
     if let Some(device) = device {
-        let _ = streams::synchronize_all(Some(device));
+        let _ = streams::synchronize_device(device);
     }
     status(|| release(device_ptr(ptr), false))
 }
@@ -545,7 +545,7 @@ pub unsafe extern "C" fn cuMemHostAlloc(
 #[unsafe(no_mangle)]
 pub extern "C" fn cuMemFreeHost(ptr: *mut c_void) -> CUresult {
     if let Ok(device) = current_device() {
-        let _ = streams::synchronize_all(Some(device));
+        let _ = streams::synchronize_device(device);
     }
     status(|| release(ptr.cast(), true))
 }

@@ -31,6 +31,7 @@ use ncclResult_t::{ncclInvalidArgument, ncclInvalidUsage, ncclSuccess, ncclUnhan
 const VERSION: c_int = 22600;
 
 /// One rank of a clique.
+#[derive(Clone)]
 struct Comm {
     clique: Arc<()>,
     rank: usize,
@@ -40,10 +41,7 @@ struct Comm {
 
 /// One rank's part of a broadcast, as recorded.
 struct Part {
-    clique: Arc<()>,
-    rank: usize,
-    world: usize,
-    device: CUdevice,
+    comm: Comm,
     send: *const u8,
     receive: *mut u8,
     bytes: usize,
@@ -230,16 +228,16 @@ fn run(parts: Vec<Part>) -> Result<(), (ncclResult_t, String)> {
             ranks
                 .iter()
                 .flatten()
-                .any(|p| Arc::ptr_eq(&p.clique, &part.clique))
+                .any(|p| Arc::ptr_eq(&p.comm.clique, &part.comm.clique))
         });
         let ranks = match at {
             Some(at) => &mut cliques[at],
             None => {
-                cliques.push(vec![Vec::new(); part.world]);
+                cliques.push(vec![Vec::new(); part.comm.world]);
                 cliques.last_mut().expect("just pushed")
             }
         };
-        ranks[part.rank].push(part);
+        ranks[part.comm.rank].push(part);
     }
     for ranks in &cliques {
         let recorded: Vec<usize> = ranks.iter().map(Vec::len).collect();
@@ -264,7 +262,7 @@ fn run(parts: Vec<Part>) -> Result<(), (ncclResult_t, String)> {
                         format!(
                             "broadcast {call} of a group: rank {} asks for {} bytes of type {} from \
                              root {}, rank 0 for {} bytes of type {} from root {}",
-                            part.rank,
+                            part.comm.rank,
                             part.bytes,
                             part.datatype,
                             part.root,
@@ -287,8 +285,8 @@ fn run(parts: Vec<Part>) -> Result<(), (ncclResult_t, String)> {
                     .map(|calls| calls[call].receive as usize)
                     .collect(),
                 bytes: source.bytes,
-                devices: ranks.iter().map(|calls| calls[call].device).collect(),
-                root: source.rank,
+                devices: ranks.iter().map(|calls| calls[call].comm.device).collect(),
+                root: source.comm.rank,
                 parts: OnceLock::new(),
                 done: Mutex::new(false),
             });
@@ -308,7 +306,7 @@ fn run(parts: Vec<Part>) -> Result<(), (ncclResult_t, String)> {
         }
     }
     if let Some(last) = parts.last() {
-        CURRENT.set(token(last.device as usize).cast());
+        CURRENT.set(token(last.comm.device as usize).cast());
     }
     Ok(())
 }
@@ -424,10 +422,7 @@ pub unsafe extern "C" fn ncclBroadcast(
             })?;
         }
         let part = Part {
-            clique: comm.clique.clone(),
-            rank: comm.rank,
-            world: comm.world,
-            device: comm.device,
+            comm: comm.clone(),
             send: send.cast(),
             receive: receive.cast(),
             bytes,

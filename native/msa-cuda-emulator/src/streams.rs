@@ -58,7 +58,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Every stream made, for the synchronisations that wait for all of them.
+/// Every stream made, for the synchronisations of a whole device.
 static STREAMS: Mutex<Vec<Weak<Stream>>> = Mutex::new(Vec::new());
 
 impl Stream {
@@ -182,14 +182,12 @@ pub(crate) unsafe fn queue_and_wait(handle: CUstream, work: Work) -> Result<(), 
     }
 }
 
-/// Runs the work queued on every stream so far, of `device` or of all devices.
-pub(crate) fn synchronize_all(device: Option<CUdevice>) -> Result<(), CUresult> {
+/// Runs the work queued so far on every stream of `device`.
+pub(crate) fn synchronize_device(device: CUdevice) -> Result<(), CUresult> {
     let streams: Vec<Arc<Stream>> = lock(&STREAMS).iter().filter_map(Weak::upgrade).collect();
     let mut result = Ok(());
-    for stream in streams {
-        if device.is_none_or(|d| d == stream.device) {
-            result = result.and(stream.synchronize());
-        }
+    for stream in streams.iter().filter(|s| s.device == device) {
+        result = result.and(stream.synchronize());
     }
     result
 }
