@@ -21,7 +21,7 @@ fn strings(path: &Path) -> Result<Vec<String>, String> {
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn run<B: Backend + Clone>(
+fn run<B: Backend + Clone + 'static>(
     msa: Msa<B>,
     second_device: B,
     model: &Path,

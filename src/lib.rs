@@ -155,12 +155,13 @@ impl<B: Backend> Msa<B> {
     }
 
     /// [`Msa::open_bank_on`] with shards served by other processes or machines after the local ones,
-    /// such as [`shard::ShardClient`]s connected to `msa shard` servers.
+    /// such as [`shard::ShardClient`]s connected to `msa shard` servers (with a device link between the GPUs
+    /// where both backends make one: [`shard::ShardClient::link`]).
     pub fn open_bank_with(
         &self,
         dir: impl AsRef<Path>,
         devices: Vec<B>,
-        remotes: Vec<Box<dyn engine::RemoteShard>>,
+        remotes: Vec<Box<dyn engine::RemoteShard<B>>>,
     ) -> Result<Memory<B>> {
         let bank = Bank::open(dir, OpenOptions::default())?;
         self.model.open_memory_with(bank, devices, remotes)

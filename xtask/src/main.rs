@@ -451,6 +451,8 @@ fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
             .env("MSA_REQUIRE_NVRTC", "1")
             .env("MSA_REQUIRE_NCCL", "1")
             .env("MSA_CUDA_EMULATOR_DEVICES", "3")
+            // All three, whatever this machine's own GPUs' setting.
+            .env_remove("CUDA_VISIBLE_DEVICES")
             .env("MSA_QWEN3_TOKENIZER", tokenizer))
     };
     step(

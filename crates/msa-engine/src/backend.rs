@@ -12,7 +12,7 @@ use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorVie
 
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::shapes::check_weight_len;
 
 /// Which keys a query may attend to.
@@ -147,6 +147,31 @@ impl Scored {
     }
 }
 
+/// One end of a device-to-device channel between a backend here and one in another process or on
+/// another machine ([`Backend::join_link`]; NCCL between two GPUs), which carries a remote shard's
+/// router queries without the host. Transfers run in the order each end records them, after the ops
+/// recorded before them: every send must be met by one receive of the same shape at the other end, in
+/// the same order.
+pub trait DeviceLink<B: Backend>: Send + Sync {
+    /// Names the link, for logs (`"NCCL 2.26.0 from CUDA device 0 (end 0 of the link)"`).
+    fn describe(&self) -> String;
+    /// Records sending `tensor` to the other end.
+    fn send(&self, tensor: &B::Tensor) -> Result<()>;
+    /// Records receiving a tensor of `shape` from the other end.
+    fn receive(&self, shape: &[usize]) -> Result<B::Tensor>;
+    /// Ends the link now, from any thread: transfers of this end not yet done stop (a receive leaves
+    /// its tensor undefined) and later ones fail. For an end whose other end went away, so that
+    /// nothing waits for it for ever. Dropping the link ends it too, once nothing uses it.
+    fn abort(&self);
+}
+
+fn no_links(b: &(impl Backend + ?Sized)) -> Error {
+    Error::Device {
+        backend: b.describe(),
+        message: "this backend makes no device links to other processes".into(),
+    }
+}
+
 /// An engine backend: the CPU reference, wgpu, CUDA.
 ///
 /// Shapes are row-major; "rows" are the leading dimension. `[n, heads, d]` tensors hold one row per token.
@@ -197,6 +222,26 @@ pub trait Backend {
     ) -> Option<Result<Vec<Self::Tensor>>> {
         let _ = (tensor, peers);
         None
+    }
+    /// The kind of device link ([`DeviceLink`]) this backend makes to a backend of another process or
+    /// machine, such as `"NCCL 2.26.0"`; two ends link only when they name the same kind. `None` where
+    /// it makes none, and router queries reach remote shards through the host.
+    fn link_kind(&self) -> Option<String> {
+        None
+    }
+    /// A rendezvous for a new device link, made by the end that joins it as end 0 and handed to the
+    /// other end over a connection the caller has (an NCCL unique id).
+    fn link_rendezvous(&self) -> Result<Vec<u8>> {
+        Err(no_links(self))
+    }
+    /// Joins the device link of `rendezvous` as `end` (0: the end that made the rendezvous, 1: the
+    /// other). Returns once both ends have joined: each must call it, at about the same time.
+    fn join_link(&self, rendezvous: &[u8], end: usize) -> Result<Box<dyn DeviceLink<Self>>>
+    where
+        Self: Sized,
+    {
+        let _ = (rendezvous, end);
+        Err(no_links(self))
     }
     /// Copies a tensor back to the host.
     fn read(&self, tensor: &Self::Tensor) -> impl Future<Output = Result<Vec<f32>>>;

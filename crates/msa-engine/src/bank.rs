@@ -223,7 +223,7 @@ impl<B: Backend> Model<B> {
         &self,
         bank: Bank,
         devices: Vec<B>,
-        remotes: Vec<Box<dyn RemoteShard>>,
+        remotes: Vec<Box<dyn RemoteShard<B>>>,
     ) -> Result<Memory<B>> {
         self.check_bank(&bank)?;
         Memory::from_bank_with(&self.backend, bank, devices, remotes)
@@ -244,7 +244,7 @@ impl<B: Backend> Memory<B> {
         b: &B,
         bank: Bank,
         devices: Vec<B>,
-        remotes: Vec<Box<dyn RemoteShard>>,
+        remotes: Vec<Box<dyn RemoteShard<B>>>,
     ) -> Result<Memory<B>> {
         let fp = bank.fingerprint().clone();
         let shape = [bank.template_tokens(), fp.num_key_value_heads, fp.head_dim];
@@ -296,9 +296,9 @@ impl<B: Backend> Memory<B> {
 }
 
 /// Checks that every remote shard serves this bank's documents of its rank, of `world` shards.
-fn check_remotes(
+fn check_remotes<B: Backend>(
     bank: &Bank,
-    remotes: &[Box<dyn RemoteShard>],
+    remotes: &[Box<dyn RemoteShard<B>>],
     ranges: &[Range<usize>],
     local: usize,
     world: usize,

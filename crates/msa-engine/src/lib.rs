@@ -25,7 +25,7 @@ pub mod session;
 pub mod shapes;
 pub mod shard;
 
-pub use backend::{AttentionMask, Backend, RoutingSpec, Scored};
+pub use backend::{AttentionMask, Backend, DeviceLink, RoutingSpec, Scored};
 #[cfg(not(target_arch = "wasm32"))]
 pub use bank::{BankEncodeOptions, BankEncodeReport, SourceDocument};
 pub use cpu::{CpuBackend, CpuTensor, RopeTableCache, rope_table, select_top_k};
@@ -42,4 +42,6 @@ pub use session::{
     BlockAttention, FinishReason, GenerateOptions, Generation, LayerRouting, RouteStats,
     RoutedDocument, Session, Trace,
 };
-pub use shard::{RemoteShard, ShardAnswer, ShardKeys, ShardPlacement, ShardRequest, shard_ranges};
+pub use shard::{
+    RemoteShard, RouterQueries, ShardAnswer, ShardKeys, ShardPlacement, ShardRequest, shard_ranges,
+};

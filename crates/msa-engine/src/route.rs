@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::memory::{Content, Memory};
 use crate::shard::RoutingShard;
 #[cfg(not(target_arch = "wasm32"))]
-use crate::shard::{RemoteShard, ShardAnswer, ShardRequest, Tickets};
+use crate::shard::{RemoteShard, RouterQueries, ShardAnswer, ShardRequest, Tickets};
 
 /// The documents one router layer selected.
 pub struct Selection<T> {
@@ -59,7 +59,8 @@ impl<B: Backend> Memory<B> {
         meanwhile: impl FnOnce() -> Result<T>,
     ) -> Result<(Selection<B::Tensor>, T)> {
         // Shards on other devices of this process get the router queries device to device where the
-        // backend can (`Backend::broadcast`), else through the host, as remote shards always do.
+        // backend can (`Backend::broadcast`), else through the host; remote shards over their device
+        // link where they have one (`Backend::join_link`), else through the host too.
         let shape = b.shape(queries);
         let on_model_backend =
             |shard: &RoutingShard<B>| matches!(shard, RoutingShard::Local { device: None, .. });
@@ -82,8 +83,19 @@ impl<B: Backend> Memory<B> {
                 copies => copies,
             },
         };
+        // Each remote shard, and whether it takes the router queries on the device (over its device
+        // link; asked once, as a link may go with its connection): the others take them on the host.
         #[cfg(not(target_arch = "wasm32"))]
-        let remote = (self.shards.iter()).any(|shard| matches!(shard, RoutingShard::Remote(_)));
+        let remotes: Vec<(&dyn RemoteShard<B>, bool)> = (self.shards.iter())
+            .filter_map(|shard| match shard {
+                RoutingShard::Remote(remote) => {
+                    Some((remote.as_ref(), remote.takes_device_queries()))
+                }
+                RoutingShard::Local { .. } => None,
+            })
+            .collect();
+        #[cfg(not(target_arch = "wasm32"))]
+        let remote = remotes.iter().any(|&(_, on_device)| !on_device);
         #[cfg(target_arch = "wasm32")]
         let remote = false;
         let host_queries = if remote || (broadcast.is_none() && !peers.is_empty()) {
@@ -103,10 +115,17 @@ impl<B: Backend> Memory<B> {
         // Remote shards are asked first, so they score while this process records its own work. Each
         // ticket is collected below whatever fails in between, so no answer is left unread.
         #[cfg(not(target_arch = "wasm32"))]
-        let (tickets, submitted) = match &host_queries {
-            Some(host) => self.submit_remote(host, &shape, slot, rows, top_k, spec, keep_scores),
-            None => (Tickets::new(), Ok(())),
-        };
+        let (tickets, submitted) = Self::submit_remote(
+            &remotes,
+            b,
+            (queries, host_queries.as_deref()),
+            &shape,
+            slot,
+            rows,
+            top_k,
+            spec,
+            keep_scores,
+        );
         #[cfg(target_arch = "wasm32")]
         let submitted: Result<()> = Ok(());
         let local = async {
@@ -191,54 +210,70 @@ impl<B: Backend> Memory<B> {
         ))
     }
 
-    /// Sends router layer `slot`'s request to every remote shard: the routing rows of the host's
-    /// router queries `[n, heads, d]` only (16 KB per routing token at MSA-4B), renumbered from 0. The
-    /// tickets of the requests sent come back even when one fails.
+    /// Sends router layer `slot`'s request to every remote shard: the routing rows of the router
+    /// queries `[n, heads, d]` only (16 KB per routing token at MSA-4B), renumbered from 0, from the
+    /// device to shards with a device link, else from the host's copy. The tickets of the requests
+    /// sent come back even when one fails.
     #[cfg(not(target_arch = "wasm32"))]
     #[allow(clippy::too_many_arguments)]
     fn submit_remote<'a>(
-        &'a self,
-        host: &[f32],
+        remotes: &[(&'a dyn RemoteShard<B>, bool)],
+        b: &B,
+        (queries, host): (&B::Tensor, Option<&[f32]>),
         shape: &[usize],
         slot: usize,
         rows: &[u32],
         top_k: usize,
         spec: RoutingSpec,
         keep_scores: bool,
-    ) -> (Tickets<'a>, Result<()>) {
+    ) -> (Tickets<'a, B>, Result<()>) {
         let mut tickets = Tickets::new();
-        if shape.len() != 3 {
+        if remotes.is_empty() {
+            return (tickets, Ok(()));
+        }
+        let &[n, heads, d] = shape else {
             let detail = format!("router queries {shape:?} are not [n, heads, d]");
             return (tickets, Err(Error::shape("routing_scores", detail)));
+        };
+        if let Some(row) = rows.iter().find(|&&row| row as usize >= n) {
+            let detail = format!("routing row {row} of {n} query rows");
+            return (tickets, Err(Error::shape("routing_scores", detail)));
         }
-        let width = shape[1] * shape[2];
-        let mut routed = Vec::with_capacity(rows.len() * width);
-        for &row in rows {
-            let start = row as usize * width;
-            match host.get(start..start + width) {
-                Some(values) => routed.extend_from_slice(values),
-                None => {
-                    let detail = format!("routing row {row} of {} query rows", shape[0]);
-                    return (tickets, Err(Error::shape("routing_scores", detail)));
-                }
-            }
-        }
+        let every_row = rows.iter().enumerate().all(|(i, &row)| i == row as usize);
+        let on_device = match remotes.iter().any(|&(_, on_device)| on_device) {
+            false => None,
+            true if every_row && rows.len() == n => Some(queries.clone()),
+            true => match b.gather_rows(queries, rows) {
+                Ok(routed) => Some(routed),
+                Err(e) => return (tickets, Err(e)),
+            },
+        };
+        let on_host: Vec<f32> = (host.into_iter())
+            .flat_map(|host| {
+                let width = heads * d;
+                rows.iter()
+                    .flat_map(move |&row| &host[row as usize * width..(row as usize + 1) * width])
+            })
+            .copied()
+            .collect();
         let renumbered: Vec<u32> = (0..rows.len() as u32).collect();
-        for shard in &self.shards {
-            if let RoutingShard::Remote(remote) = shard {
-                let request = ShardRequest {
-                    slot,
-                    queries: &routed,
-                    shape: [rows.len(), shape[1], shape[2]],
-                    rows: &renumbered,
-                    top_k,
-                    spec,
-                    keep_scores,
-                };
-                match remote.submit(&request) {
-                    Ok(ticket) => tickets.push(remote.as_ref(), ticket),
-                    Err(e) => return (tickets, Err(e)),
-                }
+        for &(remote, takes_device) in remotes {
+            let queries = match (&on_device, takes_device) {
+                (Some(device), true) => RouterQueries::Device(device),
+                _ => RouterQueries::Host(&on_host),
+            };
+            let request = ShardRequest {
+                slot,
+                queries,
+                shape: [rows.len(), heads, d],
+                rows: &renumbered,
+                top_k,
+                spec,
+                keep_scores,
+            };
+            match remote.submit(&request) {
+                Ok(ticket) => tickets.push(remote, ticket),
+                Err(e) => return (tickets, Err(e)),
             }
         }
         (tickets, Ok(()))
@@ -313,8 +348,8 @@ impl<B: Backend> Memory<B> {
 /// A remote shard's answer, checked against what was asked: at most `top_k` documents of its own, and
 /// one score per document when scores were asked for.
 #[cfg(not(target_arch = "wasm32"))]
-fn checked_answer(
-    remote: &dyn RemoteShard,
+fn checked_answer<B: Backend>(
+    remote: &dyn RemoteShard<B>,
     answer: ShardAnswer,
     top_k: usize,
     keep_scores: bool,

@@ -186,17 +186,25 @@ pub struct ShardPlacement {
 }
 
 /// One router layer's scoring, as sent to a remote shard.
-#[derive(Clone, Copy, Debug)]
-pub struct ShardRequest<'a> {
+pub struct ShardRequest<'a, B: Backend> {
     pub slot: usize,
-    /// Router queries `[n, heads, d]`, row-major.
-    pub queries: &'a [f32],
+    /// Router queries `[n, heads, d]`.
+    pub queries: RouterQueries<'a, B>,
     pub shape: [usize; 3],
     pub rows: &'a [u32],
     pub top_k: usize,
     pub spec: RoutingSpec,
     /// Also return every document's score (tracing).
     pub keep_scores: bool,
+}
+
+/// Where a [`ShardRequest`]'s router queries are.
+pub enum RouterQueries<'a, B: Backend> {
+    /// On the host, row-major.
+    Host(&'a [f32]),
+    /// On the asking process's device, for a shard that takes them over its device link
+    /// ([`RemoteShard::takes_device_queries`]).
+    Device(&'a B::Tensor),
 }
 
 /// A remote shard's answer to a [`ShardRequest`].
@@ -208,16 +216,21 @@ pub struct ShardAnswer {
     pub scores: Option<Vec<f32>>,
 }
 
-/// A shard scored by another process (`msa shard`, reached over TCP by the `msa-shard` crate).
-/// [`RemoteShard::submit`] returns a ticket once the request is sent, so every shard works at once;
-/// [`RemoteShard::collect`] waits for that ticket's answer. Every ticket is either collected (the
-/// engine does, even when the query fails) or abandoned (when the query is dropped or unwinds before),
-/// so a shard keeps no answer for nobody. Several threads may use one shard at once.
-pub trait RemoteShard: Send + Sync {
+/// A shard scored by another process (`msa shard`, reached over TCP by the `msa-shard` crate), for a
+/// memory on backend `B`. [`RemoteShard::submit`] returns a ticket once the request is sent, so every
+/// shard works at once; [`RemoteShard::collect`] waits for that ticket's answer. Every ticket is either
+/// collected (the engine does, even when the query fails) or abandoned (when the query is dropped or
+/// unwinds before), so a shard keeps no answer for nobody. Several threads may use one shard at once.
+pub trait RemoteShard<B: Backend>: Send + Sync {
     /// Names the shard and where it runs, for errors and logs.
     fn describe(&self) -> String;
     fn placement(&self) -> &ShardPlacement;
-    fn submit(&self, request: &ShardRequest<'_>) -> Result<u64>;
+    /// Whether requests may hand the router queries on the device ([`RouterQueries::Device`]): the
+    /// shard has a device link from `B`'s device to its own. Otherwise they come on the host.
+    fn takes_device_queries(&self) -> bool {
+        false
+    }
+    fn submit(&self, request: &ShardRequest<'_, B>) -> Result<u64>;
     fn collect(&self, ticket: u64) -> Result<ShardAnswer>;
     /// Says that `ticket` will never be collected: its answer, come or to come, is dropped.
     fn abandon(&self, ticket: u64);
@@ -226,21 +239,21 @@ pub trait RemoteShard: Send + Sync {
 /// Tickets of requests sent to remote shards: collected together, or abandoned when dropped before
 /// (a query future dropped mid-way, a panic unwinding through it).
 #[cfg(not(target_arch = "wasm32"))]
-pub(crate) struct Tickets<'a>(Vec<(&'a dyn RemoteShard, u64)>);
+pub(crate) struct Tickets<'a, B: Backend>(Vec<(&'a dyn RemoteShard<B>, u64)>);
 
 #[cfg(not(target_arch = "wasm32"))]
-impl<'a> Tickets<'a> {
+impl<'a, B: Backend> Tickets<'a, B> {
     pub(crate) fn new() -> Self {
         Tickets(Vec::new())
     }
 
-    pub(crate) fn push(&mut self, remote: &'a dyn RemoteShard, ticket: u64) {
+    pub(crate) fn push(&mut self, remote: &'a dyn RemoteShard<B>, ticket: u64) {
         self.0.push((remote, ticket));
     }
 
     /// Each ticket's answer, in the order sent, with the shard that gave it. Tickets are taken one
     /// at a time, so a panicking collect leaves the rest to be abandoned.
-    pub(crate) fn collect(mut self) -> Vec<(&'a dyn RemoteShard, Result<ShardAnswer>)> {
+    pub(crate) fn collect(mut self) -> Vec<(&'a dyn RemoteShard<B>, Result<ShardAnswer>)> {
         let mut answers = Vec::with_capacity(self.0.len());
         while !self.0.is_empty() {
             let (remote, ticket) = self.0.remove(0);
@@ -251,7 +264,7 @@ impl<'a> Tickets<'a> {
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-impl Drop for Tickets<'_> {
+impl<B: Backend> Drop for Tickets<'_, B> {
     /// May wait for a shard's lock, which another thread holds while it reads a reply.
     fn drop(&mut self) {
         for (remote, ticket) in self.0.drain(..) {
@@ -269,7 +282,7 @@ pub(crate) enum RoutingShard<B: Backend> {
     },
     /// In another process.
     #[cfg(not(target_arch = "wasm32"))]
-    Remote(Box<dyn RemoteShard>),
+    Remote(Box<dyn RemoteShard<B>>),
 }
 
 impl<B: Backend> RoutingShard<B> {

@@ -143,18 +143,34 @@ pub fn open_memory<B: Device>(
         },
     )?;
     model
-        .open_memory_with(bank, shards, connect_shards(remotes)?)
+        .open_memory_with(bank, shards, connect_shards(remotes, &model.backend)?)
         .with_context(|| format!("opening bank {}", bank_dir.display()))
 }
 
-/// Connects to the shard servers (`msa shard`) at `addresses`, in rank order.
-pub fn connect_shards(addresses: &[String]) -> Result<Vec<Box<dyn RemoteShard>>> {
+/// Connects to the shard servers (`msa shard`) at `addresses`, in rank order. Where `backend` and a
+/// server's backend make the same kind of device link (NCCL, between GPUs of two machines too), the
+/// router queries go over one; otherwise, or when joining one fails, through the host.
+pub fn connect_shards<B: Device>(
+    addresses: &[String],
+    backend: &B,
+) -> Result<Vec<Box<dyn RemoteShard<B>>>> {
     addresses
         .iter()
         .map(|address| {
             let client = ShardClient::connect(address, ConnectOptions::default())?;
-            tracing::info!("{}", client.describe());
-            Ok(Box::new(client) as Box<dyn RemoteShard>)
+            let described = client.describe();
+            match (backend.link_kind(), client.server_link_kind()) {
+                (Some(_), Some(_)) => match client.link(backend) {
+                    Ok(link) => tracing::info!("{described}: router queries go over {link}"),
+                    Err(e) => tracing::warn!("router queries go through the host: {e}"),
+                },
+                _ => tracing::info!(
+                    "{described}: router queries go through the host (no device link between {} \
+                     and its backend)",
+                    backend.describe()
+                ),
+            }
+            Ok(Box::new(client) as Box<dyn RemoteShard<B>>)
         })
         .collect()
 }

@@ -47,7 +47,7 @@ pub struct Bandwidths {
 }
 
 /// What the CLI needs from a backend beyond the engine's trait.
-pub trait Device: Backend + Clone {
+pub trait Device: Backend + Clone + Send + 'static {
     /// Dispatch and submit counters, where the backend counts them.
     fn execution_stats(&self) -> Option<ExecutionStats>;
     /// Measures the device's [`Bandwidths`] (a GPU backend; `None` for the CPU reference).

@@ -671,7 +671,7 @@ impl Job for BenchJob {
         let fingerprint = model.memory_fingerprint()?;
         let bank = bank_for(&self, &fingerprint)?;
         let started = Instant::now();
-        let remotes = crate::ask::connect_shards(&args.shards)?;
+        let remotes = crate::ask::connect_shards(&args.shards, &model.backend)?;
         let memory = model.open_memory_with(bank, shards, remotes)?;
         pollster::block_on(model.backend.synchronize())?;
         let open_time = started.elapsed();

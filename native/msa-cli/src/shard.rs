@@ -18,8 +18,10 @@ use crate::units;
 /// Serve shard RANK of N of a bank's routing keys on this machine's device, for `msa ask`, `chat` and
 /// `serve --shards` elsewhere. The asking process scores rank 0 (ranks 0..D-1 with --devices D) and
 /// lists the servers of the following ranks, in order, in --shards; N counts every rank. Prints one
-/// line with the address once ready, then serves until stopped. With --export, writes the shard's
-/// routing keys to a file instead, so that the serving machine needs that file alone (--keys).
+/// line with the address once ready, then serves until stopped. On CUDA, clients on CUDA with the same
+/// NCCL send their router queries GPU to GPU over an NCCL link; each server on a machine of several
+/// GPUs takes its own (CUDA_VISIBLE_DEVICES). With --export, writes the shard's routing keys to a file
+/// instead, so that the serving machine needs that file alone (--keys).
 #[derive(Args)]
 pub struct ShardArgs {
     /// The bank: a copy of the asking process's, byte for byte (checked when a client connects).

@@ -435,20 +435,11 @@ fn ask_on_wgpu_routes_like_the_cpu() {
     }
 }
 
-/// `ask` on CUDA with a Memory Parallel shard per GPU answers as the CPU does. With several GPUs and
-/// NCCL the shards join a clique and the router queries go GPU to GPU; with one GPU two shards share
-/// it, through the host. Skips without a CUDA device unless `MSA_REQUIRE_CUDA` is set.
-#[test]
-fn ask_on_cuda_shards_answers_like_the_cpu() {
-    if msa_cuda::CudaBackend::open_or_skip(msa_cuda::CudaOptions::default()).is_none() {
-        return;
-    }
-    let gpus = msa_cuda::device_count().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let bank = encoded_bank(dir.path());
+/// `msa -v ask` on CUDA with `extra` options (Memory Parallel shards), which must answer as the CPU does
+/// and log `path` (how the router queries reach the shards).
+fn ask_on_cuda_like_the_cpu(bank: &Path, extra: &[&str], path: &str) {
     let question = &strings("queries.json")[0];
-    let cpu = ask_json(&bank, question, &["--backend", "cpu"]);
-    let devices = gpus.max(2).to_string();
+    let cpu = ask_json(bank, question, &["--backend", "cpu"]);
     let output = msa()
         .env_remove("RUST_LOG")
         .args([
@@ -460,24 +451,98 @@ fn ask_on_cuda_shards_answers_like_the_cpu() {
             "--backend",
             "cuda",
         ])
-        .args(["--devices", &devices, "--model"])
+        .args(extra)
+        .arg("--model")
         .arg(fixture())
         .arg("--bank")
-        .arg(&bank)
+        .arg(bank)
         .arg(question)
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{log}");
-    let path = match (gpus, msa_cuda::nccl_missing()) {
-        (2.., None) => format!("router queries reach the {devices} shards over NCCL"),
-        _ => "through the host".into(),
-    };
-    assert!(log.contains(&path), "expected {path:?} in:\n{log}");
+    assert!(log.contains(path), "expected {path:?} in:\n{log}");
     let answer = json_of(&output.stdout);
     assert!(answer["backend"].as_str().unwrap().starts_with("cuda"));
     assert_eq!(routed_ids(&answer), routed_ids(&cpu));
     assert_eq!(answer["tokens"], cpu["tokens"]);
+}
+
+/// `ask` on CUDA with a Memory Parallel shard per GPU answers as the CPU does. With several GPUs and
+/// NCCL the shards join a clique and the router queries go GPU to GPU; with one GPU two shards share
+/// it, through the host. Skips without a CUDA device unless `MSA_REQUIRE_CUDA` is set.
+#[test]
+fn ask_on_cuda_shards_answers_like_the_cpu() {
+    if msa_cuda::CudaBackend::open_or_skip(msa_cuda::CudaOptions::default()).is_none() {
+        return;
+    }
+    let gpus = msa_cuda::device_count().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let devices = gpus.max(2).to_string();
+    let path = match (gpus, msa_cuda::nccl_missing()) {
+        (2.., None) => format!("router queries reach the {devices} shards over NCCL"),
+        _ => "through the host".into(),
+    };
+    ask_on_cuda_like_the_cpu(&encoded_bank(dir.path()), &["--devices", &devices], &path);
+}
+
+/// `ask` on CUDA with its second shard on a shard server (another process, on the second GPU) sends the
+/// router queries over an NCCL device link and answers as the CPU does. Where no link can be made (one
+/// GPU: NCCL refuses two ends on it; no NCCL) they go through the host, with the same answer. Skips
+/// without a CUDA device unless `MSA_REQUIRE_CUDA` is set.
+#[test]
+fn ask_on_cuda_with_a_shard_server_links_the_gpus_over_nccl() {
+    if msa_cuda::CudaBackend::open_or_skip(msa_cuda::CudaOptions::default()).is_none() {
+        return;
+    }
+    let gpus = msa_cuda::device_count().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bank = encoded_bank(dir.path());
+    // The server on the second GPU this process sees (its only one), where there is one.
+    let seen: Vec<String> = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(list) => list.split(',').map(str::to_string).collect(),
+        Err(_) => (0..gpus).map(|gpu| gpu.to_string()).collect(),
+    };
+    let log = dir.path().join("shard.log");
+    let server = start_shard_with(
+        &["--backend", "cuda"],
+        |command| {
+            command
+                .env("CUDA_VISIBLE_DEVICES", &seen[gpus.min(2) - 1])
+                .env("RUST_LOG", "msa_shard=info")
+                .stderr(std::fs::File::create(&log).unwrap());
+        },
+        &[OsStr::new("--bank"), bank.as_os_str()],
+        &["--rank", "1", "--of", "2"],
+        1,
+        2,
+    );
+    let linked = gpus > 1 && msa_cuda::nccl_missing().is_none();
+    let path = match linked {
+        true => "router queries go over NCCL",
+        false => "router queries go through the host",
+    };
+    ask_on_cuda_like_the_cpu(&bank, &["--shards", &server.address], path);
+    if linked {
+        // The server says what the link carried once the client has gone: the router queries of
+        // its requests, which did not go through the host.
+        let carried = |log: &str| -> Option<usize> {
+            let (_, rest) = log.split_once("carried the router queries of ")?;
+            rest.split_once(" requests")?.0.parse().ok()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let requests = loop {
+            let text = std::fs::read_to_string(&log).unwrap();
+            match carried(&text) {
+                Some(requests) => break requests,
+                None if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                None => panic!("the shard server never said what its link carried:\n{text}"),
+            }
+        };
+        assert!(requests > 0, "{requests}");
+    }
 }
 
 #[test]
@@ -810,13 +875,29 @@ fn start_shard(bank: &Path, rank: usize, of: usize) -> Server {
     start_shard_of(&[OsStr::new("--bank"), bank.as_os_str()], &place, rank, of)
 }
 
-/// `msa shard` serving from `source` (`--bank B --rank R --of N`, or `--keys FILE` of rank R of N).
+/// `msa shard` on the CPU serving from `source` (`--bank B --rank R --of N`, or `--keys FILE` of rank R
+/// of N).
 fn start_shard_of(source: &[&OsStr], place: &[&str], rank: usize, of: usize) -> Server {
+    start_shard_with(&["--backend", "cpu"], |_| {}, source, place, rank, of)
+}
+
+/// `msa shard` with `backend` options on a free loopback port, its command `configure`d (environment,
+/// stderr).
+fn start_shard_with(
+    backend: &[&str],
+    configure: impl FnOnce(&mut std::process::Command),
+    source: &[&OsStr],
+    place: &[&str],
+    rank: usize,
+    of: usize,
+) -> Server {
     let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("msa"));
     command
-        .args(["shard", "--backend", "cpu", "--listen", "127.0.0.1:0"])
+        .args(["shard", "--listen", "127.0.0.1:0"])
+        .args(backend)
         .args(source)
         .args(place);
+    configure(&mut command);
     let (child, line) = spawn_and_read_a_line(&mut command);
     let (head, address) = line
         .trim()

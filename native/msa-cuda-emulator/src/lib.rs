@@ -23,10 +23,13 @@
 //!   waited for, changes the results; a missing `__syncthreads` between warps shows too;
 //! - cuBLAS GEMMs follow its documented column-major contract, summing in f64 (more exactly than
 //!   tensor cores);
-//! - NCCL cliques of this process's devices and their broadcasts ([`nccl`]);
+//! - NCCL cliques of this process's devices and their broadcasts ([`nccl`]), and communicators of
+//!   ranks in several processes of this machine, joined through a unique id, with their sends and
+//!   receives ([`nccl_ranks`]);
 //! - events time only when created to (cuEventElapsedTime refuses others, as the driver does).
 //!
-//! `MSA_CUDA_EMULATOR_DEVICES` sets how many devices it reports (1 by default); each reports itself as
+//! `MSA_CUDA_EMULATOR_DEVICES` sets how many devices the machine has (1 by default), and
+//! `CUDA_VISIBLE_DEVICES` picks those a process sees, as with the driver. Each reports itself as
 //! an sm_90 GPU with memory pools and an H100's 132 multiprocessors, so msa-cuda takes the paths it
 //! takes there.
 //!
@@ -79,12 +82,35 @@ use CUresult::{
     CUDA_ERROR_NOT_SUPPORTED, CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS,
 };
 
+/// The machine's devices this process sees, in ordinal order: `MSA_CUDA_EMULATOR_DEVICES` of them,
+/// or those `CUDA_VISIBLE_DEVICES` lists (read as the driver reads it: up to the first entry that is
+/// not one of them).
+fn visible_devices() -> &'static [c_int] {
+    static VISIBLE: OnceLock<Vec<c_int>> = OnceLock::new();
+    VISIBLE.get_or_init(|| {
+        let machine: c_int = std::env::var("MSA_CUDA_EMULATOR_DEVICES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        match std::env::var("CUDA_VISIBLE_DEVICES") {
+            Err(_) => (0..machine).collect(),
+            Ok(list) => list
+                .split(',')
+                .map_while(|d| d.trim().parse().ok().filter(|d| (0..machine).contains(d)))
+                .collect(),
+        }
+    })
+}
+
 /// How many devices it reports.
 fn device_count() -> c_int {
-    std::env::var("MSA_CUDA_EMULATOR_DEVICES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1)
+    visible_devices().len() as c_int
+}
+
+/// Which of the machine's devices this process's device `dev` (a checked ordinal) is: NCCL tells
+/// ranks of several processes apart by it.
+pub(crate) fn machine_device(dev: CUdevice) -> c_int {
+    visible_devices()[dev as usize]
 }
 
 fn check_device(dev: CUdevice) -> Result<(), CUresult> {
@@ -130,6 +156,7 @@ fn token(n: usize) -> *mut c_void {
 }
 
 pub mod nccl;
+pub mod nccl_ranks;
 mod streams;
 
 use streams::{Event, Stream};

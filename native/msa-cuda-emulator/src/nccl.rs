@@ -30,18 +30,37 @@ use ncclResult_t::{ncclInvalidArgument, ncclInvalidUsage, ncclSuccess, ncclUnhan
 /// The version reported: that of the NCCL API msa-cuda's bindings (cudarc's `nccl-02026`) describe.
 const VERSION: c_int = 22600;
 
-/// One rank of a clique.
+/// One rank of a communicator.
 #[derive(Clone)]
-struct Comm {
-    clique: Arc<()>,
-    rank: usize,
-    world: usize,
-    device: CUdevice,
+pub(crate) struct Comm {
+    pub(crate) kind: Kind,
+    pub(crate) rank: usize,
+    pub(crate) world: usize,
+    pub(crate) device: CUdevice,
+}
+
+/// How a communicator's ranks reach each other.
+#[derive(Clone)]
+pub(crate) enum Kind {
+    /// Devices of this process (`ncclCommInitAll`): memory copies.
+    Clique(Arc<()>),
+    /// Ranks in any process (`ncclCommInitRank`): sockets ([`crate::nccl_ranks`]).
+    Ranks(Arc<crate::nccl_ranks::Peers>),
+}
+
+impl Comm {
+    fn clique(&self) -> Option<&Arc<()>> {
+        match &self.kind {
+            Kind::Clique(clique) => Some(clique),
+            Kind::Ranks(_) => None,
+        }
+    }
 }
 
 /// One rank's part of a broadcast, as recorded.
 struct Part {
     comm: Comm,
+    clique: Arc<()>,
     send: *const u8,
     receive: *mut u8,
     bytes: usize,
@@ -58,13 +77,13 @@ thread_local! {
 }
 
 /// Records why a call fails, prints it (as the driver's stand-in does) and returns its code.
-fn fail(code: ncclResult_t, why: String) -> ncclResult_t {
+pub(crate) fn fail(code: ncclResult_t, why: String) -> ncclResult_t {
     eprintln!("msa-cuda-emulator (NCCL): {why}");
     LAST_ERROR.set(CString::new(why).unwrap_or_default());
     code
 }
 
-fn result(body: impl FnOnce() -> Result<(), (ncclResult_t, String)>) -> ncclResult_t {
+pub(crate) fn result(body: impl FnOnce() -> Result<(), (ncclResult_t, String)>) -> ncclResult_t {
     match body() {
         Ok(()) => ncclSuccess,
         Err((code, why)) => fail(code, why),
@@ -72,7 +91,7 @@ fn result(body: impl FnOnce() -> Result<(), (ncclResult_t, String)>) -> ncclResu
 }
 
 /// Bytes per element of an NCCL data type.
-fn element_size(datatype: u32) -> Option<usize> {
+pub(crate) fn element_size(datatype: u32) -> Option<usize> {
     use ncclDataType_t::*;
     [
         (ncclInt8, 1),
@@ -106,6 +125,7 @@ pub extern "C" fn ncclGetErrorString(code: u32) -> *const c_char {
     match code {
         0 => c"no error",
         1 => c"unhandled cuda error (run with NCCL_DEBUG=INFO for details)",
+        2 => c"unhandled system error (run with NCCL_DEBUG=INFO for details)",
         4 => c"invalid argument (run with NCCL_DEBUG=WARN for details)",
         5 => c"invalid usage (run with NCCL_DEBUG=WARN for details)",
         _ => c"an NCCL error msa-cuda-emulator does not raise",
@@ -160,7 +180,7 @@ pub unsafe extern "C" fn ncclCommInitAll(
         let clique = Arc::new(());
         for (rank, device) in devices.into_iter().enumerate() {
             let comm = Comm {
-                clique: clique.clone(),
+                kind: Kind::Clique(clique.clone()),
                 rank,
                 world,
                 device,
@@ -187,6 +207,14 @@ pub unsafe extern "C" fn ncclCommDestroy(comm: ncclComm_t) -> ncclResult_t {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclCommAbort(comm: ncclComm_t) -> ncclResult_t {
+    // SAFETY: the caller passes a communicator from this library, not yet destroyed.
+    if let Some(Comm {
+        kind: Kind::Ranks(peers),
+        ..
+    }) = unsafe { comm.cast::<Comm>().as_ref() }
+    {
+        peers.abort();
+    }
     unsafe { destroy(comm) }
 }
 
@@ -228,7 +256,7 @@ fn run(parts: Vec<Part>) -> Result<(), (ncclResult_t, String)> {
             ranks
                 .iter()
                 .flatten()
-                .any(|p| Arc::ptr_eq(&p.comm.clique, &part.comm.clique))
+                .any(|p| Arc::ptr_eq(&p.clique, &part.clique))
         });
         let ranks = match at {
             Some(at) => &mut cliques[at],
@@ -357,6 +385,40 @@ impl Broadcast {
     }
 }
 
+/// Refuses the null stream (msa-cuda-emulator queues NCCL's work on its rank's own stream) and a
+/// stream of another device than `comm`'s.
+///
+/// # Safety
+/// `stream` is null or a stream handle from cuStreamCreate.
+pub(crate) unsafe fn check_stream(
+    call: &str,
+    comm: &Comm,
+    stream: cudaStream_t,
+) -> Result<(), (ncclResult_t, String)> {
+    if stream.is_null() {
+        return Err((
+            ncclInvalidArgument,
+            format!(
+                "{call}: rank {} on the null stream (msa-cuda-emulator queues NCCL's work on each \
+                 rank's own stream)",
+                comm.rank
+            ),
+        ));
+    }
+    // SAFETY: as the caller promises.
+    let on = unsafe { stream_device(stream.cast()) };
+    if on != Ok(comm.device) {
+        return Err((
+            ncclUnhandledCudaError,
+            format!(
+                "{call}: rank {} of device {} queued on a stream of device {on:?}",
+                comm.rank, comm.device
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Records one rank's part of a broadcast of `count` elements from rank `root`'s `send` into every
 /// rank's `receive`; it runs at the end of the group (at once outside one).
 #[unsafe(no_mangle)]
@@ -378,6 +440,12 @@ pub unsafe extern "C" fn ncclBroadcast(
     };
     let recorded = result(|| {
         let invalid = |why: String| (ncclInvalidArgument, format!("ncclBroadcast: {why}"));
+        let clique = comm.clique().ok_or((
+            ncclInvalidUsage,
+            "ncclBroadcast on a communicator of ncclCommInitRank: msa-cuda-emulator broadcasts \
+             within cliques of ncclCommInitAll only"
+                .to_string(),
+        ))?;
         let size = element_size(datatype).ok_or_else(|| invalid(format!("type {datatype}")))?;
         let root = usize::try_from(root)
             .ok()
@@ -391,24 +459,8 @@ pub unsafe extern "C" fn ncclBroadcast(
             return Err(invalid(format!("a null buffer on rank {}", comm.rank)));
         }
         // A part on the null stream would run at once, before the others are queued.
-        if stream.is_null() {
-            return Err(invalid(format!(
-                "rank {} on the null stream (msa-cuda-emulator queues each part on its rank's own \
-                 stream)",
-                comm.rank
-            )));
-        }
-        // SAFETY: a stream handle from cuStreamCreate.
-        let on = unsafe { stream_device(stream.cast()) };
-        if on != Ok(comm.device) {
-            return Err((
-                ncclUnhandledCudaError,
-                format!(
-                    "ncclBroadcast: rank {} of device {} queued on a stream of device {on:?}",
-                    comm.rank, comm.device
-                ),
-            ));
-        }
+        // SAFETY: a stream handle from cuStreamCreate, or null.
+        unsafe { check_stream("ncclBroadcast", comm, stream) }?;
         let mut buffers = vec![receive as usize];
         if is_root {
             buffers.push(send as usize);
@@ -423,6 +475,7 @@ pub unsafe extern "C" fn ncclBroadcast(
         }
         let part = Part {
             comm: comm.clone(),
+            clique: clique.clone(),
             send: send.cast(),
             receive: receive.cast(),
             bytes,

@@ -1,5 +1,5 @@
-//! Several emulated devices: contexts, cuBLAS handles on their own device, and NCCL cliques with their
-//! broadcasts. The only test of its binary, since it sets how many devices the emulator reports.
+//! Several emulated devices: contexts, cuBLAS handles on their own device, NCCL cliques with their
+//! broadcasts, and NCCL ranks joined through a unique id with their sends and receives. The only test of its binary, since it sets how many devices the emulator reports.
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
@@ -7,9 +7,9 @@ use std::ffi::{CStr, c_void};
 
 use cudarc::cublas::sys::{cublasOperation_t, cublasStatus_t};
 use cudarc::driver::sys::{CUdevice, CUdeviceptr, CUresult, CUstream};
-use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclResult_t};
+use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclResult_t, ncclUniqueId};
 use msa_cuda_emulator as cuda;
-use msa_cuda_emulator::nccl;
+use msa_cuda_emulator::{nccl, nccl_ranks};
 
 mod common;
 use common::{device, make_current, read, stream};
@@ -41,6 +41,7 @@ fn devices_own_their_memory_handles_and_cliques() {
     blas_runs_on_its_own_device();
     nccl_broadcasts_across_a_clique();
     nccl_refuses_what_would_hang_or_fault();
+    nccl_ranks_meet_through_a_unique_id();
 }
 
 /// As the driver: without a current context there is nowhere to allocate or queue.
@@ -273,4 +274,98 @@ fn nccl_refuses_what_would_hang_or_fault() {
     make_current(1);
     assert_eq!(read::<f32>(receive, 2), [0.0, 0.0], "nothing was copied");
     destroy(comms);
+}
+
+/// Rank `rank` of `world` of `id`'s communicator, on `device`, joined on a thread of its own (as in a
+/// process of its own): the communicator (as an address) or the error code and message.
+fn join_rank(
+    id: ncclUniqueId,
+    world: i32,
+    rank: i32,
+    device: CUdevice,
+) -> std::thread::JoinHandle<Result<usize, (ncclResult_t, String)>> {
+    std::thread::spawn(move || {
+        make_current(device);
+        let mut comm = std::ptr::null_mut();
+        // SAFETY: an out-pointer.
+        match unsafe { nccl_ranks::ncclCommInitRank(&mut comm, world, id, rank) } {
+            ncclSuccess => Ok(comm as usize),
+            code => Err((code, last_error())),
+        }
+    })
+}
+
+fn unique_id() -> ncclUniqueId {
+    let mut id = ncclUniqueId { internal: [0; 128] };
+    // SAFETY: an out-pointer.
+    assert_eq!(unsafe { nccl_ranks::ncclGetUniqueId(&mut id) }, ncclSuccess);
+    id
+}
+
+/// Ranks joined through a unique id send and receive point to point; a receive of another size than
+/// its send fails its stream, and set-ups NCCL refuses are refused by both sides.
+fn nccl_ranks_meet_through_a_unique_id() {
+    let id = unique_id();
+    let (first, second) = (join_rank(id, 2, 0, 2), join_rank(id, 2, 1, 1));
+    let comms = [
+        first.join().unwrap().unwrap(),
+        second.join().unwrap().unwrap(),
+    ];
+    // The id was used: rank 0 cannot join it again.
+    let again = join_rank(id, 2, 0, 2).join().unwrap().unwrap_err();
+    assert_eq!(again.0, ncclInvalidUsage);
+    assert!(again.1.contains("used already"), "{}", again.1);
+
+    let data = [4.0f32, -1.5, 0.5];
+    let transfer = |rank: usize, ordinal: CUdevice, count: usize, values: &[f32]| {
+        make_current(ordinal);
+        let (buffer, stream) = (device(values), stream());
+        let comm = comms[rank] as ncclComm_t;
+        let float = ncclDataType_t::ncclFloat32 as u32;
+        // SAFETY: a communicator made above, buffers and streams of its device.
+        let queued = unsafe {
+            match rank {
+                0 => nccl_ranks::ncclSend(buffer as *const _, count, float, 1, comm, stream.cast()),
+                _ => nccl_ranks::ncclRecv(buffer as *mut _, count, float, 0, comm, stream.cast()),
+            }
+        };
+        assert_eq!(queued, ncclSuccess);
+        (buffer, stream)
+    };
+    transfer(0, 2, 3, &data);
+    let (received, stream1) = transfer(1, 1, 3, &[f32::NAN; 3]);
+    // SAFETY: a stream made above.
+    assert_eq!(
+        unsafe { cuda::cuStreamSynchronize(stream1) },
+        CUresult::CUDA_SUCCESS
+    );
+    assert_eq!(read::<f32>(received, 3), data);
+    // A send of 3 floats met by a receive of 2 would hang or corrupt a GPU: the receive fails.
+    transfer(0, 2, 3, &data);
+    let (_, stream1) = transfer(1, 1, 2, &[0.0; 2]);
+    // SAFETY: a stream made above.
+    let synchronized = unsafe { cuda::cuStreamSynchronize(stream1) };
+    assert_eq!(synchronized, CUresult::CUDA_ERROR_LAUNCH_FAILED);
+    for comm in comms {
+        // SAFETY: communicators made above, each destroyed once.
+        assert_eq!(
+            unsafe { nccl::ncclCommAbort(comm as ncclComm_t) },
+            ncclSuccess
+        );
+    }
+
+    // Ranks that disagree on the world size, and two ranks on one device, are refused on both sides.
+    for (worlds, devices, why) in [
+        ([2, 3], [0, 1], "world of 3"),
+        ([2, 2], [1, 1], "duplicate GPU"),
+    ] {
+        let id = unique_id();
+        let first = join_rank(id, worlds[0], 0, devices[0]);
+        let second = join_rank(id, worlds[1], 1, devices[1]);
+        for joined in [first.join().unwrap(), second.join().unwrap()] {
+            let (code, message) = joined.unwrap_err();
+            assert_eq!(code, ncclInvalidUsage);
+            assert!(message.contains(why), "{message}");
+        }
+    }
 }

@@ -14,7 +14,8 @@ use cudarc::driver::{
 use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
 use msa_engine::backend::PieceWriter;
 use msa_engine::{
-    AttentionMask, Backend, Result, RopeTableCache, RoutingSpec, Scored, select_top_k, shapes,
+    AttentionMask, Backend, DeviceLink, Result, RopeTableCache, RoutingSpec, Scored, select_top_k,
+    shapes,
 };
 
 use crate::clique::Member;
@@ -718,6 +719,18 @@ impl Backend for CudaBackend {
 
     fn broadcast(&self, tensor: &CudaTensor, peers: &[&Self]) -> Option<Result<Vec<CudaTensor>>> {
         self.broadcast_in_clique(tensor, peers)
+    }
+
+    fn link_kind(&self) -> Option<String> {
+        self.nccl_link_kind()
+    }
+
+    fn link_rendezvous(&self) -> Result<Vec<u8>> {
+        self.nccl_rendezvous()
+    }
+
+    fn join_link(&self, rendezvous: &[u8], end: usize) -> Result<Box<dyn DeviceLink<Self>>> {
+        self.join_nccl_link(rendezvous, end)
     }
 
     fn read(&self, tensor: &CudaTensor) -> impl Future<Output = Result<Vec<f32>>> {

@@ -58,7 +58,7 @@ pub(crate) struct Member {
     rank: usize,
 }
 
-fn nccl_error(what: &str, e: NcclError) -> Error {
+pub(crate) fn nccl_error(what: &str, e: NcclError) -> Error {
     // SAFETY: both return static strings NCCL owns (the last error of this thread, or empty).
     // `ncclGetLastError` came with NCCL 2.13: an older library has none to look up.
     let text = |s: *const std::ffi::c_char| unsafe { CStr::from_ptr(s) }.to_string_lossy();

@@ -24,6 +24,7 @@ mod backend;
 mod clique;
 mod device;
 mod kernel_abi;
+mod link;
 mod probe;
 
 pub use backend::{CudaBackend, CudaTensor, CudaWeight};

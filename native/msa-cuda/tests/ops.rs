@@ -3,8 +3,8 @@
 //! an NVIDIA GPU unless `MSA_REQUIRE_CUDA` is set.
 
 use msa_cuda::{CudaBackend, CudaOptions};
-use msa_engine::Backend;
 use msa_engine::conformance::{self, Tolerances};
+use msa_engine::{Backend, DeviceLink};
 
 /// f32 ops as the CPU reference computes them, in another order; projections of bf16 and f16 weights
 /// over more than 8 rows run on tensor cores with the activations rounded to the weight's dtype
@@ -108,6 +108,83 @@ fn clique_members_broadcast_through_nccl() {
             assert_eq!(peer.shape(copy), [1, 3]);
         }
     }
+}
+
+/// Both ends of a device link join at once, each on its own thread (as in two processes).
+fn link(ends: [&CudaBackend; 2]) -> msa_engine::Result<[Box<dyn DeviceLink<CudaBackend>>; 2]> {
+    let rendezvous = ends[0].link_rendezvous()?;
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| ends[1].join_link(&rendezvous, 1));
+        let first = ends[0].join_link(&rendezvous, 0);
+        Ok([first?, other.join().unwrap()?])
+    })
+}
+
+/// Device links (NCCL communicators of two ranks, joined through a unique id as processes on two
+/// machines do) carry tensors both ways, in the order sent. NCCL refuses two ends on one GPU, so a
+/// one-GPU machine checks that refusal only. Skips where NCCL is missing unless `MSA_REQUIRE_NCCL`
+/// is set.
+#[test]
+fn nccl_device_links_carry_tensors_between_gpus() {
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    if let Some(missing) = msa_cuda::nccl_missing() {
+        assert!(
+            std::env::var_os("MSA_REQUIRE_NCCL").is_none(),
+            "MSA_REQUIRE_NCCL is set: {missing}"
+        );
+        assert!(gpu.link_kind().is_none());
+        return;
+    }
+    let kind = gpu.link_kind().unwrap();
+    assert!(kind.starts_with("NCCL 2."), "{kind}");
+    let error = gpu.join_link(&[1, 2, 3], 0).err().unwrap().to_string();
+    assert!(error.contains("unique id of 128 bytes"), "{error}");
+    let error = link([&gpu, &gpu]).err().unwrap().to_string();
+    assert!(error.contains("NCCL set-up of the link"), "{error}");
+    if msa_cuda::device_count().unwrap() < 2 {
+        eprintln!("one GPU: no link between two to test");
+        return;
+    }
+    let other = CudaBackend::new(CudaOptions {
+        ordinal: 1,
+        ..CudaOptions::default()
+    })
+    .unwrap();
+    let [here, there] = link([&gpu, &other]).unwrap();
+    assert!(
+        here.describe().contains("CUDA device 0"),
+        "{}",
+        here.describe()
+    );
+    let values: Vec<f32> = (0..3 * 7 * 5).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let x = gpu.upload(&values, &[3, 7, 5]).unwrap();
+    // A row range of a tensor, then the whole, then an answer the other way.
+    here.send(&gpu.rows(&x, 1..3).unwrap()).unwrap();
+    here.send(&x).unwrap();
+    let rows = there.receive(&[2, 7, 5]).unwrap();
+    let whole = there.receive(&[3, 7, 5]).unwrap();
+    let read = |b: &CudaBackend, t| pollster::block_on(b.read(t)).unwrap();
+    assert_eq!(read(&other, &rows), values[35..]);
+    assert_eq!(read(&other, &whole), values);
+    assert_eq!(other.shape(&whole), [3, 7, 5]);
+    let doubled = other.add(&whole, &whole).unwrap();
+    there.send(&doubled).unwrap();
+    let back = here.receive(&[3, 7, 5]).unwrap();
+    let expected: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
+    assert_eq!(read(&gpu, &back), expected);
+    // An end whose other end went away is aborted from another thread: its waiting receive ends
+    // (its tensor undefined), and later transfers fail.
+    let pending = there.receive(&[4]).unwrap();
+    let aborted = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        there.abort();
+        there
+    });
+    read(&other, &pending);
+    let error = aborted.join().unwrap().receive(&[4]).err().unwrap();
+    assert!(error.to_string().contains("aborted"), "{error}");
 }
 
 #[test]

@@ -10,7 +10,9 @@ use std::net::TcpListener;
 use criterion::{Criterion, criterion_group, criterion_main};
 use msa_core::bank::{Bank, LayerRows, NewDocument, OpenOptions};
 use msa_core::{ChunkReduce, HeadReduce, MemoryFingerprint, QueryReduce, ScoreMode};
-use msa_engine::{Backend, CpuBackend, RemoteShard, RoutingSpec, ShardKeys, ShardRequest};
+use msa_engine::{
+    Backend, CpuBackend, RemoteShard, RouterQueries, RoutingSpec, ShardKeys, ShardRequest,
+};
 use msa_shard::{ConnectOptions, ShardClient, ShardServer};
 
 /// MSA-4B's routing shapes (8 KV heads of 128, 32 query heads), 64 documents of 2 chunks.
@@ -74,7 +76,8 @@ fn round_trip(c: &mut Criterion) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || server.serve(listener));
-    let remote = ShardClient::connect(&address, ConnectOptions::default()).unwrap();
+    let remote: ShardClient<CpuBackend> =
+        ShardClient::connect(&address, ConnectOptions::default()).unwrap();
 
     let mut group = c.benchmark_group("one router layer, 64 documents, 1 routing token");
     group.bench_function("in process", |bench| {
@@ -88,7 +91,7 @@ fn round_trip(c: &mut Criterion) {
         bench.iter(|| {
             let request = ShardRequest {
                 slot: 0,
-                queries: &queries,
+                queries: RouterQueries::Host(&queries),
                 shape: [1, 32, 128],
                 rows: &[0],
                 top_k: 16,

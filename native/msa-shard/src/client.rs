@@ -4,10 +4,13 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, ErrorKind};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::Mutex;
+use std::sync::{Mutex, mpsc};
 use std::time::Duration;
 
-use msa_engine::{Error, RemoteShard, Result, ShardAnswer, ShardPlacement, ShardRequest};
+use msa_engine::{
+    Backend, DeviceLink, Error, RemoteShard, Result, RouterQueries, ShardAnswer, ShardPlacement,
+    ShardRequest,
+};
 
 use crate::protocol::{
     PROTOCOL, Reply, Request, Score, VERSION, Welcome, WireSpec, read_frame, write_frame,
@@ -32,26 +35,35 @@ impl Default for ConnectOptions {
     }
 }
 
-/// A connection to a shard server. Requests are numbered and their replies arrive in order, so several
-/// threads may route through one client at once. A lost connection fails the requests in flight on it;
-/// the next request connects again, to a server that must serve the same shard of the same bank.
-pub struct ShardClient {
+/// A connection to a shard server, for a memory on backend `B`. Requests are numbered and their
+/// replies arrive in order, so several threads may route through one client at once. A lost connection
+/// fails the requests in flight on it; the next request connects again, to a server that must serve
+/// the same shard of the same bank.
+///
+/// [`ShardClient::link`] joins a device link between the two backends (NCCL between GPUs, on other
+/// machines too), and the router queries go device to device; without one, or once the connection
+/// that carried it was lost, they go through the host and over TCP.
+pub struct ShardClient<B: Backend> {
     address: String,
     options: ConnectOptions,
     describe: String,
     placement: ShardPlacement,
-    state: Mutex<State>,
+    /// The kind of device link the server's backend joins.
+    link_kind: Option<String>,
+    state: Mutex<State<B>>,
 }
 
-struct State {
+struct State<B: Backend> {
     /// `None` once a connection failed, until the next request opens another.
-    connection: Option<Connection>,
+    connection: Option<Connection<B>>,
     /// The next request's ticket.
     next_ticket: u64,
     /// The ticket of the next reply to read on the current connection.
     next_reply: u64,
     /// Tickets below this were sent on an earlier connection.
     first_on_connection: u64,
+    /// A thread is joining a device link.
+    linking: bool,
     /// Replies read while waiting for another ticket's, until their callers collect them.
     stash: HashMap<u64, (Reply, Vec<f32>)>,
     /// Tickets still to be answered on the current connection that nobody will collect: their
@@ -61,16 +73,18 @@ struct State {
     lost: Option<String>,
 }
 
-struct Connection {
+struct Connection<B: Backend> {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
+    /// The device link joined on this connection.
+    link: Option<Box<dyn DeviceLink<B>>>,
 }
 
 /// Opens a connection to `address` and reads the server's greeting.
-fn open(
+fn open<B: Backend>(
     address: &str,
     options: ConnectOptions,
-) -> std::result::Result<(Connection, Welcome), String> {
+) -> std::result::Result<(Connection<B>, Welcome), String> {
     let targets = address
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve the address ({e})"))?;
@@ -99,6 +113,7 @@ fn open(
     let mut connection = Connection {
         reader: BufReader::new(stream),
         writer,
+        link: None,
     };
     let hello = Request::Hello {
         protocol: PROTOCOL.into(),
@@ -146,9 +161,9 @@ fn placement_of(welcome: Welcome) -> ShardPlacement {
     }
 }
 
-impl ShardClient {
+impl<B: Backend> ShardClient<B> {
     /// Connects to the shard server at `address` (`host:port`) and reads which shard it serves.
-    pub fn connect(address: &str, options: ConnectOptions) -> Result<ShardClient> {
+    pub fn connect(address: &str, options: ConnectOptions) -> Result<Self> {
         let (connection, welcome) = open(address, options).map_err(|detail| Error::Shard {
             shard: format!("shard server {address}"),
             detail,
@@ -161,17 +176,24 @@ impl ShardClient {
             address: address.to_string(),
             options,
             describe,
+            link_kind: welcome.link.clone(),
             placement: placement_of(welcome),
             state: Mutex::new(State {
                 connection: Some(connection),
                 next_ticket: 0,
                 next_reply: 0,
                 first_on_connection: 0,
+                linking: false,
                 stash: HashMap::new(),
                 abandoned: HashSet::new(),
                 lost: None,
             }),
         })
+    }
+
+    /// The kind of device link the server's backend joins ([`Backend::link_kind`]), if any.
+    pub fn server_link_kind(&self) -> Option<&str> {
+        self.link_kind.as_deref()
     }
 
     fn fail(&self, detail: impl Into<String>) -> Error {
@@ -181,12 +203,12 @@ impl ShardClient {
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State<B>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The current connection, opening a new one (to a server of the same shard) after a loss.
-    fn connection<'a>(&self, state: &'a mut State) -> Result<&'a mut Connection> {
+    fn connection<'a>(&self, state: &'a mut State<B>) -> Result<&'a mut Connection<B>> {
         if state.connection.is_none() {
             let lost = state.lost.clone().unwrap_or_default();
             let (connection, welcome) = open(&self.address, self.options).map_err(|e| {
@@ -214,7 +236,7 @@ impl ShardClient {
     }
 
     /// Forgets a connection that failed: its requests in flight fail, the next one reconnects.
-    fn lose(&self, state: &mut State, problem: String) -> Error {
+    fn lose(&self, state: &mut State<B>, problem: String) -> Error {
         state.connection = None;
         // Their replies will never come.
         state.abandoned.clear();
@@ -237,43 +259,107 @@ impl ShardClient {
                 top.len()
             ))),
             Reply::Refused { reason } => Err(self.fail(format!("refused: {reason}"))),
-            Reply::Welcome(_) => Err(self.fail("answered a request with a greeting")),
+            Reply::Welcome(_) | Reply::Linked { .. } => {
+                Err(self.fail("answered a scoring request with another reply"))
+            }
         }
     }
-}
 
-impl RemoteShard for ShardClient {
-    fn describe(&self) -> String {
-        self.describe.clone()
+    /// Joins a device link between `backend` (the memory's backend here) and the server's, so that
+    /// requests send their router queries device to device (NCCL, across machines too) instead of
+    /// through both hosts. Both backends must make the same kind of link
+    /// ([`Backend::link_kind`]). Returns the link's description; an error leaves the client sending
+    /// through the host. The link goes with the connection: after a lost connection, the client
+    /// sends through the host again.
+    pub fn link(&self, backend: &B) -> Result<String>
+    where
+        B: Clone + Send + 'static,
+    {
+        let mine = backend
+            .link_kind()
+            .ok_or_else(|| self.fail(format!("{} makes no device links", backend.describe())))?;
+        match &self.link_kind {
+            Some(theirs) if *theirs == mine => {}
+            Some(theirs) => {
+                return Err(self.fail(format!(
+                    "its backend links by {theirs}, this one by {mine}: install the same on both"
+                )));
+            }
+            None => return Err(self.fail("its backend makes no device links")),
+        }
+        let (ticket, rendezvous) = {
+            let mut state = self.state();
+            if state.linking {
+                return Err(self.fail("another thread is joining a device link"));
+            }
+            let connection = self.connection(&mut state)?;
+            if connection.link.is_some() {
+                return Err(self.fail("the connection has a device link already"));
+            }
+            let rendezvous = backend
+                .link_rendezvous()
+                .map_err(|e| self.fail(format!("making the device link's rendezvous: {e}")))?;
+            let request = Request::Link {
+                rendezvous: rendezvous.clone(),
+            };
+            if let Err(e) = write_frame(&mut connection.writer, &request, &[]) {
+                let problem = format!("sending a request: {}", io_problem(&e, self.options.reply));
+                return Err(self.lose(&mut state, problem));
+            }
+            state.linking = true;
+            state.next_ticket += 1;
+            (state.next_ticket - 1, rendezvous)
+        };
+        let linked = self.join(backend, ticket, rendezvous);
+        self.state().linking = false;
+        linked
     }
 
-    fn placement(&self) -> &ShardPlacement {
-        &self.placement
-    }
-
-    fn submit(&self, request: &ShardRequest<'_>) -> Result<u64> {
+    /// Joins the link of `rendezvous`, asked for by request `ticket`, and installs this end on the
+    /// connection.
+    fn join(&self, backend: &B, ticket: u64, rendezvous: Vec<u8>) -> Result<String>
+    where
+        B: Clone + Send + 'static,
+    {
+        // Both ends join at once; this one on its own thread, so that a server refusing the link
+        // does not leave this call waiting for it (the thread, still waiting, is left behind).
+        let (joined, join) = mpsc::channel();
+        let here = backend.clone();
+        std::thread::spawn(move || joined.send(here.join_link(&rendezvous, 0)));
+        let link = match self.reply(ticket)? {
+            (Reply::Linked { link }, _) => link,
+            (Reply::Refused { reason }, _) => {
+                return Err(self.fail(format!("refused the device link: {reason}")));
+            }
+            _ => return Err(self.fail("answered a device link with another reply")),
+        };
+        let ours = match join.recv_timeout(self.options.connect) {
+            Ok(joined) => joined.map_err(|e| self.fail(format!("joining the device link: {e}")))?,
+            Err(_) => {
+                return Err(self.fail(format!(
+                    "joined the device link ({link}), but this end did not within {} s",
+                    self.options.connect.as_secs_f64()
+                )));
+            }
+        };
         let mut state = self.state();
-        let connection = self.connection(&mut state)?;
-        let header = Request::Score(Score {
-            slot: request.slot,
-            shape: request.shape,
-            rows: request.rows.to_vec(),
-            top_k: request.top_k,
-            spec: WireSpec::from(request.spec),
-            keep_scores: request.keep_scores,
-        });
-        if let Err(e) = write_frame(&mut connection.writer, &header, request.queries) {
-            let problem = format!("sending a request: {}", io_problem(&e, self.options.reply));
-            return Err(self.lose(&mut state, problem));
+        // Installed on the connection that joined it only.
+        let same = ticket >= state.first_on_connection;
+        match state.connection.as_mut() {
+            Some(connection) if same => {
+                let described = ours.describe();
+                connection.link = Some(ours);
+                Ok(described)
+            }
+            _ => Err(self.fail("the connection was lost while the device link was joined")),
         }
-        state.next_ticket += 1;
-        Ok(state.next_ticket - 1)
     }
 
-    fn collect(&self, ticket: u64) -> Result<ShardAnswer> {
+    /// Waits for the reply to `ticket`, stashing other threads' replies that come first.
+    fn reply(&self, ticket: u64) -> Result<(Reply, Vec<f32>)> {
         let mut state = self.state();
         if let Some(reply) = state.stash.remove(&ticket) {
-            return self.answer(reply);
+            return Ok(reply);
         }
         if ticket >= state.next_ticket {
             return Err(self.fail(format!("no request {ticket} was sent")));
@@ -309,13 +395,71 @@ impl RemoteShard for ShardClient {
             let answered = state.next_reply;
             state.next_reply += 1;
             if answered == ticket {
-                return self.answer(reply);
+                return Ok(reply);
             }
             // Another thread's: it collects it from here, unless it was abandoned.
             if !state.abandoned.remove(&answered) {
                 state.stash.insert(answered, reply);
             }
         }
+    }
+}
+
+impl<B: Backend> RemoteShard<B> for ShardClient<B> {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn placement(&self) -> &ShardPlacement {
+        &self.placement
+    }
+
+    fn takes_device_queries(&self) -> bool {
+        (self.state().connection.as_ref()).is_some_and(|connection| connection.link.is_some())
+    }
+
+    fn submit(&self, request: &ShardRequest<'_, B>) -> Result<u64> {
+        let mut state = self.state();
+        let connection = self.connection(&mut state)?;
+        let (blob, on_device) = match request.queries {
+            RouterQueries::Host(queries) => (queries, None),
+            RouterQueries::Device(queries) => (&[][..], Some(queries)),
+        };
+        if on_device.is_some() && connection.link.is_none() {
+            return Err(self.fail(
+                "router queries on the device, but the device link went with a lost connection: \
+                 ask again (through the host)",
+            ));
+        }
+        let header = Request::Score(Score {
+            slot: request.slot,
+            shape: request.shape,
+            rows: request.rows.to_vec(),
+            top_k: request.top_k,
+            spec: WireSpec::from(request.spec),
+            keep_scores: request.keep_scores,
+            over_link: on_device.is_some(),
+        });
+        if let Err(e) = write_frame(&mut connection.writer, &header, blob) {
+            let problem = format!("sending a request: {}", io_problem(&e, self.options.reply));
+            return Err(self.lose(&mut state, problem));
+        }
+        // Sent in the order of the requests, under the lock, as the server receives them.
+        let sent = match (on_device, &connection.link) {
+            (Some(queries), Some(link)) => link.send(queries),
+            _ => Ok(()),
+        };
+        if let Err(e) = sent {
+            // The server waits for router queries that will not come: drop the connection.
+            let problem = format!("sending router queries over the device link: {e}");
+            return Err(self.lose(&mut state, problem));
+        }
+        state.next_ticket += 1;
+        Ok(state.next_ticket - 1)
+    }
+
+    fn collect(&self, ticket: u64) -> Result<ShardAnswer> {
+        self.answer(self.reply(ticket)?)
     }
 
     fn abandon(&self, ticket: u64) {

@@ -6,7 +6,8 @@
 //! single-device selection (exactly, where the shards compute on the same backend). The content K̄/V̄
 //! stays with the asking process's copy of the bank. A server needs a copy of the bank, or only its
 //! shard's routing keys: [`export`] writes them to a shard key file that [`ShardServer::from_file`]
-//! serves.
+//! serves. Where both backends make the same kind of device link (CUDA with NCCL),
+//! [`ShardClient::link`] joins one and the router queries go device to device instead.
 //!
 //! ```no_run
 //! use msa_core::bank::{Bank, OpenOptions};

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 /// Names the protocol in the handshake, so a client that reached some other service says so.
 pub const PROTOCOL: &str = "msa-shard";
 /// Bumped on any change to the messages.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// A header is a few KB (a request's rows, a handful of ids, a greeting); more is not this protocol.
 const MAX_HEADER_BYTES: u32 = 16 << 20;
@@ -27,8 +27,13 @@ pub enum Request {
         protocol: String,
         version: u32,
     },
-    /// Score router layer `slot` with the router queries in the blob.
+    /// Score router layer `slot` with the router queries in the blob, or sent over the device link.
     Score(Score),
+    /// Join a device link ([`msa_engine::Backend::join_link`]) as end 1 with this rendezvous: from
+    /// then on, this connection's requests may send their router queries over it.
+    Link {
+        rendezvous: Vec<u8>,
+    },
 }
 
 /// A scoring request: router layer `slot`, queries `[n, heads, d]` (`shape`, in the blob) of which rows
@@ -41,6 +46,8 @@ pub struct Score {
     pub top_k: usize,
     pub spec: WireSpec,
     pub keep_scores: bool,
+    /// The router queries follow over the connection's device link instead of in the blob.
+    pub over_link: bool,
 }
 
 /// From the server.
@@ -51,6 +58,10 @@ pub enum Reply {
     /// document's score when asked for.
     Scored {
         top: Vec<usize>,
+    },
+    /// The server joined the device link: its description.
+    Linked {
+        link: String,
     },
     /// The request could not be served (the connection stays usable after a refused `Score`).
     Refused {
@@ -72,6 +83,8 @@ pub struct Welcome {
     pub fingerprint: MemoryFingerprint,
     /// The backend and device it scores on.
     pub backend: String,
+    /// The kind of device link its backend joins ([`msa_engine::Backend::link_kind`]), if any.
+    pub link: Option<String>,
 }
 
 /// [`RoutingSpec`] on the wire.

@@ -2,15 +2,17 @@
 //! clients. Connections are read on their own threads; the scoring runs on the thread that called
 //! [`ShardServer::serve`], which owns the backend, one request at a time.
 
+use std::collections::HashMap;
 use std::io::{self, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 
 use msa_core::MemoryFingerprint;
 use msa_core::bank::{Bank, ShardKeysFile};
-use msa_engine::{Backend, Error, Result, ShardKeys, shard_ranges};
+use msa_engine::{Backend, DeviceLink, Error, Result, ShardKeys, shard_ranges};
 
 use crate::protocol::{PROTOCOL, Reply, Request, Score, VERSION, Welcome, read_frame, write_frame};
 
@@ -54,15 +56,47 @@ pub fn export(
     Ok(documents)
 }
 
-/// One scoring request handed from a connection's thread to the scoring thread.
-struct Job {
-    request: Score,
-    queries: Vec<f32>,
-    answer: mpsc::Sender<ScoreReply>,
+/// Work handed from a connection's thread to the scoring thread, which owns the backend.
+enum Job<B: Backend> {
+    /// A scoring request, answered on `answer`.
+    Score {
+        connection: u64,
+        request: Score,
+        queries: Vec<f32>,
+        answer: mpsc::Sender<Answer>,
+    },
+    /// Join a device link for the connection, on a thread that reports to `jobs` when joined.
+    Link {
+        connection: u64,
+        rendezvous: Vec<u8>,
+        aborter: Aborter,
+        answer: mpsc::Sender<Answer>,
+        jobs: mpsc::Sender<Job<B>>,
+    },
+    /// A device link joined (or not) for the connection: kept, with a way to abort it in `aborter`.
+    Joined {
+        connection: u64,
+        joined: Result<Box<dyn DeviceLink<B>>>,
+        aborter: Aborter,
+        answer: mpsc::Sender<Answer>,
+    },
+    /// The connection closed: its device link, if any, goes.
+    Closed { connection: u64 },
 }
 
-/// The selected global ids and the reply's blob, or why the request was refused.
-type ScoreReply = std::result::Result<(Vec<usize>, Vec<f32>), String>;
+/// A reply from the scoring thread, its blob, and whether the connection closes after it.
+type Answer = (Reply, Vec<f32>, bool);
+
+/// Aborts a connection's device link: its thread calls it when the client goes, since the scoring
+/// thread may then be waiting on the GPU for router queries that will never come.
+type Aborter = Arc<Mutex<LinkSlot>>;
+
+#[derive(Default)]
+struct LinkSlot {
+    /// The client went: a link joined after is aborted at once.
+    closed: bool,
+    abort: Option<Box<dyn FnOnce() + Send>>,
+}
 
 impl<B: Backend> ShardServer<B> {
     /// Uploads the routing keys of shard `rank` of `world` (the split every client computes:
@@ -112,6 +146,7 @@ impl<B: Backend> ShardServer<B> {
             bank_digest,
             fingerprint: fingerprint.clone(),
             backend: backend.describe(),
+            link: backend.link_kind(),
         };
         ShardServer {
             backend,
@@ -127,11 +162,14 @@ impl<B: Backend> ShardServer<B> {
 
     /// Serves clients from `listener` for as long as the process runs; scoring runs on this thread.
     /// Returns only if the thread accepting connections dies.
-    pub fn serve(&self, listener: TcpListener) -> io::Result<()> {
-        let (jobs, queue) = mpsc::channel::<Job>();
+    pub fn serve(&self, listener: TcpListener) -> io::Result<()>
+    where
+        B: Clone + Send + 'static,
+    {
+        let (jobs, queue) = mpsc::channel::<Job<B>>();
         let welcome = Arc::new(self.welcome.clone());
         std::thread::spawn(move || {
-            for stream in listener.incoming() {
+            for (connection, stream) in (0u64..).zip(listener.incoming()) {
                 // A connection that failed before it was accepted, or a full file table: the
                 // listener itself is fine, so keep accepting.
                 let stream = match stream {
@@ -148,31 +186,145 @@ impl<B: Backend> ShardServer<B> {
                         .peer_addr()
                         .map_or_else(|_| "a client".into(), |a| a.to_string());
                     tracing::info!("{peer} connected");
-                    match connection(stream, &welcome, &jobs) {
+                    let aborter = Aborter::default();
+                    match serve_connection(stream, connection, &welcome, &jobs, &aborter) {
                         Ok(()) => tracing::info!("{peer} disconnected"),
                         Err(e) => tracing::warn!("{peer}: {e}"),
                     }
+                    let _ = jobs.send(Job::Closed { connection });
                 });
             }
         });
+        // Each connection's device link, once joined.
+        // Each connection's device link, once joined, and the requests whose queries it carried.
+        let mut links: HashMap<u64, (Arc<dyn DeviceLink<B>>, usize)> = HashMap::new();
         for job in queue {
-            // A request no check foresaw must not take the server down with it.
-            let scored =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.score(&job)));
-            let answer = match scored {
-                Ok(answer) => answer.map_err(|e| e.to_string()),
-                Err(_) => Err("the request made the scoring panic".to_string()),
-            };
-            // A client that hung up no longer waits for its answer.
-            let _ = job.answer.send(answer);
+            match job {
+                Job::Score {
+                    connection,
+                    request,
+                    queries,
+                    answer,
+                } => {
+                    // Router queries over the link are received before anything is checked, so
+                    // the link stays in step with the client. A receive that fails (or queries for
+                    // a link this connection lacks) leaves a send unmatched: the link is aborted and
+                    // the connection closed, so the client drops its end too.
+                    let received = match (request.over_link, links.get_mut(&connection)) {
+                        (false, _) => Ok(None),
+                        (true, Some((link, carried))) => {
+                            match catch_unwind(AssertUnwindSafe(|| link.receive(&request.shape))) {
+                                Ok(Ok(received)) => {
+                                    *carried += 1;
+                                    Ok(Some(received))
+                                }
+                                Ok(Err(e)) => Err(e.to_string()),
+                                Err(_) => Err("the receive panicked".into()),
+                            }
+                        }
+                        (true, None) => Err("this connection has no device link".into()),
+                    };
+                    let reply = match received {
+                        Err(why) => {
+                            if let Some((link, _)) = links.remove(&connection) {
+                                link.abort();
+                            }
+                            let reason = format!(
+                                "receiving the router queries over the device link: {why}; the \
+                                 connection closes"
+                            );
+                            (refused(reason), Vec::new(), true)
+                        }
+                        // A request no check foresaw must not take the server down with it.
+                        Ok(received) => match catch_unwind(AssertUnwindSafe(|| {
+                            self.score(&request, queries, received)
+                        })) {
+                            Ok(Ok((top, blob))) => (Reply::Scored { top }, blob, false),
+                            Ok(Err(e)) => (refused(e.to_string()), Vec::new(), false),
+                            Err(_) => {
+                                let reason = "the request made the scoring panic".into();
+                                (refused(reason), Vec::new(), false)
+                            }
+                        },
+                    };
+                    // A client that hung up no longer waits for its answer.
+                    let _ = answer.send(reply);
+                }
+                Job::Link {
+                    connection,
+                    rendezvous,
+                    aborter,
+                    answer,
+                    jobs,
+                } => {
+                    if links.contains_key(&connection) {
+                        let reply = refused("this connection has a device link already".into());
+                        let _ = answer.send((reply, Vec::new(), false));
+                        continue;
+                    }
+                    // On a thread of its own: a client that never joins its end leaves that thread
+                    // waiting, not the scoring of every other client.
+                    let backend = self.backend.clone();
+                    std::thread::spawn(move || {
+                        let joined = backend.join_link(&rendezvous, 1);
+                        let _ = jobs.send(Job::Joined {
+                            connection,
+                            joined,
+                            aborter,
+                            answer,
+                        });
+                    });
+                }
+                Job::Joined {
+                    connection,
+                    joined,
+                    aborter,
+                    answer,
+                } => {
+                    let reply = match joined {
+                        Ok(link) => {
+                            let link: Arc<dyn DeviceLink<B>> = Arc::from(link);
+                            let mut slot = lock(&aborter);
+                            if slot.closed {
+                                link.abort();
+                                refused("the client went while the device link was joined".into())
+                            } else {
+                                let described = link.describe();
+                                tracing::info!("joined a device link: {described}");
+                                let abort = link.clone();
+                                slot.abort = Some(Box::new(move || abort.abort()));
+                                links.insert(connection, (link, 0));
+                                Reply::Linked { link: described }
+                            }
+                        }
+                        Err(e) => refused(format!("joining the device link: {e}")),
+                    };
+                    let _ = answer.send((reply, Vec::new(), false));
+                }
+                Job::Closed { connection } => {
+                    if let Some((link, carried)) = links.remove(&connection) {
+                        tracing::info!(
+                            "a client left: its device link ({}) carried the router queries of \
+                             {carried} requests",
+                            link.describe()
+                        );
+                    }
+                }
+            }
         }
         // Every sender is gone: the accepting thread, which holds the first, has stopped.
         Err(io::Error::other("the thread accepting connections stopped"))
     }
 
-    /// The shard's top k for one request as global ids, with their scores, then every score if asked.
-    fn score(&self, job: &Job) -> Result<(Vec<usize>, Vec<f32>)> {
-        let (b, request) = (&self.backend, &job.request);
+    /// The shard's top k for one request as global ids, with their scores, then every score if asked:
+    /// for the router queries `received` over the device link, or else those in `host_queries`.
+    fn score(
+        &self,
+        request: &Score,
+        host_queries: Vec<f32>,
+        received: Option<B::Tensor>,
+    ) -> Result<(Vec<usize>, Vec<f32>)> {
+        let b = &self.backend;
         let layers = self.welcome.fingerprint.router_layers.len();
         if request.slot >= layers {
             return Err(Error::shape(
@@ -191,7 +343,10 @@ impl<B: Backend> ShardServer<B> {
                 ),
             ));
         }
-        let queries = b.upload(&job.queries, &request.shape)?;
+        let queries = match received {
+            Some(received) => received,
+            None => b.upload(&host_queries, &request.shape)?,
+        };
         let scores = self.keys.score(
             b,
             request.slot,
@@ -210,39 +365,71 @@ impl<B: Backend> ShardServer<B> {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn refused(reason: String) -> Reply {
+    Reply::Refused { reason }
+}
+
 /// A reply on its way to a client, in request order.
 enum Outgoing {
     Ready(Reply),
-    /// A score request's answer, once the scoring thread has it.
-    Scoring(mpsc::Receiver<ScoreReply>),
+    /// The scoring thread's answer, once it has it.
+    Pending(mpsc::Receiver<Answer>),
 }
 
 /// Serves one client: the handshake, then its requests in order. Requests are read on this thread and
 /// replies written on another, in the same order, so a client that writes its next request while a
 /// large reply is on its way never stalls both sides.
-fn connection(stream: TcpStream, welcome: &Welcome, jobs: &mpsc::Sender<Job>) -> io::Result<()> {
+fn serve_connection<B: Backend>(
+    stream: TcpStream,
+    connection: u64,
+    welcome: &Welcome,
+    jobs: &mpsc::Sender<Job<B>>,
+    aborter: &Aborter,
+) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let to_client = stream.try_clone()?;
     let (replies, outgoing) = mpsc::channel();
     let writer = std::thread::spawn(move || write_replies(to_client, outgoing));
-    let read = read_requests(stream, welcome, jobs, &replies);
+    let read = read_requests(stream, connection, welcome, jobs, aborter, &replies);
+    // The client is gone: nothing more comes over its link.
+    let abort = {
+        let mut slot = lock(aborter);
+        slot.closed = true;
+        slot.abort.take()
+    };
+    if let Some(abort) = abort {
+        abort();
+    }
     drop(replies);
     let written = writer.join().expect("the reply writer does not panic");
     read.and(written)
 }
 
-fn read_requests(
+fn read_requests<B: Backend>(
     stream: TcpStream,
+    connection: u64,
     welcome: &Welcome,
-    jobs: &mpsc::Sender<Job>,
+    jobs: &mpsc::Sender<Job<B>>,
+    aborter: &Aborter,
     replies: &mpsc::Sender<Outgoing>,
 ) -> io::Result<()> {
     let mut reader = BufReader::new(stream);
     let writer_stopped = |_| io::Error::other("the reply writer stopped");
     while let Some((request, queries)) = read_frame::<Request>(&mut reader)? {
-        let reply = match request {
+        let (answer, answered) = mpsc::channel();
+        let job = match request {
             Request::Hello { protocol, version } if protocol == PROTOCOL && version == VERSION => {
-                Outgoing::Ready(Reply::Welcome(Box::new(welcome.clone())))
+                let welcome = Reply::Welcome(Box::new(welcome.clone()));
+                replies
+                    .send(Outgoing::Ready(welcome))
+                    .map_err(writer_stopped)?;
+                continue;
             }
             Request::Hello { protocol, version } => {
                 let reason = format!(
@@ -250,23 +437,29 @@ fn read_requests(
                      version {version}: run the same msa release on both"
                 );
                 replies
-                    .send(Outgoing::Ready(Reply::Refused { reason }))
+                    .send(Outgoing::Ready(refused(reason)))
                     .map_err(writer_stopped)?;
                 return Ok(());
             }
-            Request::Score(request) => {
-                let (answer, answered) = mpsc::channel();
-                let job = Job {
-                    request,
-                    queries,
-                    answer,
-                };
-                jobs.send(job)
-                    .map_err(|_| io::Error::other("the scoring thread stopped"))?;
-                Outgoing::Scoring(answered)
-            }
+            Request::Score(request) => Job::Score {
+                connection,
+                request,
+                queries,
+                answer,
+            },
+            Request::Link { rendezvous } => Job::Link {
+                connection,
+                rendezvous,
+                aborter: aborter.clone(),
+                answer,
+                jobs: jobs.clone(),
+            },
         };
-        replies.send(reply).map_err(writer_stopped)?;
+        jobs.send(job)
+            .map_err(|_| io::Error::other("the scoring thread stopped"))?;
+        replies
+            .send(Outgoing::Pending(answered))
+            .map_err(writer_stopped)?;
     }
     Ok(())
 }
@@ -275,9 +468,14 @@ fn write_replies(mut stream: TcpStream, outgoing: mpsc::Receiver<Outgoing>) -> i
     for reply in outgoing {
         match reply {
             Outgoing::Ready(reply) => write_frame(&mut stream, &reply, &[])?,
-            Outgoing::Scoring(answered) => match answered.recv() {
-                Ok(Ok((top, scores))) => write_frame(&mut stream, &Reply::Scored { top }, &scores)?,
-                Ok(Err(reason)) => write_frame(&mut stream, &Reply::Refused { reason }, &[])?,
+            Outgoing::Pending(answered) => match answered.recv() {
+                Ok((reply, blob, close)) => {
+                    write_frame(&mut stream, &reply, &blob)?;
+                    if close {
+                        // Ends the reading side too.
+                        return stream.shutdown(std::net::Shutdown::Both);
+                    }
+                }
                 Err(_) => return Err(io::Error::other("the scoring thread stopped")),
             },
         }

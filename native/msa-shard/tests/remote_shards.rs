@@ -8,7 +8,9 @@ use std::path::Path;
 
 use msa_core::bank::{Bank, LayerRows, NewDocument, OpenOptions, ShardKeysFile};
 use msa_core::{ChunkReduce, HeadReduce, MemoryFingerprint, QueryReduce, ScoreMode};
-use msa_engine::{Backend, CpuBackend, Memory, RemoteShard, RoutingSpec, Selection, ShardRequest};
+use msa_engine::{
+    Backend, CpuBackend, Memory, RemoteShard, RouterQueries, RoutingSpec, Selection, ShardRequest,
+};
 use msa_shard::protocol::{Reply, Request, Score, read_frame, write_frame};
 use msa_shard::{ConnectOptions, ShardClient, ShardServer};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -97,7 +99,7 @@ fn listen(server: ShardServer<CpuBackend>) -> SocketAddr {
     address
 }
 
-fn connect(address: impl ToString) -> msa_engine::Result<Box<dyn RemoteShard>> {
+fn connect(address: impl ToString) -> msa_engine::Result<Box<dyn RemoteShard<CpuBackend>>> {
     let client = ShardClient::connect(&address.to_string(), ConnectOptions::default())?;
     Ok(Box::new(client))
 }
@@ -362,7 +364,7 @@ fn a_refused_request_leaves_the_connection_usable() {
     let queries = vec![0.5; 2 * HEADS * HEAD_DIM];
     let request = |slot, shape| ShardRequest {
         slot,
-        queries: &queries,
+        queries: RouterQueries::Host(&queries),
         shape,
         rows: &[1],
         top_k: 5,
@@ -421,6 +423,7 @@ fn hostile_frames_do_not_stop_the_server() {
         top_k: 3,
         spec: spec(HeadReduce::Mean, QueryReduce::Max).into(),
         keep_scores: true,
+        over_link: false,
     });
     write_frame(&mut rude, &score, &[1.0; 4]).unwrap();
     let (reply, _): (Reply, Vec<f32>) = read_frame(&mut rude).unwrap().unwrap();
@@ -428,6 +431,39 @@ fn hostile_frames_do_not_stop_the_server() {
         matches!(&reply, Reply::Refused { reason } if reason.contains("do not fill shape")),
         "{reply:?}"
     );
+    // A device link the CPU backend cannot join, and router queries over a link never joined.
+    let link = Request::Link {
+        rendezvous: vec![7; 128],
+    };
+    write_frame(&mut rude, &link, &[]).unwrap();
+    let (reply, _): (Reply, Vec<f32>) = read_frame(&mut rude).unwrap().unwrap();
+    assert!(
+        matches!(&reply, Reply::Refused { reason } if reason.contains("makes no device links")),
+        "{reply:?}"
+    );
+    let over_link = Request::Score(Score {
+        slot: 0,
+        shape: [1, HEADS, HEAD_DIM],
+        rows: vec![0],
+        top_k: 3,
+        spec: spec(HeadReduce::Mean, QueryReduce::Max).into(),
+        keep_scores: false,
+        over_link: true,
+    });
+    write_frame(&mut rude, &over_link, &[]).unwrap();
+    let (reply, _): (Reply, Vec<f32>) = read_frame(&mut rude).unwrap().unwrap();
+    assert!(
+        matches!(&reply, Reply::Refused { reason } if reason.contains("no device link")),
+        "{reply:?}"
+    );
+    // A send the server cannot meet would leave the client's GPU waiting: it closes the connection.
+    assert!(matches!(read_frame::<Reply>(&mut rude), Ok(None) | Err(_)));
+    // A client on a backend without device links says so, and sends through the host.
+    let client: ShardClient<CpuBackend> =
+        ShardClient::connect(&address.to_string(), ConnectOptions::default()).unwrap();
+    let error = client.link(&CpuBackend::new()).unwrap_err().to_string();
+    assert!(error.contains("makes no device links"), "{error}");
+    assert!(!client.takes_device_queries());
     // Still serving: a new client routes exactly as one device does.
     let memory = with_remote(dir.path(), address);
     let single = on_one_device(dir.path());
@@ -489,18 +525,18 @@ fn a_failed_query_and_concurrent_queries_keep_answers_matched() {
 
 /// A remote shard that records the tickets the engine abandons.
 struct Recording {
-    inner: Box<dyn RemoteShard>,
+    inner: Box<dyn RemoteShard<CpuBackend>>,
     abandoned: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
-impl RemoteShard for Recording {
+impl RemoteShard<CpuBackend> for Recording {
     fn describe(&self) -> String {
         self.inner.describe()
     }
     fn placement(&self) -> &msa_engine::ShardPlacement {
         self.inner.placement()
     }
-    fn submit(&self, request: &ShardRequest<'_>) -> msa_engine::Result<u64> {
+    fn submit(&self, request: &ShardRequest<'_, CpuBackend>) -> msa_engine::Result<u64> {
         self.inner.submit(request)
     }
     fn collect(&self, ticket: u64) -> msa_engine::Result<msa_engine::ShardAnswer> {
@@ -522,7 +558,7 @@ fn abandoned_requests_leave_no_answer_behind() {
     let queries = vec![0.25; 2 * HEADS * HEAD_DIM];
     let request = ShardRequest {
         slot: 1,
-        queries: &queries,
+        queries: RouterQueries::Host(&queries),
         shape: [2, HEADS, HEAD_DIM],
         rows: &[0, 1],
         top_k: 4,
