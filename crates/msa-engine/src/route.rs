@@ -239,10 +239,10 @@ impl<B: Backend> Memory<B> {
             let detail = format!("routing row {row} of {n} query rows");
             return (tickets, Err(Error::shape("routing_scores", detail)));
         }
-        let every_row = rows.iter().enumerate().all(|(i, &row)| i == row as usize);
+        let every_row = rows.len() == n && rows.iter().enumerate().all(|(i, &r)| i == r as usize);
         let on_device = match remotes.iter().any(|&(_, on_device)| on_device) {
             false => None,
-            true if every_row && rows.len() == n => Some(queries.clone()),
+            true if every_row => Some(queries.clone()),
             true => match b.gather_rows(queries, rows) {
                 Ok(routed) => Some(routed),
                 Err(e) => return (tickets, Err(e)),

@@ -8,7 +8,7 @@
 //! [`Backend::link_rendezvous`]: msa_engine::Backend::link_rendezvous
 //! [`Backend::join_link`]: msa_engine::Backend::join_link
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaEvent, CudaStream};
 
@@ -93,6 +93,13 @@ impl CudaBackend {
     }
 }
 
+/// A link's lock, also after a panic while it was held (the communicator is then aborted or unused).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl NcclLink {
     /// Runs `call` with the communicator, this backend's context current.
     fn with_comm<T>(&self, call: impl FnOnce(&Comm) -> Result<T>) -> Result<T> {
@@ -138,10 +145,7 @@ impl DeviceLink<CudaBackend> for NcclLink {
             self.stream.record_event(None).map_err(|e| device.error(e))
         })?;
         let sent = (tensor.clone(), done);
-        let previous = match self.in_flight.lock() {
-            Ok(mut in_flight) => in_flight.replace(sent),
-            Err(poisoned) => poisoned.into_inner().replace(sent),
-        };
+        let previous = lock(&self.in_flight).replace(sent);
         self.release(previous)
     }
 
@@ -169,10 +173,7 @@ impl DeviceLink<CudaBackend> for NcclLink {
     }
 
     fn abort(&self) {
-        let taken = match self.comm.lock() {
-            Ok(mut comm) => comm.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
+        let taken = lock(&self.comm).take();
         // Dropping the communicator aborts it (ncclCommAbort), which ends its kernels; a failed
         // abort (cudarc panics on one) leaves nothing more to do.
         let _ = guarded(|| drop(taken));
@@ -182,10 +183,7 @@ impl DeviceLink<CudaBackend> for NcclLink {
 impl Drop for NcclLink {
     fn drop(&mut self) {
         self.abort();
-        let sent = match self.in_flight.get_mut() {
-            Ok(in_flight) => in_flight.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
+        let sent = lock(&self.in_flight).take();
         let _ = self.release(sent);
     }
 }

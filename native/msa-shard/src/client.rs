@@ -235,6 +235,18 @@ impl<B: Backend> ShardClient<B> {
         Ok(state.connection.as_mut().expect("opened above"))
     }
 
+    /// Writes a request on the connection [`Self::connection`] opened, and returns its ticket; a
+    /// failed write loses the connection.
+    fn send(&self, state: &mut State<B>, request: &Request, blob: &[f32]) -> Result<u64> {
+        let connection = state.connection.as_mut().expect("opened by the caller");
+        if let Err(e) = write_frame(&mut connection.writer, request, blob) {
+            let problem = format!("sending a request: {}", io_problem(&e, self.options.reply));
+            return Err(self.lose(state, problem));
+        }
+        state.next_ticket += 1;
+        Ok(state.next_ticket - 1)
+    }
+
     /// Forgets a connection that failed: its requests in flight fail, the next one reconnects.
     fn lose(&self, state: &mut State<B>, problem: String) -> Error {
         state.connection = None;
@@ -302,13 +314,9 @@ impl<B: Backend> ShardClient<B> {
             let request = Request::Link {
                 rendezvous: rendezvous.clone(),
             };
-            if let Err(e) = write_frame(&mut connection.writer, &request, &[]) {
-                let problem = format!("sending a request: {}", io_problem(&e, self.options.reply));
-                return Err(self.lose(&mut state, problem));
-            }
+            let ticket = self.send(&mut state, &request, &[])?;
             state.linking = true;
-            state.next_ticket += 1;
-            (state.next_ticket - 1, rendezvous)
+            (ticket, rendezvous)
         };
         let linked = self.join(backend, ticket, rendezvous);
         self.state().linking = false;
@@ -440,12 +448,10 @@ impl<B: Backend> RemoteShard<B> for ShardClient<B> {
             keep_scores: request.keep_scores,
             over_link: on_device.is_some(),
         });
-        if let Err(e) = write_frame(&mut connection.writer, &header, blob) {
-            let problem = format!("sending a request: {}", io_problem(&e, self.options.reply));
-            return Err(self.lose(&mut state, problem));
-        }
+        let ticket = self.send(&mut state, &header, blob)?;
         // Sent in the order of the requests, under the lock, as the server receives them.
-        let sent = match (on_device, &connection.link) {
+        let link = (state.connection.as_ref()).and_then(|connection| connection.link.as_ref());
+        let sent = match (on_device, link) {
             (Some(queries), Some(link)) => link.send(queries),
             _ => Ok(()),
         };
@@ -454,8 +460,7 @@ impl<B: Backend> RemoteShard<B> for ShardClient<B> {
             let problem = format!("sending router queries over the device link: {e}");
             return Err(self.lose(&mut state, problem));
         }
-        state.next_ticket += 1;
-        Ok(state.next_ticket - 1)
+        Ok(ticket)
     }
 
     fn collect(&self, ticket: u64) -> Result<ShardAnswer> {
