@@ -691,7 +691,9 @@ pub fn check_routing_scores<B: Backend>(backend: &B, tol: &Tolerances) {
     let mut rng = StdRng::seed_from_u64(7);
     // Keys in every stored dtype; the odd shapes (d 7 and 33 with one KV head) put chunk and head rows
     // of packed keys at odd elements; 23,000 documents (about 69,000 chunks) with two KV heads span
-    // more than 65,536 chunks, a batch size at which a backend may tile the scan.
+    // more than 65,536 chunks, a batch size at which a backend may tile the scan; 33 routing rows
+    // (of 50) pass 32, and 8 (of 12) fill 8 exactly, numbers of tokens at which a backend may tile
+    // the query.
     for (dtype, (n, heads, kv_heads, d, documents)) in [
         (DType::F32, (1, 2, 2, 16, 1)),
         (DType::F32, (9, 4, 2, 16, 37)),
@@ -702,6 +704,8 @@ pub fn check_routing_scores<B: Backend>(backend: &B, tol: &Tolerances) {
         (DType::BF16, (3, 3, 1, 7, 11)),
         (DType::BF16, (7, 6, 3, 10, 13)),
         (DType::BF16, (9, 4, 2, 16, 23_000)),
+        (DType::BF16, (50, 4, 2, 16, 5)),
+        (DType::F16, (12, 2, 1, 32, 9)),
         (DType::F16, (9, 4, 2, 16, 37)),
         (DType::F16, (3, 3, 1, 7, 11)),
         (DType::F16, (4, 2, 1, 33, 20)),

@@ -245,10 +245,15 @@ pub fn open_cuda(devices: usize) -> Result<(CudaBackend, Vec<CudaBackend>)> {
 fn open_cuda_device(ordinal: usize) -> Result<CudaBackend> {
     let options = CudaOptions {
         ordinal,
-        trim_pool: std::env::var_os("MSA_CUDA_TRIM_POOL")
-            .is_some_and(|v| !v.is_empty() && v != "0"),
+        trim_pool: env_flag("MSA_CUDA_TRIM_POOL"),
+        cublas_routing: env_flag("MSA_CUDA_ROUTING_CUBLAS"),
     };
     CudaBackend::new(options).context("opening a CUDA device")
+}
+
+/// Whether an environment variable is set to something other than empty or `0`.
+fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// GPU 0, the primary device.

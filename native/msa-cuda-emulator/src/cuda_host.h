@@ -50,6 +50,9 @@ inline const Place& place() {
 void sync_threads();
 // Every lane of the running fiber's warp hands in `bits` and gets those of lane (lane ^ lane_mask).
 uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask);
+// Every lane of the running fiber's warp hands in `bits` and gets every lane's, by lane (for warp-wide
+// instructions such as mma).
+void warp_exchange(unsigned mask, uint64_t bits, uint64_t* all);
 
 inline float f16_to_f32(uint16_t h) {
     _Float16 f;
@@ -62,6 +65,41 @@ inline uint16_t f32_to_f16(float x) {
     uint16_t h;
     std::memcpy(&h, &f, 2);
     return h;
+}
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 for the warp: d += A · B, each
+// element of A and B found in the lane and register PTX's fragment layout gives it, products and sums
+// in f32 (a GPU adds them in its own order and precision: results agree to rounding). Lane 4g + t holds
+// d[0], d[1] (row g, columns 2t, 2t + 1) and d[2], d[3] (row g + 8).
+inline void mma_16x8x16(float* d, const uint32_t* a, const uint32_t* b, int f16) {
+    uint64_t a_low[32], a_high[32], b_all[32];
+    warp_exchange(0xffffffffu, a[0] | (uint64_t)a[1] << 32, a_low);
+    warp_exchange(0xffffffffu, a[2] | (uint64_t)a[3] << 32, a_high);
+    warp_exchange(0xffffffffu, b[0] | (uint64_t)b[1] << 32, b_all);
+    // Element `half` of 32-bit register `reg` (0-3 for A, 0-1 for B) of `lane`.
+    auto element = [f16](const uint64_t* low, const uint64_t* high, unsigned lane, unsigned reg, unsigned half) {
+        const uint64_t pair = reg < 2 ? low[lane] : high[lane];
+        const uint16_t bits = (uint16_t)(pair >> (32 * (reg % 2) + 16 * half));
+        if (f16) return f16_to_f32(bits);
+        const uint32_t widened = (uint32_t)bits << 16;
+        float f;
+        std::memcpy(&f, &widened, 4);
+        return f;
+    };
+    // A(r, k): lane 4 (r % 8) + (k % 8) / 2, register (r >= 8) + 2 (k >= 8); B(k, c): lane 4c + (k % 8) / 2,
+    // register k >= 8; the element within its register is k % 2.
+    auto a_at = [&](unsigned r, unsigned k) {
+        return element(a_low, a_high, 4 * (r % 8) + k % 8 / 2, (r >= 8) + 2 * (k >= 8), k % 2);
+    };
+    auto b_at = [&](unsigned k, unsigned c) { return element(b_all, b_all, 4 * c + k % 8 / 2, k >= 8, k % 2); };
+    const Place& at = place();
+    const unsigned thread = at.thread.x + at.block_dim.x * (at.thread.y + at.block_dim.y * at.thread.z);
+    const unsigned lane = thread % 32, g = lane / 4, t = lane % 4;
+    for (unsigned i = 0; i < 4; i++) {
+        const unsigned r = g + 8 * (i / 2), c = 2 * t + i % 2;
+        float sum = 0.0f;
+        for (unsigned k = 0; k < 16; k++) sum += a_at(r, k) * b_at(k, c);
+        d[i] += sum;
+    }
 }
 }  // namespace emulator
 

@@ -250,7 +250,12 @@ bool run_block(Block& b, uint3 idx, uint3 block_dim, uint3 grid_dim) {
 
 void sync_threads() { wait(State::AtSyncThreads); }
 
-uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask) {
+namespace {
+
+// Hands `bits` to the warp, waits for all 32 lanes, and calls read(the warp's 32 slots) before any lane
+// goes on.
+template <class Read>
+void exchange(unsigned mask, uint64_t bits, Read read) {
     Fiber& f = self();
     Block& b = *f.block;
     if (mask != 0xffffffffu) {
@@ -259,14 +264,27 @@ uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask) {
         wait(State::AtShuffle);
     }
     const size_t me = f.index;
-    const unsigned lane = me % 32, source = lane ^ (unsigned)lane_mask;
     b.exchange[me] = bits;
     wait(State::AtShuffle);
-    // A source lane outside the warp gives the thread its own value, as CUDA does.
-    const uint64_t other = source < 32 ? b.exchange[me - lane + source] : bits;
+    read(&b.exchange[me - me % 32]);
     // Every lane has read before any lane's next shuffle overwrites its slot.
     wait(State::AtShuffle);
+}
+
+}  // namespace
+
+uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask) {
+    const unsigned source = self().index % 32 ^ (unsigned)lane_mask;
+    uint64_t other = bits;
+    // A source lane outside the warp gives the thread its own value, as CUDA does.
+    exchange(mask, bits, [&](const uint64_t* warp) {
+        if (source < 32) other = warp[source];
+    });
     return other;
+}
+
+void warp_exchange(unsigned mask, uint64_t bits, uint64_t* all) {
+    exchange(mask, bits, [&](const uint64_t* warp) { std::memcpy(all, warp, 32 * sizeof(uint64_t)); });
 }
 
 }  // namespace emulator
@@ -307,7 +325,7 @@ struct Kernel {
 const Kernel KERNELS[] = {
 #include "kernel_table.inc"
     KERNEL(self_test_block_sum) KERNEL(self_test_exchange) KERNEL(self_test_partial_warp)
-    KERNEL(self_test_divergent_barrier) KERNEL(self_test_missing_barrier)
+    KERNEL(self_test_divergent_barrier) KERNEL(self_test_missing_barrier) KERNEL(self_test_mma)
 };
 #undef KERNEL
 

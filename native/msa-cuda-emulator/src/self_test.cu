@@ -48,3 +48,28 @@ extern "C" __global__ void self_test_missing_barrier(u32* out) {
     if (threadIdx.x == 0) value = 1;
     out[global_thread()] = value;
 }
+
+// d += a · b for one 16 × 8 × 16 tile (a [16][16] and b [16][8] row-major, as bf16 or f16 bits; d
+// [16][8]) through kernels.cu's mma_16x8x16, each lane's fragments gathered by PTX's formulas for
+// element i of each fragment, written here independently of the emulator's mma.
+extern "C" __global__ void self_test_mma(const u16* a, const u16* b, float* d, u32 f16) {
+    const u32 lane = threadIdx.x % WARP, group = lane >> 2, in_group = lane % 4;
+    u32 a_regs[4] = {0, 0, 0, 0}, b_regs[2] = {0, 0};
+    for (u32 i = 0; i < 8; i++) {
+        const u32 row = (i < 2 || (i >= 4 && i < 6)) ? group : group + 8;
+        const u32 col = in_group * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+        a_regs[i / 2] |= (u32)a[row * 16 + col] << (16 * (i % 2));
+    }
+    for (u32 i = 0; i < 4; i++) {
+        const u32 row = in_group * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+        b_regs[i / 2] |= (u32)b[row * 8 + group] << (16 * (i % 2));
+    }
+    float acc[4];
+    for (u32 i = 0; i < 4; i++) acc[i] = d[(i < 2 ? group : group + 8) * 8 + in_group * 2 + (i & 1)];
+    if (f16) {
+        mma_16x8x16<1>(acc, a_regs, b_regs);
+    } else {
+        mma_16x8x16<0>(acc, a_regs, b_regs);
+    }
+    for (u32 i = 0; i < 4; i++) d[(i < 2 ? group : group + 8) * 8 + in_group * 2 + (i & 1)] = acc[i];
+}

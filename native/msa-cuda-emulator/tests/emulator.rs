@@ -116,6 +116,45 @@ fn launches_a_gpu_would_get_wrong_fail() {
     );
 }
 
+/// One warp's mma (16 × 8 × 16) adds A · B to D for bf16 and f16 operands, with each lane's fragments
+/// built from PTX's formulas by the test kernel: small integers, so every product and sum is exact.
+#[test]
+fn mma_adds_the_product_of_its_fragments() {
+    for f16 in [0u32, 1] {
+        let value = |i: usize, salt: usize| ((i * 7 + salt * 13) % 9) as f32 - 4.0;
+        let bits = |x: f32| {
+            if f16 == 1 {
+                half::f16::from_f32(x).to_bits()
+            } else {
+                half::bf16::from_f32(x).to_bits()
+            }
+        };
+        let a: Vec<f32> = (0..16 * 16).map(|i| value(i, 1)).collect();
+        let b: Vec<f32> = (0..16 * 8).map(|i| value(i, 2)).collect();
+        let d: Vec<f32> = (0..16 * 8).map(|i| value(i, 3) * 0.5).collect();
+        let mut expected = d.clone();
+        for r in 0..16 {
+            for c in 0..8 {
+                expected[r * 8 + c] += (0..16).map(|k| a[r * 16 + k] * b[k * 8 + c]).sum::<f32>();
+            }
+        }
+        let mut a_bits: Vec<u16> = a.iter().map(|&x| bits(x)).collect();
+        let mut b_bits: Vec<u16> = b.iter().map(|&x| bits(x)).collect();
+        let mut out = d;
+        let args = [
+            ptr(&mut a_bits),
+            ptr(&mut b_bits),
+            ptr(&mut out),
+            Arg::U32(f16),
+        ];
+        assert_eq!(
+            launch(c"self_test_mma", 1, 32, &args),
+            CUresult::CUDA_SUCCESS
+        );
+        assert_eq!(out, expected, "f16 {f16}");
+    }
+}
+
 #[test]
 fn unknown_kernels_are_not_found() {
     let mut function: CUfunction = std::ptr::null_mut();

@@ -20,8 +20,8 @@ use msa_engine::{
 
 use crate::clique::Member;
 use crate::device::{
-    ATTENTION_WARPS, CudaOptions, Device, MAX_PER_LANE, Readback, SMALL_ROWS, STAGED_MAX,
-    TOP_K_ITEMS, TOP_K_THREADS, WARP, grid_for_threads, grid_for_warps, guarded,
+    ATTENTION_WARPS, CudaOptions, Device, MAX_PER_LANE, ROUTING_MMA_WARPS, Readback, SMALL_ROWS,
+    STAGED_MAX, TOP_K_ITEMS, TOP_K_THREADS, WARP, grid_for_threads, grid_for_warps, guarded,
 };
 
 /// The widest head vector the warp-per-head kernels hold in registers.
@@ -74,14 +74,18 @@ enum WeightData {
     Half(CudaSlice<u16>),
 }
 
+/// The suffix of a kernel instantiated for a weight dtype.
+fn kernel_suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+    }
+}
+
 impl CudaWeight {
-    /// The suffix of the kernel instantiated for this dtype.
     fn suffix(&self) -> &'static str {
-        match self.dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-        }
+        kernel_suffix(self.dtype)
     }
 }
 
@@ -94,7 +98,9 @@ enum QueuedTopK {
     },
 }
 
-/// The shape of a routing GEMM (see [`CudaBackend::routing_gemm`]) and how it reduces.
+/// The shape of a routing product against half-precision keys, and how it reduces (see
+/// [`CudaBackend::routing_gemm`] and [`CudaBackend::routing_mma`], which reads no `per_kv` or `batch`:
+/// a head mean has one of each).
 struct RoutingGemm {
     chunks: usize,
     tokens: usize,
@@ -517,6 +523,56 @@ impl CudaBackend {
             self.launch(&mut args, grid_for_threads(n as u64))?;
         }
         Ok(())
+    }
+
+    /// Whether `routing_mma` takes a head mean over these keys: on sm_80 and newer (unless cuBLAS was
+    /// asked for), with chunk rows of whole 32-element steps starting 16-byte aligned, as its loads
+    /// need.
+    fn mma_routes(&self, keys: &CudaSlice<u16>, width: usize) -> bool {
+        let (address, _keys) = keys.device_ptr(&self.device.stream);
+        self.device.fused_routing && width.is_multiple_of(32) && address.is_multiple_of(16)
+    }
+
+    /// Chunk scores of a head mean on tensor cores in one kernel (`routing_mma`): the query split
+    /// into hi and lo half-precision parts as for [`Self::routing_gemm`], multiplied with each chunk's
+    /// key row and reduced over tokens in registers, so only one score per chunk is written.
+    fn routing_mma(
+        &self,
+        query: &CudaSlice<f32>,
+        keys: (&CudaSlice<u16>, DType),
+        chunk_scores: &mut CudaSlice<f32>,
+        dims: RoutingGemm,
+    ) -> Result<()> {
+        let RoutingGemm {
+            chunks,
+            tokens,
+            width,
+            head_divisor,
+            query_reduce,
+            ..
+        } = dims;
+        let (parts, _) = self.to_half(query, tokens * width, keys.1, Some(tokens * width))?;
+        let kernel = format!("routing_mma_{}", kernel_suffix(keys.1));
+        let (chunks64, tokens32, width32) = (chunks as u64, tokens as u32, width as u32);
+        let mut args = self.args(&kernel);
+        args.arg(&parts)
+            .arg(keys.0)
+            .arg(&mut *chunk_scores)
+            .arg(&chunks64)
+            .arg(&tokens32)
+            .arg(&width32)
+            .arg(&head_divisor)
+            .arg(&query_reduce);
+        // One warp per 32 chunks, in blocks of ROUTING_MMA_WARPS (the kernel loops past 2^20 blocks).
+        let blocks = chunks
+            .div_ceil(32 * ROUTING_MMA_WARPS as usize)
+            .clamp(1, 1 << 20);
+        let config = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (ROUTING_MMA_WARPS * WARP, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(&mut args, config)
     }
 
     /// rope's `[n, d/2]` (cos, sin) table of `positions`, uploaded once for a run of calls at the
@@ -1117,7 +1173,11 @@ impl Backend for CudaBackend {
                 head_divisor,
                 query_reduce,
             };
-            self.routing_gemm(&query, half, &mut chunk_scores, dims)?;
+            if head_mean && self.mma_routes(half.0, width) {
+                self.routing_mma(&query, half, &mut chunk_scores, dims)?;
+            } else {
+                self.routing_gemm(&query, half, &mut chunk_scores, dims)?;
+            }
         } else {
             let (chunks64, outputs32) = (chunks as u64, outputs as u32);
             // Whole 16-byte vectors per chunk row (8 halves or 4 f32): every row starts on one.

@@ -16,7 +16,8 @@ use msa_engine::{Error, Result};
 
 pub use crate::kernel_abi::KERNELS;
 pub(crate) use crate::kernel_abi::{
-    ATTENTION_WARPS, MAX_PER_LANE, SMALL_ROWS, TOP_K_ITEMS, TOP_K_THREADS, kernel_defines,
+    ATTENTION_WARPS, MAX_PER_LANE, ROUTING_MMA_WARPS, SMALL_ROWS, TOP_K_ITEMS, TOP_K_THREADS,
+    kernel_defines,
 };
 
 /// The CUDA source of every kernel.
@@ -33,6 +34,10 @@ pub struct CudaOptions {
     /// step and router layer synchronises once, and regrowing the pool after each costs driver calls
     /// that map memory again.
     pub trim_pool: bool,
+    /// Score a head mean's routing with cuBLAS and a reduction kernel (the path a head max takes)
+    /// instead of the fused tensor-core kernel `routing_mma`: for comparison, as `msa` does with
+    /// `MSA_CUDA_ROUTING_CUBLAS=1`.
+    pub cublas_routing: bool,
 }
 
 /// The first missing run-time library, named with what to install, or `None` when the driver, NVRTC
@@ -317,6 +322,9 @@ pub(crate) struct Device {
     /// an event, never the host.
     copies: Arc<CudaStream>,
     pub(crate) blas: CudaBlas,
+    /// Routing of a head mean over key rows of whole 32-element steps runs on `routing_mma`
+    /// (mma.sync, sm_80 and newer), unless [`CudaOptions::cublas_routing`] asks for cuBLAS.
+    pub(crate) fused_routing: bool,
     kernels: HashMap<&'static str, CudaFunction>,
     staging: Mutex<Staging>,
     /// Page-locked memory uploads gathered piece by piece land in (grown to the largest), and the
@@ -386,6 +394,7 @@ impl Device {
             stream,
             copies,
             blas,
+            fused_routing: major >= 8 && !options.cublas_routing,
             kernels,
             staging: Mutex::new(Staging {
                 _ring: ring,

@@ -39,6 +39,8 @@ pub const KERNELS: &[&str] = &[
     "routing_chunks_f32",
     "routing_chunks_bf16",
     "routing_chunks_f16",
+    "routing_mma_bf16",
+    "routing_mma_f16",
     "routing_documents",
     "select_top_k",
 ];
@@ -52,14 +54,22 @@ pub const ATTENTION_WARPS: u32 = 8;
 /// Threads per top-k block, and candidates per thread: a block picks the k best of their product.
 pub const TOP_K_THREADS: u32 = 256;
 pub const TOP_K_ITEMS: usize = 16;
+/// Tiles of 8 tokens a routing warp multiplies per pass over its chunks' keys on tensor cores: more
+/// tokens take more passes, each reading the keys again.
+pub const ROUTING_MMA_TILES: usize = 4;
+/// Warps per block of the tensor-core routing kernel, 32 chunks each: small blocks, so that a bank of
+/// 1M tokens (16,000 chunks at MSA-4B) still spreads over every multiprocessor of an H100.
+pub const ROUTING_MMA_WARPS: u32 = 4;
 
 /// The preprocessor definitions kernels.cu is compiled with.
-pub fn kernel_defines() -> [(&'static str, usize); 5] {
+pub fn kernel_defines() -> [(&'static str, usize); 7] {
     [
         ("SMALL_ROWS", SMALL_ROWS),
         ("MAX_PER_LANE", MAX_PER_LANE),
         ("ATTENTION_WARPS", ATTENTION_WARPS as usize),
         ("TOP_K_THREADS", TOP_K_THREADS as usize),
         ("TOP_K_ITEMS", TOP_K_ITEMS),
+        ("ROUTING_MMA_TILES", ROUTING_MMA_TILES),
+        ("ROUTING_MMA_WARPS", ROUTING_MMA_WARPS as usize),
     ]
 }

@@ -1,6 +1,6 @@
 // Every msa-cuda kernel, compiled once per process by NVRTC for the device's architecture.
-// SMALL_ROWS, MAX_PER_LANE, ATTENTION_WARPS, TOP_K_THREADS and TOP_K_ITEMS are defined by the compiler
-// options (device.rs), so the launch shapes on the host and the kernels agree.
+// SMALL_ROWS, MAX_PER_LANE, ATTENTION_WARPS, TOP_K_THREADS, TOP_K_ITEMS, ROUTING_MMA_TILES and
+// ROUTING_MMA_WARPS are defined by the compiler options (device.rs), so the launch shapes on the host and the kernels agree.
 //
 // No CUDA headers: NVRTC may not ship them, so half-precision conversions are written out (bf16) or
 // taken from PTX (f16; under MSA_CUDA_EMULATOR, the CPU build of msa-cuda-emulator, from the host).
@@ -521,6 +521,134 @@ extern "C" __global__ void routing_documents(const float* chunk_scores, const u3
     }
 }
 
+// ---- Tensor cores --------------------------------------------------------------------------------
+
+// D += A · B over one warp's 16 × 8 × 16 tile, in bf16 (F16 = 0) or f16, products summed in f32, with
+// the fragments PTX's "Matrix Fragments for mma.m16n8k16" gives lane 4g + t: a[0] row g and a[1] row
+// g + 8 of A at k = 2t, 2t + 1, then a[2], a[3] the same rows at k = 2t + 8, 2t + 9 (two elements per
+// word, the lower k in the low half); b[0] column g of B at k = 2t, 2t + 1, b[1] at k = 2t + 8, 2t + 9;
+// d[0], d[1] row g at columns 2t, 2t + 1, and d[2], d[3] row g + 8.
+template <int F16>
+__device__ __forceinline__ void mma_16x8x16(float* d, const u32* a, const u32* b) {
+#if defined(MSA_CUDA_EMULATOR)
+    emulator::mma_16x8x16(d, a, b, F16);
+#elif __CUDA_ARCH__ >= 800
+    if (F16) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+#else
+    // Before sm_80 there is no such instruction, and the host never launches a kernel that uses it.
+    asm volatile("trap;");
+#endif
+}
+
+__device__ __forceinline__ u32 word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+// Chunk scores of a head mean on tensor cores, with the score reductions in the same pass, so no dot
+// product leaves the registers: one warp per 32 chunks (blocks of ROUTING_MMA_WARPS) (two 16-row tiles of A, one chunk's whole key
+// row each) against the split routing query (`parts`: [2][tokens][width], hi parts then lo parts,
+// B's columns one token each), ROUTING_MMA_TILES tiles of 8 tokens at a time. Since a dot product
+// may sum its k in any order, each lane loads 16 bytes (8 consecutive k) per row and 32 k, and the
+// two mma steps over those 32 k take its words 0-1 and 2-3 as the fragments' k = 2t.. and 2t + 8..:
+// A and B agree on that order, so every product is summed once. Both parts accumulate into one sum
+// (hi + lo: 16 significant bits of query against exact keys). Tokens are then folded as in
+// routing_reduce (max, mean or the last), within a lane, across the 4 lanes sharing a row, and across
+// passes. Needs `width` a multiple of 32 and 16-byte aligned rows (the host checks).
+template <int F16>
+__device__ void routing_mma(const u16* __restrict__ parts, const u16* __restrict__ keys, float* scores,
+                            u64 chunks, u32 tokens, u32 width, float head_divisor, u32 query_reduce) {
+    const u32 lane = threadIdx.x % WARP, g = lane / 4, t = lane % 4;
+    const bool max_fold = query_reduce == 0;
+    // The last token's score is the one term of a sum started at -0, which leaves every value as it
+    // is (-0 and NaN included).
+    const float start = max_fold ? NEG_INF : query_reduce == 2 ? -0.0f : 0.0f;
+    for (u64 tile = global_warp(); tile < (chunks + 31) / 32; tile += grid_warps()) {
+        // The lane's 4 rows (g and g + 8 of each 16-row tile); past the last chunk, rows read the
+        // last chunk's keys and are never written.
+        u64 chunk[4], row[4];
+        float reduced[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            chunk[i] = tile * 32 + i * 8 + g;
+            row[i] = (chunk[i] < chunks ? chunk[i] : chunks - 1) * width;
+            reduced[i] = start;
+        }
+        for (u32 first = 0; first < tokens; first += 8 * ROUTING_MMA_TILES) {
+            float acc[2][ROUTING_MMA_TILES][4];
+#pragma unroll
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+                for (int n = 0; n < ROUTING_MMA_TILES; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) acc[m][n][e] = 0.0f;
+#pragma unroll 2
+            for (u32 kb = 0; kb < width; kb += 32) {
+                const u32 k = kb + 8 * t;
+                uint4 a[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) a[i] = *reinterpret_cast<const uint4*>(keys + row[i] + k);
+#pragma unroll
+                for (int n = 0; n < ROUTING_MMA_TILES; n++) {
+                    if (first + n * 8 >= tokens) break;
+                    // Columns past the last token read its row and count as zeros; loads and selects,
+                    // not branches, so the warp reaches its mma together.
+                    const u32 column = first + n * 8 + g, read = column < tokens ? column : tokens - 1;
+                    uint4 hi = *reinterpret_cast<const uint4*>(parts + (u64)read * width + k);
+                    uint4 lo = *reinterpret_cast<const uint4*>(parts + ((u64)tokens + read) * width + k);
+                    if (column >= tokens) hi = lo = uint4{0, 0, 0, 0};
+#pragma unroll
+                    for (int s = 0; s < 2; s++) {
+                        const u32 b_hi[2] = {word(hi, 2 * s), word(hi, 2 * s + 1)};
+                        const u32 b_lo[2] = {word(lo, 2 * s), word(lo, 2 * s + 1)};
+#pragma unroll
+                        for (int m = 0; m < 2; m++) {
+                            const u32 frag[4] = {word(a[2 * m], 2 * s), word(a[2 * m + 1], 2 * s),
+                                                 word(a[2 * m], 2 * s + 1), word(a[2 * m + 1], 2 * s + 1)};
+                            mma_16x8x16<F16>(acc[m][n], frag, b_hi);
+                            mma_16x8x16<F16>(acc[m][n], frag, b_lo);
+                        }
+                    }
+                }
+            }
+            // Row i is tile m = i / 2's row g (h = 0) or g + 8 (h = 1): accumulators 2h and 2h + 1.
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int m = i / 2, h = i % 2;
+                float part = start;
+#pragma unroll
+                for (int n = 0; n < ROUTING_MMA_TILES; n++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const u32 token = first + n * 8 + 2 * t + e;
+                        if (token >= tokens) continue;
+                        const float score = acc[m][n][2 * h + e] / head_divisor;
+                        if (query_reduce == 2) {
+                            if (token == tokens - 1) part = score;
+                        } else {
+                            part = fold(part, score, !max_fold);
+                        }
+                    }
+                for (int offset = 1; offset < 4; offset *= 2)
+                    part = fold(part, __shfl_xor_sync(0xffffffffu, part, offset), !max_fold);
+                reduced[i] = fold(reduced[i], part, !max_fold);
+            }
+        }
+        if (t == 0) {
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                if (chunk[i] < chunks) scores[chunk[i]] = query_reduce == 1 ? reduced[i] / (float)tokens : reduced[i];
+        }
+    }
+}
+
 // ---- Top-k ---------------------------------------------------------------------------------------
 // The CPU reference's rule (`select_top_k`): highest score first, ties to the lower index, NaN ranked as
 // -inf, -0.0 equal to 0.0. Each block of TOP_K_THREADS picks the k best of its TOP_K_BLOCK candidates,
@@ -641,3 +769,14 @@ select_top_k(const u32* src, u32* dst, u32 count, u32 k, u32 pairs) {
     }
 
 FOR_EACH_DTYPE(INSTANTIATE)
+
+// Tensor-core kernels, for the half dtypes (mma's f16 flag).
+#define INSTANTIATE_HALF(suffix, F16)                                                                     \
+    extern "C" __global__ void __launch_bounds__(ROUTING_MMA_WARPS * WARP) routing_mma_##suffix(const u16* parts, const u16* keys, float* scores,     \
+                                                    u64 chunks, u32 tokens, u32 width,                   \
+                                                    float head_divisor, u32 query_reduce) {              \
+        routing_mma<F16>(parts, keys, scores, chunks, tokens, width, head_divisor, query_reduce);        \
+    }
+
+INSTANTIATE_HALF(bf16, 0)
+INSTANTIATE_HALF(f16, 1)

@@ -28,6 +28,18 @@ fn every_op_matches_the_cpu_reference() {
     }
 }
 
+/// A head mean's routing scored by cuBLAS and a reduction kernel, as `cublas_routing` asks (the path
+/// a head max always takes), instead of the fused `routing_mma`: both stay checked.
+#[test]
+fn cublas_routing_on_cuda_matches_the_cpu_reference() {
+    if let Some(gpu) = CudaBackend::open_or_skip(CudaOptions {
+        cublas_routing: true,
+        ..CudaOptions::default()
+    }) {
+        conformance::check_routing_scores(&gpu, &CUDA);
+    }
+}
+
 /// NCCL's version where its library loads (no GPU needed), else the reason it does not.
 #[test]
 fn nccl_reports_its_version_or_why_it_is_missing() {
