@@ -106,13 +106,32 @@ fn bank_answers_like_the_memory_it_stores<B: Backend>(backend: B) {
     // Per-query stats: the whole routing-key set scanned, only the selected documents' pages fetched.
     let model = msa.model();
     let question = &strings("queries.json")[0];
-    let (session, _) = pollster::block_on(model.prefill_question(&from_bank, question)).unwrap();
+    let (session, plain_logits) =
+        pollster::block_on(model.prefill_question(&from_bank, question)).unwrap();
     assert_eq!(session.route_stats().len(), fp.router_layers.len());
     assert_eq!(session.routing().len(), fp.router_layers.len());
     for (stats, routing) in session.route_stats().iter().zip(session.routing()) {
         assert_eq!(stats.layer, routing.layer);
         assert_eq!(stats.scanned_bytes, chunks * row);
         assert_eq!(stats.fetched_bytes, 2 * routing.chunks as u64 * row);
+    }
+
+    // Timing each layer's routing alone (as `msa bench` does) moves when its clock starts, not what
+    // is routed or answered.
+    let prompt = model
+        .require_tokenizer()
+        .unwrap()
+        .question_prompt(question)
+        .unwrap();
+    let (timed, timed_logits) =
+        pollster::block_on(model.prefill_query_timing_routing(&from_bank, &prompt)).unwrap();
+    assert_eq!(timed.routing(), session.routing());
+    assert_eq!(timed_logits, plain_logits);
+    for (timed, plain) in timed.route_stats().iter().zip(session.route_stats()) {
+        assert_eq!(
+            (timed.layer, timed.scanned_bytes, timed.fetched_bytes),
+            (plain.layer, plain.scanned_bytes, plain.fetched_bytes)
+        );
     }
 }
 

@@ -9,7 +9,7 @@
 # the devices seen; every CUDA op against the CPU reference; the golden fixtures and memory-bank tests
 # on CUDA; the host's gather of fetched pages (one thread against all); `msa bench` at MSA-4B shapes
 # over 1M memory tokens (16 routing tokens, again with the memory pool trimmed at each
-# synchronisation and again with routing on cuBLAS, and 1 routing token); Memory Parallel through a `msa shard` server on the same
+# synchronisation, again with routing on cuBLAS, again with every kernel timed, and 1 routing token); Memory Parallel through a `msa shard` server on the same
 # GPU; where Nsight Compute is installed, each kernel's time in a decode step; where a Vulkan loader
 # is installed, the kernel benchmark (wgpu beside CUDA) and the wgpu pipeline on the same GPU; 10M
 # memory tokens. A step that does not fit the time left is skipped. Logs and JSON reports go to DIR
@@ -100,6 +100,9 @@ check bench-1m-16-trim 150 env MSA_CUDA_TRIM_POOL=1 "$msa" "${bench[@]}" --backe
 # The same with a head mean's routing on cuBLAS and a reduction kernel: what the fused routing_mma saves.
 check bench-1m-16-cublas 120 env MSA_CUDA_ROUTING_CUBLAS=1 "$msa" "${bench[@]}" --backend cuda \
   --memory-tokens 1M --query-tokens 16 --json "$out/bench-1m-16-cublas.json"
+# Every launch timed by events (no profiler needed): each kernel's share of a decode step.
+check bench-1m-16-timed 120 env MSA_CUDA_TIME_KERNELS=1 "$msa" "${bench[@]}" --backend cuda \
+  --memory-tokens 1M --query-tokens 16 --json "$out/bench-1m-16-timed.json"
 check bench-1m-1 120 "$msa" "${bench[@]}" --backend cuda --memory-tokens 1M --query-tokens 1 \
   --json "$out/bench-1m-1.json"
 # Memory Parallel through a shard server: rank 1 of 2 on the same GPU, this process rank 0.

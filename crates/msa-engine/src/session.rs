@@ -35,8 +35,9 @@ pub struct RouteStats {
     pub scanned_bytes: u64,
     /// Content bytes fetched from the bank's host pages (0 for a memory held on the device).
     pub fetched_bytes: u64,
-    /// Wall time from recording the routing scores to having the top-k on the host: includes waiting
-    /// for the layer's earlier work on the device.
+    /// Wall time from recording the routing scores to having the top-k on the host. It includes
+    /// waiting for the layer's earlier work on the device, unless the prefill timed routing alone
+    /// ([`Model::prefill_query_timing_routing`]).
     pub routing_time: std::time::Duration,
     /// Wall time to gather the selected documents' pages and record their upload.
     pub fetch_time: std::time::Duration,
@@ -118,6 +119,8 @@ struct RoutingQuery<'a, B: Backend> {
     rows: Vec<u32>,
     top_k: usize,
     spec: RoutingSpec,
+    /// Wait for the device to be idle before each layer's routing clock starts.
+    timed_alone: bool,
 }
 
 impl<'m, B: Backend> Session<'m, B> {
@@ -300,6 +303,9 @@ impl<'m, B: Backend> Session<'m, B> {
             .position(|&l| l == layer)
             .ok_or_else(|| Error::shape("route", format!("the memory has no layer {layer}")))?;
         let queries = model.project_heads(&normed, router_q, model.config.num_attention_heads)?;
+        if route.timed_alone {
+            b.synchronize().await?;
+        }
         let clock = Stopwatch::start();
         let (selection, projected) = memory
             .select(
@@ -428,7 +434,30 @@ impl<B: Backend> Model<B> {
         &self,
         memory: &Memory<B>,
         prompt: &QueryPrompt,
+        trace: Option<&mut Trace<B::Tensor>>,
+    ) -> Result<(Session<'_, B>, Vec<f32>)> {
+        self.prefill_routed(memory, prompt, trace, false).await
+    }
+
+    /// [`Model::prefill_query`] with each router layer's routing timed alone: the layer waits for the
+    /// device to finish the work queued before it (the earlier layers, its router projection), then
+    /// starts the clock of [`RouteStats::routing_time`], which so covers scoring, the top k, its
+    /// read-back and the merge, and nothing else. The synchronisation per router layer costs the
+    /// overlap of host and device there, so the prefill itself is slower: this is for benchmarks.
+    pub async fn prefill_query_timing_routing(
+        &self,
+        memory: &Memory<B>,
+        prompt: &QueryPrompt,
+    ) -> Result<(Session<'_, B>, Vec<f32>)> {
+        self.prefill_routed(memory, prompt, None, true).await
+    }
+
+    async fn prefill_routed(
+        &self,
+        memory: &Memory<B>,
+        prompt: &QueryPrompt,
         mut trace: Option<&mut Trace<B::Tensor>>,
+        timed_alone: bool,
     ) -> Result<(Session<'_, B>, Vec<f32>)> {
         let msa = self.msa_config("querying a memory")?;
         self.check_memory(memory)?;
@@ -452,6 +481,7 @@ impl<B: Backend> Model<B> {
                 query_reduce: msa.query_reduce,
                 chunk_reduce: msa.chunk_reduce,
             },
+            timed_alone,
         };
         let context = (0..self.config.num_hidden_layers)
             .map(|l| Some(memory.template(l).clone()))

@@ -1,12 +1,13 @@
 //! Choosing a backend and its devices, and running a command's work on it once, generically.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use msa_cuda::{CudaBackend, CudaOptions};
+use msa_cuda::{CudaBackend, CudaOptions, KernelTimes};
 use msa_engine::{Backend, CpuBackend, Model};
-use msa_wgpu::{DeviceOptions, ExecutionStats, WgpuBackend, wgpu};
+use msa_wgpu::{DeviceOptions, WgpuBackend, wgpu};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
@@ -46,20 +47,58 @@ pub struct Bandwidths {
     pub host_to_device: Option<f64>,
 }
 
+/// Device work a backend counts since it opened, for figures per decoded token.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WorkCounts {
+    /// Compute dispatches (wgpu), or kernel launches and cuBLAS calls (CUDA).
+    pub dispatches: u64,
+    /// Queue submissions (wgpu).
+    pub submits: Option<u64>,
+    /// The host's waits for the device, and the time it spent in them (CUDA).
+    pub host_waits: Option<(u64, Duration)>,
+}
+
+impl WorkCounts {
+    /// The work between an `earlier` reading and this one.
+    pub fn since(self, earlier: WorkCounts) -> WorkCounts {
+        WorkCounts {
+            dispatches: self.dispatches - earlier.dispatches,
+            submits: self.submits.zip(earlier.submits).map(|(a, b)| a - b),
+            host_waits: (self.host_waits.zip(earlier.host_waits))
+                .map(|((n, t), (m, u))| (n - m, t.saturating_sub(u))),
+        }
+    }
+
+    /// These counts and `other`'s (of the same backend) together.
+    pub fn plus(self, other: WorkCounts) -> WorkCounts {
+        WorkCounts {
+            dispatches: self.dispatches + other.dispatches,
+            submits: self.submits.zip(other.submits).map(|(a, b)| a + b),
+            host_waits: (self.host_waits.zip(other.host_waits))
+                .map(|((n, t), (m, u))| (n + m, t + u)),
+        }
+    }
+}
+
 /// What the CLI needs from a backend beyond the engine's trait.
 pub trait Device: Backend + Clone + Send + 'static {
-    /// Dispatch and submit counters, where the backend counts them.
-    fn execution_stats(&self) -> Option<ExecutionStats>;
+    /// The backend's work counts, where it keeps them.
+    fn execution_stats(&self) -> Option<WorkCounts>;
     /// Measures the device's [`Bandwidths`] (a GPU backend; `None` for the CPU reference).
     fn bandwidths(&self) -> Result<Option<Bandwidths>>;
     /// Starts (`true`) or stops the region an attached profiler records, where the backend has one
     /// (CUDA: `ncu --profile-from-start off`); a no-op elsewhere. A failure only warns: it changes
     /// nothing but what a profiler sees.
     fn profile_region(&self, _on: bool) {}
+    /// Each kernel's launches and device time so far, where the backend times them (CUDA with
+    /// `MSA_CUDA_TIME_KERNELS=1`).
+    fn kernel_times(&self) -> Result<Option<KernelTimes>> {
+        Ok(None)
+    }
 }
 
 impl Device for CpuBackend {
-    fn execution_stats(&self) -> Option<ExecutionStats> {
+    fn execution_stats(&self) -> Option<WorkCounts> {
         None
     }
 
@@ -69,8 +108,13 @@ impl Device for CpuBackend {
 }
 
 impl Device for WgpuBackend {
-    fn execution_stats(&self) -> Option<ExecutionStats> {
-        Some(self.stats())
+    fn execution_stats(&self) -> Option<WorkCounts> {
+        let stats = self.stats();
+        Some(WorkCounts {
+            dispatches: stats.dispatches,
+            submits: Some(stats.submits),
+            host_waits: None,
+        })
     }
 
     fn bandwidths(&self) -> Result<Option<Bandwidths>> {
@@ -85,8 +129,13 @@ impl Device for WgpuBackend {
 }
 
 impl Device for CudaBackend {
-    fn execution_stats(&self) -> Option<ExecutionStats> {
-        None
+    fn execution_stats(&self) -> Option<WorkCounts> {
+        let counts = self.execution_counts();
+        Some(WorkCounts {
+            dispatches: counts.launches,
+            submits: None,
+            host_waits: Some((counts.host_waits, counts.host_wait)),
+        })
     }
 
     fn bandwidths(&self) -> Result<Option<Bandwidths>> {
@@ -101,6 +150,10 @@ impl Device for CudaBackend {
         if let Err(e) = CudaBackend::profile_region(self, on) {
             tracing::warn!("could not mark the region a profiler records: {e:#}");
         }
+    }
+
+    fn kernel_times(&self) -> Result<Option<KernelTimes>> {
+        Ok(CudaBackend::kernel_times(self)?)
     }
 }
 
@@ -247,6 +300,7 @@ fn open_cuda_device(ordinal: usize) -> Result<CudaBackend> {
         ordinal,
         trim_pool: env_flag("MSA_CUDA_TRIM_POOL"),
         cublas_routing: env_flag("MSA_CUDA_ROUTING_CUBLAS"),
+        time_kernels: env_flag("MSA_CUDA_TIME_KERNELS"),
     };
     CudaBackend::new(options).context("opening a CUDA device")
 }

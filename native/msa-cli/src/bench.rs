@@ -13,13 +13,14 @@ use msa_core::bank::synthetic::{self, SyntheticSpec};
 use msa_core::bank::{Bank, MemoryFingerprint, OpenOptions};
 use msa_core::checkpoint::expected_tensors;
 use msa_core::{ModelConfig, QueryPrompt, TokenRole};
+use msa_cuda::KernelTimes;
 use msa_engine::{GenerateOptions, Model};
 use msa_wgpu::{DeviceOptions, WgpuBackend};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::backend::{self, BackendArgs, BackendKind, Device, Job};
+use crate::backend::{self, BackendArgs, BackendKind, Device, Job, WorkCounts};
 use crate::info::tier_bytes;
 use crate::kernels;
 use crate::units;
@@ -631,8 +632,10 @@ struct Totals {
     fetched: u64,
     decode: Duration,
     decoded: u64,
-    dispatches: u64,
-    submits: u64,
+    /// Over the decode steps, where the backend counts its work.
+    work: Option<WorkCounts>,
+    /// Over the decode steps, where the backend times its kernels.
+    kernels: Option<KernelTimes>,
 }
 
 impl Job for BenchJob {
@@ -693,15 +696,16 @@ impl Job for BenchJob {
             let (session, logits) =
                 pollster::block_on(model.prefill_query(&memory, &prompt, None))?;
             let prefill = started.elapsed();
+            // Fetch from the plain prefill: a second one would find the pages warm.
             for stat in session.route_stats() {
-                totals.routing += stat.routing_time;
                 totals.fetch += stat.fetch_time;
-                totals.scanned += stat.scanned_bytes;
                 totals.fetched += stat.fetched_bytes;
             }
             let mut generation = model.generation(session, logits, &options)?;
             // The first token comes from the prefill's logits; time the ones that run the decode path.
             pollster::block_on(generation.next_token())?;
+            // Kernel times first: reading them waits for the device, outside the counted window.
+            let kernels_before = model.backend.kernel_times()?;
             let before = model.backend.execution_stats();
             // Only the decode steps, for a profiler attached with its collection off (see
             // xtask/gpu-checks.sh).
@@ -714,13 +718,26 @@ impl Job for BenchJob {
             let decode = started.elapsed();
             model.backend.profile_region(false);
             if let (Some(before), Some(after)) = (before, model.backend.execution_stats()) {
-                let d = after - before;
-                totals.dispatches += d.dispatches;
-                totals.submits += d.submits;
+                let d = after.since(before);
+                totals.work = Some(totals.work.map_or(d, |w| w.plus(d)));
+            }
+            if let (Some(before), Some(after)) = (kernels_before, model.backend.kernel_times()?) {
+                let d = after.since(&before);
+                totals.kernels = Some(totals.kernels.take().unwrap_or_default().plus(&d));
             }
             totals.prefill += prefill;
             totals.decode += decode;
             totals.decoded += decoded;
+            // Routing and fetch from a second prefill of the question that times each layer's
+            // routing alone (from an idle device), so the routing-key rate is the routing's own and
+            // not the earlier layers' too; the plain prefill above is not slowed by those waits.
+            drop(generation);
+            let (timed, _) =
+                pollster::block_on(model.prefill_query_timing_routing(&memory, &prompt))?;
+            for stat in timed.route_stats() {
+                totals.routing += stat.routing_time;
+                totals.scanned += stat.scanned_bytes;
+            }
             tracing::info!(
                 "query {query}: prefill {:.1} ms, {decoded} tokens decoded in {:.1} ms",
                 ms(prefill),
@@ -774,7 +791,7 @@ fn report<B: Device>(
     let layers = router_layers as f64;
     let per_token = |bytes: u64| bytes as f64 / memory_tokens.max(1) as f64;
     let per_decoded = |count: u64| (t.decoded > 0).then(|| count as f64 / t.decoded as f64);
-    let counted = model.backend.execution_stats().is_some();
+    let work = t.work;
     // Decoding reads about every weight once per token (all but the embedding rows it does not look
     // up, when the embedding is not tied): the limit is the copy bandwidth over the checkpoint's bytes.
     let checkpoint_bytes = checkpoint_bytes(&job.model_dir);
@@ -825,6 +842,7 @@ fn report<B: Device>(
             "ms_per_layer": ms(t.routing) / queries / layers,
             "gb_per_second": routing_rate,
             "of_device_copy": copy.map(|c| routing_rate / c),
+            "timed": "alone: from an idle device (router projection done) to the top k on the host",
         },
         "fetch": {
             "mb_per_query": t.fetched as f64 / 1e6 / queries,
@@ -842,8 +860,13 @@ fn report<B: Device>(
             "checkpoint_bytes": checkpoint_bytes,
             "weight_streaming_limit_tokens_per_second": decode_limit,
             "of_weight_streaming_limit": decode_limit.map(|l| decode_rate / l),
-            "dispatches_per_token": if counted { json!(per_decoded(t.dispatches)) } else { json!(null) },
-            "submits_per_token": if counted { json!(per_decoded(t.submits)) } else { json!(null) },
+            "dispatches_per_token": work.and_then(|w| per_decoded(w.dispatches)),
+            "submits_per_token": work.and_then(|w| w.submits).and_then(per_decoded),
+            "host_waits_per_token": work.and_then(|w| w.host_waits).and_then(|(n, _)| per_decoded(n)),
+            "host_wait_ms_per_token": work
+                .and_then(|w| w.host_waits)
+                .and_then(|(_, time)| (t.decoded > 0).then(|| ms(time) / t.decoded as f64)),
+            "kernels": t.kernels.as_ref().filter(|_| t.decoded > 0).map(|k| kernel_rows(k, t.decoded, decode_rate)),
         },
         "bandwidths": {
             "device_copy_gb_per_second": copy,
@@ -871,6 +894,51 @@ fn fraction(value: &serde_json::Value, of: &str) -> String {
         .as_f64()
         .map(|v| format!(" ({v:.2} of {of})"))
         .unwrap_or_default()
+}
+
+/// Each timed kernel's launches and device time per decoded token, and its share of the token's
+/// wall time, longest first.
+fn kernel_rows(
+    kernels: &KernelTimes,
+    decoded: u64,
+    tokens_per_second: f64,
+) -> Vec<serde_json::Value> {
+    let mut rows: Vec<_> = kernels.0.iter().collect();
+    rows.sort_by(|a, b| b.1.time.cmp(&a.1.time).then(a.0.cmp(b.0)));
+    let per_token = |x: f64| x / decoded as f64;
+    rows.into_iter()
+        .map(|(kernel, time)| {
+            let seconds = per_token(time.time.as_secs_f64());
+            json!({
+                "kernel": kernel,
+                "launches_per_token": per_token(time.launches as f64),
+                "us_per_token": seconds * 1e6,
+                "of_token": seconds * tokens_per_second,
+            })
+        })
+        .collect()
+}
+
+/// The decode line's work counts: dispatches, and submits (wgpu) or the host's waits for the device
+/// against the token's time (CUDA: a host that waits most of a token has queued its work faster
+/// than the device runs it).
+fn work_per_token(decode: &serde_json::Value) -> String {
+    let Some(dispatches) = decode["dispatches_per_token"].as_f64() else {
+        return "dispatches not counted on this backend".into();
+    };
+    let mut line = format!("{dispatches:.1} dispatches");
+    if let Some(submits) = decode["submits_per_token"].as_f64() {
+        line += &format!(", {submits:.1} submits");
+    }
+    if let (Some(waits), Some(wait_ms)) = (
+        decode["host_waits_per_token"].as_f64(),
+        decode["host_wait_ms_per_token"].as_f64(),
+    ) {
+        let token_ms = 1e3 / decode["tokens_per_second"].as_f64().unwrap_or(f64::NAN);
+        line +=
+            &format!(", {waits:.1} host waits ({wait_ms:.2} ms of the token's {token_ms:.2} ms)");
+    }
+    line + " per token"
 }
 
 fn print_report(r: &serde_json::Value) {
@@ -934,7 +1002,7 @@ fn print_report(r: &serde_json::Value) {
         (
             "routing",
             format!(
-                "{:.2} ms per query, {:.3} ms per router layer, {:.2} GB/s of routing keys{} ({} query tokens)",
+                "{:.2} ms per query, {:.3} ms per router layer, {:.2} GB/s of routing keys{} ({} query tokens; timed alone, from an idle device to the top k on the host)",
                 f(&r["routing"]["ms_per_query"]),
                 f(&r["routing"]["ms_per_layer"]),
                 f(&r["routing"]["gb_per_second"]),
@@ -973,13 +1041,7 @@ fn print_report(r: &serde_json::Value) {
                     &r["decode"]["of_weight_streaming_limit"],
                     "streaming the weights at the copy bandwidth"
                 ),
-                match r["decode"]["dispatches_per_token"].as_f64() {
-                    Some(d) => format!(
-                        "{d:.1} dispatches, {:.1} submits per token",
-                        f(&r["decode"]["submits_per_token"])
-                    ),
-                    None => "dispatches not counted on this backend".into(),
-                }
+                work_per_token(&r["decode"])
             ),
         ),
         (
@@ -1005,6 +1067,25 @@ fn print_report(r: &serde_json::Value) {
     ];
     for (name, value) in rows {
         println!("{name:>15}  {value}");
+    }
+    if let Some(kernels) = r["decode"]["kernels"].as_array() {
+        let total = |field: &str| kernels.iter().map(|k| f(&k[field])).sum::<f64>();
+        println!(
+            "decode kernels  {:.1} us of device time per token ({:.1}% of the token; the rest: copies, \
+             which are not timed, and gaps between kernels), longest first (MSA_CUDA_TIME_KERNELS):",
+            total("us_per_token"),
+            100.0 * total("of_token")
+        );
+        for k in kernels {
+            println!(
+                "{:>15}  {:>9.1} us {:>5.1}%  {:>5.1} launches  {}",
+                "",
+                f(&k["us_per_token"]),
+                100.0 * f(&k["of_token"]),
+                f(&k["launches_per_token"]),
+                k["kernel"].as_str().unwrap_or("")
+            );
+        }
     }
 }
 

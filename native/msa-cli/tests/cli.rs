@@ -486,6 +486,60 @@ fn ask_on_cuda_shards_answers_like_the_cpu() {
     ask_on_cuda_like_the_cpu(&encoded_bank(dir.path()), &["--devices", &devices], &path);
 }
 
+/// `bench` on CUDA counts each decoded token's launches and the host's waits for the device (the
+/// greedy token's read-back at least), within the token's time, and with `MSA_CUDA_TIME_KERNELS`
+/// times every launch by kernel. Skips without a CUDA device unless `MSA_REQUIRE_CUDA` is set.
+#[test]
+fn bench_on_cuda_counts_launches_and_host_waits_per_token() {
+    if msa_cuda::CudaBackend::open_or_skip(msa_cuda::CudaOptions::default()).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (report, stdout) = two_question_bench(
+        dir.path(),
+        &[
+            "--backend",
+            "cuda",
+            "--memory-tokens",
+            "2K",
+            "--encode-tokens",
+            "64",
+        ],
+        Some(("MSA_CUDA_TIME_KERNELS", "1")),
+    );
+    assert!(
+        stdout.contains("host waits") && stdout.contains("decode kernels"),
+        "{stdout}"
+    );
+    let decode = &report["decode"];
+    assert_eq!(decode["tokens"], 6, "{report:#}");
+    // A decode step runs every layer's kernels: more launches than layers.
+    assert!(
+        decode["dispatches_per_token"].as_f64().unwrap() > 2.0,
+        "{report:#}"
+    );
+    assert!(decode["submits_per_token"].is_null(), "{report:#}");
+    assert!(
+        decode["host_waits_per_token"].as_f64().unwrap() >= 1.0,
+        "{report:#}"
+    );
+    let wait_ms = decode["host_wait_ms_per_token"].as_f64().unwrap();
+    let token_ms = 1e3 / decode["tokens_per_second"].as_f64().unwrap();
+    assert!(wait_ms > 0.0 && wait_ms <= token_ms, "{report:#}");
+    // Every launch is timed under its kernel: the timed launches add up to the counted ones.
+    let kernels = decode["kernels"].as_array().unwrap();
+    let timed: f64 = kernels
+        .iter()
+        .map(|k| k["launches_per_token"].as_f64().unwrap())
+        .sum();
+    let counted = decode["dispatches_per_token"].as_f64().unwrap();
+    assert!((timed - counted).abs() < 1e-9, "{report:#}");
+    assert!(
+        kernels.iter().any(|k| k["kernel"] == "attention"),
+        "{report:#}"
+    );
+}
+
 /// `ask` on CUDA with its second shard on a shard server (another process, on the second GPU) sends the
 /// router queries over an NCCL device link and answers as the CPU does. Where no link can be made (one
 /// GPU: NCCL refuses two ends on it; no NCCL) they go through the host, with the same answer. Skips
@@ -664,13 +718,33 @@ fn chat_answers_each_line_and_keeps_going_after_an_error() {
     );
 }
 
+/// `msa bench` with `args`, 2 questions and 4 decoded tokens each, its cache under `dir`, with `env`
+/// set: the JSON report and what it printed.
+fn two_question_bench(dir: &Path, args: &[&str], env: Option<(&str, &str)>) -> (Value, String) {
+    let json = dir.join("report.json");
+    let mut command = msa();
+    command
+        .arg("bench")
+        .args(args)
+        .args(["--queries", "2", "--decode-tokens", "4", "--cache-dir"])
+        .arg(dir.join("cache"))
+        .arg("--json")
+        .arg(&json);
+    if let Some((name, value)) = env {
+        command.env(name, value);
+    }
+    let out = command.assert().success();
+    let stdout = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    let report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (report, stdout)
+}
+
 #[test]
 fn bench_reports_every_stage_as_a_table_and_json() {
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("report.json");
-    msa()
-        .args([
-            "bench",
+    let (report, stdout) = two_question_bench(
+        dir.path(),
+        &[
             "--backend",
             "cpu",
             "--memory-tokens",
@@ -679,22 +753,12 @@ fn bench_reports_every_stage_as_a_table_and_json() {
             "400",
             "--devices",
             "2",
-            "--queries",
-            "2",
-            "--decode-tokens",
-            "4",
-            "--cache-dir",
-        ])
-        .arg(dir.path().join("cache"))
-        .arg("--json")
-        .arg(&json)
-        .assert()
-        .success()
-        .stdout(contains("stage 1"))
-        .stdout(contains("routing"))
-        .stdout(contains("decode"))
-        .stdout(contains("cpu reference"));
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        ],
+        None,
+    );
+    for line in ["stage 1", "routing", "decode", "cpu reference"] {
+        assert!(stdout.contains(line), "{stdout}");
+    }
     assert_eq!(report["memory"]["tokens"], 20_000);
     assert_eq!(report["memory"]["documents"], 50);
     assert_eq!(report["devices"], 2);
@@ -703,6 +767,13 @@ fn bench_reports_every_stage_as_a_table_and_json() {
     assert_eq!(report["memory"]["device_bytes_per_token"], 8.0);
     assert_eq!(report["memory"]["host_bytes_per_token"], 16.0);
     assert_eq!(report["decode"]["tokens"], 6); // the first token of each comes from the prefill
+    assert!(
+        report["routing"]["timed"]
+            .as_str()
+            .unwrap()
+            .starts_with("alone"),
+        "{report:#}"
+    );
     for field in [
         &report["stage1"]["tokens_per_second"],
         &report["routing"]["gb_per_second"],

@@ -19,6 +19,7 @@ use msa_engine::{
 };
 
 use crate::clique::Member;
+use crate::counts::{ExecutionCounts, KernelTimes};
 use crate::device::{
     ATTENTION_WARPS, CudaOptions, Device, MAX_PER_LANE, ROUTING_MMA_WARPS, Readback, SMALL_ROWS,
     STAGED_MAX, TOP_K_ITEMS, TOP_K_THREADS, WARP, grid_for_threads, grid_for_warps, guarded,
@@ -136,6 +137,25 @@ enum SmallFusion<'a> {
     },
 }
 
+/// A kernel's launch being built, with the kernel's name (counted and timed by it).
+struct KernelArgs<'a> {
+    args: LaunchArgs<'a>,
+    kernel: &'static str,
+}
+
+impl<'a> std::ops::Deref for KernelArgs<'a> {
+    type Target = LaunchArgs<'a>;
+    fn deref(&self) -> &LaunchArgs<'a> {
+        &self.args
+    }
+}
+
+impl<'a> std::ops::DerefMut for KernelArgs<'a> {
+    fn deref_mut(&mut self) -> &mut LaunchArgs<'a> {
+        &mut self.args
+    }
+}
+
 /// Pushes a weight of any dtype as a kernel argument.
 fn weight_arg<'a>(args: &mut LaunchArgs<'a>, weight: &'a WeightData) {
     match weight {
@@ -161,6 +181,19 @@ impl CudaBackend {
     /// order: `nvidia-smi`'s where `CUDA_DEVICE_ORDER=PCI_BUS_ID`).
     pub fn ordinal(&self) -> usize {
         self.device.stream.context().ordinal()
+    }
+
+    /// The kernels launched and the host's waits for the device since it opened (shared by its
+    /// clones): the difference of two readings counts the work between them.
+    pub fn execution_counts(&self) -> ExecutionCounts {
+        self.device.counters.read()
+    }
+
+    /// Each kernel's launches and device time so far, once every launch queued has run, where
+    /// [`CudaOptions::time_kernels`] asked for them (`None` otherwise). A cuBLAS call counts as one
+    /// kernel, named after the call.
+    pub fn kernel_times(&self) -> Result<Option<KernelTimes>> {
+        self.device.kernel_times()
     }
 
     /// Runs each cuBLAS path once on tiny inputs (the f32 and bf16 GEMMs, the routing GEMM): cudarc
@@ -280,17 +313,22 @@ impl CudaBackend {
     }
 
     /// The launch builder of a kernel, on the device's stream.
-    fn args(&self, kernel: &str) -> LaunchArgs<'_> {
-        self.device
-            .stream
-            .launch_builder(self.device.kernel(kernel))
+    fn args(&self, kernel: &str) -> KernelArgs<'_> {
+        let (name, function) = self.device.kernel(kernel);
+        KernelArgs {
+            args: self.device.stream.launch_builder(function),
+            kernel: name,
+        }
     }
 
-    fn launch(&self, args: &mut LaunchArgs<'_>, config: LaunchConfig) -> Result<()> {
-        // SAFETY: each caller passes the arguments its kernel declares, with buffers sized for the grid.
-        unsafe { args.launch(config) }
-            .map(drop)
-            .map_err(|e| self.device.error(e))
+    fn launch(&self, args: &mut KernelArgs<'_>, config: LaunchConfig) -> Result<()> {
+        self.device.launch(args.kernel, || {
+            // SAFETY: each caller passes the arguments its kernel declares, with buffers sized for
+            // the grid.
+            unsafe { args.args.launch(config) }
+                .map(drop)
+                .map_err(|e| self.device.error(e))
+        })
     }
 
     /// Copies `len` elements of `src` from `from` into `dst` at `to`, on the stream.
@@ -358,13 +396,15 @@ impl CudaBackend {
                     beta: 0.0f32,
                     ldc: m,
                 };
-                // SAFETY: the dimensions above describe the three allocations exactly.
-                unsafe {
-                    self.device
-                        .blas
-                        .gemm(config, w.as_ref(), x.data.as_ref(), y)
-                }
-                .map_err(blas_error)
+                self.device.launch("cuBLAS sgemm", || {
+                    // SAFETY: the dimensions above describe the three allocations exactly.
+                    unsafe {
+                        self.device
+                            .blas
+                            .gemm(config, w.as_ref(), x.data.as_ref(), y)
+                    }
+                    .map_err(blas_error)
+                })
             }
             WeightData::Half(w) => {
                 // Tensor cores take both operands in the weight's dtype: round the activations once.
@@ -375,7 +415,7 @@ impl CudaBackend {
                 let (x_ptr, _x) = rounded.device_ptr(stream);
                 let (y_ptr, _y) = y.device_ptr_mut(stream);
                 // SAFETY: as above; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires.
-                unsafe {
+                self.device.launch("cuBLAS GemmEx", || unsafe {
                     cudarc::cublas::result::gemm_ex(
                         *self.device.blas.handle(),
                         cublasOperation_t::CUBLAS_OP_T,
@@ -397,8 +437,8 @@ impl CudaBackend {
                         cublasComputeType_t::CUBLAS_COMPUTE_32F,
                         cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                     )
-                }
-                .map_err(blas_error)
+                    .map_err(blas_error)
+                })
             }
         }
     }
@@ -479,7 +519,7 @@ impl CudaBackend {
                 // `width` elements from g × width of each row: batch × width <= key_row), C
                 // [batch][n][2 × rows] f32, all within their allocations; alpha and beta are f32 as
                 // CUBLAS_COMPUTE_32F requires.
-                unsafe {
+                self.device.launch("cuBLAS routing GEMM", || unsafe {
                     cudarc::cublas::result::gemm_strided_batched_ex(
                         *self.device.blas.handle(),
                         cublasOperation_t::CUBLAS_OP_T,
@@ -505,8 +545,8 @@ impl CudaBackend {
                         cublasComputeType_t::CUBLAS_COMPUTE_32F,
                         cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                     )
-                }
-                .map_err(|e| self.device.error(e))?;
+                    .map_err(|e| self.device.error(e))
+                })?;
             }
             let (first64, n32) = (first as u64, n as u32);
             let mut args = self.args("routing_reduce");
@@ -688,9 +728,12 @@ impl CudaBackend {
         let stream = &self.device.stream;
         let mut host = vec![0.0f32; tensor.len()];
         if !host.is_empty() {
-            stream
-                .memcpy_dtoh(&tensor.data.slice(0..host.len()), &mut host)
-                .and_then(|()| stream.synchronize())
+            (self.device.counters)
+                .wait(|| {
+                    stream
+                        .memcpy_dtoh(&tensor.data.slice(0..host.len()), &mut host)
+                        .and_then(|()| stream.synchronize())
+                })
                 .map_err(|e| self.device.error(e))?;
         }
         Ok(host)
@@ -794,11 +837,11 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> impl Future<Output = Result<()>> {
+        let device = &self.device;
         ready(
-            self.device
-                .stream
-                .synchronize()
-                .map_err(|e| self.device.error(e)),
+            (device.counters)
+                .wait(|| device.stream.synchronize())
+                .map_err(|e| device.error(e)),
         )
     }
 

@@ -5,7 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
     DeviceRepr, DriverError, LaunchConfig, PinnedHostSlice, ValidAsZeroBits,
@@ -13,6 +13,8 @@ use cudarc::driver::{
 use cudarc::nvrtc::{Ptx, result as nvrtc, sys as nvrtc_sys};
 use msa_engine::backend::{PieceWriter, gather_pieces};
 use msa_engine::{Error, Result};
+
+use crate::counts::{Counters, KernelTimer, KernelTimes};
 
 pub use crate::kernel_abi::KERNELS;
 pub(crate) use crate::kernel_abi::{
@@ -38,6 +40,11 @@ pub struct CudaOptions {
     /// instead of the fused tensor-core kernel `routing_mma`: for comparison, as `msa` does with
     /// `MSA_CUDA_ROUTING_CUBLAS=1`.
     pub cublas_routing: bool,
+    /// Time every kernel launch and cuBLAS call with a pair of CUDA events, per kernel
+    /// ([`CudaBackend::kernel_times`](crate::CudaBackend::kernel_times)): a profile without a
+    /// profiler, as `msa bench` prints with `MSA_CUDA_TIME_KERNELS=1`. Each launch then records two
+    /// events more, and every 4,096 launches the host waits for them.
+    pub time_kernels: bool,
 }
 
 /// The first missing run-time library, named with what to install, or `None` when the driver, NVRTC
@@ -332,6 +339,10 @@ pub(crate) struct Device {
     pages: Mutex<Option<(PinnedHostSlice<u8>, CudaEvent)>>,
     /// Page-locked words small results are read back into, free for the next read.
     readbacks: Arc<Mutex<Vec<Landing>>>,
+    /// Launches and host waits, for benchmarks.
+    pub(crate) counters: Arc<Counters>,
+    /// Each kernel's device time, where [`CudaOptions::time_kernels`] asks for it.
+    timer: Option<Mutex<KernelTimer>>,
 }
 
 impl Device {
@@ -403,6 +414,8 @@ impl Device {
             }),
             pages: Mutex::new(None),
             readbacks: Arc::default(),
+            counters: Arc::default(),
+            timer: options.time_kernels.then(Mutex::default),
         })
     }
 
@@ -429,7 +442,9 @@ impl Device {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         // The last copy out of the buffer must have run before it is refilled or freed.
         if let Some((_, copied)) = &*pages {
-            copied.synchronize().map_err(|e| self.error(e))?;
+            (self.counters)
+                .wait(|| copied.synchronize())
+                .map_err(|e| self.error(e))?;
         }
         if pages
             .as_ref()
@@ -498,7 +513,9 @@ impl Device {
         let mut start = staging.next.next_multiple_of(16);
         if start + bytes.len() > STAGING_BYTES {
             // The copies queued since the last wrap read the bytes about to be overwritten.
-            self.stream.synchronize().map_err(|e| self.error(e))?;
+            (self.counters)
+                .wait(|| self.stream.synchronize())
+                .map_err(|e| self.error(e))?;
             start = 0;
         }
         // SAFETY: [start, start + len) lies inside the ring (STAGED_MAX < STAGING_BYTES), and no
@@ -576,12 +593,58 @@ impl Device {
             landing: Some(landing),
             words,
             free: self.readbacks.clone(),
+            counters: self.counters.clone(),
         };
         queued.map(|()| readback)
     }
 
-    pub(crate) fn kernel(&self, name: &str) -> &CudaFunction {
-        &self.kernels[name]
+    /// A kernel of kernels.cu, with its name as the table holds it.
+    pub(crate) fn kernel(&self, name: &str) -> (&'static str, &CudaFunction) {
+        let (&name, function) = self
+            .kernels
+            .get_key_value(name)
+            .expect("a kernel of KERNELS");
+        (name, function)
+    }
+
+    /// Queues `launch`, the launch of one kernel or cuBLAS call on the stream, counting it and,
+    /// where kernels are timed, recording an event on each side of it.
+    pub(crate) fn launch<T>(
+        &self,
+        kernel: &'static str,
+        launch: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        self.counters.launched();
+        let Some(timer) = &self.timer else {
+            return launch();
+        };
+        let event = || {
+            (self.stream)
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| self.error(e))
+        };
+        let start = event()?;
+        let launched = launch()?;
+        let end = event()?;
+        let mut timer = timer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        timer
+            .record(kernel, start, end)
+            .map_err(|e| self.error(e))?;
+        Ok(launched)
+    }
+
+    /// Each kernel's device time so far, once every launch queued has run; `None` unless kernels are
+    /// timed.
+    pub(crate) fn kernel_times(&self) -> Result<Option<KernelTimes>> {
+        let Some(timer) = &self.timer else {
+            return Ok(None);
+        };
+        let mut timer = timer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        timer.read().map(Some).map_err(|e| self.error(e))
     }
 
     /// Maps a driver error to the engine's, naming this device.
@@ -615,6 +678,7 @@ pub(crate) struct Readback {
     landing: Option<Landing>,
     words: usize,
     free: Arc<Mutex<Vec<Landing>>>,
+    counters: Arc<Counters>,
 }
 
 impl Readback {
@@ -623,7 +687,7 @@ impl Readback {
     /// selection, on the path of every decoded token.
     pub(crate) fn words(&self) -> std::result::Result<&[u32], DriverError> {
         let landing = self.landing.as_ref().expect("held until dropped");
-        landing.copied.synchronize()?;
+        self.counters.wait(|| landing.copied.synchronize())?;
         Ok(&landing.words.as_slice()?[..self.words])
     }
 }

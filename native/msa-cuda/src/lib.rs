@@ -22,6 +22,7 @@
 
 mod backend;
 mod clique;
+mod counts;
 mod device;
 mod kernel_abi;
 mod link;
@@ -29,6 +30,7 @@ mod probe;
 
 pub use backend::{CudaBackend, CudaTensor, CudaWeight};
 pub use clique::{nccl_missing, nccl_version};
+pub use counts::{ExecutionCounts, KernelTime, KernelTimes};
 pub use device::{
     CompiledKernels, CudaDeviceInfo, CudaOptions, KERNELS, compile_kernels, device_count, devices,
     libraries_missing, nvrtc_present,

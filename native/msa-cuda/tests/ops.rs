@@ -2,6 +2,7 @@
 //! sizes, every weight dtype, GQA groups, every mask and routing reduction). Skips on a machine without
 //! an NVIDIA GPU unless `MSA_REQUIRE_CUDA` is set.
 
+use msa_core::{DType, TensorView};
 use msa_cuda::{CudaBackend, CudaOptions};
 use msa_engine::conformance::{self, Tolerances};
 use msa_engine::{Backend, DeviceLink};
@@ -38,6 +39,63 @@ fn cublas_routing_on_cuda_matches_the_cpu_reference() {
     }) {
         conformance::check_routing_scores(&gpu, &CUDA);
     }
+}
+
+/// With `time_kernels`, every launch is counted and timed under its kernel's name, cuBLAS calls under
+/// theirs, and the launch count agrees with `execution_counts`; without it there are no times.
+#[test]
+fn kernel_times_on_cuda_count_every_launch() {
+    let Some(gpu) = CudaBackend::open_or_skip(CudaOptions {
+        time_kernels: true,
+        ..CudaOptions::default()
+    }) else {
+        return;
+    };
+    let values: Vec<f32> = (0..9 * 20).map(|i| (i % 7) as f32 - 3.0).collect();
+    let bytes: Vec<u8> = (0..20 * 12)
+        // Quarters are exact in bf16: the top half of the f32.
+        .flat_map(|i| (((i % 5) as f32 * 0.25).to_bits() >> 16).to_le_bytes()[..2].to_vec())
+        .collect();
+    let weight = gpu
+        .upload_weight(TensorView {
+            name: "w",
+            dtype: DType::BF16,
+            shape: &[12, 20],
+            bytes: &bytes,
+        })
+        .unwrap();
+    let x = gpu.upload(&values, &[9, 20]).unwrap();
+    let before = (gpu.execution_counts(), gpu.kernel_times().unwrap().unwrap());
+    let sum = gpu.add(&x, &x).unwrap();
+    // 9 rows: a cuBLAS GEMM on tensor cores, after a kernel rounds the activations to bf16.
+    let y = gpu.matmul(&sum, &weight).unwrap();
+    pollster::block_on(gpu.read(&y)).unwrap();
+    let (counts, times) = (gpu.execution_counts(), gpu.kernel_times().unwrap().unwrap());
+    let between = times.since(&before.1);
+    let launches = counts.launches - before.0.launches;
+    assert_eq!(
+        between.0.values().map(|t| t.launches).sum::<u64>(),
+        launches,
+        "{between:?}"
+    );
+    assert_eq!(
+        between.0.get("add").map(|t| t.launches),
+        Some(1),
+        "{between:?}"
+    );
+    let gemm = between.0.get("cuBLAS GemmEx").copied().unwrap_or_default();
+    assert_eq!(gemm.launches, 1, "{between:?}");
+    assert!(
+        between
+            .0
+            .values()
+            .all(|t| t.time > std::time::Duration::ZERO),
+        "{between:?}"
+    );
+    // The read waited for the device at least once.
+    assert!(counts.host_waits > before.0.host_waits);
+    let plain = CudaBackend::new(CudaOptions::default()).unwrap();
+    assert!(plain.kernel_times().unwrap().is_none());
 }
 
 /// NCCL's version where its library loads (no GPU needed), else the reason it does not.

@@ -1,0 +1,153 @@
+//! Counts of the work a device was given, for benchmarks: how many kernels a decoded token launches,
+//! and how long the host waits for the device meanwhile. A host that spends most of a token waiting
+//! has queued its work faster than the device runs it; one that hardly waits holds the device up.
+//! With [`CudaOptions::time_kernels`](crate::CudaOptions::time_kernels), also each kernel's device
+//! time, from a pair of events around every launch.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaEvent, DriverError};
+
+/// What a [`CudaBackend`](crate::CudaBackend) was given since it opened (see
+/// [`CudaBackend::execution_counts`](crate::CudaBackend::execution_counts)); the difference of two
+/// readings is the work between them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecutionCounts {
+    /// Kernels launched and cuBLAS calls made (each one or more kernels).
+    pub launches: u64,
+    /// Times the host blocked until the device reached a point: a read-back, a synchronisation, a
+    /// buffer's earlier copy (not counted: large pageable uploads, the kernel timer's flushes).
+    pub host_waits: u64,
+    /// The time the host spent blocked in them.
+    pub host_wait: Duration,
+}
+
+impl std::ops::Sub for ExecutionCounts {
+    type Output = ExecutionCounts;
+    fn sub(self, earlier: Self) -> Self {
+        ExecutionCounts {
+            launches: self.launches - earlier.launches,
+            host_waits: self.host_waits - earlier.host_waits,
+            host_wait: self.host_wait.saturating_sub(earlier.host_wait),
+        }
+    }
+}
+
+/// A device's running counts, shared by everything that launches or waits on it.
+#[derive(Default)]
+pub(crate) struct Counters {
+    launches: AtomicU64,
+    host_waits: AtomicU64,
+    host_wait_nanos: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn launched(&self) {
+        self.launches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs `wait`, a call in which the host blocks for the device, and counts it and its time.
+    pub(crate) fn wait<T>(&self, wait: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let result = wait();
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.host_waits.fetch_add(1, Ordering::Relaxed);
+        self.host_wait_nanos.fetch_add(nanos, Ordering::Relaxed);
+        result
+    }
+
+    pub(crate) fn read(&self) -> ExecutionCounts {
+        ExecutionCounts {
+            launches: self.launches.load(Ordering::Relaxed),
+            host_waits: self.host_waits.load(Ordering::Relaxed),
+            host_wait: Duration::from_nanos(self.host_wait_nanos.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Launches and device time of one kernel (one of msa's, or a kind of cuBLAS call).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KernelTime {
+    pub launches: u64,
+    /// Summed from each launch's start and end events, so it includes the gaps the GPU leaves
+    /// between a launch's start and its kernel (about a microsecond).
+    pub time: Duration,
+}
+
+/// Device time per kernel name since the backend opened (see
+/// [`CudaBackend::kernel_times`](crate::CudaBackend::kernel_times)).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelTimes(pub BTreeMap<&'static str, KernelTime>);
+
+impl KernelTimes {
+    /// The launches and time between an `earlier` reading and this one (kernels with none left out).
+    pub fn since(&self, earlier: &KernelTimes) -> KernelTimes {
+        let mut between = BTreeMap::new();
+        for (&kernel, now) in &self.0 {
+            let before = earlier.0.get(kernel).copied().unwrap_or_default();
+            if now.launches > before.launches {
+                between.insert(
+                    kernel,
+                    KernelTime {
+                        launches: now.launches - before.launches,
+                        time: now.time.saturating_sub(before.time),
+                    },
+                );
+            }
+        }
+        KernelTimes(between)
+    }
+
+    /// These times and `other`'s together.
+    pub fn plus(mut self, other: &KernelTimes) -> KernelTimes {
+        for (&kernel, time) in &other.0 {
+            let total = self.0.entry(kernel).or_default();
+            total.launches += time.launches;
+            total.time += time.time;
+        }
+        self
+    }
+}
+
+/// Launches recorded but not yet added up: at most this many, then the oldest are waited for.
+const PENDING_LAUNCHES: usize = 4096;
+
+/// The events around each timed launch, added up per kernel once they have fired.
+#[derive(Default)]
+pub(crate) struct KernelTimer {
+    pending: Vec<(&'static str, CudaEvent, CudaEvent)>,
+    totals: KernelTimes,
+}
+
+impl KernelTimer {
+    pub(crate) fn record(
+        &mut self,
+        kernel: &'static str,
+        start: CudaEvent,
+        end: CudaEvent,
+    ) -> Result<(), DriverError> {
+        self.pending.push((kernel, start, end));
+        if self.pending.len() >= PENDING_LAUNCHES {
+            self.add_up()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every recorded launch and returns the totals.
+    pub(crate) fn read(&mut self) -> Result<KernelTimes, DriverError> {
+        self.add_up()?;
+        Ok(self.totals.clone())
+    }
+
+    fn add_up(&mut self) -> Result<(), DriverError> {
+        for (kernel, start, end) in self.pending.drain(..) {
+            let ms = start.elapsed_ms(&end)?;
+            let total = self.totals.0.entry(kernel).or_default();
+            total.launches += 1;
+            total.time += Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3);
+        }
+        Ok(())
+    }
+}
