@@ -83,7 +83,7 @@ impl WorkCounts {
 /// What the CLI needs from a backend beyond the engine's trait.
 pub trait Device: Backend + Clone + Send + 'static {
     /// The backend's work counts, where it keeps them.
-    fn execution_stats(&self) -> Option<WorkCounts>;
+    fn work_counts(&self) -> Option<WorkCounts>;
     /// Measures the device's [`Bandwidths`] (a GPU backend; `None` for the CPU reference).
     fn bandwidths(&self) -> Result<Option<Bandwidths>>;
     /// Starts (`true`) or stops the region an attached profiler records, where the backend has one
@@ -98,7 +98,7 @@ pub trait Device: Backend + Clone + Send + 'static {
 }
 
 impl Device for CpuBackend {
-    fn execution_stats(&self) -> Option<WorkCounts> {
+    fn work_counts(&self) -> Option<WorkCounts> {
         None
     }
 
@@ -108,7 +108,7 @@ impl Device for CpuBackend {
 }
 
 impl Device for WgpuBackend {
-    fn execution_stats(&self) -> Option<WorkCounts> {
+    fn work_counts(&self) -> Option<WorkCounts> {
         let stats = self.stats();
         Some(WorkCounts {
             dispatches: stats.dispatches,
@@ -129,7 +129,7 @@ impl Device for WgpuBackend {
 }
 
 impl Device for CudaBackend {
-    fn execution_stats(&self) -> Option<WorkCounts> {
+    fn work_counts(&self) -> Option<WorkCounts> {
         let counts = self.execution_counts();
         Some(WorkCounts {
             dispatches: counts.launches,

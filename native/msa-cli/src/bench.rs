@@ -706,7 +706,7 @@ impl Job for BenchJob {
             pollster::block_on(generation.next_token())?;
             // Kernel times first: reading them waits for the device, outside the counted window.
             let kernels_before = model.backend.kernel_times()?;
-            let before = model.backend.execution_stats();
+            let before = model.backend.work_counts();
             // Only the decode steps, for a profiler attached with its collection off (see
             // xtask/gpu-checks.sh).
             model.backend.profile_region(true);
@@ -717,7 +717,7 @@ impl Job for BenchJob {
             }
             let decode = started.elapsed();
             model.backend.profile_region(false);
-            if let (Some(before), Some(after)) = (before, model.backend.execution_stats()) {
+            if let (Some(before), Some(after)) = (before, model.backend.work_counts()) {
                 let d = after.since(before);
                 totals.work = Some(totals.work.map_or(d, |w| w.plus(d)));
             }

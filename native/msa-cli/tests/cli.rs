@@ -513,9 +513,9 @@ fn bench_on_cuda_counts_launches_and_host_waits_per_token() {
     );
     let decode = &report["decode"];
     assert_eq!(decode["tokens"], 6, "{report:#}");
-    // A decode step runs every layer's kernels: more launches than layers.
+    // A decode step runs every layer's kernels: more launches than the tiny preset's 4 layers.
     assert!(
-        decode["dispatches_per_token"].as_f64().unwrap() > 2.0,
+        decode["dispatches_per_token"].as_f64().unwrap() > 4.0,
         "{report:#}"
     );
     assert!(decode["submits_per_token"].is_null(), "{report:#}");

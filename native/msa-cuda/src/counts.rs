@@ -24,17 +24,6 @@ pub struct ExecutionCounts {
     pub host_wait: Duration,
 }
 
-impl std::ops::Sub for ExecutionCounts {
-    type Output = ExecutionCounts;
-    fn sub(self, earlier: Self) -> Self {
-        ExecutionCounts {
-            launches: self.launches - earlier.launches,
-            host_waits: self.host_waits - earlier.host_waits,
-            host_wait: self.host_wait.saturating_sub(earlier.host_wait),
-        }
-    }
-}
-
 /// A device's running counts, shared by everything that launches or waits on it.
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -111,7 +100,7 @@ impl KernelTimes {
     }
 }
 
-/// Launches recorded but not yet added up: at most this many, then the oldest are waited for.
+/// Launches recorded but not yet added up: at most this many, then the host waits for them all.
 const PENDING_LAUNCHES: usize = 4096;
 
 /// The events around each timed launch, added up per kernel once they have fired.
