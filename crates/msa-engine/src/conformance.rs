@@ -268,6 +268,7 @@ pub fn check_all<B: Backend>(backend: &B, tol: &Tolerances) {
     check_rope(backend, tol);
     check_attention(backend, tol);
     check_elementwise_rows_and_pooling(backend, tol);
+    check_append_rows(backend, tol);
     check_routing_scores(backend, tol);
     check_top_k(backend, tol);
     check_broadcast(backend, tol);
@@ -682,6 +683,102 @@ pub fn check_elementwise_rows_and_pooling<B: Backend>(backend: &B, tol: &Toleran
             );
         }
     }
+}
+
+/// `append_rows` (bit for bit against `concat_rows` on the CPU) as a decoding context grows: into a
+/// tensor shared with another view (which must stay as it was), twice from one base (two sessions
+/// from one template), a row at a time past the spare rows a backend leaves, several parts at once
+/// with an empty one, and from a clone of a grown context once the original has moved on; then
+/// attention over a grown context, whose storage may be longer than its rows. A part that does not
+/// stack is refused.
+pub fn check_append_rows<B: Backend>(backend: &B, tol: &Tolerances) {
+    let p = Pair::new(backend);
+    let mut rng = StdRng::seed_from_u64(11);
+    let (kv_heads, d) = (2, 16);
+    let width = kv_heads * d;
+    let mut rows_of = |n: usize| {
+        let data = random(&mut rng, n * width);
+        p.tensors(&data, &[n, kv_heads, d])
+    };
+    let (base, base_cpu) = rows_of(7);
+    let (empty, empty_cpu) = rows_of(0);
+    // A base with spare rows, which two appends onto its clones must not both take.
+    let base = p.backend.append_rows(base, &[&empty]).unwrap();
+    let (first, first_cpu) = rows_of(3);
+    let (second, second_cpu) = rows_of(1);
+    let grown = p.backend.append_rows(base.clone(), &[&first]).unwrap();
+    let forked = p.backend.append_rows(base.clone(), &[&second]).unwrap();
+    p.compare("append_rows: the shared base", &base, &base_cpu, 0.0);
+    let mut reference = p.cpu.concat_rows(&[&base_cpu, &first_cpu]).unwrap();
+    p.compare("append_rows onto a shared base", &grown, &reference, 0.0);
+    let forked_cpu = p.cpu.concat_rows(&[&base_cpu, &second_cpu]).unwrap();
+    p.compare(
+        "append_rows: a second append onto that base",
+        &forked,
+        &forked_cpu,
+        0.0,
+    );
+
+    // Decoding: a row at a time, past the spare rows of any allocation so far.
+    let mut context = grown;
+    for _ in 0..crate::shapes::SPARE_ROWS + 9 {
+        let (row, row_cpu) = rows_of(1);
+        context = p.backend.append_rows(context, &[&row]).unwrap();
+        reference = p.cpu.concat_rows(&[&reference, &row_cpu]).unwrap();
+    }
+    p.compare("append_rows a row at a time", &context, &reference, 0.0);
+
+    let (block, block_cpu) = rows_of(5);
+    let kept = context.clone();
+    let kept_cpu = reference.clone();
+    let context = p.backend.append_rows(context, &[&empty, &block]).unwrap();
+    reference = p
+        .cpu
+        .concat_rows(&[&reference, &empty_cpu, &block_cpu])
+        .unwrap();
+    p.compare(
+        "append_rows of an empty part and a block",
+        &context,
+        &reference,
+        0.0,
+    );
+    // The clone kept from before that append is the only holder of its storage now.
+    let (other, other_cpu) = rows_of(2);
+    let from_kept = p.backend.append_rows(kept, &[&other]).unwrap();
+    let from_kept_cpu = p.cpu.concat_rows(&[&kept_cpu, &other_cpu]).unwrap();
+    p.compare(
+        "append_rows onto a kept clone",
+        &from_kept,
+        &from_kept_cpu,
+        0.0,
+    );
+    p.compare(
+        "append_rows: the context after that",
+        &context,
+        &reference,
+        0.0,
+    );
+
+    let (heads, nk) = (4, p.cpu.shape(&reference)[0]);
+    let q = random(&mut rng, 2 * heads * d);
+    let (bq, cq) = p.tensors(&q, &[2, heads, d]);
+    p.compare(
+        &format!("attention over a grown context of {nk} rows"),
+        &(p.backend)
+            .attention(&bq, &context, &context, AttentionMask::Causal)
+            .unwrap(),
+        &p.cpu
+            .attention(&cq, &reference, &reference, AttentionMask::Causal)
+            .unwrap(),
+        tol.f32_math,
+    );
+
+    let wide = p.backend.upload(&[0.0; 2 * 33], &[2, 33]).unwrap();
+    let message = refused(
+        "append_rows of rows of another width",
+        p.backend.append_rows(context, &[&wide]),
+    );
+    assert!(message.contains("does not stack"), "append_rows: {message}");
 }
 
 /// `routing_scores` for every score mode and head, query and chunk reduction, with keys in every stored

@@ -323,6 +323,24 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(data, shape))
     }
 
+    fn append_rows(&self, held: CpuTensor, parts: &[&CpuTensor]) -> Result<CpuTensor> {
+        let part_shapes: Vec<&[usize]> = parts.iter().map(|p| &p.shape[..]).collect();
+        let shape = shapes::append_shape(&held.shape, &part_shapes)?;
+        let (rows, width) = shapes::rows_and_width(&shape);
+        // A vector only this tensor holds grows in place (its spare capacity past `held`'s rows);
+        // a shared one is copied, with room for more.
+        let mut data = Arc::try_unwrap(held.data).unwrap_or_else(|shared| {
+            let mut data = Vec::with_capacity(shapes::grown_rows(rows) * width);
+            data.extend_from_slice(&shared);
+            data
+        });
+        if data.capacity() < rows * width {
+            data.reserve_exact(shapes::grown_rows(rows) * width - data.len());
+        }
+        parts.iter().for_each(|p| data.extend_from_slice(&p.data));
+        Ok(CpuTensor::new(data, shape))
+    }
+
     fn rows(&self, tensor: &CpuTensor, range: Range<usize>) -> Result<CpuTensor> {
         let shape = shapes::rows_shape(&tensor.shape, &range)?;
         let width = tensor.row_width();
@@ -568,6 +586,29 @@ impl<T: Clone> RopeTableCache<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A context held by one tensor takes appended rows into its spare capacity; one shared with
+    /// another view is copied (the conformance suite checks the values).
+    #[test]
+    fn a_context_held_alone_grows_in_place() {
+        let b = CpuBackend::new();
+        let row = b.upload(&[1.0, 2.0], &[1, 2]).unwrap();
+        let mut context = b.append_rows(row.clone(), &[&row]).unwrap();
+        let storage = context.data().as_ptr();
+        for _ in 0..shapes::SPARE_ROWS {
+            context = b.append_rows(context, &[&row]).unwrap();
+        }
+        assert_eq!(context.shape(), [2 + shapes::SPARE_ROWS, 2]);
+        assert_eq!(context.data().as_ptr(), storage, "grown in place");
+        let shared = context.clone();
+        let copied = b.append_rows(context, &[&row]).unwrap();
+        assert_ne!(
+            copied.data().as_ptr(),
+            storage,
+            "a shared context is copied"
+        );
+        assert_eq!(shared.shape(), [2 + shapes::SPARE_ROWS, 2]);
+    }
 
     /// One upload per (positions, theta, d) in a row; any change uploads the new table.
     #[test]

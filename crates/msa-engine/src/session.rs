@@ -37,7 +37,9 @@ pub struct RouteStats {
     pub fetched_bytes: u64,
     /// Wall time from recording the routing scores to having the top-k on the host. It includes
     /// waiting for the layer's earlier work on the device, unless the prefill timed routing alone
-    /// ([`Model::prefill_query_timing_routing`]).
+    /// ([`Model::prefill_query_timing_routing`]). Either way it also covers recording the layer's
+    /// projections (the device runs them while the host merges) and, with shards, sending the
+    /// router queries to them and waiting for their answers.
     pub routing_time: std::time::Duration,
     /// Wall time to gather the selected documents' pages and record their upload.
     pub fetch_time: std::time::Duration,
@@ -240,12 +242,8 @@ impl<'m, B: Backend> Session<'m, B> {
         }
         for layer in 0..model.config.num_hidden_layers {
             // This layer's context: [what it already held | routed memory chunks | this block].
-            let mut keys: Vec<B::Tensor> = Vec::with_capacity(3);
-            let mut values: Vec<B::Tensor> = Vec::with_capacity(3);
-            if let Some((k, v)) = self.context[layer].take() {
-                keys.push(k);
-                values.push(v);
-            }
+            let mut keys: Vec<B::Tensor> = Vec::with_capacity(2);
+            let mut values: Vec<B::Tensor> = Vec::with_capacity(2);
             let (q, k, v) = if let (Some(route), Some((router_q, _))) =
                 (routing, &model.weights.layers[layer].router)
             {
@@ -268,8 +266,9 @@ impl<'m, B: Backend> Session<'m, B> {
             };
             keys.push(k);
             values.push(v);
-            let k = b.concat_rows(&keys.iter().collect::<Vec<_>>())?;
-            let v = b.concat_rows(&values.iter().collect::<Vec<_>>())?;
+            let (held_k, held_v) = self.context[layer].take().unzip();
+            let k = extend_context(b, held_k, keys)?;
+            let v = extend_context(b, held_v, values)?;
             hidden = model.attend_and_mlp(layer, &hidden, &q, &k, &v, mask)?;
             if let Some(t) = trace.as_deref_mut().filter(|t| !t.scores_only) {
                 t.context.push((k.clone(), v.clone()));
@@ -351,6 +350,21 @@ impl<'m, B: Backend> Session<'m, B> {
             fetch_time: clock.elapsed(),
         });
         Ok((fetched.k, fetched.v, projected))
+    }
+}
+
+/// A layer's keys or values after a block: what the context held with `parts` appended (in place,
+/// where the backend can: a decoded token copies its own rows, not the context), or the parts alone.
+fn extend_context<B: Backend>(
+    b: &B,
+    held: Option<B::Tensor>,
+    mut parts: Vec<B::Tensor>,
+) -> Result<B::Tensor> {
+    let refs: Vec<&B::Tensor> = parts.iter().collect();
+    match held {
+        Some(held) => b.append_rows(held, &refs),
+        None if parts.len() == 1 => Ok(parts.pop().expect("one part")),
+        None => b.concat_rows(&refs),
     }
 }
 

@@ -210,6 +210,23 @@ pub fn concat_shape(parts: &[&[usize]]) -> Result<Vec<usize>> {
     Ok(shape)
 }
 
+/// The shape of `held` with `parts` stacked after it ([`crate::Backend::append_rows`]).
+pub fn append_shape(held: &[usize], parts: &[&[usize]]) -> Result<Vec<usize>> {
+    let all: Vec<&[usize]> = std::iter::once(held).chain(parts.iter().copied()).collect();
+    concat_shape(&all)
+}
+
+/// The fewest spare rows a backend leaves when it allocates a growing context
+/// ([`crate::Backend::append_rows`]).
+pub const SPARE_ROWS: usize = 64;
+
+/// Rows to allocate for a growing context of `rows` rows: an eighth more, and at least
+/// [`SPARE_ROWS`] more, so a context grown a row at a time is copied whole once per 64 rows while
+/// small, and its memory grows by at most an eighth once large.
+pub fn grown_rows(rows: usize) -> usize {
+    rows + (rows / 8).max(SPARE_ROWS)
+}
+
 /// The shape of rows `range` of a tensor.
 pub fn rows_shape(shape: &[usize], range: &Range<usize>) -> Result<Vec<usize>> {
     if shape.is_empty() || range.start > range.end || range.end > shape[0] {

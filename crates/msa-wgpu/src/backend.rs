@@ -36,7 +36,9 @@ const MAX_ATTENTION_GROUP: usize = 4;
 /// An f32 tensor in a device buffer; clones share the buffer.
 #[derive(Clone, Debug)]
 pub struct WgpuTensor {
-    buffer: wgpu::Buffer,
+    /// Counted here too (wgpu's handle is one already), so that [`Backend::append_rows`] knows when
+    /// this tensor is the buffer's only holder.
+    buffer: Arc<wgpu::Buffer>,
     shape: Vec<usize>,
 }
 
@@ -56,10 +58,20 @@ impl WgpuTensor {
     /// The tensor as the one part of a row-major weight.
     fn whole(&self) -> Part {
         Part {
-            buffer: self.buffer.clone(),
+            buffer: (*self.buffer).clone(),
             rows: 0..shapes::rows_and_width(&self.shape).0,
         }
     }
+}
+
+/// A tensor's buffer, counted. In a browser nothing is shared between threads (wgpu's buffers are not
+/// `Send` there), and the count is only read to know whether one tensor holds the buffer.
+#[cfg_attr(
+    target_arch = "wasm32",
+    expect(clippy::arc_with_non_send_sync, reason = "one thread in a browser")
+)]
+fn counted(buffer: wgpu::Buffer) -> Arc<wgpu::Buffer> {
+    Arc::new(buffer)
 }
 
 /// A weight in its stored dtype, packed into a device buffer, or split by rows into several when it is
@@ -220,7 +232,7 @@ impl WgpuBackend {
     fn tensor(&self, elements: usize, shape: Vec<usize>, label: &str) -> Result<WgpuTensor> {
         debug_assert_eq!(elements, shape.iter().product::<usize>());
         Ok(WgpuTensor {
-            buffer: self.ctx.storage(elements as u64 * 4, label)?,
+            buffer: counted(self.ctx.storage(elements as u64 * 4, label)?),
             shape,
         })
     }
@@ -650,9 +662,10 @@ impl Backend for WgpuBackend {
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<WgpuTensor> {
         shapes::check_fill("upload", data.len(), &[data.len()], shape)?;
         Ok(WgpuTensor {
-            buffer: self
-                .ctx
-                .storage_with(bytemuck::cast_slice(data), "tensor")?,
+            buffer: counted(
+                self.ctx
+                    .storage_with(bytemuck::cast_slice(data), "tensor")?,
+            ),
             shape: shape.to_vec(),
         })
     }
@@ -933,7 +946,7 @@ impl Backend for WgpuBackend {
         // write partial accumulators and (m, l) for `combine`.
         let (target, stats) = if splits == 1 {
             (
-                out.buffer.clone(),
+                (*out.buffer).clone(),
                 self.ctx.storage(8, "attention stats (unused)")?,
             )
         } else {
@@ -991,6 +1004,37 @@ impl Backend for WgpuBackend {
             offset += part.bytes();
         }
         Ok(out)
+    }
+
+    fn append_rows(&self, held: WgpuTensor, parts: &[&WgpuTensor]) -> Result<WgpuTensor> {
+        let part_shapes: Vec<&[usize]> = parts.iter().map(|p| &p.shape[..]).collect();
+        let shape = shapes::append_shape(&held.shape, &part_shapes)?;
+        let (rows, width) = shapes::rows_and_width(&shape);
+        let bytes = (rows * width * 4) as u64;
+        let mut offset = held.bytes();
+        // A buffer only this tensor holds takes the parts in its rows past `held`'s when it has
+        // room (the commands recorded on it read only `held`'s rows); otherwise `held` is copied to
+        // a new one with room for more, as long as that room keeps it within one binding.
+        let buffer = if Arc::strong_count(&held.buffer) == 1 && held.buffer.size() >= bytes {
+            held.buffer
+        } else {
+            let grown = (shapes::grown_rows(rows) * width * 4) as u64;
+            let max_binding = self.ctx.caps.max_binding_bytes;
+            let capacity = if bytes <= max_binding {
+                grown.min(max_binding)
+            } else {
+                bytes
+            };
+            let buffer = self.ctx.storage(capacity, "context")?;
+            self.ctx.copy(&held.buffer, 0, &buffer, 0, offset);
+            counted(buffer)
+        };
+        for part in parts {
+            self.ctx
+                .copy(&part.buffer, 0, &buffer, offset, part.bytes());
+            offset += part.bytes();
+        }
+        Ok(WgpuTensor { buffer, shape })
     }
 
     fn rows(&self, tensor: &WgpuTensor, range: Range<usize>) -> Result<WgpuTensor> {
@@ -1107,7 +1151,7 @@ impl WgpuBackend {
         let kernel = Kernel::new(Family::TopK, "select_top_k");
         let mut count = n;
         let mut pairs = false;
-        let mut src = scores.buffer.clone();
+        let mut src = (*scores.buffer).clone();
         loop {
             let blocks = count.div_ceil(TOP_K_BLOCK).max(1);
             let dst = self

@@ -240,6 +240,12 @@ fn elementwise_rows_and_pooling_match() {
 }
 
 #[test]
+fn appended_rows_match() {
+    let Some(gpu) = gpu() else { return };
+    conformance::check_append_rows(&gpu, &Tolerances::EXACT_F32);
+}
+
+#[test]
 fn routing_scores_match_for_every_reduction_and_score_mode() {
     let Some(gpu) = gpu() else { return };
     conformance::check_routing_scores(&gpu, &Tolerances::EXACT_F32);

@@ -1074,6 +1074,30 @@ impl Backend for CudaBackend {
         Ok(Self::wrap(out, shape))
     }
 
+    fn append_rows(&self, mut held: CudaTensor, parts: &[&CudaTensor]) -> Result<CudaTensor> {
+        let part_shapes: Vec<&[usize]> = parts.iter().map(|p| &p.shape[..]).collect();
+        let shape = shapes::append_shape(&held.shape, &part_shapes)?;
+        let (rows, width) = shapes::rows_and_width(&shape);
+        let mut offset = held.len();
+        // An allocation only this tensor holds takes the parts in its rows past `held`'s when it
+        // has room (the ops queued on that allocation read only `held`'s rows); otherwise `held` is copied to
+        // a new one with room for more.
+        let room = Arc::get_mut(&mut held.data).is_some_and(|data| data.len() >= rows * width);
+        let mut data = if room {
+            held.data
+        } else {
+            let mut grown = self.alloc(shapes::grown_rows(rows) * width)?;
+            self.copy(&held.data, 0, &mut grown, 0, offset)?;
+            Arc::new(grown)
+        };
+        let out = Arc::get_mut(&mut data).expect("held by this tensor alone");
+        for part in parts {
+            self.copy(&part.data, 0, out, offset, part.len())?;
+            offset += part.len();
+        }
+        Ok(CudaTensor { data, shape })
+    }
+
     fn rows(&self, tensor: &CudaTensor, range: Range<usize>) -> Result<CudaTensor> {
         let shape = shapes::rows_shape(&tensor.shape, &range)?;
         let (_, width) = shapes::rows_and_width(&tensor.shape);

@@ -4,7 +4,7 @@
 //! With [`CudaOptions::time_kernels`](crate::CudaOptions::time_kernels), also each kernel's device
 //! time, from a pair of events around every launch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,8 @@ pub struct ExecutionCounts {
     /// Kernels launched and cuBLAS calls made (each one or more kernels).
     pub launches: u64,
     /// Times the host blocked until the device reached a point: a read-back, a synchronisation, a
-    /// buffer's earlier copy (not counted: large pageable uploads, the kernel timer's flushes).
+    /// buffer's earlier copy, the kernel timer falling 4,096 launches behind (not counted: large
+    /// pageable uploads, and reading the kernel times).
     pub host_waits: u64,
     /// The time the host spent blocked in them.
     pub host_wait: Duration,
@@ -100,42 +101,66 @@ impl KernelTimes {
     }
 }
 
-/// Launches recorded but not yet added up: at most this many, then the host waits for them all.
+/// Launches recorded but not yet added up: at this many, the host waits for them all (a counted host
+/// wait: the device is that far behind the host).
 const PENDING_LAUNCHES: usize = 4096;
+/// Every this many launches pending, the ones that have run are added up without waiting.
+const ADD_UP_EVERY: usize = 256;
 
-/// The events around each timed launch, added up per kernel once they have fired.
+/// The events around each timed launch, added up per kernel once they have fired, and then recorded
+/// again for later launches (recording an event costs less than creating one).
 #[derive(Default)]
 pub(crate) struct KernelTimer {
-    pending: Vec<(&'static str, CudaEvent, CudaEvent)>,
+    pending: VecDeque<(&'static str, CudaEvent, CudaEvent)>,
+    spare: Vec<CudaEvent>,
     totals: KernelTimes,
 }
 
 impl KernelTimer {
+    /// An event to record: a spare one, or one `new` creates.
+    pub(crate) fn event(
+        &mut self,
+        new: impl FnOnce() -> Result<CudaEvent, DriverError>,
+    ) -> Result<CudaEvent, DriverError> {
+        self.spare.pop().map_or_else(new, Ok)
+    }
+
+    /// Takes a launch of `kernel` between two recorded events.
     pub(crate) fn record(
         &mut self,
         kernel: &'static str,
         start: CudaEvent,
         end: CudaEvent,
+        counters: &Counters,
     ) -> Result<(), DriverError> {
-        self.pending.push((kernel, start, end));
+        self.pending.push_back((kernel, start, end));
         if self.pending.len() >= PENDING_LAUNCHES {
-            self.add_up()?;
+            counters.wait(|| self.add_up(true))?;
+        } else if self.pending.len().is_multiple_of(ADD_UP_EVERY) {
+            self.add_up(false)?;
         }
         Ok(())
     }
 
     /// Waits for every recorded launch and returns the totals.
     pub(crate) fn read(&mut self) -> Result<KernelTimes, DriverError> {
-        self.add_up()?;
+        self.add_up(true)?;
         Ok(self.totals.clone())
     }
 
-    fn add_up(&mut self) -> Result<(), DriverError> {
-        for (kernel, start, end) in self.pending.drain(..) {
+    /// Adds up the launches that have run, oldest first (one stream runs them in order), or with
+    /// `wait`, every one recorded.
+    fn add_up(&mut self, wait: bool) -> Result<(), DriverError> {
+        while let Some((_, _, end)) = self.pending.front() {
+            if !wait && !end.try_is_complete()? {
+                break;
+            }
+            let (kernel, start, end) = self.pending.pop_front().expect("a front launch");
             let ms = start.elapsed_ms(&end)?;
             let total = self.totals.0.entry(kernel).or_default();
             total.launches += 1;
             total.time += Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3);
+            self.spare.extend([start, end]);
         }
         Ok(())
     }

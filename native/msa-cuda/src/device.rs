@@ -618,20 +618,22 @@ impl Device {
         let Some(timer) = &self.timer else {
             return launch();
         };
+        let lock = || {
+            timer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
         let event = || {
-            (self.stream)
-                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            let event = lock()
+                .event(|| (self.stream.context()).new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)));
+            event
+                .and_then(|event| event.record(&self.stream).map(|()| event))
                 .map_err(|e| self.error(e))
         };
         let start = event()?;
         let launched = launch()?;
         let end = event()?;
-        let mut timer = timer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        timer
-            .record(kernel, start, end)
-            .map_err(|e| self.error(e))?;
+        (lock().record(kernel, start, end, &self.counters)).map_err(|e| self.error(e))?;
         Ok(launched)
     }
 

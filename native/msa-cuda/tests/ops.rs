@@ -42,7 +42,9 @@ fn cublas_routing_on_cuda_matches_the_cpu_reference() {
 }
 
 /// With `time_kernels`, every launch is counted and timed under its kernel's name, cuBLAS calls under
-/// theirs, and the launch count agrees with `execution_counts`; without it there are no times.
+/// theirs, and the launch count agrees with `execution_counts`; without it there are no times. Enough
+/// launches that the timer adds up the finished ones (every 256) while others are pending, and
+/// records their events again.
 #[test]
 fn kernel_times_on_cuda_count_every_launch() {
     let Some(gpu) = CudaBackend::open_or_skip(CudaOptions {
@@ -66,7 +68,11 @@ fn kernel_times_on_cuda_count_every_launch() {
         .unwrap();
     let x = gpu.upload(&values, &[9, 20]).unwrap();
     let before = (gpu.execution_counts(), gpu.kernel_times().unwrap().unwrap());
-    let sum = gpu.add(&x, &x).unwrap();
+    const ADDS: u64 = 600;
+    let mut sum = gpu.add(&x, &x).unwrap();
+    for _ in 1..ADDS {
+        sum = gpu.add(&sum, &x).unwrap();
+    }
     // 9 rows: a cuBLAS GEMM on tensor cores, after a kernel rounds the activations to bf16.
     let y = gpu.matmul(&sum, &weight).unwrap();
     pollster::block_on(gpu.read(&y)).unwrap();
@@ -80,7 +86,7 @@ fn kernel_times_on_cuda_count_every_launch() {
     );
     assert_eq!(
         between.0.get("add").map(|t| t.launches),
-        Some(1),
+        Some(ADDS),
         "{between:?}"
     );
     let gemm = between.0.get("cuBLAS GemmEx").copied().unwrap_or_default();
