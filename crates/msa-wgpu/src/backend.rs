@@ -1019,12 +1019,7 @@ impl Backend for WgpuBackend {
             held.buffer
         } else {
             let grown = (shapes::grown_rows(rows) * width * 4) as u64;
-            let max_binding = self.ctx.caps.max_binding_bytes;
-            let capacity = if bytes <= max_binding {
-                grown.min(max_binding)
-            } else {
-                bytes
-            };
+            let capacity = grown.min(self.ctx.caps.max_binding_bytes.max(bytes));
             let buffer = self.ctx.storage(capacity, "context")?;
             self.ctx.copy(&held.buffer, 0, &buffer, 0, offset);
             counted(buffer)

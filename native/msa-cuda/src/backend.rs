@@ -1080,8 +1080,8 @@ impl Backend for CudaBackend {
         let (rows, width) = shapes::rows_and_width(&shape);
         let mut offset = held.len();
         // An allocation only this tensor holds takes the parts in its rows past `held`'s when it
-        // has room (the ops queued on that allocation read only `held`'s rows); otherwise `held` is copied to
-        // a new one with room for more.
+        // has room (the ops queued on that allocation read only `held`'s rows); otherwise `held` is
+        // copied to a new one with room for more.
         let room = Arc::get_mut(&mut held.data).is_some_and(|data| data.len() >= rows * width);
         let mut data = if room {
             held.data
