@@ -778,7 +778,59 @@ pub fn check_append_rows<B: Backend>(backend: &B, tol: &Tolerances) {
         "append_rows of rows of another width",
         p.backend.append_rows(context, &[&wide]),
     );
-    assert!(message.contains("does not stack"), "append_rows: {message}");
+    assert!(
+        message.contains("append_rows") && message.contains("does not stack"),
+        "append_rows: {message}"
+    );
+}
+
+/// What [`Backend::append_rows`] copies, by the backend's own count of the bytes it copied between
+/// device buffers (`copied_bytes`): a shared context is copied once with the new rows, into storage
+/// with room ([`crate::shapes::grown_rows`]); a context held alone takes rows into that room with
+/// nothing but the new rows copied; a full one is copied once more. (The values are
+/// [`check_append_rows`]'s.)
+pub fn check_append_copies<B: Backend>(backend: &B, copied_bytes: impl Fn() -> u64) {
+    let (shape, width) = ([2, 3], 6);
+    let upload = |rows: usize| {
+        let data = vec![0.5; rows * width];
+        backend.upload(&data, &[rows, shape[0], shape[1]]).unwrap()
+    };
+    let (row, base) = (upload(1), upload(5));
+    let rows_copied = |before: u64| (copied_bytes() - before) as f64 / (width * 4) as f64;
+    let before = copied_bytes();
+    let mut context = backend.append_rows(base.clone(), &[&row]).unwrap();
+    assert_eq!(
+        rows_copied(before),
+        6.0,
+        "append_rows onto a shared context"
+    );
+    let room = crate::shapes::grown_rows(6);
+    let before = copied_bytes();
+    for _ in 6..room {
+        context = backend.append_rows(context, &[&row]).unwrap();
+    }
+    assert_eq!(
+        rows_copied(before),
+        (room - 6) as f64,
+        "append_rows of a row at a time onto a context held alone, up to its room of {room} rows"
+    );
+    let before = copied_bytes();
+    context = backend.append_rows(context, &[&row]).unwrap();
+    assert_eq!(
+        rows_copied(before),
+        (room + 1) as f64,
+        "append_rows onto a context with no room left"
+    );
+    let kept = context.clone();
+    let before = copied_bytes();
+    let forked = backend.append_rows(context, &[&row]).unwrap();
+    assert_eq!(
+        rows_copied(before),
+        (room + 2) as f64,
+        "append_rows onto a context another view holds"
+    );
+    assert_eq!(backend.shape(&kept)[0], room + 1);
+    assert_eq!(backend.shape(&forked)[0], room + 2);
 }
 
 /// `routing_scores` for every score mode and head, query and chunk reduction, with keys in every stored

@@ -195,25 +195,30 @@ pub fn attention_mask(mask: &AttentionMask<'_>, nq: usize, nk: usize) -> Result<
 
 /// The shape of `parts` stacked along the leading dimension.
 pub fn concat_shape(parts: &[&[usize]]) -> Result<Vec<usize>> {
+    stacked_shape("concat_rows", parts)
+}
+
+/// The shape of `held` with `parts` stacked after it ([`crate::Backend::append_rows`]).
+pub fn append_shape(held: &[usize], parts: &[&[usize]]) -> Result<Vec<usize>> {
+    let all: Vec<&[usize]> = std::iter::once(held).chain(parts.iter().copied()).collect();
+    stacked_shape("append_rows", &all)
+}
+
+/// The shape of `parts` stacked along the leading dimension by `op`.
+fn stacked_shape(op: &'static str, parts: &[&[usize]]) -> Result<Vec<usize>> {
     let first = parts
         .first()
-        .ok_or_else(|| Error::shape("concat_rows", "nothing to concatenate"))?;
+        .ok_or_else(|| Error::shape(op, "nothing to concatenate"))?;
     let tail = &first[1..];
     if let Some(bad) = parts.iter().find(|p| p.get(1..) != Some(tail)) {
         return Err(Error::shape(
-            "concat_rows",
+            op,
             format!("{bad:?} does not stack onto {first:?}"),
         ));
     }
     let mut shape = first.to_vec();
     shape[0] = parts.iter().map(|p| p[0]).sum();
     Ok(shape)
-}
-
-/// The shape of `held` with `parts` stacked after it ([`crate::Backend::append_rows`]).
-pub fn append_shape(held: &[usize], parts: &[&[usize]]) -> Result<Vec<usize>> {
-    let all: Vec<&[usize]> = std::iter::once(held).chain(parts.iter().copied()).collect();
-    concat_shape(&all)
 }
 
 /// The fewest spare rows a backend leaves when it allocates a growing context

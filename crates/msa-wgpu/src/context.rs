@@ -26,6 +26,11 @@ pub struct ExecutionStats {
     pub readbacks: u64,
     /// Bytes copied back to the host.
     pub readback_bytes: u64,
+    /// Copies from one device buffer to another (growing contexts, stacking rows; not readbacks or
+    /// uploads).
+    pub copies: u64,
+    /// Bytes those copies wrote.
+    pub copied_bytes: u64,
 }
 
 impl std::ops::Sub for ExecutionStats {
@@ -36,6 +41,8 @@ impl std::ops::Sub for ExecutionStats {
             submits: self.submits - rhs.submits,
             readbacks: self.readbacks - rhs.readbacks,
             readback_bytes: self.readback_bytes - rhs.readback_bytes,
+            copies: self.copies - rhs.copies,
+            copied_bytes: self.copied_bytes - rhs.copied_bytes,
         }
     }
 }
@@ -46,6 +53,8 @@ struct Counters {
     submits: AtomicU64,
     readbacks: AtomicU64,
     readback_bytes: AtomicU64,
+    copies: AtomicU64,
+    copied_bytes: AtomicU64,
     pending: AtomicU64,
 }
 
@@ -168,6 +177,8 @@ impl GpuContext {
             submits: c.submits.load(Ordering::Relaxed),
             readbacks: c.readbacks.load(Ordering::Relaxed),
             readback_bytes: c.readback_bytes.load(Ordering::Relaxed),
+            copies: c.copies.load(Ordering::Relaxed),
+            copied_bytes: c.copied_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -384,7 +395,7 @@ impl GpuContext {
         self.check()
     }
 
-    /// Records a buffer-to-buffer copy.
+    /// Records a buffer-to-buffer copy (counted in [`ExecutionStats::copies`]).
     pub fn copy(
         &self,
         src: &wgpu::Buffer,
@@ -397,6 +408,10 @@ impl GpuContext {
             self.record(|encoder| {
                 encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, bytes)
             });
+            self.counters.copies.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .copied_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
         }
     }
 
@@ -435,7 +450,10 @@ impl GpuContext {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        self.copy(buffer, 0, &staging, 0, size);
+        // Not through `copy`: a readback is counted as one.
+        if size > 0 {
+            self.record(|encoder| encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size));
+        }
         let submission = self.submit();
         self.counters.readbacks.fetch_add(1, Ordering::Relaxed);
         self.counters

@@ -245,6 +245,13 @@ fn appended_rows_match() {
     conformance::check_append_rows(&gpu, &Tolerances::EXACT_F32);
 }
 
+/// A context held alone grows by copying its new rows only (by the backend's copy count).
+#[test]
+fn appended_rows_copy_only_what_they_must() {
+    let Some(gpu) = gpu() else { return };
+    conformance::check_append_copies(&gpu, || gpu.stats().copied_bytes);
+}
+
 #[test]
 fn routing_scores_match_for_every_reduction_and_score_mode() {
     let Some(gpu) = gpu() else { return };

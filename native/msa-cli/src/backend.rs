@@ -56,6 +56,8 @@ pub struct WorkCounts {
     pub submits: Option<u64>,
     /// The host's waits for the device, and the time it spent in them (CUDA).
     pub host_waits: Option<(u64, Duration)>,
+    /// Copies between device buffers, and the bytes they wrote (wgpu and CUDA).
+    pub device_copies: Option<(u64, u64)>,
 }
 
 impl WorkCounts {
@@ -66,6 +68,8 @@ impl WorkCounts {
             submits: self.submits.zip(earlier.submits).map(|(a, b)| a - b),
             host_waits: (self.host_waits.zip(earlier.host_waits))
                 .map(|((n, t), (m, u))| (n - m, t.saturating_sub(u))),
+            device_copies: (self.device_copies.zip(earlier.device_copies))
+                .map(|((n, b), (m, c))| (n - m, b - c)),
         }
     }
 
@@ -76,6 +80,8 @@ impl WorkCounts {
             submits: self.submits.zip(other.submits).map(|(a, b)| a + b),
             host_waits: (self.host_waits.zip(other.host_waits))
                 .map(|((n, t), (m, u))| (n + m, t + u)),
+            device_copies: (self.device_copies.zip(other.device_copies))
+                .map(|((n, b), (m, c))| (n + m, b + c)),
         }
     }
 }
@@ -114,6 +120,7 @@ impl Device for WgpuBackend {
             dispatches: stats.dispatches,
             submits: Some(stats.submits),
             host_waits: None,
+            device_copies: Some((stats.copies, stats.copied_bytes)),
         })
     }
 
@@ -135,6 +142,7 @@ impl Device for CudaBackend {
             dispatches: counts.launches,
             submits: None,
             host_waits: Some((counts.host_waits, counts.host_wait)),
+            device_copies: Some((counts.copies, counts.copied_bytes)),
         })
     }
 

@@ -474,10 +474,19 @@ pub unsafe extern "C" fn cuEventSynchronize(handle: CUevent) -> CUresult {
     status(|| unsafe { event(handle) }?.synchronize())
 }
 
-/// Runs the work before the event, as a GPU eventually would for a caller that polls.
+/// As the driver for a caller that polls: an event whose latest record has not run is not ready
+/// yet (`CUDA_ERROR_NOT_READY`), and the poll runs the work before it, so a later poll finds it done,
+/// as it eventually would on a GPU. An event never recorded is ready.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuEventQuery(handle: CUevent) -> CUresult {
-    unsafe { cuEventSynchronize(handle) }
+    status(|| {
+        let event = unsafe { event(handle)? };
+        if event.fired() {
+            return Ok(());
+        }
+        event.synchronize()?;
+        Err(CUDA_ERROR_NOT_READY)
+    })
 }
 
 /// As the driver: both events must time, and both records must have run.

@@ -1,12 +1,13 @@
-//! Streams and events. Work queued on a stream runs in the stream's order, but no sooner than something
-//! waits for it: a synchronisation of the stream, or of an event recorded on it; a stream that waits
-//! for such an event and is itself waited for; a copy to pageable host memory (synchronous in the driver
-//! too); a free that is not stream-ordered, which runs its device's queued work first. So work the
-//! program forgot to order before a read has, as a rule, not run when the read does: a missing event or
-//! stream wait, or page-locked memory read or rewritten before its copy was waited for, changes the
-//! results. (Another thread's synchronisation of the same streams, or its free on the same device, may
-//! run the work sooner, as a GPU may.) The null stream runs its work at once (cudarc's streams do not
-//! synchronise with it).
+//! Streams and events. Work queued on a stream runs in the stream's order, but no sooner than
+//! something waits for it: a synchronisation of the stream, or of an event recorded on it (or a
+//! poll of that event, which finds it not ready the first time); a stream that waits for such an
+//! event and is itself waited for; a copy to pageable host memory (synchronous in the driver too);
+//! a free that is not stream-ordered, which runs its device's queued work first. So work the
+//! program forgot to order before a read has, as a rule, not run when the read does: a missing
+//! event or stream wait, or page-locked memory read or rewritten before its copy was waited for,
+//! changes the results. (Another thread's synchronisation of the same streams, or its free on the
+//! same device, may run the work sooner, as a GPU may.) The null stream runs its work at once
+//! (cudarc's streams do not synchronise with it).
 //!
 //! Any thread that waits runs the work itself, one item of a stream at a time; it waits for an item
 //! another thread is running. A wait for work queued behind the item running it would never end on a
@@ -266,6 +267,12 @@ impl Event {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the latest record has run (or the event was never recorded).
+    pub(crate) fn fired(&self) -> bool {
+        let state = lock(&self.state);
+        state.fired == state.records
     }
 
     /// When the latest record ran; `None` if it has not, or the event was never recorded.

@@ -399,8 +399,18 @@ fn work_runs_when_waited_for() {
         );
         assert_eq!(host, [3, 4]);
         assert_eq!(cuda::cuEventRecord(event, a), CUresult::CUDA_SUCCESS);
-        assert_eq!(cuda::cuEventSynchronize(event), CUresult::CUDA_SUCCESS);
+        // A poll finds the record not run yet and starts the work; the next finds it done.
+        assert_eq!(cuda::cuEventQuery(event), CUresult::CUDA_ERROR_NOT_READY);
         assert_eq!(host, [5, 6]);
+        assert_eq!(cuda::cuEventQuery(event), CUresult::CUDA_SUCCESS);
+        assert_eq!(cuda::cuEventSynchronize(event), CUresult::CUDA_SUCCESS);
+        let mut unrecorded = std::ptr::null_mut();
+        assert_eq!(
+            cuda::cuEventCreate(&mut unrecorded, 0),
+            CUresult::CUDA_SUCCESS
+        );
+        assert_eq!(cuda::cuEventQuery(unrecorded), CUresult::CUDA_SUCCESS);
+        assert_eq!(cuda::cuEventDestroy_v2(unrecorded), CUresult::CUDA_SUCCESS);
 
         assert_eq!(cuda::cuEventDestroy_v2(event), CUresult::CUDA_SUCCESS);
         for ptr in [first, second, copied] {

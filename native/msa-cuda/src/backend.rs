@@ -183,15 +183,17 @@ impl CudaBackend {
         self.device.stream.context().ordinal()
     }
 
-    /// The kernels launched and the host's waits for the device since it opened (shared by its
-    /// clones): the difference of two readings counts the work between them.
+    /// The kernels launched, the copies between device allocations and the host's waits for the
+    /// device since it opened (shared by its clones): the difference of two readings counts the
+    /// work between them.
     pub fn execution_counts(&self) -> ExecutionCounts {
         self.device.counters.read()
     }
 
     /// Each kernel's launches and device time so far, once every launch queued has run, where
     /// [`CudaOptions::time_kernels`] asked for them (`None` otherwise). A cuBLAS call counts as one
-    /// kernel, named after the call.
+    /// kernel, named after the call, and copies between device allocations as one named
+    /// [`COPY_KERNEL`](crate::COPY_KERNEL).
     pub fn kernel_times(&self) -> Result<Option<KernelTimes>> {
         self.device.kernel_times()
     }
@@ -345,10 +347,11 @@ impl CudaBackend {
         }
         let src = src.slice(from..from + len);
         let mut dst = dst.slice_mut(to..to + len);
-        self.device
-            .stream
-            .memcpy_dtod(&src, &mut dst)
-            .map_err(|e| self.device.error(e))
+        self.device.device_copy(len * 4, || {
+            (self.device.stream)
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(|e| self.device.error(e))
+        })
     }
 
     /// `[rows, width]` rows of a table in any dtype, picked by `ids`.

@@ -23,6 +23,11 @@ pub struct ExecutionCounts {
     pub host_waits: u64,
     /// The time the host spent blocked in them.
     pub host_wait: Duration,
+    /// Copies from one device allocation to another (growing contexts, stacking rows; not uploads
+    /// or read-backs).
+    pub copies: u64,
+    /// Bytes those copies wrote.
+    pub copied_bytes: u64,
 }
 
 /// A device's running counts, shared by everything that launches or waits on it.
@@ -31,11 +36,18 @@ pub(crate) struct Counters {
     launches: AtomicU64,
     host_waits: AtomicU64,
     host_wait_nanos: AtomicU64,
+    copies: AtomicU64,
+    copied_bytes: AtomicU64,
 }
 
 impl Counters {
     pub(crate) fn launched(&self) {
         self.launches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn copied(&self, bytes: usize) {
+        self.copies.fetch_add(1, Ordering::Relaxed);
+        (self.copied_bytes).fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Runs `wait`, a call in which the host blocks for the device, and counts it and its time.
@@ -53,6 +65,8 @@ impl Counters {
             launches: self.launches.load(Ordering::Relaxed),
             host_waits: self.host_waits.load(Ordering::Relaxed),
             host_wait: Duration::from_nanos(self.host_wait_nanos.load(Ordering::Relaxed)),
+            copies: self.copies.load(Ordering::Relaxed),
+            copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
         }
     }
 }

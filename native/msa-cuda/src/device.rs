@@ -146,6 +146,9 @@ pub(crate) fn guarded<T>(call: impl FnOnce() -> T) -> Result<T> {
 /// Threads of a warp (every NVIDIA GPU).
 pub(crate) const WARP: u32 = 32;
 
+/// The name device-to-device copies take among the kernel times.
+pub const COPY_KERNEL: &str = "device copy";
+
 /// The kernels compiled for one architecture: machine code (CUBIN) where NVRTC knows the architecture,
 /// which loads on any driver of NVRTC's CUDA major version; else PTX for the newest architecture NVRTC
 /// knows, which the driver compiles (and which needs a driver at least as new as NVRTC).
@@ -615,8 +618,25 @@ impl Device {
         launch: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         self.counters.launched();
+        self.timed(kernel, launch)
+    }
+
+    /// Queues `copy`, a copy of `bytes` between device allocations on the stream, counting it and
+    /// timing it as [`COPY_KERNEL`] where kernels are timed.
+    pub(crate) fn device_copy<T>(
+        &self,
+        bytes: usize,
+        copy: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        self.counters.copied(bytes);
+        self.timed(COPY_KERNEL, copy)
+    }
+
+    /// Runs `queue`, which queues work on the stream, between two recorded events where kernels are
+    /// timed, and takes it as a launch of `kernel`.
+    fn timed<T>(&self, kernel: &'static str, queue: impl FnOnce() -> Result<T>) -> Result<T> {
         let Some(timer) = &self.timer else {
-            return launch();
+            return queue();
         };
         let lock = || {
             timer
@@ -631,10 +651,10 @@ impl Device {
                 .map_err(|e| self.error(e))
         };
         let start = event()?;
-        let launched = launch()?;
+        let queued = queue()?;
         let end = event()?;
         (lock().record(kernel, start, end, &self.counters)).map_err(|e| self.error(e))?;
-        Ok(launched)
+        Ok(queued)
     }
 
     /// Each kernel's device time so far, once every launch queued has run; `None` unless kernels are

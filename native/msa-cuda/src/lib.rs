@@ -32,7 +32,7 @@ pub use backend::{CudaBackend, CudaTensor, CudaWeight};
 pub use clique::{nccl_missing, nccl_version};
 pub use counts::{ExecutionCounts, KernelTime, KernelTimes};
 pub use device::{
-    CompiledKernels, CudaDeviceInfo, CudaOptions, KERNELS, compile_kernels, device_count, devices,
-    libraries_missing, nvrtc_present,
+    COPY_KERNEL, CompiledKernels, CudaDeviceInfo, CudaOptions, KERNELS, compile_kernels,
+    device_count, devices, libraries_missing, nvrtc_present,
 };
 pub use probe::CudaRoofline;

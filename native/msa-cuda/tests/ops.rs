@@ -3,7 +3,7 @@
 //! an NVIDIA GPU unless `MSA_REQUIRE_CUDA` is set.
 
 use msa_core::{DType, TensorView};
-use msa_cuda::{CudaBackend, CudaOptions};
+use msa_cuda::{COPY_KERNEL, CudaBackend, CudaOptions};
 use msa_engine::conformance::{self, Tolerances};
 use msa_engine::{Backend, DeviceLink};
 
@@ -29,6 +29,14 @@ fn every_op_matches_the_cpu_reference() {
     }
 }
 
+/// A context held alone grows by copying its new rows only (by the backend's copy count).
+#[test]
+fn appended_rows_on_cuda_copy_only_what_they_must() {
+    if let Some(gpu) = gpu() {
+        conformance::check_append_copies(&gpu, || gpu.execution_counts().copied_bytes);
+    }
+}
+
 /// A head mean's routing scored by cuBLAS and a reduction kernel, as `cublas_routing` asks (the path
 /// a head max always takes), instead of the fused `routing_mma`: both stay checked.
 #[test]
@@ -42,9 +50,9 @@ fn cublas_routing_on_cuda_matches_the_cpu_reference() {
 }
 
 /// With `time_kernels`, every launch is counted and timed under its kernel's name, cuBLAS calls under
-/// theirs, and the launch count agrees with `execution_counts`; without it there are no times. Enough
-/// launches that the timer adds up the finished ones (every 256) while others are pending, and
-/// records their events again.
+/// theirs and device copies as `COPY_KERNEL`, and the launch and copy counts agree with
+/// `execution_counts`; without it there are no times. Enough launches that the timer adds up the
+/// finished ones (every 256) while others are pending, and records their events again.
 #[test]
 fn kernel_times_on_cuda_count_every_launch() {
     let Some(gpu) = CudaBackend::open_or_skip(CudaOptions {
@@ -73,11 +81,17 @@ fn kernel_times_on_cuda_count_every_launch() {
     for _ in 1..ADDS {
         sum = gpu.add(&sum, &x).unwrap();
     }
-    // 9 rows: a cuBLAS GEMM on tensor cores, after a kernel rounds the activations to bf16.
-    let y = gpu.matmul(&sum, &weight).unwrap();
+    // 18 rows: a cuBLAS GEMM on tensor cores, after a kernel rounds the activations to bf16.
+    let stacked = gpu.concat_rows(&[&sum, &x]).unwrap();
+    let y = gpu.matmul(&stacked, &weight).unwrap();
     pollster::block_on(gpu.read(&y)).unwrap();
     let (counts, times) = (gpu.execution_counts(), gpu.kernel_times().unwrap().unwrap());
-    let between = times.since(&before.1);
+    let mut between = times.since(&before.1);
+    let copies = between.0.remove(COPY_KERNEL).unwrap_or_default();
+    assert_eq!(copies.launches, 2, "{between:?}");
+    assert_eq!(counts.copies - before.0.copies, 2);
+    assert_eq!(counts.copied_bytes - before.0.copied_bytes, 2 * 9 * 20 * 4);
+    assert!(copies.time > std::time::Duration::ZERO);
     let launches = counts.launches - before.0.launches;
     assert_eq!(
         between.0.values().map(|t| t.launches).sum::<u64>(),
