@@ -2,7 +2,7 @@
 //! only when the host needs a value or has host work to overlap: a question's prefill submits twice per
 //! router layer (the routing with its top-k readback, then the layer's projections, which run while the
 //! host merges the selection and fetches pages) plus once for the first token's logits, and each greedy
-//! decode step submits once and reads back one id.
+//! decode step submits once, reads back one id and copies nothing but each layer's new k and v rows.
 
 mod common;
 
@@ -50,19 +50,27 @@ fn prefill_submits_once_per_router_layer_and_decode_once_per_token() {
         steps * 8,
         "one (logit, id) pair per token"
     );
+    // Each layer's new key and value row go into its context's spare rows: nothing else is copied.
+    let layers = model.config.num_hidden_layers as u64;
+    let row_bytes = (model.config.num_key_value_heads * model.config.head_dim * 4) as u64;
+    assert_eq!(
+        (decode.copies, decode.copied_bytes),
+        (steps * 2 * layers, steps * 2 * layers * row_bytes),
+        "{decode:?}"
+    );
     let per_token = decode.dispatches / steps;
     // Per layer: q, k and v projections with the input norm fused in, per-head norm + RoPE for q and k,
     // attention, o_proj + residual, norm + gate/up + SwiGLU, down_proj + residual; then the embedding,
     // the final norm, the LM head and the argmax. Attention over more than one tile of keys (64) is
     // split, and its splits merged by one more dispatch: at most one per layer.
-    let layers = model.config.num_hidden_layers as u64;
     assert!(
         (steps * (9 * layers + 4)..=steps * (10 * layers + 4)).contains(&decode.dispatches),
         "{decode:?}"
     );
     eprintln!(
-        "{}: {per_token} dispatches, 1 submit, 8 bytes read back per decoded token",
-        gpu.describe()
+        "{}: {per_token} dispatches, 1 submit, 8 bytes read back, {} device copies per decoded token",
+        gpu.describe(),
+        2 * layers
     );
 
     // The same tokens as the CPU reference.

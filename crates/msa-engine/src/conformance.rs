@@ -786,9 +786,9 @@ pub fn check_append_rows<B: Backend>(backend: &B, tol: &Tolerances) {
 
 /// What [`Backend::append_rows`] copies, by the backend's own count of the bytes it copied between
 /// device buffers (`copied_bytes`): a shared context is copied once with the new rows, into storage
-/// with room ([`crate::shapes::grown_rows`]); a context held alone takes rows into that room with
-/// nothing but the new rows copied; a full one is copied once more. (The values are
-/// [`check_append_rows`]'s.)
+/// with exactly the room the trait asks for ([`crate::shapes::grown_rows`]); a context held alone
+/// takes rows into that room with nothing but the new rows copied; a full one is copied once more.
+/// (Rows of 24 bytes: no backend pads them into more rows.)
 pub fn check_append_copies<B: Backend>(backend: &B, copied_bytes: impl Fn() -> u64) {
     let (shape, width) = ([2, 3], 6);
     let upload = |rows: usize| {
@@ -796,13 +796,13 @@ pub fn check_append_copies<B: Backend>(backend: &B, copied_bytes: impl Fn() -> u
         backend.upload(&data, &[rows, shape[0], shape[1]]).unwrap()
     };
     let (row, base) = (upload(1), upload(5));
-    let rows_copied = |before: u64| (copied_bytes() - before) as f64 / (width * 4) as f64;
+    let rows_bytes = |rows: usize| (rows * width * 4) as u64;
     let before = copied_bytes();
     let mut context = backend.append_rows(base.clone(), &[&row]).unwrap();
     assert_eq!(
-        rows_copied(before),
-        6.0,
-        "append_rows onto a shared context"
+        copied_bytes() - before,
+        rows_bytes(6),
+        "append_rows onto a shared context: bytes copied"
     );
     let room = crate::shapes::grown_rows(6);
     let before = copied_bytes();
@@ -810,24 +810,25 @@ pub fn check_append_copies<B: Backend>(backend: &B, copied_bytes: impl Fn() -> u
         context = backend.append_rows(context, &[&row]).unwrap();
     }
     assert_eq!(
-        rows_copied(before),
-        (room - 6) as f64,
-        "append_rows of a row at a time onto a context held alone, up to its room of {room} rows"
+        copied_bytes() - before,
+        rows_bytes(room - 6),
+        "append_rows of a row at a time onto a context held alone, up to its room of {room} rows: \
+         bytes copied"
     );
     let before = copied_bytes();
     context = backend.append_rows(context, &[&row]).unwrap();
     assert_eq!(
-        rows_copied(before),
-        (room + 1) as f64,
-        "append_rows onto a context with no room left"
+        copied_bytes() - before,
+        rows_bytes(room + 1),
+        "append_rows onto a context with no room left: bytes copied"
     );
     let kept = context.clone();
     let before = copied_bytes();
     let forked = backend.append_rows(context, &[&row]).unwrap();
     assert_eq!(
-        rows_copied(before),
-        (room + 2) as f64,
-        "append_rows onto a context another view holds"
+        copied_bytes() - before,
+        rows_bytes(room + 2),
+        "append_rows onto a context another view holds: bytes copied"
     );
     assert_eq!(backend.shape(&kept)[0], room + 1);
     assert_eq!(backend.shape(&forked)[0], room + 2);

@@ -407,7 +407,7 @@ impl<B: Backend> Model<B> {
                 t.logits = Some(logits);
                 Ok(last)
             }
-            // A decoded token's block is its last position already.
+            // A block of one row (a decoded token) is its last position already.
             None if n == 1 => Ok(self.logits(hidden)?.1),
             None => Ok(self.logits(&b.rows(hidden, n - 1..n)?)?.1),
         }

@@ -26,8 +26,8 @@ pub struct ExecutionStats {
     pub readbacks: u64,
     /// Bytes copied back to the host.
     pub readback_bytes: u64,
-    /// Copies from one device buffer to another (growing contexts, stacking rows; not readbacks or
-    /// uploads).
+    /// Copies from one device buffer to another (growing contexts, stacking rows, the bandwidth
+    /// probe's; not readbacks or uploads).
     pub copies: u64,
     /// Bytes those copies wrote.
     pub copied_bytes: u64,

@@ -863,8 +863,8 @@ fn report<B: Device>(
             "dispatches_per_token": work.and_then(|w| per_decoded(w.dispatches)),
             "submits_per_token": work.and_then(|w| w.submits).and_then(per_decoded),
             "host_waits_per_token": work.and_then(|w| w.host_waits).and_then(|(n, _)| per_decoded(n)),
-            "device_copies_per_token": work.and_then(|w| w.device_copies).and_then(|(n, _)| per_decoded(n)),
-            "device_copy_bytes_per_token": work.and_then(|w| w.device_copies).and_then(|(_, b)| per_decoded(b)),
+            "copies_per_token": work.and_then(|w| w.device_copies).and_then(|(n, _)| per_decoded(n)),
+            "copied_bytes_per_token": work.and_then(|w| w.device_copies).and_then(|(_, b)| per_decoded(b)),
             "host_wait_ms_per_token": work
                 .and_then(|w| w.host_waits)
                 .and_then(|(_, time)| (t.decoded > 0).then(|| ms(time) / t.decoded as f64)),
@@ -941,8 +941,8 @@ fn work_per_token(decode: &serde_json::Value) -> String {
             &format!(", {waits:.1} host waits ({wait_ms:.2} ms of the token's {token_ms:.2} ms)");
     }
     if let (Some(copies), Some(bytes)) = (
-        decode["device_copies_per_token"].as_f64(),
-        decode["device_copy_bytes_per_token"].as_f64(),
+        decode["copies_per_token"].as_f64(),
+        decode["copied_bytes_per_token"].as_f64(),
     ) {
         line += &format!(", {copies:.1} device copies ({:.1} KB)", bytes / 1e3);
     }
@@ -1079,19 +1079,24 @@ fn print_report(r: &serde_json::Value) {
     if let Some(kernels) = r["decode"]["kernels"].as_array() {
         let total = |field: &str| kernels.iter().map(|k| f(&k[field])).sum::<f64>();
         println!(
-            "decode kernels  {:.1} us of device time per token ({:.1}% of the token; the rest: uploads, \
-             which are not timed, and gaps between kernels), longest first (MSA_CUDA_TIME_KERNELS):",
+            "decode kernels  {:.1} us of device time per token ({:.1}% of the token; the rest: uploads \
+             and read-backs, which are not timed, and gaps between kernels), longest first (MSA_CUDA_TIME_KERNELS):",
             total("us_per_token"),
             100.0 * total("of_token")
         );
         for k in kernels {
+            let kernel = k["kernel"].as_str().unwrap_or("");
+            let unit = if kernel == msa_cuda::COPY_KERNEL {
+                "copies  "
+            } else {
+                "launches"
+            };
             println!(
-                "{:>15}  {:>9.1} us {:>5.1}%  {:>5.1} launches  {}",
+                "{:>15}  {:>9.1} us {:>5.1}%  {:>5.1} {unit}  {kernel}",
                 "",
                 f(&k["us_per_token"]),
                 100.0 * f(&k["of_token"]),
                 f(&k["launches_per_token"]),
-                k["kernel"].as_str().unwrap_or("")
             );
         }
     }

@@ -419,10 +419,18 @@ pub unsafe extern "C" fn cuStreamSynchronize(stream: CUstream) -> CUresult {
     status(|| unsafe { streams::stream(stream) }.map_or(Ok(()), |s| s.synchronize()))
 }
 
-/// Runs the stream's work, as a GPU eventually would for a caller that polls.
+/// As the driver for a caller that polls (and as [`cuEventQuery`]): a stream with work not yet run
+/// is not ready (`CUDA_ERROR_NOT_READY`), and the poll runs that work, so a later poll finds it done.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamQuery(stream: CUstream) -> CUresult {
-    unsafe { cuStreamSynchronize(stream) }
+    status(|| match unsafe { streams::stream(stream) } {
+        Some(stream) if !stream.idle() => {
+            stream.synchronize()?;
+            Err(CUDA_ERROR_NOT_READY)
+        }
+        Some(stream) => stream.synchronize(),
+        None => Ok(()),
+    })
 }
 
 #[unsafe(no_mangle)]

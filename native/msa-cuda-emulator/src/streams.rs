@@ -140,6 +140,12 @@ impl Stream {
         let queued = lock(&self.queue).queued;
         self.drain(queued)
     }
+
+    /// Whether every item queued so far has run.
+    pub(crate) fn idle(&self) -> bool {
+        let queue = lock(&self.queue);
+        queue.done == queue.queued
+    }
 }
 
 /// The stream behind a handle from cuStreamCreate; `None` for the null stream (also named

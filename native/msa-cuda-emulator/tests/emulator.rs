@@ -399,10 +399,19 @@ fn work_runs_when_waited_for() {
         );
         assert_eq!(host, [3, 4]);
         assert_eq!(cuda::cuEventRecord(event, a), CUresult::CUDA_SUCCESS);
-        // A poll finds the record not run yet and starts the work; the next finds it done.
+        // A poll finds the record not run yet and starts the work; the next finds it done. So does a
+        // poll of the stream.
         assert_eq!(cuda::cuEventQuery(event), CUresult::CUDA_ERROR_NOT_READY);
         assert_eq!(host, [5, 6]);
         assert_eq!(cuda::cuEventQuery(event), CUresult::CUDA_SUCCESS);
+        assert_eq!(cuda::cuStreamQuery(a), CUresult::CUDA_SUCCESS);
+        assert_eq!(
+            cuda::cuMemcpyDtoHAsync_v2(pinned, first, 8, a),
+            CUresult::CUDA_SUCCESS
+        );
+        assert_eq!(cuda::cuStreamQuery(a), CUresult::CUDA_ERROR_NOT_READY);
+        assert_eq!(host, [3, 4]);
+        assert_eq!(cuda::cuStreamQuery(a), CUresult::CUDA_SUCCESS);
         assert_eq!(cuda::cuEventSynchronize(event), CUresult::CUDA_SUCCESS);
         let mut unrecorded = std::ptr::null_mut();
         assert_eq!(

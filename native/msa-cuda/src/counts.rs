@@ -1,8 +1,9 @@
 //! Counts of the work a device was given, for benchmarks: how many kernels a decoded token launches,
-//! and how long the host waits for the device meanwhile. A host that spends most of a token waiting
-//! has queued its work faster than the device runs it; one that hardly waits holds the device up.
-//! With [`CudaOptions::time_kernels`](crate::CudaOptions::time_kernels), also each kernel's device
-//! time, from a pair of events around every launch.
+//! what it copies between device allocations, and how long the host waits for the device meanwhile.
+//! A host that spends most of a token waiting has queued its work faster than the device runs it; one
+//! that hardly waits holds the device up. With
+//! [`CudaOptions::time_kernels`](crate::CudaOptions::time_kernels), also each kernel's (and copy's)
+//! device time, from a pair of events around every launch.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +24,8 @@ pub struct ExecutionCounts {
     pub host_waits: u64,
     /// The time the host spent blocked in them.
     pub host_wait: Duration,
-    /// Copies from one device allocation to another (growing contexts, stacking rows; not uploads
-    /// or read-backs).
+    /// Copies from one device allocation to another (growing contexts, stacking rows; not uploads,
+    /// read-backs or the bandwidth probe's).
     pub copies: u64,
     /// Bytes those copies wrote.
     pub copied_bytes: u64,

@@ -40,10 +40,10 @@ pub struct CudaOptions {
     /// instead of the fused tensor-core kernel `routing_mma`: for comparison, as `msa` does with
     /// `MSA_CUDA_ROUTING_CUBLAS=1`.
     pub cublas_routing: bool,
-    /// Time every kernel launch and cuBLAS call with a pair of CUDA events, per kernel
+    /// Time every kernel launch, cuBLAS call and device copy with a pair of CUDA events, per kernel
     /// ([`CudaBackend::kernel_times`](crate::CudaBackend::kernel_times)): a profile without a
     /// profiler, as `msa bench` prints with `MSA_CUDA_TIME_KERNELS=1`. Each launch then records two
-    /// events more, and every 4,096 launches the host waits for them.
+    /// events more, and when 4,096 of them have not been added up the host waits for them.
     pub time_kernels: bool,
 }
 
@@ -342,7 +342,7 @@ pub(crate) struct Device {
     pages: Mutex<Option<(PinnedHostSlice<u8>, CudaEvent)>>,
     /// Page-locked words small results are read back into, free for the next read.
     readbacks: Arc<Mutex<Vec<Landing>>>,
-    /// Launches and host waits, for benchmarks.
+    /// Launches, device copies and host waits, for benchmarks.
     pub(crate) counters: Arc<Counters>,
     /// Each kernel's device time, where [`CudaOptions::time_kernels`] asks for it.
     timer: Option<Mutex<KernelTimer>>,

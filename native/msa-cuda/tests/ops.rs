@@ -52,7 +52,8 @@ fn cublas_routing_on_cuda_matches_the_cpu_reference() {
 /// With `time_kernels`, every launch is counted and timed under its kernel's name, cuBLAS calls under
 /// theirs and device copies as `COPY_KERNEL`, and the launch and copy counts agree with
 /// `execution_counts`; without it there are no times. Enough launches that the timer adds up the
-/// finished ones (every 256) while others are pending, and records their events again.
+/// finished ones (every 256) while others are pending (on the emulator, the first poll finds an
+/// event not ready), and records their events again.
 #[test]
 fn kernel_times_on_cuda_count_every_launch() {
     let Some(gpu) = CudaBackend::open_or_skip(CudaOptions {
