@@ -456,8 +456,8 @@ fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
             .env("MSA_QWEN3_TOKENIZER", tokenizer))
     };
     step(
-        "the CUDA tests on msa-cuda-emulator (3 devices): msa-cuda's ops, and the golden, memory-bank \
-         and CLI tests",
+        "the CUDA tests on msa-cuda-emulator (3 devices): msa-cuda's ops and nearly-full device, and \
+         the golden, memory-bank and CLI tests",
     );
     emulated(
         cargo()
@@ -465,6 +465,8 @@ fn cuda_on_the_emulator(nvrtc: &Path, tokenizer: &Path) -> Result<(), String> {
             .args([
                 "--test",
                 "ops",
+                "--test",
+                "nearly_full",
                 "--test",
                 "golden_msa",
                 "--test",

@@ -29,7 +29,9 @@
 //! - events time only when created to (cuEventElapsedTime refuses others, as the driver does).
 //!
 //! `MSA_CUDA_EMULATOR_DEVICES` sets how many devices the machine has (1 by default), and
-//! `CUDA_VISIBLE_DEVICES` picks those a process sees, as with the driver. Each reports itself as
+//! `CUDA_VISIBLE_DEVICES` picks those a process sees, as with the driver. `MSA_CUDA_EMULATOR_MEMORY`
+//! sets each device's memory in bytes (8 GiB by default): an allocation past it fails with
+//! `CUDA_ERROR_OUT_OF_MEMORY`, as on a full GPU. Each reports itself as
 //! an sm_90 GPU with memory pools and an H100's 132 multiprocessors, so msa-cuda takes the paths it
 //! takes there.
 //!
@@ -185,10 +187,35 @@ fn layout(bytes: usize) -> Result<Layout, CUresult> {
     Layout::from_size_align(bytes, ALIGN).map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)
 }
 
+/// Bytes of memory each device has (`MSA_CUDA_EMULATOR_MEMORY`, 8 GiB by default).
+fn device_memory() -> usize {
+    static MEMORY: OnceLock<usize> = OnceLock::new();
+    *MEMORY.get_or_init(|| {
+        std::env::var("MSA_CUDA_EMULATOR_MEMORY")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(8 << 30)
+    })
+}
+
+/// Bytes allocated on `device` and not freed yet.
+fn device_bytes_in_use(allocations: &BTreeMap<usize, (usize, Home)>, device: CUdevice) -> usize {
+    let on_device = allocations
+        .values()
+        .filter(|(_, home)| *home == Home::Device(device));
+    on_device.map(|(bytes, _)| bytes).sum()
+}
+
 fn allocate(bytes: usize, home: Home) -> Result<*mut u8, CUresult> {
     // As the driver: no empty allocations.
     if bytes == 0 {
         return Err(CUDA_ERROR_INVALID_VALUE);
+    }
+    let mut allocations = allocations();
+    if let Home::Device(device) = home
+        && device_bytes_in_use(&allocations, device) + bytes > device_memory()
+    {
+        return Err(CUDA_ERROR_OUT_OF_MEMORY);
     }
     // SAFETY: the layout has a non-zero size.
     let ptr = unsafe { std::alloc::alloc(layout(bytes)?) };
@@ -197,7 +224,7 @@ fn allocate(bytes: usize, home: Home) -> Result<*mut u8, CUresult> {
     }
     // SAFETY: `bytes` were just allocated.
     unsafe { std::ptr::write_bytes(ptr, 0xff, bytes) };
-    allocations().insert(ptr as usize, (bytes, home));
+    allocations.insert(ptr as usize, (bytes, home));
     Ok(ptr)
 }
 
@@ -329,15 +356,18 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(
 pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -> CUresult {
     status(|| {
         check_device(dev)?;
-        unsafe { put(bytes, 8 << 30) }
+        unsafe { put(bytes, device_memory()) }
     })
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
-    status(|| unsafe {
-        put(free, 8 << 30)?;
-        put(total, 8 << 30)
+    status(|| {
+        let in_use = device_bytes_in_use(&allocations(), current_device()?);
+        unsafe {
+            put(free, device_memory().saturating_sub(in_use))?;
+            put(total, device_memory())
+        }
     })
 }
 

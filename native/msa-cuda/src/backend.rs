@@ -14,8 +14,8 @@ use cudarc::driver::{
 use msa_core::{ChunkReduce, DType, HeadReduce, QueryReduce, ScoreMode, TensorView};
 use msa_engine::backend::PieceWriter;
 use msa_engine::{
-    AttentionMask, Backend, DeviceLink, Result, RopeTableCache, RoutingSpec, Scored, select_top_k,
-    shapes,
+    AttentionMask, Backend, DeviceLink, Error, Result, RopeTableCache, RoutingSpec, Scored,
+    select_top_k, shapes,
 };
 
 use crate::clique::Member;
@@ -1084,12 +1084,15 @@ impl Backend for CudaBackend {
         let mut offset = held.len();
         // An allocation only this tensor holds takes the parts in its rows past `held`'s when it
         // has room (the ops queued on that allocation read only `held`'s rows); otherwise `held` is
-        // copied to a new one with room for more.
+        // copied to a new one with room for more, or without where the room would not fit.
         let room = Arc::get_mut(&mut held.data).is_some_and(|data| data.len() >= rows * width);
         let mut data = if room {
             held.data
         } else {
-            let mut grown = self.alloc(shapes::grown_rows(rows) * width)?;
+            let mut grown = match self.alloc(shapes::grown_rows(rows) * width) {
+                Err(Error::OutOfDeviceMemory { .. }) => self.alloc(rows * width)?,
+                grown => grown?,
+            };
             self.copy(&held.data, 0, &mut grown, 0, offset)?;
             Arc::new(grown)
         };
