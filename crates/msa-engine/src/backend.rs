@@ -335,9 +335,10 @@ pub trait Backend {
     /// token at a time). The rows `held` has are never written, so every other view of them stays as
     /// it is. Where the backend holds the only reference to `held`'s storage and that has room, the
     /// parts go into the rows after `held`'s, and nothing `held` had is copied; where it allocates,
-    /// it leaves room for more ([`crate::shapes::grown_rows`]), or none where it can tell that the
+    /// it leaves room for more ([`crate::shapes::grown_rows`]), or less where it can tell that the
     /// room would not fit in the device's memory. Decoding then copies each token's rows once
-    /// instead of the whole context per token. On an error, `held` is dropped.
+    /// instead of the whole context per token (but the whole context each time the room is used
+    /// up, and at every token where there is none). On an error, `held` is dropped.
     fn append_rows(&self, held: Self::Tensor, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;
     /// Rows `range` of a tensor.
     fn rows(&self, tensor: &Self::Tensor, range: Range<usize>) -> Result<Self::Tensor>;

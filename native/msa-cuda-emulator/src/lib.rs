@@ -187,14 +187,19 @@ fn layout(bytes: usize) -> Result<Layout, CUresult> {
     Layout::from_size_align(bytes, ALIGN).map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)
 }
 
-/// Bytes of memory each device has (`MSA_CUDA_EMULATOR_MEMORY`, 8 GiB by default).
+/// Bytes of memory each device has (`MSA_CUDA_EMULATOR_MEMORY`, 8 GiB by default). Memory freed on
+/// a stream counts until the free runs (when something waits for the stream), where a GPU's pool
+/// could hand it to later allocations on that stream sooner.
 fn device_memory() -> usize {
     static MEMORY: OnceLock<usize> = OnceLock::new();
-    *MEMORY.get_or_init(|| {
-        std::env::var("MSA_CUDA_EMULATOR_MEMORY")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(8 << 30)
+    *MEMORY.get_or_init(|| match std::env::var("MSA_CUDA_EMULATOR_MEMORY") {
+        Err(_) => 8 << 30,
+        Ok(bytes) => bytes.parse().unwrap_or_else(|_| {
+            eprintln!(
+                "msa-cuda-emulator: MSA_CUDA_EMULATOR_MEMORY={bytes:?} is no number of bytes"
+            );
+            std::process::abort()
+        }),
     })
 }
 
@@ -211,20 +216,23 @@ fn allocate(bytes: usize, home: Home) -> Result<*mut u8, CUresult> {
     if bytes == 0 {
         return Err(CUDA_ERROR_INVALID_VALUE);
     }
+    // Counted and registered under one lock, so two threads cannot both take the last bytes.
     let mut allocations = allocations();
-    if let Home::Device(device) = home
-        && device_bytes_in_use(&allocations, device) + bytes > device_memory()
-    {
-        return Err(CUDA_ERROR_OUT_OF_MEMORY);
+    if let Home::Device(device) = home {
+        let in_use = device_bytes_in_use(&allocations, device);
+        if bytes > device_memory().saturating_sub(in_use) {
+            return Err(CUDA_ERROR_OUT_OF_MEMORY);
+        }
     }
     // SAFETY: the layout has a non-zero size.
     let ptr = unsafe { std::alloc::alloc(layout(bytes)?) };
     if ptr.is_null() {
         return Err(CUDA_ERROR_OUT_OF_MEMORY);
     }
-    // SAFETY: `bytes` were just allocated.
-    unsafe { std::ptr::write_bytes(ptr, 0xff, bytes) };
     allocations.insert(ptr as usize, (bytes, home));
+    drop(allocations);
+    // SAFETY: `bytes` were just allocated, and not handed out yet.
+    unsafe { std::ptr::write_bytes(ptr, 0xff, bytes) };
     Ok(ptr)
 }
 

@@ -1,5 +1,7 @@
 //! Several emulated devices: contexts, cuBLAS handles on their own device, NCCL cliques with their
-//! broadcasts, and NCCL ranks joined through a unique id with their sends and receives. The only test of its binary, since it sets how many devices the emulator reports.
+//! broadcasts, and NCCL ranks joined through a unique id with their sends and receives; each
+//! device's own memory. The only test of its binary, since it sets how many devices the emulator
+//! reports and their memory.
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
@@ -35,9 +37,14 @@ fn last_error() -> String {
 
 #[test]
 fn devices_own_their_memory_handles_and_cliques() {
-    // SAFETY: the only test of this binary sets the variable before any thread reads the environment.
-    unsafe { std::env::set_var("MSA_CUDA_EMULATOR_DEVICES", "3") };
+    // SAFETY: the only test of this binary sets the variables before any thread reads the
+    // environment.
+    unsafe {
+        std::env::set_var("MSA_CUDA_EMULATOR_DEVICES", "3");
+        std::env::set_var("MSA_CUDA_EMULATOR_MEMORY", MEMORY.to_string());
+    }
     no_context_no_work();
+    each_device_has_its_own_memory();
     blas_runs_on_its_own_device();
     nccl_broadcasts_across_a_clique();
     nccl_refuses_what_would_hang_or_fault();
@@ -63,6 +70,44 @@ fn no_context_no_work() {
             cuda::cublasCreate_v2(&mut handle),
             cublasStatus_t::CUBLAS_STATUS_NOT_INITIALIZED
         );
+    }
+}
+
+/// Bytes of memory each device has here (`MSA_CUDA_EMULATOR_MEMORY`).
+const MEMORY: usize = 1 << 20;
+
+/// Each device has `MEMORY` bytes of its own: an allocation past what is free fails as on a full
+/// GPU, a free gives the bytes back, page-locked memory counts on none, and `cuMemGetInfo` reports
+/// the current device's (with none current, nothing).
+fn each_device_has_its_own_memory() {
+    let info = || {
+        let (mut free, mut total) = (0, 0);
+        // SAFETY: out-pointers.
+        let status = unsafe { cuda::cuMemGetInfo_v2(&mut free, &mut total) };
+        (status, free, total)
+    };
+    assert_eq!(info().0, CUresult::CUDA_ERROR_INVALID_CONTEXT);
+    let (mut most, mut past, mut other): (CUdeviceptr, CUdeviceptr, CUdeviceptr) = (0, 0, 0);
+    let mut pinned = std::ptr::null_mut();
+    // SAFETY: out-pointers, then frees of what they returned.
+    unsafe {
+        make_current(1);
+        assert_eq!(info(), (CUresult::CUDA_SUCCESS, MEMORY, MEMORY));
+        let taken = cuda::cuMemAlloc_v2(&mut most, MEMORY - 256);
+        assert_eq!(taken, CUresult::CUDA_SUCCESS);
+        let pinned_taken = cuda::cuMemHostAlloc(&mut pinned, 4096, 0);
+        assert_eq!(pinned_taken, CUresult::CUDA_SUCCESS);
+        assert_eq!(info(), (CUresult::CUDA_SUCCESS, 256, MEMORY));
+        let refused = cuda::cuMemAlloc_v2(&mut past, 512);
+        assert_eq!(refused, CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        make_current(2);
+        assert_eq!(info(), (CUresult::CUDA_SUCCESS, MEMORY, MEMORY));
+        assert_eq!(cuda::cuMemAlloc_v2(&mut other, 512), CUresult::CUDA_SUCCESS);
+        assert_eq!(cuda::cuMemFree_v2(other), CUresult::CUDA_SUCCESS);
+        make_current(1);
+        assert_eq!(cuda::cuMemFree_v2(most), CUresult::CUDA_SUCCESS);
+        assert_eq!(info(), (CUresult::CUDA_SUCCESS, MEMORY, MEMORY));
+        assert_eq!(cuda::cuMemFreeHost(pinned), CUresult::CUDA_SUCCESS);
     }
 }
 

@@ -252,6 +252,19 @@ impl CudaBackend {
         unsafe { self.device.stream.alloc::<T>(len.max(1)) }.map_err(|e| self.device.error(e))
     }
 
+    /// Storage for a context of `rows` rows of `width` that grows ([`Backend::append_rows`]): with
+    /// room for an eighth more rows ([`shapes::grown_rows`]), or, where the device has no memory
+    /// for that, for [`shapes::SPARE_ROWS`] more, or for none.
+    fn alloc_context(&self, rows: usize, width: usize) -> Result<CudaSlice<f32>> {
+        for with_room in [shapes::grown_rows(rows), rows + shapes::SPARE_ROWS] {
+            match self.alloc(with_room * width) {
+                Err(Error::OutOfDeviceMemory { .. }) => continue,
+                allocated => return allocated,
+            }
+        }
+        self.alloc(rows * width)
+    }
+
     pub(crate) fn alloc_zeroed(&self, len: usize) -> Result<CudaSlice<f32>> {
         self.device
             .stream
@@ -1084,15 +1097,12 @@ impl Backend for CudaBackend {
         let mut offset = held.len();
         // An allocation only this tensor holds takes the parts in its rows past `held`'s when it
         // has room (the ops queued on that allocation read only `held`'s rows); otherwise `held` is
-        // copied to a new one with room for more, or without where the room would not fit.
+        // copied to a new one with room for more.
         let room = Arc::get_mut(&mut held.data).is_some_and(|data| data.len() >= rows * width);
         let mut data = if room {
             held.data
         } else {
-            let mut grown = match self.alloc(shapes::grown_rows(rows) * width) {
-                Err(Error::OutOfDeviceMemory { .. }) => self.alloc(rows * width)?,
-                grown => grown?,
-            };
+            let mut grown = self.alloc_context(rows, width)?;
             self.copy(&held.data, 0, &mut grown, 0, offset)?;
             Arc::new(grown)
         };
