@@ -457,18 +457,27 @@ pub unsafe extern "C" fn cuStreamSynchronize(stream: CUstream) -> CUresult {
     status(|| unsafe { streams::stream(stream) }.map_or(Ok(()), |s| s.synchronize()))
 }
 
-/// As the driver for a caller that polls (and as [`cuEventQuery`]): a stream with work not yet run
-/// is not ready (`CUDA_ERROR_NOT_READY`), and the poll runs that work, so a later poll finds it done.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuStreamQuery(stream: CUstream) -> CUresult {
-    status(|| match unsafe { streams::stream(stream) } {
-        Some(stream) if !stream.idle() => {
-            stream.synchronize()?;
+/// As the driver for a caller that polls: work not yet run (`done` false) is not ready
+/// (`CUDA_ERROR_NOT_READY`), and the poll runs it (`run`), so a later poll finds it done, as it
+/// eventually would on a GPU. A failure of the work is reported either way.
+fn poll(done: bool, run: impl FnOnce() -> Result<(), CUresult>) -> CUresult {
+    status(|| {
+        run()?;
+        if done {
+            Ok(())
+        } else {
             Err(CUDA_ERROR_NOT_READY)
         }
-        Some(stream) => stream.synchronize(),
-        None => Ok(()),
     })
+}
+
+/// A poll ([`poll`]) of the stream's work.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamQuery(stream: CUstream) -> CUresult {
+    match unsafe { streams::stream(stream) } {
+        Some(stream) => poll(stream.idle(), || stream.synchronize()),
+        None => CUDA_SUCCESS,
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -520,19 +529,14 @@ pub unsafe extern "C" fn cuEventSynchronize(handle: CUevent) -> CUresult {
     status(|| unsafe { event(handle) }?.synchronize())
 }
 
-/// As the driver for a caller that polls: an event whose latest record has not run is not ready
-/// yet (`CUDA_ERROR_NOT_READY`), and the poll runs the work before it, so a later poll finds it done,
-/// as it eventually would on a GPU. An event never recorded is ready.
+/// A poll ([`poll`]) of the work before the event's latest record (an event never recorded is
+/// ready).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuEventQuery(handle: CUevent) -> CUresult {
-    status(|| {
-        let event = unsafe { event(handle)? };
-        if event.fired() {
-            return Ok(());
-        }
-        event.synchronize()?;
-        Err(CUDA_ERROR_NOT_READY)
-    })
+    match unsafe { event(handle) } {
+        Ok(event) => poll(event.fired(), || event.synchronize()),
+        Err(invalid) => invalid,
+    }
 }
 
 /// As the driver: both events must time, and both records must have run.
