@@ -32,7 +32,11 @@ fn main() {
         .include(&out)
         .opt_level(2)
         // kernels.cu's `#pragma unroll` is for NVRTC.
-        .flag_if_supported("-Wno-unknown-pragmas");
+        .flag_if_supported("-Wno-unknown-pragmas")
+        // Every access checked for its type's alignment, as a GPU checks it, and every array index
+        // for its bounds; emulator.cpp handles what fails (no UBSan runtime is linked).
+        .flag("-fsanitize=alignment,bounds")
+        .flag("-fsanitize-recover=alignment,bounds");
     for (name, value) in kernel_defines() {
         build.define(name, value.to_string().as_str());
     }

@@ -19,8 +19,8 @@
 struct uint3 {
     unsigned x, y, z;
 };
-// 16-byte aligned as in CUDA: the compiler may then load them with aligned instructions, which fault
-// on a misaligned address as a GPU does.
+// 16-byte aligned as in CUDA, so the alignment check (emulator.cpp) fails a launch that reads or
+// writes one at a misaligned address, as a GPU does.
 struct alignas(16) float4 {
     float x, y, z, w;
 };

@@ -10,16 +10,26 @@
 // The kernels only shuffle with full warps and the full mask, so anything else is reported as the bug
 // it would be on a GPU, and a block whose threads all wait but can never be released fails the launch
 // with a message instead of hanging.
+//
+// A GPU faults on accesses a CPU lets pass, so the emulator checks them: every access for its type's
+// alignment (a CPU reads a misaligned 16-byte vector without complaint) and every index into an array
+// of known size (registers, local and shared memory), both of which fail the launch; and each
+// allocation ends before a page that is never mapped, so an access past its end faults, naming the
+// kernel.
 
 #include "cuda_host.h"
 
 #include "kernels.cu"
 #include "self_test.cu"
 
+#include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -101,6 +111,7 @@ struct Stack {
 };
 
 struct Block {
+    static constexpr size_t NONE = ~size_t(0);
     Context scheduler;
     std::vector<Fiber> fibers;
     std::vector<uint64_t> exchange;  // one shuffle slot per thread
@@ -111,7 +122,9 @@ struct Block {
     size_t at_barrier = 0, live = 0;
     void (*entry)(void*);
     void* args;
+    const char* kernel = nullptr;
     std::string failure;
+    size_t running = NONE;  // the thread switched to, while one is
     uint64_t seed = 0x9e3779b97f4a7c15u;
 
     // xorshift64: the scheduling order.
@@ -239,7 +252,9 @@ bool run_block(Block& b, uint3 idx, uint3 block_dim, uint3 grid_dim) {
     }
     while (b.ready_count > 0 && b.failure.empty()) {
         const size_t t = next(b);
+        b.running = t;
         switch_context(b.scheduler, b.fibers[t].context);
+        b.running = Block::NONE;
         settle(b, t);
     }
     if (b.failure.empty() && b.live > 0) b.failure = stuck(b);
@@ -287,7 +302,112 @@ void warp_exchange(unsigned mask, uint64_t bits, uint64_t* all) {
     exchange(mask, bits, [&](const uint64_t* warp) { std::memcpy(all, warp, 32 * sizeof(uint64_t)); });
 }
 
+namespace {
+
+// The block of the launch this OS thread runs, while it runs one, and how many threads run one: the
+// fault handler reads the thread-local only while some thread does, since the first access to a
+// thread-local of a dlopen'ed library may allocate. (The initial-exec model, which would not, needs
+// static TLS for every thread-local of the library, shared memory included: dlopen refuses it.)
+thread_local Block* launching = nullptr;
+std::atomic<int> launches_running{0};
+
+struct sigaction previous_fault_action;
+
+// A fault in a kernel's thread: names the kernel, block and thread, then lets the previous handler
+// (Rust's stack-overflow report, else the default: the process ends) take the fault when the access
+// runs again.
+void report_fault(int signal, siginfo_t* info, void*) {
+    const Block* b = launches_running.load() > 0 ? launching : nullptr;
+    if (b != nullptr && b->running != Block::NONE) {
+        const Place& at = b->fibers[b->running].place;
+        char message[512];
+        const int length = std::snprintf(
+            message, sizeof message,
+            "msa-cuda-emulator: kernel %s, block (%u, %u, %u), thread (%u, %u, %u): an access at %p "
+            "faulted: past the end of a device allocation (the page after each is never mapped) or "
+            "outside device memory, where a GPU fails the launch (CUDA_ERROR_ILLEGAL_ADDRESS) or reads "
+            "another allocation; or the thread's stack overflowed\n",
+            b->kernel, at.block.x, at.block.y, at.block.z, at.thread.x, at.thread.y, at.thread.z,
+            info->si_addr);
+        if (length > 0) (void)!write(STDERR_FILENO, message, std::min<size_t>(length, sizeof message - 1));
+    }
+    sigaction(signal, &previous_fault_action, nullptr);
+}
+
+}  // namespace
+
 }  // namespace emulator
+
+// Accesses a GPU faults on or computes otherwise, which a CPU would let pass: UBSan's checks of
+// alignment and of array bounds (build.rs compiles with -fsanitize=alignment,bounds) call these
+// handlers, which the emulator defines rather than link UBSan's runtime. Their arguments are the
+// compiler's description of the access, in UBSan's ABI, which GCC and Clang share.
+struct SourceLocation {
+    const char* file;
+    uint32_t line, column;
+};
+struct TypeDescriptor {
+    uint16_t kind, info;  // an integer's info: log2 of its bits, shifted left once, | signed
+    char name[1];
+};
+struct TypeMismatch {
+    SourceLocation location;
+    const TypeDescriptor* type;
+    unsigned char log_alignment, check_kind;
+};
+struct OutOfBounds {
+    SourceLocation location;
+    const TypeDescriptor* array;
+    const TypeDescriptor* index;
+};
+
+namespace {
+
+// In a kernel, the launch fails with `message` and where the access is; in the emulator's own code,
+// the process ends with them.
+[[noreturn]] void fail_access(const char* message, const SourceLocation& at) {
+    using namespace emulator;
+    char failure[640];
+    std::snprintf(failure, sizeof failure, "%s (%s:%u:%u)", message, at.file, at.line, at.column);
+    Block* b = launching;
+    if (b != nullptr && b->running != Block::NONE) {
+        b->failure = failure;
+        // Parked for good: the scheduler reports the failure.
+        wait(State::Done);
+    }
+    std::fprintf(stderr, "msa-cuda-emulator: %s\n", failure);
+    std::abort();
+}
+
+}  // namespace
+
+// A misaligned access: a GPU fails the launch with CUDA_ERROR_MISALIGNED_ADDRESS.
+extern "C" void __ubsan_handle_type_mismatch_v1(const TypeMismatch* access, uintptr_t address) {
+    static const char* const KINDS[] = {"load of", "store to", "reference binding to", "member access within",
+                                        "member call on"};
+    const char* kind = access->check_kind < 5 ? KINDS[access->check_kind] : "access to";
+    char message[512];
+    std::snprintf(message, sizeof message,
+                  "%s misaligned address %#lx for type %s, which needs %u-byte alignment", kind,
+                  (unsigned long)address, access->type->name, 1u << access->log_alignment);
+    fail_access(message, access->location);
+}
+
+// An index past an array's bounds (registers, local or shared memory): a GPU reads or writes another
+// variable's bytes, or faults.
+extern "C" void __ubsan_handle_out_of_bounds(const OutOfBounds* access, uintptr_t index) {
+    // The index arrives in the handle's low bits; a signed one is shown with its sign.
+    const unsigned bits = 1u << (access->index->info >> 1), unused = bits < 64 ? 64 - bits : 0;
+    char message[512];
+    if (access->index->info & 1) {
+        std::snprintf(message, sizeof message, "index %lld out of bounds for type %s",
+                      (long long)((int64_t)((uint64_t)index << unused) >> unused), access->array->name);
+    } else {
+        std::snprintf(message, sizeof message, "index %llu out of bounds for type %s",
+                      (unsigned long long)index, access->array->name);
+    }
+    fail_access(message, access->location);
+}
 
 namespace {
 
@@ -326,6 +446,8 @@ const Kernel KERNELS[] = {
 #include "kernel_table.inc"
     KERNEL(self_test_block_sum) KERNEL(self_test_exchange) KERNEL(self_test_partial_warp)
     KERNEL(self_test_divergent_barrier) KERNEL(self_test_missing_barrier) KERNEL(self_test_mma)
+    KERNEL(self_test_vector_load) KERNEL(self_test_read)
+    KERNEL(self_test_shared_index)
 };
 #undef KERNEL
 
@@ -358,6 +480,15 @@ extern "C" int msa_emulator_launch(const void* kernel, unsigned gx, unsigned gy,
     thread_local Block b;
     b.entry = k.run;
     b.args = args;
+    b.kernel = k.name;
+    launching = &b;
+    launches_running++;
+    struct Done {
+        ~Done() {
+            launches_running--;
+            launching = nullptr;
+        }
+    } done;
     const uint3 block_dim{bx, by, bz}, grid_dim{gx, gy, gz};
     for (unsigned z = 0; z < gz; z++)
         for (unsigned y = 0; y < gy; y++)
@@ -370,4 +501,50 @@ extern "C" int msa_emulator_launch(const void* kernel, unsigned gx, unsigned gy,
                 }
             }
     return 0;
+}
+
+namespace {
+
+// An allocation's bytes rounded up to 256 (`used`), and the length of its mapping: whole pages, the
+// last never mapped.
+struct Mapping {
+    size_t used, length;
+    explicit Mapping(size_t bytes)
+        : used((bytes + 255) & ~size_t(255)),
+          length((used + emulator::PAGE - 1) / emulator::PAGE * emulator::PAGE + emulator::PAGE) {}
+};
+
+}  // namespace
+
+// Device memory (and page-locked host memory) for msa-cuda-emulator's allocations: `bytes` at a
+// 256-byte boundary (as cuMemAlloc's), ending where the rounded-up size ends, right before a page that
+// is never mapped: a kernel that reads or writes past an allocation faults there (report_fault names
+// it). Null when out of memory.
+extern "C" void* msa_emulator_map(size_t bytes) {
+    using namespace emulator;
+    static std::once_flag installed;
+    std::call_once(installed, [] {
+        struct sigaction action = {};
+        action.sa_sigaction = report_fault;
+        action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&action.sa_mask);
+        sigaction(SIGSEGV, &action, &previous_fault_action);
+    });
+    if (bytes > SIZE_MAX / 2) return nullptr;
+    const Mapping m(bytes);
+    void* base = mmap(nullptr, m.length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                      -1, 0);
+    if (base == MAP_FAILED) return nullptr;
+    char* guard = static_cast<char*>(base) + m.length - PAGE;
+    if (mprotect(guard, PAGE, PROT_NONE) != 0) {
+        munmap(base, m.length);
+        return nullptr;
+    }
+    return guard - m.used;
+}
+
+// Unmaps an allocation of `bytes` from msa_emulator_map.
+extern "C" void msa_emulator_unmap(void* ptr, size_t bytes) {
+    const Mapping m(bytes);
+    munmap(static_cast<char*>(ptr) + m.used + emulator::PAGE - m.length, m.length);
 }

@@ -12,8 +12,13 @@
 //!   kernel or copy that reads global memory nothing wrote shows up in the results (shared memory is
 //!   not poisoned);
 //! - every allocation is registered with its device: copies, memsets and GEMM operands outside one are
-//!   refused, as are frees of anything else and empty allocations (kernels' own accesses are not
-//!   checked); GEMM operands and NCCL buffers must be memory of the device they run on;
+//!   refused, as are frees of anything else and empty allocations; GEMM operands and NCCL buffers must
+//!   be memory of the device they run on;
+//! - a kernel's own accesses: each is checked for its type's alignment (a misaligned one fails the
+//!   launch, as on a GPU), each index into an array of known size for its bounds (one past them fails
+//!   the launch), and each allocation ends, rounded up to 256 bytes, before a page that is
+//!   never mapped, so a read or write past its end faults and ends the process with the kernel, block
+//!   and thread named (emulator.cpp);
 //! - contexts: allocations, streams and cuBLAS handles belong to the device current when they are
 //!   made, and a cuBLAS call on a handle of another device than the current one is refused;
 //! - launches beyond a GPU's grid and block limits are refused, and so are warp shuffles without
@@ -42,7 +47,6 @@
 #![allow(non_snake_case)]
 #![allow(clippy::missing_safety_doc)]
 
-use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_int, c_longlong, c_uint, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -63,6 +67,8 @@ unsafe extern "C" {
     fn msa_emulator_kernel(name: *const c_char) -> *const c_void;
     fn msa_emulator_bind(kernel: *const c_void, params: *mut *mut c_void) -> *mut c_void;
     fn msa_emulator_unbind(kernel: *const c_void, args: *mut c_void);
+    fn msa_emulator_map(bytes: usize) -> *mut c_void;
+    fn msa_emulator_unmap(ptr: *mut c_void, bytes: usize);
     #[allow(clippy::too_many_arguments)]
     fn msa_emulator_launch(
         kernel: *const c_void,
@@ -165,8 +171,6 @@ use streams::{Event, Stream};
 
 // ---- Memory: host allocations, registered so that frees, copies and GEMM operands are checked -----
 
-const ALIGN: usize = 256;
-
 /// Where an allocation lives, as far as its users can tell: on one device, or page-locked host memory.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Home {
@@ -181,10 +185,6 @@ fn allocations() -> MutexGuard<'static, BTreeMap<usize, (usize, Home)>> {
     ALLOCATIONS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn layout(bytes: usize) -> Result<Layout, CUresult> {
-    Layout::from_size_align(bytes, ALIGN).map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)
 }
 
 /// Bytes of memory each device has (`MSA_CUDA_EMULATOR_MEMORY`, 8 GiB by default). Memory freed on
@@ -224,8 +224,8 @@ fn allocate(bytes: usize, home: Home) -> Result<*mut u8, CUresult> {
             return Err(CUDA_ERROR_OUT_OF_MEMORY);
         }
     }
-    // SAFETY: the layout has a non-zero size.
-    let ptr = unsafe { std::alloc::alloc(layout(bytes)?) };
+    // SAFETY: any size; null when it cannot be had.
+    let ptr = unsafe { msa_emulator_map(bytes) }.cast::<u8>();
     if ptr.is_null() {
         return Err(CUDA_ERROR_OUT_OF_MEMORY);
     }
@@ -251,8 +251,8 @@ fn release(ptr: *mut u8, host: bool) -> Result<(), CUresult> {
     }
     allocations.remove(&(ptr as usize));
     drop(allocations);
-    // SAFETY: allocated by `allocate` with this layout, and no longer registered.
-    unsafe { std::alloc::dealloc(ptr, layout(bytes)?) };
+    // SAFETY: mapped by `allocate` with this size, and no longer registered.
+    unsafe { msa_emulator_unmap(ptr.cast(), bytes) };
     Ok(())
 }
 

@@ -73,3 +73,21 @@ extern "C" __global__ void self_test_mma(const u16* a, const u16* b, float* d, u
     }
     for (u32 i = 0; i < 4; i++) d[(i < 2 ? group : group + 8) * 8 + in_group * 2 + (i & 1)] = acc[i];
 }
+
+// out[0..8] = the 8 bf16 values at x + offset, read by kernels.cu's 16-byte loader: an offset that is
+// not a multiple of 8 elements is a misaligned load, which fails the launch on a GPU.
+extern "C" __global__ void self_test_vector_load(const u16* x, u32 offset, float* out) {
+    BF16::vec(x, offset, out);
+}
+
+// out[0] = x[index], by one thread: past the end of x's allocation, the read faults.
+extern "C" __global__ void self_test_read(const float* x, u32 index, float* out) { out[0] = x[index]; }
+
+// out[0] = a shared array's element `index`, after every thread wrote its own: an index past the
+// array fails the launch.
+extern "C" __global__ void self_test_shared_index(u32 index, float* out) {
+    __shared__ float values[WARP];
+    values[threadIdx.x] = (float)threadIdx.x;
+    __syncthreads();
+    if (threadIdx.x == 0) out[0] = values[index];
+}

@@ -545,3 +545,94 @@ fn streams_waiting_on_each_other_synchronise_from_two_threads() {
         }
     }
 }
+
+/// A GPU's 16-byte load needs a 16-byte aligned address; so does the emulator's, though a CPU's would
+/// not: kernels.cu's bf16 loader reads at a multiple of 8 elements, and fails the launch elsewhere.
+#[test]
+fn a_misaligned_load_fails_the_launch() {
+    let mut x: Vec<u16> = (0..24)
+        .map(|i| half::bf16::from_f32(i as f32).to_bits())
+        .collect();
+    // Vec<u16> is only 2-byte aligned: start the kernel's view at a 16-byte boundary.
+    let skip = x.as_ptr().align_offset(16);
+    let view = &mut x[skip..];
+    for offset in [0u32, 8] {
+        let mut out = vec![f32::NAN; 8];
+        let args = [ptr(view), Arg::U32(offset), ptr(&mut out)];
+        assert_eq!(
+            launch(c"self_test_vector_load", 1, 1, &args),
+            CUresult::CUDA_SUCCESS
+        );
+        let expected: Vec<f32> = (0..8)
+            .map(|i| (skip + offset as usize + i) as f32)
+            .collect();
+        assert_eq!(out, expected, "offset {offset}");
+    }
+    for offset in [1u32, 4, 7] {
+        let mut out = vec![f32::NAN; 8];
+        let args = [ptr(view), Arg::U32(offset), ptr(&mut out)];
+        assert_eq!(
+            launch(c"self_test_vector_load", 1, 1, &args),
+            CUresult::CUDA_ERROR_LAUNCH_FAILED,
+            "offset {offset}"
+        );
+        assert!(out.iter().all(|v| v.is_nan()), "offset {offset}: {out:?}");
+    }
+}
+
+/// A kernel reading past the end of its allocation (rounded up to 256 bytes, as the driver rounds)
+/// faults there, where a GPU would fail the launch or read another allocation: the process ends,
+/// naming the kernel, its block and thread. The fault runs in a child process of this test.
+#[test]
+fn a_read_past_an_allocation_faults_naming_the_kernel() {
+    use std::os::unix::process::ExitStatusExt;
+    const SIGSEGV: i32 = 11; // on Linux
+    const CHILD: &str = "MSA_EMULATOR_TEST_READ_PAST";
+    make_current(0);
+    // 256 bytes: the 65th float is past the end.
+    let x = device(&[7.0f32; 64]);
+    let mut out = [0.0f32];
+    let past_the_end = std::env::var_os(CHILD).is_some();
+    let index = if past_the_end { 64 } else { 63 };
+    let args = [Arg::Ptr(x), Arg::U32(index), ptr(&mut out)];
+    assert_eq!(
+        launch(c"self_test_read", 1, 1, &args),
+        CUresult::CUDA_SUCCESS
+    );
+    assert!(!past_the_end, "reading past the end did not fault");
+    assert_eq!(out, [7.0]);
+
+    let this_test = "a_read_past_an_allocation_faults_naming_the_kernel";
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([this_test, "--exact", "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&child.stderr);
+    assert_eq!(child.status.signal(), Some(SIGSEGV), "{stderr}");
+    assert!(
+        stderr.contains("kernel self_test_read, block (0, 0, 0), thread (0, 0, 0): an access at"),
+        "{stderr}"
+    );
+}
+
+/// An index past an array (here shared memory, 32 floats) fails the launch, where a GPU would read
+/// another variable's bytes.
+#[test]
+fn an_index_past_an_array_fails_the_launch() {
+    for (index, expected) in [
+        (31, CUresult::CUDA_SUCCESS),
+        (32, CUresult::CUDA_ERROR_LAUNCH_FAILED),
+    ] {
+        let mut out = [f32::NAN];
+        let args = [Arg::U32(index), ptr(&mut out)];
+        assert_eq!(
+            launch(c"self_test_shared_index", 1, 32, &args),
+            expected,
+            "index {index}"
+        );
+        if expected == CUresult::CUDA_SUCCESS {
+            assert_eq!(out, [31.0]);
+        }
+    }
+}
