@@ -31,12 +31,20 @@ fn main() {
         .include("src")
         .include(&out)
         .opt_level(2)
-        // kernels.cu's `#pragma unroll` is for NVRTC.
+        // kernels.cu's `#pragma unroll` is for NVRTC (GCC ignores it, Clang may fail to follow it).
         .flag_if_supported("-Wno-unknown-pragmas")
-        // Every access checked for its type's alignment, as a GPU checks it, and every array index
-        // for its bounds; emulator.cpp handles what fails (no UBSan runtime is linked).
-        .flag("-fsanitize=alignment,bounds")
-        .flag("-fsanitize-recover=alignment,bounds");
+        .flag_if_supported("-Wno-pass-failed");
+    // Every access checked for its type's alignment, as a GPU checks it, and every subscript of an
+    // array for its bounds; emulator.cpp handles what fails (no UBSan runtime is linked). Clang's
+    // `bounds` would add `local-bounds`, which has no handler before Clang 20.
+    let checks = if build.get_compiler().is_like_clang() {
+        "alignment,array-bounds"
+    } else {
+        "alignment,bounds"
+    };
+    build
+        .flag(format!("-fsanitize={checks}"))
+        .flag(format!("-fsanitize-recover={checks}"));
     for (name, value) in kernel_defines() {
         build.define(name, value.to_string().as_str());
     }

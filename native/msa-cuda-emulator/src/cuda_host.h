@@ -19,14 +19,28 @@
 struct uint3 {
     unsigned x, y, z;
 };
-// 16-byte aligned as in CUDA, so the alignment check (emulator.cpp) fails a launch that reads or
-// writes one at a misaligned address, as a GPU does.
-struct alignas(16) float4 {
-    float x, y, z, w;
+namespace emulator {
+// Fails the running launch: a 16-byte vector copied from a misaligned address (emulator.cpp).
+[[noreturn]] void misaligned_vector(const void* address);
+
+// CUDA's 16-byte vectors, aligned as there. A copy checks its source's alignment, as a GPU's 16-byte
+// load does: GCC's alignment check (emulator.cpp) would catch it too, but Clang's does not check the
+// copy of a whole struct.
+template <class T>
+struct alignas(16) Vector4 {
+    T x, y, z, w;
+    Vector4() = default;
+    constexpr Vector4(T x, T y, T z, T w) : x(x), y(y), z(z), w(w) {}
+    Vector4(const Vector4& v) { *this = v; }
+    Vector4& operator=(const Vector4& v) {
+        if (reinterpret_cast<uintptr_t>(&v) % 16 != 0) misaligned_vector(&v);
+        x = v.x, y = v.y, z = v.z, w = v.w;
+        return *this;
+    }
 };
-struct alignas(16) uint4 {
-    unsigned x, y, z, w;
-};
+}  // namespace emulator
+using float4 = emulator::Vector4<float>;
+using uint4 = emulator::Vector4<unsigned>;
 
 namespace emulator {
 // What a kernel's thread sees of where it runs.

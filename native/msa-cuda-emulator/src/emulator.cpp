@@ -12,10 +12,10 @@
 // with a message instead of hanging.
 //
 // A GPU faults on accesses a CPU lets pass, so the emulator checks them: every access for its type's
-// alignment (a CPU reads a misaligned 16-byte vector without complaint) and every index into an array
-// of known size (registers, local and shared memory), both of which fail the launch; and each
-// allocation ends before a page that is never mapped, so an access past its end faults, naming the
-// kernel.
+// alignment (a CPU reads a misaligned 16-byte vector without complaint) and every subscript of an
+// array variable or member (registers, local and shared memory; not through a pointer), both of which
+// fail the launch; and each allocation ends before a page that is never mapped, and is unmapped when
+// freed, so an access past its end or after its free faults, naming the kernel.
 
 #include "cuda_host.h"
 
@@ -23,10 +23,13 @@
 #include "self_test.cu"
 
 #include <atomic>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <memory>
 #include <mutex>
@@ -227,7 +230,11 @@ bool run_block(Block& b, uint3 idx, uint3 block_dim, uint3 grid_dim) {
     b.at_barrier = 0;
     b.live = threads;
     while (b.stacks.size() < threads) {
-        char* stack = static_cast<char*>(std::aligned_alloc(STACK_BYTES, STACK_BYTES));
+        // posix_memalign, not aligned_alloc: Clang's alignment check would check what aligned_alloc
+        // promises through a handler of UBSan's runtime, which is not linked.
+        void* memory = nullptr;
+        char* stack = posix_memalign(&memory, STACK_BYTES, STACK_BYTES) == 0 ? static_cast<char*>(memory)
+                                                                               : nullptr;
         if (!stack || mprotect(stack + PAGE, PAGE, PROT_NONE) != 0) {
             std::free(stack);
             b.failure = "no memory for fiber stacks";
@@ -304,34 +311,81 @@ void warp_exchange(unsigned mask, uint64_t bits, uint64_t* all) {
 
 namespace {
 
-// The block of the launch this OS thread runs, while it runs one, and how many threads run one: the
-// fault handler reads the thread-local only while some thread does, since the first access to a
-// thread-local of a dlopen'ed library may allocate. (The initial-exec model, which would not, needs
-// static TLS for every thread-local of the library, shared memory included: dlopen refuses it.)
-thread_local Block* launching = nullptr;
-std::atomic<int> launches_running{0};
+// The launches running, by OS thread: a failed check or a fault finds its thread's block here. (Not
+// a thread-local: the first access to one of a dlopen'ed library may allocate, which a signal handler
+// must not, and the initial-exec model, which would not, needs static TLS for every thread-local of
+// the library, shared memory included, which dlopen refuses.)
+struct Running {
+    std::atomic<pid_t> thread{0};
+    std::atomic<Block*> block{nullptr};
+};
+Running RUNNING[256];
+
+pid_t this_thread() { return (pid_t)syscall(SYS_gettid); }
+
+// This thread's launch of `b`, registered until it ends (not at all when every slot is taken: its
+// faults then go unnamed).
+struct Registration {
+    Running* slot = nullptr;
+    explicit Registration(Block* b) {
+        const pid_t me = this_thread();
+        for (Running& r : RUNNING) {
+            pid_t free = 0;
+            if (r.thread.compare_exchange_strong(free, me)) {
+                r.block.store(b);
+                slot = &r;
+                return;
+            }
+        }
+    }
+    ~Registration() {
+        if (slot == nullptr) return;
+        slot->block.store(nullptr);
+        slot->thread.store(0);
+    }
+};
+
+// The block of the launch this thread runs, if any.
+Block* running_block() {
+    const pid_t me = this_thread();
+    for (Running& r : RUNNING)
+        if (r.thread.load() == me) return r.block.load();
+    return nullptr;
+}
 
 struct sigaction previous_fault_action;
 
-// A fault in a kernel's thread: names the kernel, block and thread, then lets the previous handler
-// (Rust's stack-overflow report, else the default: the process ends) take the fault when the access
-// runs again.
-void report_fault(int signal, siginfo_t* info, void*) {
-    const Block* b = launches_running.load() > 0 ? launching : nullptr;
+// A fault in a kernel's thread: names the kernel, block and thread, then hands the fault to the
+// previous handler (Rust's reports a stack overflow of its own threads), and leaves the default action
+// in place, so the access faults again on return and the process ends.
+void report_fault(int signal, siginfo_t* info, void* context) {
+    const Block* b = running_block();
     if (b != nullptr && b->running != Block::NONE) {
         const Place& at = b->fibers[b->running].place;
         char message[512];
         const int length = std::snprintf(
             message, sizeof message,
             "msa-cuda-emulator: kernel %s, block (%u, %u, %u), thread (%u, %u, %u): an access at %p "
-            "faulted: past the end of a device allocation (the page after each is never mapped) or "
-            "outside device memory, where a GPU fails the launch (CUDA_ERROR_ILLEGAL_ADDRESS) or reads "
-            "another allocation; or the thread's stack overflowed\n",
+            "faulted: past the end of a device allocation (the page after each is never mapped), in "
+            "freed memory or outside device memory, where a GPU fails the launch "
+            "(CUDA_ERROR_ILLEGAL_ADDRESS) or reads another allocation; or the thread's stack "
+            "overflowed\n",
             b->kernel, at.block.x, at.block.y, at.block.z, at.thread.x, at.thread.y, at.thread.z,
             info->si_addr);
         if (length > 0) (void)!write(STDERR_FILENO, message, std::min<size_t>(length, sizeof message - 1));
     }
-    sigaction(signal, &previous_fault_action, nullptr);
+    const struct sigaction& previous = previous_fault_action;
+    if (previous.sa_flags & SA_SIGINFO) {
+        previous.sa_sigaction(signal, info, context);
+    } else if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN) {
+        previous.sa_handler(signal);
+    }
+    struct sigaction fallback = {};
+    fallback.sa_handler = SIG_DFL;
+    sigemptyset(&fallback.sa_mask);
+    sigaction(signal, &fallback, nullptr);
+    // A signal sent rather than raised by an access would not come again: send it again.
+    if (info->si_code <= 0) raise(signal);
 }
 
 }  // namespace
@@ -363,13 +417,10 @@ struct OutOfBounds {
 
 namespace {
 
-// In a kernel, the launch fails with `message` and where the access is; in the emulator's own code,
-// the process ends with them.
-[[noreturn]] void fail_access(const char* message, const SourceLocation& at) {
+// In a kernel, the launch fails with `failure`; in the emulator's own code, the process ends with it.
+[[noreturn]] void fail(const char* failure) {
     using namespace emulator;
-    char failure[640];
-    std::snprintf(failure, sizeof failure, "%s (%s:%u:%u)", message, at.file, at.line, at.column);
-    Block* b = launching;
+    Block* b = running_block();
     if (b != nullptr && b->running != Block::NONE) {
         b->failure = failure;
         // Parked for good: the scheduler reports the failure.
@@ -379,7 +430,20 @@ namespace {
     std::abort();
 }
 
+// A failed check of the access at `at`.
+[[noreturn]] void fail_access(const char* message, const SourceLocation& at) {
+    char failure[640];
+    std::snprintf(failure, sizeof failure, "%s (%s:%u:%u)", message, at.file, at.line, at.column);
+    fail(failure);
+}
+
 }  // namespace
+
+void emulator::misaligned_vector(const void* address) {
+    char failure[128];
+    std::snprintf(failure, sizeof failure, "a 16-byte vector copied from misaligned address %p", address);
+    fail(failure);
+}
 
 // A misaligned access: a GPU fails the launch with CUDA_ERROR_MISALIGNED_ADDRESS.
 extern "C" void __ubsan_handle_type_mismatch_v1(const TypeMismatch* access, uintptr_t address) {
@@ -481,14 +545,7 @@ extern "C" int msa_emulator_launch(const void* kernel, unsigned gx, unsigned gy,
     b.entry = k.run;
     b.args = args;
     b.kernel = k.name;
-    launching = &b;
-    launches_running++;
-    struct Done {
-        ~Done() {
-            launches_running--;
-            launching = nullptr;
-        }
-    } done;
+    const Registration registration(&b);
     const uint3 block_dim{bx, by, bz}, grid_dim{gx, gy, gz};
     for (unsigned z = 0; z < gz; z++)
         for (unsigned y = 0; y < gy; y++)
@@ -505,22 +562,19 @@ extern "C" int msa_emulator_launch(const void* kernel, unsigned gx, unsigned gy,
 
 namespace {
 
-// An allocation's bytes rounded up to 256 (`used`), and the length of its mapping: whole pages, the
-// last never mapped.
-struct Mapping {
-    size_t used, length;
-    explicit Mapping(size_t bytes)
-        : used((bytes + 255) & ~size_t(255)),
-          length((used + emulator::PAGE - 1) / emulator::PAGE * emulator::PAGE + emulator::PAGE) {}
-};
+// The length of the mapping of an allocation of `rounded` bytes: whole pages, the last never mapped.
+size_t mapping_length(size_t rounded) {
+    using emulator::PAGE;
+    return (rounded + PAGE - 1) / PAGE * PAGE + PAGE;
+}
 
 }  // namespace
 
-// Device memory (and page-locked host memory) for msa-cuda-emulator's allocations: `bytes` at a
-// 256-byte boundary (as cuMemAlloc's), ending where the rounded-up size ends, right before a page that
-// is never mapped: a kernel that reads or writes past an allocation faults there (report_fault names
-// it). Null when out of memory.
-extern "C" void* msa_emulator_map(size_t bytes) {
+// Device memory (and page-locked host memory) for msa-cuda-emulator's allocations: `rounded` bytes (a
+// multiple of 256, the driver's alignment) right before a page that is never mapped, so that a kernel
+// reading or writing past an allocation faults there (report_fault names it), as does one touching it
+// once freed (unmapped). Null, with the reason printed, when the mapping fails.
+extern "C" void* msa_emulator_map(size_t rounded) {
     using namespace emulator;
     static std::once_flag installed;
     std::call_once(installed, [] {
@@ -530,21 +584,22 @@ extern "C" void* msa_emulator_map(size_t bytes) {
         sigemptyset(&action.sa_mask);
         sigaction(SIGSEGV, &action, &previous_fault_action);
     });
-    if (bytes > SIZE_MAX / 2) return nullptr;
-    const Mapping m(bytes);
-    void* base = mmap(nullptr, m.length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                      -1, 0);
-    if (base == MAP_FAILED) return nullptr;
-    char* guard = static_cast<char*>(base) + m.length - PAGE;
-    if (mprotect(guard, PAGE, PROT_NONE) != 0) {
-        munmap(base, m.length);
+    if (rounded > SIZE_MAX / 2) return nullptr;
+    const size_t length = mapping_length(rounded);
+    void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char* guard = static_cast<char*>(base) + length - PAGE;
+    if (base == MAP_FAILED || mprotect(guard, PAGE, PROT_NONE) != 0) {
+        // Each allocation is two mappings: a process may have vm.max_map_count of them.
+        std::fprintf(stderr, "msa-cuda-emulator: mapping %zu bytes failed: %s\n", rounded,
+                     std::strerror(errno));
+        if (base != MAP_FAILED) munmap(base, length);
         return nullptr;
     }
-    return guard - m.used;
+    return guard - rounded;
 }
 
 // Unmaps an allocation of `bytes` from msa_emulator_map.
-extern "C" void msa_emulator_unmap(void* ptr, size_t bytes) {
-    const Mapping m(bytes);
-    munmap(static_cast<char*>(ptr) + m.used + emulator::PAGE - m.length, m.length);
+extern "C" void msa_emulator_unmap(void* ptr, size_t rounded) {
+    const size_t length = mapping_length(rounded);
+    munmap(static_cast<char*>(ptr) + rounded + emulator::PAGE - length, length);
 }

@@ -15,10 +15,11 @@
 //!   refused, as are frees of anything else and empty allocations; GEMM operands and NCCL buffers must
 //!   be memory of the device they run on;
 //! - a kernel's own accesses: each is checked for its type's alignment (a misaligned one fails the
-//!   launch, as on a GPU), each index into an array of known size for its bounds (one past them fails
-//!   the launch), and each allocation ends, rounded up to 256 bytes, before a page that is
-//!   never mapped, so a read or write past its end faults and ends the process with the kernel, block
-//!   and thread named (emulator.cpp);
+//!   launch, as on a GPU), each subscript of an array variable or member for its bounds (one past
+//!   them fails the launch), and each allocation ends, rounded up to 256 bytes (the rounding poisoned
+//!   too), before a page that is never mapped, and is unmapped when freed, so a read or write past its
+//!   end or after its free faults and ends the process with the kernel, block and thread named
+//!   (emulator.cpp);
 //! - contexts: allocations, streams and cuBLAS handles belong to the device current when they are
 //!   made, and a cuBLAS call on a handle of another device than the current one is refused;
 //! - launches beyond a GPU's grid and block limits are refused, and so are warp shuffles without
@@ -67,8 +68,8 @@ unsafe extern "C" {
     fn msa_emulator_kernel(name: *const c_char) -> *const c_void;
     fn msa_emulator_bind(kernel: *const c_void, params: *mut *mut c_void) -> *mut c_void;
     fn msa_emulator_unbind(kernel: *const c_void, args: *mut c_void);
-    fn msa_emulator_map(bytes: usize) -> *mut c_void;
-    fn msa_emulator_unmap(ptr: *mut c_void, bytes: usize);
+    fn msa_emulator_map(rounded: usize) -> *mut c_void;
+    fn msa_emulator_unmap(ptr: *mut c_void, rounded: usize);
     #[allow(clippy::too_many_arguments)]
     fn msa_emulator_launch(
         kernel: *const c_void,
@@ -171,6 +172,9 @@ use streams::{Event, Stream};
 
 // ---- Memory: host allocations, registered so that frees, copies and GEMM operands are checked -----
 
+/// Allocations are rounded up to this many bytes, and start on such a boundary, as the driver's.
+const ALIGN: usize = 256;
+
 /// Where an allocation lives, as far as its users can tell: on one device, or page-locked host memory.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Home {
@@ -211,6 +215,13 @@ fn device_bytes_in_use(allocations: &BTreeMap<usize, (usize, Home)>, device: CUd
     on_device.map(|(bytes, _)| bytes).sum()
 }
 
+/// `bytes` rounded up to a multiple of [`ALIGN`].
+fn rounded(bytes: usize) -> Result<usize, CUresult> {
+    bytes
+        .checked_next_multiple_of(ALIGN)
+        .ok_or(CUDA_ERROR_OUT_OF_MEMORY)
+}
+
 fn allocate(bytes: usize, home: Home) -> Result<*mut u8, CUresult> {
     // As the driver: no empty allocations.
     if bytes == 0 {
@@ -224,15 +235,17 @@ fn allocate(bytes: usize, home: Home) -> Result<*mut u8, CUresult> {
             return Err(CUDA_ERROR_OUT_OF_MEMORY);
         }
     }
-    // SAFETY: any size; null when it cannot be had.
-    let ptr = unsafe { msa_emulator_map(bytes) }.cast::<u8>();
+    let rounded = rounded(bytes)?;
+    // SAFETY: a multiple of ALIGN; null when it cannot be had.
+    let ptr = unsafe { msa_emulator_map(rounded) }.cast::<u8>();
     if ptr.is_null() {
         return Err(CUDA_ERROR_OUT_OF_MEMORY);
     }
     allocations.insert(ptr as usize, (bytes, home));
     drop(allocations);
-    // SAFETY: `bytes` were just allocated, and not handed out yet.
-    unsafe { std::ptr::write_bytes(ptr, 0xff, bytes) };
+    // The rounding too, so that a kernel reading past `bytes` reads poison.
+    // SAFETY: `rounded` bytes were just mapped, and not handed out yet.
+    unsafe { std::ptr::write_bytes(ptr, 0xff, rounded) };
     Ok(ptr)
 }
 
@@ -252,7 +265,7 @@ fn release(ptr: *mut u8, host: bool) -> Result<(), CUresult> {
     allocations.remove(&(ptr as usize));
     drop(allocations);
     // SAFETY: mapped by `allocate` with this size, and no longer registered.
-    unsafe { msa_emulator_unmap(ptr.cast(), bytes) };
+    unsafe { msa_emulator_unmap(ptr.cast(), rounded(bytes)?) };
     Ok(())
 }
 

@@ -555,6 +555,7 @@ fn a_misaligned_load_fails_the_launch() {
         .collect();
     // Vec<u16> is only 2-byte aligned: start the kernel's view at a 16-byte boundary.
     let skip = x.as_ptr().align_offset(16);
+    assert!(skip < 8, "no 16-byte boundary in the vector");
     let view = &mut x[skip..];
     for offset in [0u32, 8] {
         let mut out = vec![f32::NAN; 8];
@@ -602,8 +603,11 @@ fn a_read_past_an_allocation_faults_naming_the_kernel() {
     assert!(!past_the_end, "reading past the end did not fault");
     assert_eq!(out, [7.0]);
 
+    // This test again, alone, without a core dump.
     let this_test = "a_read_past_an_allocation_faults_naming_the_kernel";
-    let child = std::process::Command::new(std::env::current_exe().unwrap())
+    let child = std::process::Command::new("sh")
+        .args(["-c", "ulimit -c 0; exec \"$0\" \"$@\""])
+        .arg(std::env::current_exe().unwrap())
         .args([this_test, "--exact", "--nocapture"])
         .env(CHILD, "1")
         .output()
