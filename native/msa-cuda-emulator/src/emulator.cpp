@@ -587,18 +587,18 @@ extern "C" void* msa_emulator_map(size_t rounded) {
     if (rounded > SIZE_MAX / 2) return nullptr;
     const size_t length = mapping_length(rounded);
     void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    char* guard = static_cast<char*>(base) + length - PAGE;
-    if (base == MAP_FAILED || mprotect(guard, PAGE, PROT_NONE) != 0) {
+    char* guard = base == MAP_FAILED ? nullptr : static_cast<char*>(base) + length - PAGE;
+    if (guard == nullptr || mprotect(guard, PAGE, PROT_NONE) != 0) {
         // Each allocation is two mappings: a process may have vm.max_map_count of them.
         std::fprintf(stderr, "msa-cuda-emulator: mapping %zu bytes failed: %s\n", rounded,
                      std::strerror(errno));
-        if (base != MAP_FAILED) munmap(base, length);
+        if (guard != nullptr) munmap(base, length);
         return nullptr;
     }
     return guard - rounded;
 }
 
-// Unmaps an allocation of `bytes` from msa_emulator_map.
+// Unmaps an allocation of `rounded` bytes from msa_emulator_map.
 extern "C" void msa_emulator_unmap(void* ptr, size_t rounded) {
     const size_t length = mapping_length(rounded);
     munmap(static_cast<char*>(ptr) + rounded + emulator::PAGE - length, length);
